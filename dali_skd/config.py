@@ -1,0 +1,153 @@
+"""One typed configuration, shared by the CLI (every field is a flag of the same name), the code and the
+saved run (`config.json` in the run directory). Defaults are the paper's."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+Device = Literal["auto", "cuda", "cpu"]
+
+
+def _opt(default: Any, help: str, **meta: Any) -> Any:
+    """A field with its CLI help text."""
+    if isinstance(default, list | dict | tuple) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class PreprocessConfig:
+    dataset: Literal["ucf101", "hmdb51", "kinetics400", "folder", "synthetic"] = _opt(
+        "synthetic", "dataset adapter (its official file names and split files)")
+    out: str = _opt("data/synthetic", "output directory: manifest.json, failed.jsonl, <split>/shard-*.tar")
+    root: str | None = _opt(None, "dataset root holding the videos (synthetic: where to write them; "
+                                  "default OUT/videos)")
+    splits_dir: str | None = _opt(None, "folder with the official split files (default: look under ROOT)")
+    split: int = _opt(1, "official split number (UCF101, HMDB51: 1, 2 or 3)")
+    format: Literal["jpeg", "vp9"] = _opt("jpeg", "jpeg: strips of JPEG frames (fast to decode); "
+                                                  "vp9: webm, about 4x smaller")
+    short_side: int = _opt(128, "scale the shorter side of every frame to this many pixels")
+    fps: float | None = _opt(None, "resample to this constant frame rate (default: the source's)")
+    quality: int | None = _opt(None, "jpeg: JPEG quality 1-100 (default 90); vp9: CRF 0-63 (default 32)")
+    frames_per_jpeg: int = _opt(8, "jpeg: consecutive frames stacked into one JPEG strip")
+    shard_size_mb: float = _opt(256.0, "start a new shard once one reaches this size")
+    workers: int = _opt(os.cpu_count() or 1, "videos transcoded at once")
+    part: str | None = _opt(None, "I/N: do the I-th of N deterministic parts (I from 1), e.g. one array job")
+    resume: bool = _opt(False, "continue an interrupted run in OUT; finished shards are kept")
+    val_fraction: float = _opt(0.1, "folder: fraction of each class held out as the test split")
+    classes: int = _opt(8, "synthetic: number of classes")
+    videos_per_class: int = _opt(60, "synthetic: videos per class (train and test together)")
+    seed: int = _opt(0, "seed for the synthetic videos and the order of samples in the shards")
+
+
+@dataclass
+class AugmentConfig:
+    """The paper's augmentations; each applied independently with its probability, one draw per clip."""
+
+    p_flip: float = _opt(0.5, "probability of a horizontal flip")
+    p_contrast: float = _opt(0.5, "probability of a contrast change")
+    contrast: tuple[float, float] = _opt((0.6, 1.4), "contrast factor range (1: unchanged)")
+    p_brightness: float = _opt(0.5, "probability of a brightness change")
+    brightness: tuple[float, float] = _opt((0.6, 1.4), "brightness factor range (1: unchanged)")
+    p_hue: float = _opt(0.5, "probability of a hue rotation")
+    hue: tuple[float, float] = _opt((-30.0, 30.0), "hue rotation range in degrees")
+    p_blur: float = _opt(0.5, "probability of a Gaussian blur")
+    blur_sigma: tuple[float, float] = _opt((0.1, 2.0), "Gaussian blur sigma range in pixels")
+    p_channel_split: float = _opt(0.5, "probability of copying one random colour channel into all three")
+
+
+@dataclass
+class LoaderConfig:
+    data: str = _opt("data/synthetic", "dataset directory (or URL prefix) holding manifest.json")
+    clip_len: int = _opt(16, "frames per clip")
+    crop: int = _opt(112, "side of the square window cropped from every frame of a clip")
+    same_clip: bool = _opt(False, "make both views from one clip (default: two independently trimmed clips)")
+    clips_per_video: int = _opt(10, "evaluation: clips per video, uniformly spaced")
+    shuffle_buffer: int = _opt(256, "samples held for shuffling (the shards are already shuffled)")
+    threads: int = _opt(0, "DALI CPU threads (0: one per core, at most 16)")
+    prefetch: int = _opt(2, "batches DALI prepares ahead")
+    device: Device = _opt("auto", "auto: the GPU when CUDA is available, else the CPU")
+
+
+@dataclass
+class ObjectiveConfig:
+    tau: float = _opt(10.0, "softmax temperature of the self-distillation target (Eq. 2)")
+    alpha: float = _opt(0.1, "weight of the KL term (Eq. 5)")
+    beta: float = _opt(1.0, "weight of the Siamese term (Eq. 5)")
+    kl_detach_target: bool = _opt(False, "stop the gradient through the soft target softmax((p1+p2)/tau) "
+                                         "(the paper does not say; default: it flows)")
+    kl_tau_squared: bool = _opt(False, "scale the KL term by tau^2 as Hinton et al. do (paper: no)")
+    proj_dim: int = _opt(2048, "projector g output width")
+    pred_hidden: int = _opt(512, "predictor q hidden width")
+
+
+@dataclass
+class TrainConfig:
+    method: Literal["skd-srl", "self-kd", "kd", "baseline", "baseline-aug"] = _opt(
+        "skd-srl", "training objective (the paper's method or one of its baselines)")
+    arch: str = _opt("r3d18", "encoder: r3d10, r3d18, r3d34, r3d50, r3d101, or a -tiny variant")
+    out: str = _opt("runs/run", "run directory: config, metrics, checkpoints, curves")
+    epochs: int = _opt(200, "training epochs")
+    batch_size: int = _opt(32, "samples per GPU (or per process on the CPU)")
+    lr: float = _opt(0.01, "SGD learning rate")
+    momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(5e-4, "SGD weight decay")
+    lr_patience: int = _opt(10, "epochs without validation improvement before the lr is divided")
+    lr_factor: float = _opt(0.1, "factor applied to the lr on a plateau")
+    val_clips: int = _opt(1, "clips per video for the per-epoch validation (eval uses --clips-per-video)")
+    teacher: str | None = _opt(None, "kd: checkpoint of the frozen teacher (e.g. a trained r3d50)")
+    amp: Literal["auto", "fp16", "bf16", "off"] = _opt("auto", "mixed precision (auto: fp16 on CUDA, off on CPU)")
+    channels_last: bool = _opt(True, "channels_last_3d memory layout on CUDA")
+    seed: int = _opt(0, "seed for weights, data order and augmentation draws")
+    resume: bool = _opt(False, "continue from OUT/last.pt")
+    log_every: int = _opt(20, "steps between TensorBoard scalars")
+    loader: LoaderConfig = _opt(LoaderConfig(), "data loading")
+    augment: AugmentConfig = _opt(AugmentConfig(), "augmentations")
+    objective: ObjectiveConfig = _opt(ObjectiveConfig(), "loss terms")
+
+
+T = TypeVar("T")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type[T], raw: dict[str, Any], where: str = "config") -> T:
+    """Build `cls` from a (possibly partial) nested dict; unknown keys are an error that names them."""
+    kwargs: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key, value in raw.items():
+        if key not in fields:
+            raise ValueError(f"{where}: unknown setting {key!r} (known: {', '.join(fields)})")
+        sub = _nested_type(cls, key)
+        if sub is not None:
+            value = from_dict(sub, value, f"{where}.{key}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _nested_type(cls: type, name: str) -> type | None:
+    default = next(f for f in dataclasses.fields(cls) if f.name == name)
+    value = default.default_factory() if default.default_factory is not dataclasses.MISSING else None
+    return type(value) if dataclasses.is_dataclass(value) else None
+
+
+def save_json(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def load_json(cls: type[T], path: str | Path) -> T:
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read config {path}: {e}") from e
+    return from_dict(cls, raw, str(path))

@@ -1,0 +1,1 @@
+"""Videos in, WebDataset shards out: dataset adapters, ffmpeg transcoding, shard writing."""
