@@ -24,14 +24,17 @@ def _opt(default: Any, help: str, **meta: Any) -> Any:
 @dataclass
 class PreprocessConfig:
     dataset: Literal["ucf101", "hmdb51", "kinetics400", "folder", "synthetic"] = _opt(
-        "synthetic", "dataset adapter (its official file names and split files)")
+        "synthetic", "dataset adapter (its official file names and split files)"
+    )
     out: str = _opt("data/synthetic", "output directory: manifest.json, failed.jsonl, <split>/shard-*.tar")
-    root: str | None = _opt(None, "dataset root holding the videos (synthetic: where to write them; "
-                                  "default OUT/videos)")
+    root: str | None = _opt(
+        None, "dataset root holding the videos (synthetic: where to write them; default OUT/videos)"
+    )
     splits_dir: str | None = _opt(None, "folder with the official split files (default: look under ROOT)")
     split: int = _opt(1, "official split number (UCF101, HMDB51: 1, 2 or 3)")
-    format: Literal["jpeg", "vp9"] = _opt("jpeg", "jpeg: strips of JPEG frames (fast to decode); "
-                                                  "vp9: webm, about 4x smaller")
+    format: Literal["jpeg", "vp9"] = _opt(
+        "jpeg", "jpeg: strips of JPEG frames (fast to decode); vp9: webm, about 4x smaller"
+    )
     short_side: int = _opt(128, "scale the shorter side of every frame to this many pixels")
     fps: float | None = _opt(None, "resample to this constant frame rate (default: the source's)")
     quality: int | None = _opt(None, "jpeg: JPEG quality 1-100 (default 90); vp9: CRF 0-63 (default 32)")
@@ -80,8 +83,10 @@ class ObjectiveConfig:
     tau: float = _opt(10.0, "softmax temperature of the self-distillation target (Eq. 2)")
     alpha: float = _opt(0.1, "weight of the KL term (Eq. 5)")
     beta: float = _opt(1.0, "weight of the Siamese term (Eq. 5)")
-    kl_detach_target: bool = _opt(False, "stop the gradient through the soft target softmax((p1+p2)/tau) "
-                                         "(the paper does not say; default: it flows)")
+    kl_detach_target: bool = _opt(
+        False,
+        "stop the gradient through the soft target softmax((p1+p2)/tau) (the paper does not say; default: it flows)",
+    )
     kl_tau_squared: bool = _opt(False, "scale the KL term by tau^2 as Hinton et al. do (paper: no)")
     proj_dim: int = _opt(2048, "projector g output width")
     pred_hidden: int = _opt(512, "predictor q hidden width")
@@ -90,7 +95,8 @@ class ObjectiveConfig:
 @dataclass
 class TrainConfig:
     method: Literal["skd-srl", "self-kd", "kd", "baseline", "baseline-aug"] = _opt(
-        "skd-srl", "training objective (the paper's method or one of its baselines)")
+        "skd-srl", "training objective (the paper's method or one of its baselines)"
+    )
     arch: str = _opt("r3d18", "encoder: r3d10, r3d18, r3d34, r3d50, r3d101, or a -tiny variant")
     out: str = _opt("runs/run", "run directory: config, metrics, checkpoints, curves")
     epochs: int = _opt(200, "training epochs")

@@ -131,9 +131,7 @@ class ShardManifest:
 
     def split(self, name: str, where: str | Path = "") -> SplitInfo:
         if name not in self.splits:
-            raise FormatError(
-                f"{where or 'manifest'}: no split {name!r} (it has {', '.join(self.splits) or 'none'})"
-            )
+            raise FormatError(f"{where or 'manifest'}: no split {name!r} (it has {', '.join(self.splits) or 'none'})")
         return self.splits[name]
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,9 +154,7 @@ class ShardManifest:
             )
         try:
             splits = {
-                name: SplitInfo(
-                    **{**s, "shards": [ShardInfo(**sh) for sh in s.get("shards", [])]}
-                )
+                name: SplitInfo(**{**s, "shards": [ShardInfo(**sh) for sh in s.get("shards", [])]})
                 for name, s in raw["splits"].items()
             }
             manifest = cls(**{**raw, "splits": splits})
