@@ -47,6 +47,7 @@ class PreprocessConfig:
     classes: int = _opt(8, "synthetic: number of classes")
     videos_per_class: int = _opt(60, "synthetic: videos per class (train and test together)")
     seed: int = _opt(0, "seed for the synthetic videos and the order of samples in the shards")
+    ffmpeg: str | None = _opt(None, "ffmpeg binary (default: `ffmpeg` on PATH, else the one imageio-ffmpeg ships)")
 
 
 @dataclass
@@ -67,7 +68,13 @@ class AugmentConfig:
 
 @dataclass
 class LoaderConfig:
-    data: str = _opt("data/synthetic", "dataset directory (or URL prefix) holding manifest.json")
+    data: str = _opt(
+        "data/synthetic",
+        "dataset directory holding manifest.json, or an http(s):// URL prefix, or a pipe: command "
+        "with {} for the file name (e.g. 'pipe:aws s3 cp s3://bucket/ucf101/{} -')",
+    )
+    train_shards: str | None = _opt(None, "training shards instead of the manifest's: brace patterns or URLs")
+    eval_shards: str | None = _opt(None, "held-out shards instead of the manifest's: brace patterns or URLs")
     clip_len: int = _opt(16, "frames per clip")
     crop: int = _opt(112, "side of the square window cropped from every frame of a clip")
     same_clip: bool = _opt(False, "make both views from one clip (default: two independently trimmed clips)")
@@ -90,6 +97,8 @@ class ObjectiveConfig:
     kl_tau_squared: bool = _opt(False, "scale the KL term by tau^2 as Hinton et al. do (paper: no)")
     proj_dim: int = _opt(2048, "projector g output width")
     pred_hidden: int = _opt(512, "predictor q hidden width")
+    kd_tau: float = _opt(4.0, "kd baseline: temperature of teacher and student softmax (Hinton et al.)")
+    kd_alpha: float = _opt(0.9, "kd baseline: loss = (1 - alpha) CE + alpha tau^2 KL(teacher || student)")
 
 
 @dataclass
@@ -116,6 +125,32 @@ class TrainConfig:
     loader: LoaderConfig = _opt(LoaderConfig(), "data loading")
     augment: AugmentConfig = _opt(AugmentConfig(), "augmentations")
     objective: ObjectiveConfig = _opt(ObjectiveConfig(), "loss terms")
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = _opt("runs/run/best.pt", "checkpoint to evaluate (best.pt or last.pt of a run)")
+    split: str | None = _opt(None, "split to evaluate (default: test, or val for Kinetics)")
+    batch_size: int = _opt(32, "clips per batch")
+    amp: Literal["auto", "fp16", "bf16", "off"] = _opt("auto", "mixed precision (auto: fp16 on CUDA, off on CPU)")
+    json: str | None = _opt(None, "also write the results to this JSON file")
+    loader: LoaderConfig = _opt(LoaderConfig(), "data loading")
+
+
+@dataclass
+class BenchConfig:
+    loaders: str = _opt("dali,dataloader", "loaders to measure, comma-separated: dali, dataloader")
+    batch_size: int = _opt(64, "two-view samples per batch")
+    seconds: float = _opt(30.0, "measuring time per loader, after warm-up")
+    repeats: int = _opt(5, "the measuring time is split into this many windows; the median is reported")
+    workers: int = _opt(os.cpu_count() or 1, "DataLoader worker processes of the baseline")
+    train_arch: str | None = _opt(None, "also measure training steps of this encoder (e.g. r3d18)")
+    train_batch_size: int = _opt(32, "samples per training step")
+    amp: Literal["auto", "fp16", "bf16", "off"] = _opt("auto", "training precision (auto: fp16 on CUDA, off on CPU)")
+    channels_last: bool = _opt(True, "channels_last_3d for the training steps on CUDA")
+    json: str | None = _opt(None, "also write the figures to this JSON file")
+    loader: LoaderConfig = _opt(LoaderConfig(), "data loading")
+    augment: AugmentConfig = _opt(AugmentConfig(), "augmentations")
 
 
 T = TypeVar("T")
