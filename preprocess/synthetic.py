@@ -1,0 +1,422 @@
+"""The built-in synthetic dataset: videos whose class is a motion, so that no single frame can tell it.
+
+Every video shows about twenty objects (discs, squares, rings, diamonds, crosses; dark or bright, any tint)
+over a drifting, noisy texture. The class sets how the "targets" move; the "distractors" (a fifth of the
+objects) drift in random directions in every class. Each object lives one second, then reappears
+elsewhere. Objects are spawned uniformly over a region holding every point they can reach, so at any
+instant they cover the frame uniformly: a frame has the same statistics in every class, and time-mirrored
+classes (up and down, expand and contract) are the same videos played backwards.
+
+The classes survive the training augmentations: none tells left from right (horizontal flip), none
+depends on colour, brightness or contrast, every object is larger than a blur, the motion fills the frame
+(random crop) and lasts the whole video (random clip).
+
+Output tree, read by the `synthetic` dataset adapter:
+
+    ROOT/classes.txt                               class names, one a line, in label order
+    ROOT/synthetic.json                            the parameters (written first: a rerun resumes or refuses)
+    ROOT/{train,test}/<class>/<class>_<index>.mp4  one in five videos of each class is a test video
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import ffmpeg
+import imageio_ffmpeg
+import numpy as np
+from tqdm import tqdm
+
+SYNTHETIC_VERSION = 1  # bump whenever the same parameters would render other videos
+WIDTH, HEIGHT = 224, 168  # 4:3, not the training size: the transcode rescales it like a real dataset
+CRF = 20
+PRESET = "superfast"  # a fifth of medium's time; files about 1.5 times larger
+TEST_EVERY = 5
+
+Flow = Literal["still", "rise", "pan", "bob", "zoom", "spread", "rotate"]
+
+
+@dataclass(frozen=True)
+class MotionClass:
+    """How the targets of a class move. `rate` is the range the per-video rate is drawn from: pixels per
+    second at 168 pixels of height (rise, pan, bob's peak speed), 1/s (zoom, spread) or rad/s (rotate)."""
+
+    name: str
+    flow: Flow
+    rate: tuple[float, float]
+    reverse: bool = False  # the video is rendered backwards: the time mirror of `flow`
+
+
+SYNTHETIC_MOTIONS = (
+    MotionClass("up_slow", "rise", (60.0, 90.0)),
+    MotionClass("down_slow", "rise", (60.0, 90.0), reverse=True),
+    MotionClass("up_fast", "rise", (150.0, 200.0)),
+    MotionClass("down_fast", "rise", (150.0, 200.0), reverse=True),
+    MotionClass("horizontal", "pan", (60.0, 200.0)),  # left or right: one class, as a flip swaps them
+    MotionClass("expand", "zoom", (1.1, 1.6)),
+    MotionClass("contract", "zoom", (1.1, 1.6), reverse=True),
+    MotionClass("rotate", "rotate", (1.1, 1.6)),  # either way round: a flip swaps them
+    MotionClass("still", "still", (0.0, 0.0)),
+    MotionClass("spread", "spread", (1.3, 1.9)),  # away from a vertical line, both sides
+    MotionClass("squeeze", "spread", (1.3, 1.9), reverse=True),
+    MotionClass("bob", "bob", (100.0, 140.0)),  # up and down, 1.5 times a second, each object its own phase
+)
+SYNTHETIC_CLASSES = [motion.name for motion in SYNTHETIC_MOTIONS]
+
+LIFETIME_S = 1.0
+BOB_HZ = 1.5
+TARGETS_PER_FRAME = 16.0  # expected number on screen, in every class
+DISTRACTORS_PER_FRAME = 4.0
+DISTRACTOR_SPEED = 150.0  # px/s, the most; direction uniform
+BACKGROUND_SPEED = 50.0  # px/s, the most; slower than the targets so they stand out
+MARGIN = 210.0  # px beyond the frame where objects spawn: covers a lifetime of travel and rotation about any centre
+RADIUS = (7.0, 13.0)  # px
+SHAPES = ("disc", "square", "ring", "diamond", "cross")
+NOISE_SIGMA = 3.0
+
+
+def render_video(
+    class_index: int, video_seed: int, frames: int = 125, fps: float = 25.0, width: int = WIDTH, height: int = HEIGHT
+) -> np.ndarray:
+    """The frames (T, H, W, 3) uint8 of one video of class `class_index`; the same seed gives the same frames.
+    Lengths scale with `height`: an 84-pixel-high video is the 168-pixel one at half size."""
+    if not 0 <= class_index < len(SYNTHETIC_MOTIONS):
+        raise ValueError(f"class index {class_index} is not one of 0..{len(SYNTHETIC_MOTIONS) - 1}")
+    motion = SYNTHETIC_MOTIONS[class_index]
+    rng = np.random.default_rng(video_seed)
+    unit = height / HEIGHT
+    objects = _objects(motion, rng, frames, fps, width, height, unit)
+    video = _draw(objects, rng, frames, fps, width, height, unit)
+    return np.ascontiguousarray(video[::-1]) if motion.reverse else video
+
+
+def _objects(
+    motion: MotionClass, rng: np.random.Generator, frames: int, fps: float, width: int, height: int, unit: float
+) -> dict[str, np.ndarray]:
+    """Targets and distractors, per frame and object (T, N), back to front: centre (x, y), shape, radius, colour."""
+    rate = rng.uniform(*motion.rate)
+    centre = (rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.7) * height)
+    sign = rng.choice([-1.0, 1.0])
+    targets = _spawn(rng, TARGETS_PER_FRAME / _thinning(motion, rate), frames, fps, width, height, unit)
+    distractors = _spawn(rng, DISTRACTORS_PER_FRAME, frames, fps, width, height, unit)
+    targets["x"], targets["y"] = _flow(motion, rate, unit, centre, sign, targets)
+    distractors["x"], distractors["y"] = _drift(distractors)
+    depth = rng.permutation(targets["age"].shape[1] + distractors["age"].shape[1])  # overlapping one another at random
+    return {
+        key: np.concatenate([targets[key], distractors[key]], axis=1)[:, depth]
+        for key in ("x", "y", "shape", "radius", "colour")
+    }
+
+
+def _draw(
+    objects: dict[str, np.ndarray],
+    rng: np.random.Generator,
+    frames: int,
+    fps: float,
+    width: int,
+    height: int,
+    unit: float,
+) -> np.ndarray:
+    """Paint the objects over a drifting background texture with fresh grain in every frame: (T, H, W, 3) uint8."""
+    x, y, radius = objects["x"], objects["y"], objects["radius"]
+    frame_of, index = np.nonzero((x > -radius) & (x < width + radius) & (y > -radius) & (y < height + radius))
+    size = 2 * math.ceil(RADIUS[1] * unit) + 3
+    coverage, left, top = _coverage(
+        x[frame_of, index], y[frame_of, index], objects["shape"][frame_of, index], radius[frame_of, index], size
+    )
+    paint = objects["colour"][frame_of, index].astype(np.float32)[:, None, None, :]
+    left, top = (left + size).tolist(), (top + size).tolist()  # into a canvas padded by `size` on every side
+    first = np.searchsorted(frame_of, np.arange(frames + 1)).tolist()
+
+    grain_reach = NOISE_SIGMA * 3**0.5  # uniform grain of standard deviation NOISE_SIGMA reaches this far
+    # the background stays clear of 0 and 255 by the grain's reach, as the objects' colours do: no clipping per frame
+    background = np.clip(_background(rng, width, height, unit), grain_reach, 255 - grain_reach)
+    background = np.tile(background, (2, 2, 1))  # it tiles: any shift is one slice
+    heading = rng.uniform(0, 2 * np.pi)
+    drift = rng.uniform(0, BACKGROUND_SPEED * unit) * np.array([np.cos(heading), np.sin(heading)])
+    canvas = np.zeros((height + 2 * size, width + 2 * size, 3), np.float32)
+    screen = canvas[size : size + height, size : size + width]
+    frame = np.empty((height, width, 3), np.float32)
+    out = np.empty((frames, height, width, 3), np.uint8)
+    for t in range(frames):
+        dx, dy = np.round(drift * t / fps).astype(int)
+        screen[...] = background[dy % height : dy % height + height, dx % width : dx % width + width]
+        # premultiplied, per frame: each sprite then costs two in-place operations
+        now = slice(first[t], first[t + 1])
+        keep = np.repeat(1 - coverage[now], 3, axis=-1)
+        ink = coverage[now] * paint[now]
+        for k, (y0, x0) in enumerate(zip(top[now], left[now], strict=True)):  # back to front
+            patch = canvas[y0 : y0 + size, x0 : x0 + size]
+            patch *= keep[k]
+            patch += ink[k]
+        # grey grain, uniform rather than Gaussian: as good here, and cheaper to draw
+        grain = np.repeat(rng.random((height, width, 1), dtype=np.float32), 3, axis=-1)
+        grain -= 0.5
+        grain *= 2 * grain_reach
+        out[t] = np.add(screen, grain, out=frame)
+    return out
+
+
+def _spawn(
+    rng: np.random.Generator, on_screen: float, frames: int, fps: float, width: int, height: int, unit: float
+) -> dict[str, np.ndarray]:
+    """Objects spawned uniformly over the frame and a MARGIN around it, `on_screen` of them in the frame at a
+    time; each is reborn every LIFETIME_S with a new look and place, at a random phase so that ages are
+    uniform from the first frame. Per frame and object (T, N): its age (s) and its current life's start
+    (x0, y0), look (shape, radius, colour), distractor speed and random angle."""
+    margin = MARGIN * unit
+    count = round(on_screen * (width + 2 * margin) * (height + 2 * margin) / (width * height))
+    lifetime = LIFETIME_S * fps
+    lives = math.ceil(frames / lifetime) + 1
+    clock = np.arange(frames)[:, None] + rng.uniform(0, lifetime, count)
+    life = (clock // lifetime).astype(int)
+    per_life = {
+        "x0": rng.uniform(-margin, width + margin, (count, lives)),
+        "y0": rng.uniform(-margin, height + margin, (count, lives)),
+        "shape": rng.integers(0, len(SHAPES), (count, lives)),
+        "radius": rng.uniform(*RADIUS, (count, lives)) * unit,
+        # dark or bright whatever the tint, so every colour channel shows the object against the background;
+        # 10 to 245, clear of 0 and 255 by more than the grain's reach
+        "colour": rng.choice([40.0, 215.0], (count, lives, 1)) + rng.uniform(-30, 30, (count, lives, 3)),
+        "speed": rng.uniform(0, DISTRACTOR_SPEED * unit, (count, lives)),
+        "angle": rng.uniform(0, 2 * np.pi, (count, lives)),  # a target's bob phase, a distractor's heading
+    }
+    objects = {key: value[np.arange(count), life] for key, value in per_life.items()}
+    objects["age"] = (clock - life * lifetime) / fps
+    return objects
+
+
+def _thinning(motion: MotionClass, rate: float) -> float:
+    """How much the flow thins the objects it spreads, averaged over a life (1 for flows that keep areas):
+    zooms get more objects so that every class shows as many."""
+    growth = {"zoom": 2 * rate, "spread": rate}.get(motion.flow, 0.0) * LIFETIME_S  # log area growth over a life
+    return (1 - math.exp(-growth)) / growth if growth else 1.0
+
+
+def _flow(
+    motion: MotionClass,
+    rate: float,
+    unit: float,
+    centre: tuple[float, float],
+    sign: float,
+    objects: dict[str, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where the targets are (x, y), each (T, N), after moving for their age from their start."""
+    x0, y0, age = objects["x0"], objects["y0"], objects["age"]
+    cx, cy = centre
+    match motion.flow:
+        case "still":
+            return x0, y0
+        case "rise":
+            return x0, y0 - rate * unit * age
+        case "pan":
+            return x0 + sign * rate * unit * age, y0
+        case "bob":
+            amplitude = rate * unit / (2 * np.pi * BOB_HZ)
+            return x0, y0 + amplitude * np.sin(2 * np.pi * BOB_HZ * age + objects["angle"])
+        case "zoom":
+            scale = np.exp(rate * age)
+            return cx + (x0 - cx) * scale, cy + (y0 - cy) * scale
+        case "spread":
+            return cx + (x0 - cx) * np.exp(rate * age), y0
+        case "rotate":
+            cos, sin = np.cos(sign * rate * age), np.sin(sign * rate * age)
+            return cx + cos * (x0 - cx) - sin * (y0 - cy), cy + sin * (x0 - cx) + cos * (y0 - cy)
+    raise ValueError(f"unknown flow {motion.flow!r}")
+
+
+def _drift(objects: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Where the distractors are (x, y), each (T, N): each life goes straight, its own way at its own speed."""
+    step = objects["speed"] * objects["age"]
+    return objects["x0"] + np.cos(objects["angle"]) * step, objects["y0"] + np.sin(objects["angle"]) * step
+
+
+def _coverage(
+    x: np.ndarray, y: np.ndarray, shape: np.ndarray, radius: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Anti-aliased masks (N, size, size, 1) of shapes centred at sub-pixel (x, y), so that slow motion stays
+    smooth, and the column and row of each mask's top-left pixel."""
+    left, top = np.floor(x).astype(int) - size // 2, np.floor(y).astype(int) - size // 2
+    steps = np.arange(size, dtype=np.float32) + 0.5  # pixel centres
+    u = np.abs((left - x).astype(np.float32)[:, None, None] + steps[None, None, :])
+    v = np.abs((top - y).astype(np.float32)[:, None, None] + steps[None, :, None])
+    r = radius.astype(np.float32)[:, None, None]
+    distance = np.empty((len(x), size, size), np.float32)
+    for number, name in enumerate(SHAPES):
+        mine = shape == number
+        distance[mine] = _distance(name, u[mine], v[mine], r[mine])
+    return np.clip(0.5 - distance, 0, 1)[..., None], left, top
+
+
+def _distance(shape: str, u: np.ndarray, v: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Signed distance (px, negative inside) from a pixel (|dx|, |dy|) from the centre to a shape of radius r."""
+    match shape:
+        case "disc":
+            return np.hypot(u, v) - r
+        case "square":
+            return np.maximum(u, v) - 0.8 * r
+        case "ring":
+            return np.abs(np.hypot(u, v) - 0.7 * r) - 0.3 * r
+        case "diamond":
+            return (u + v - r) / math.sqrt(2)
+        case "cross":
+            return np.minimum(np.maximum(u - 0.3 * r, v - r), np.maximum(v - 0.3 * r, u - r))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _background(rng: np.random.Generator, width: int, height: int, unit: float) -> np.ndarray:
+    """A greyish texture (H, W, 3) float32 of blobs and grain with faint colour; it tiles, so it can scroll."""
+    grey = rng.uniform(100, 155) + rng.uniform(-12, 12, 3)
+    luminance = 0.6 * _smooth_noise(rng, height, width, 1.5 * unit) + 0.8 * _smooth_noise(rng, height, width, 6 * unit)
+    chroma = np.stack([_smooth_noise(rng, height, width, 8 * unit) for _ in range(3)], axis=-1)
+    return (grey + 25 * luminance[..., None] + 8 * chroma).astype(np.float32)
+
+
+def _smooth_noise(rng: np.random.Generator, height: int, width: int, sigma: float) -> np.ndarray:
+    """White noise blurred by a Gaussian of `sigma` px (in the Fourier domain, so it tiles), unit variance."""
+    fy, fx = np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None, :]
+    spectrum = np.fft.rfft2(rng.standard_normal((height, width))) * np.exp(-2 * (np.pi * sigma) ** 2 * (fx**2 + fy**2))
+    noise = np.fft.irfft2(spectrum, s=(height, width))
+    return noise / noise.std()
+
+
+@dataclass(frozen=True)
+class _Video:
+    """One video to make: where it goes, its class, seed and length."""
+
+    path: Path
+    class_index: int
+    seed: int
+    frames: int
+    fps: int
+
+
+def generate_synthetic(
+    root: Path,
+    classes: int = 8,
+    videos_per_class: int = 60,
+    seed: int = 0,
+    workers: int = os.cpu_count() or 1,
+    fps: int = 25,
+    seconds: float = 5.0,
+    progress: bool = True,
+) -> Path:
+    """Write the synthetic dataset under `root` (the tree in this module's docstring) and return `root`.
+    Returns at once when it is complete; finishes an interrupted run; refuses a folder made otherwise."""
+    root = Path(root)
+    if not 2 <= classes <= len(SYNTHETIC_CLASSES):
+        raise ValueError(
+            f"synthetic: {classes} classes asked for, but there are 2 to {len(SYNTHETIC_CLASSES)}: "
+            f"{', '.join(SYNTHETIC_CLASSES)}"
+        )
+    if videos_per_class < 2:
+        raise ValueError(f"synthetic: {videos_per_class} videos per class; at least 2 (one train, one test)")
+    params = {
+        "version": SYNTHETIC_VERSION,
+        "classes": classes,
+        "videos_per_class": videos_per_class,
+        "seed": seed,
+        "fps": fps,
+        "seconds": seconds,
+        "width": WIDTH,
+        "height": HEIGHT,
+        "crf": CRF,
+        "preset": PRESET,
+    }
+    _claim(root, params)
+    missing = [
+        video for video in _videos(root, classes, videos_per_class, seed, fps, seconds) if not video.path.exists()
+    ]
+    if not missing:
+        return root
+    with (
+        tqdm(total=len(missing), desc=f"synthetic videos in {root}", unit="video", disable=not progress) as bar,
+        ProcessPoolExecutor(max(1, min(workers, len(missing)))) as pool,
+    ):
+        for _ in pool.map(_write_video, missing):
+            bar.update()
+    return root
+
+
+def _videos(root: Path, classes: int, videos_per_class: int, seed: int, fps: int, seconds: float) -> list[_Video]:
+    """Every video of the dataset: the last fifth of each class (at least one) is its test split."""
+    tests = max(1, videos_per_class // TEST_EVERY)
+    return [
+        _Video(
+            path=root / ("test" if index >= videos_per_class - tests else "train") / name / f"{name}_{index:04d}.mp4",
+            class_index=label,
+            seed=int(np.random.SeedSequence([seed, label, index]).generate_state(1)[0]),
+            frames=round(seconds * fps),
+            fps=fps,
+        )
+        for label, name in enumerate(SYNTHETIC_CLASSES[:classes])
+        for index in range(videos_per_class)
+    ]
+
+
+def _claim(root: Path, params: dict[str, Any]) -> None:
+    """Make `root` a synthetic dataset of `params`, or check that it is one; synthetic.json goes first so that
+    an interrupted run can be resumed, and never mixed with one of other parameters."""
+    meta = root / "synthetic.json"
+    if meta.exists():
+        found = json.loads(meta.read_text())
+        if found != params:
+            differ = ", ".join(
+                f"{key} {found.get(key)!r} (asked {value!r})"
+                for key, value in params.items()
+                if found.get(key) != value
+            )
+            raise FileExistsError(
+                f"{root} holds a synthetic dataset made with other parameters ({differ}); "
+                "delete it or pick another folder"
+            )
+    elif root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"{root} is not empty and holds no synthetic.json; delete it or pick another folder")
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        _write_atomic(meta, json.dumps(params, indent=2) + "\n")
+    if not (root / "classes.txt").exists():
+        _write_atomic(root / "classes.txt", "".join(f"{name}\n" for name in SYNTHETIC_CLASSES[: params["classes"]]))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def _write_video(video: _Video) -> None:
+    """Render and encode one video under a temporary name, then rename it: a file that exists is complete."""
+    video.path.parent.mkdir(parents=True, exist_ok=True)
+    partial = video.path.with_name(f".{video.path.name}.partial")
+    frames = render_video(video.class_index, video.seed, video.frames, video.fps)
+    # one thread and bitexact flags: the same frames give the same bytes on any machine with this ffmpeg
+    stream = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{WIDTH}x{HEIGHT}", framerate=video.fps)
+    stream = ffmpeg.output(
+        stream,
+        str(partial),
+        format="mp4",
+        vcodec="libx264",
+        preset=PRESET,
+        crf=CRF,
+        pix_fmt="yuv420p",
+        threads=1,
+        an=None,
+        fflags="+bitexact",
+        **{"flags:v": "+bitexact"},
+    )
+    try:
+        ffmpeg.run(
+            stream, cmd=imageio_ffmpeg.get_ffmpeg_exe(), input=frames.tobytes(), quiet=True, overwrite_output=True
+        )
+    except ffmpeg.Error as error:
+        raise RuntimeError(
+            f"ffmpeg could not encode {video.path}: {error.stderr.decode(errors='replace')[-2000:]}"
+        ) from None
+    os.replace(partial, video.path)
