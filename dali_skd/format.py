@@ -5,18 +5,22 @@ One tar member group (one "sample") is one video:
 
     <key>.json           metadata (SampleMeta)
     <key>.cls            the 0-based label, as text
-    <key>.0000.jpg ...   format "jpeg": strips of `frames_per_jpeg` consecutive frames stacked vertically
-                         into one JPEG (the last strip may hold fewer), so strip i holds frames
-                         [i * frames_per_jpeg, min((i + 1) * frames_per_jpeg, frames))
+    <key>.jpgs           format "jpeg": JPEG strips laid end to end. A strip is `frames_per_jpeg` consecutive
+                         frames stacked vertically into one JPEG (the last strip may hold fewer), so strip i
+                         holds frames [i * frames_per_jpeg, min((i + 1) * frames_per_jpeg, frames)) and is
+                         bytes [strip_offsets[i], strip_offsets[i + 1]) of the member
     <key>.webm           format "vp9": the whole video, a keyframe at least every 16 frames
 
-Keys hold no dots (WebDataset and DALI split a member name at its first dot).
+One member for all strips keeps a sample to three tar headers, and lets a reader fetch only the byte range of
+the strips a clip needs. Keys hold no dots (WebDataset and DALI split a member name at its first dot).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +30,10 @@ MANIFEST_NAME = "manifest.json"
 FAILED_NAME = "failed.jsonl"
 SHARD_FORMATS = ("jpeg", "vp9")
 ShardFormat = Literal["jpeg", "vp9"]
+SHORT_VIDEO_FRAMES = 16  # the paper's clip length: shorter videos are counted (SplitInfo.short_videos) and looped
+
+STRIPS_EXT = "jpgs"
+VIDEO_EXT = "webm"
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -39,12 +47,8 @@ def sample_key(split: str, index: int) -> str:
     return f"{split}-{index:07d}"
 
 
-def strip_member(key: str, strip: int) -> str:
-    return f"{key}.{strip:04d}.jpg"
-
-
 def split_member_name(name: str) -> tuple[str, str]:
-    """`'train-0000001.0003.jpg'` -> `('train-0000001', '0003.jpg')`: key and extension, split at the first dot."""
+    """`'train-0000001.json'` -> `('train-0000001', 'json')`: key and extension, split at the first dot."""
     base = name.rsplit("/", 1)[-1]
     key, dot, ext = base.partition(".")
     if not dot or not key:
@@ -62,6 +66,11 @@ def strip_count(frames: int, frames_per_jpeg: int) -> int:
     return -(-frames // frames_per_jpeg)
 
 
+def pack_strips(strips: Sequence[bytes]) -> tuple[bytes, tuple[int, ...]]:
+    """The `.jpgs` member of a sample and the `strip_offsets` of its metadata."""
+    return b"".join(strips), (0, *itertools.accumulate(len(s) for s in strips))
+
+
 @dataclass(frozen=True)
 class SampleMeta:
     """The `<key>.json` member of a sample."""
@@ -75,6 +84,7 @@ class SampleMeta:
     height: int
     format: ShardFormat = "jpeg"
     frames_per_jpeg: int = 0  # 0 for vp9
+    strip_offsets: tuple[int, ...] = ()  # jpeg: strip i is bytes [strip_offsets[i], strip_offsets[i + 1]) of .jpgs
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True).encode()
@@ -83,14 +93,31 @@ class SampleMeta:
     def from_json(cls, data: bytes, where: str) -> SampleMeta:
         try:
             raw = json.loads(data)
-            meta = cls(**{f: raw[f] for f in cls.__dataclass_fields__ if f in raw})
+            fields = {f: raw[f] for f in cls.__dataclass_fields__ if f in raw}
+            meta = cls(**{**fields, "strip_offsets": tuple(fields.get("strip_offsets", ()))})
         except (ValueError, TypeError, KeyError) as e:
             raise FormatError(f"{where}: unreadable sample metadata ({e})") from e
         if meta.frames < 1 or meta.width < 1 or meta.height < 1:
             raise FormatError(f"{where}: sample metadata says {meta.frames} frames of {meta.width}x{meta.height}")
-        if meta.format == "jpeg" and meta.frames_per_jpeg < 1:
-            raise FormatError(f"{where}: jpeg sample without frames_per_jpeg")
+        if meta.format == "jpeg":
+            if meta.frames_per_jpeg < 1:
+                raise FormatError(f"{where}: jpeg sample without frames_per_jpeg")
+            if len(meta.strip_offsets) != strip_count(meta.frames, meta.frames_per_jpeg) + 1:
+                raise FormatError(
+                    f"{where}: {len(meta.strip_offsets)} strip offsets for "
+                    f"{strip_count(meta.frames, meta.frames_per_jpeg)} strips (expected one more than strips)"
+                )
         return meta
+
+
+def sample_members(key: str, meta: SampleMeta, media: bytes) -> list[tuple[str, bytes]]:
+    """The tar members of one sample, in the order readers expect (metadata first)."""
+    ext = STRIPS_EXT if meta.format == "jpeg" else VIDEO_EXT
+    return [
+        (f"{check_key(key)}.json", meta.to_json()),
+        (f"{key}.cls", str(meta.label).encode()),
+        (f"{key}.{ext}", media),
+    ]
 
 
 @dataclass
@@ -137,8 +164,9 @@ class ShardManifest:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / MANIFEST_NAME
+    def save(self, directory: str | Path, name: str = MANIFEST_NAME) -> Path:
+        """Write `name` (a `--part` run writes `manifest.part-I-of-N.json`) atomically: readers never see half of it."""
+        path = Path(directory) / name
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
         tmp.replace(path)

@@ -1,0 +1,91 @@
+"""Shared fixtures. Each section belongs to the tests named in its heading."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import imageio_ffmpeg
+import pytest
+
+# --- Tiny real videos made with ffmpeg (tests/test_preprocess*.py) ---------------------------------------------
+
+FFMPEG = shutil.which("ffmpeg") or imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def make_test_video(
+    path: Path,
+    size: tuple[int, int] = (64, 48),
+    seconds: float = 1.0,
+    fps: int = 25,
+    codec: str = "mpeg4",
+    pattern: str = "testsrc2",
+    extra: tuple[str, ...] = (),
+    audio: bool = False,
+) -> Path:
+    """A `seconds` long `pattern` video (width, height) at `fps`; `extra` ffmpeg output options (filters,
+    codec settings); `audio` adds a sine tone track."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    inputs = ["-f", "lavfi", "-i", f"{pattern}=size={size[0]}x{size[1]}:rate={fps}:duration={seconds}"]
+    if audio:
+        inputs += ["-f", "lavfi", "-i", f"sine=duration={seconds}", "-c:a", "aac", "-shortest"]
+    command = [
+        FFMPEG,
+        "-nostdin",
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        *inputs,
+        "-c:v",
+        codec,
+        *extra,
+        "-y",
+        str(path),
+    ]
+    subprocess.run(command, check=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One file for each kind of input the preprocess stage meets, made once per session. The usable ones are
+    keyed by what they test; the unusable ones start with `bad_`."""
+    d = tmp_path_factory.mktemp("sample_videos")
+    x264 = ("-pix_fmt", "yuv420p")
+    videos = {
+        "landscape": make_test_video(d / "landscape.avi"),
+        "other_pattern": make_test_video(d / "other_pattern.avi", pattern="smptebars"),
+        "portrait": make_test_video(d / "portrait.mp4", size=(48, 64), codec="libx264", extra=x264),
+        "odd_size": make_test_video(d / "odd_size.avi", size=(65, 49)),
+        "anamorphic": make_test_video(d / "anamorphic.avi", extra=("-vf", "setsar=2")),  # displayed 128x48
+        "audio": make_test_video(d / "audio.mp4", codec="libx264", extra=x264, audio=True),
+        "short": make_test_video(d / "short.avi", seconds=0.4),  # 10 frames
+        # every third frame slot left empty: about 18.75 frames a second at a declared 25
+        "vfr": make_test_video(
+            d / "vfr.mkv",
+            seconds=2.0,
+            codec="libx264",
+            extra=("-vf", "setpts=(N+floor(N/3))/25/TB", "-fps_mode", "vfr"),
+        ),
+        "bad_audio_only": d / "bad_audio_only.mp4",
+        "bad_zero_bytes": d / "bad_zero_bytes.avi",
+        "bad_random_bytes": d / "bad_random_bytes.avi",
+        "bad_text": d / "bad_text.mp4",
+        "bad_truncated": d / "bad_truncated.avi",
+        "bad_image": d / "bad_image.avi",
+    }
+    rotated = d / "rotated.mp4"  # landscape pixels, displayed rotated by 90 degrees: portrait
+    landscape_mp4 = make_test_video(d / "landscape.mp4", codec="libx264", extra=x264)
+    rotate = ["-display_rotation", "90", "-i", str(landscape_mp4), "-c", "copy", "-y", str(rotated)]
+    subprocess.run([FFMPEG, "-nostdin", "-loglevel", "error", *rotate], check=True)
+    videos["rotated"] = rotated
+    tone = ["-f", "lavfi", "-i", "sine=duration=1", "-c:a", "aac", "-y", str(videos["bad_audio_only"])]
+    subprocess.run([FFMPEG, "-nostdin", "-loglevel", "error", *tone], check=True)
+    videos["bad_zero_bytes"].write_bytes(b"")
+    videos["bad_random_bytes"].write_bytes(bytes(range(256)) * 40)
+    videos["bad_text"].write_text("not a video, just some text\n")
+    whole = make_test_video(d / "long.avi", seconds=2.0).read_bytes()
+    videos["bad_truncated"].write_bytes(whole[: len(whole) // 3])
+    make_test_video(d / "image.png", codec="png", extra=("-frames:v", "1")).rename(videos["bad_image"])
+    return videos
