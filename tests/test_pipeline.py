@@ -1,0 +1,359 @@
+"""The DALI loader on the CPU: real pipelines on real tiny shards."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from clipdata import frame_index, gradient_frames, noise_frames, write_dataset
+
+from dali_skd.config import AugmentConfig, LoaderConfig
+from dali_skd.data.clips import clip_frames, plan_strips, spaced_starts, strip_slots
+from dali_skd.data.loader import ClipLoader, EvalBatch, TrainBatch, resolve_device
+from dali_skd.data.pipeline import clip_pipeline
+from dali_skd.data.shards import SourceStats, expand_urls, rank_part, split_urls
+from dali_skd.data.source import InputLayout, eval_batches
+from dali_skd.format import FormatError, ShardManifest
+
+NO_AUGMENT = AugmentConfig(**{f: 0.0 for f in AugmentConfig.__dataclass_fields__ if f.startswith("p_")})
+AUGMENTATIONS = [f for f in AugmentConfig.__dataclass_fields__ if f.startswith("p_")]
+
+
+@pytest.fixture(scope="module")
+def gradient_data(tmp_path_factory) -> Path:
+    """Videos of 40, 23, 16, 9 and 5 frames (the last two shorter than a clip), three classes."""
+    lengths = [40, 23, 16, 9, 5, 31, 12]
+    videos = [(gradient_frames(n), i % 3) for i, n in enumerate(lengths)]
+    root = tmp_path_factory.mktemp("gradient")
+    return write_dataset(root, {"train": videos, "test": videos}, ["a", "b", "c"], per_shard=2)
+
+
+@pytest.fixture(scope="module")
+def noise_data(tmp_path_factory) -> Path:
+    videos = [(noise_frames(12, seed=i), i % 2) for i in range(16)]
+    return write_dataset(tmp_path_factory.mktemp("noise"), {"train": videos, "test": videos}, ["a", "b"], per_shard=4)
+
+
+def loader_cfg(data: Path, **kw) -> LoaderConfig:
+    return LoaderConfig(data=str(data), shuffle_buffer=4, threads=2, device="cpu", **kw)
+
+
+def train_batches_of(data: Path, epoch: int = 0, seed: int = 0, **kw) -> list[TrainBatch]:
+    aug = kw.pop("augment", AugmentConfig())
+    loader = ClipLoader(loader_cfg(data, **kw.pop("cfg", {})), "train", train=True, augment=aug, seed=seed, **kw)
+    return list(loader.epoch(epoch))
+
+
+# -- clip planning (pure) -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frames_per_jpeg", [1, 4, 8, 16])
+@pytest.mark.parametrize("frames", [3, 15, 16, 17, 40, 121])
+def test_strip_plan_yields_the_clip(frames: int, frames_per_jpeg: int) -> None:
+    slots = strip_slots(16, frames_per_jpeg)
+    for start in range(frames):
+        if frames >= 16 and start > frames - 16:
+            continue
+        wanted = clip_frames(frames, 16, start)
+        plan = plan_strips(wanted, frames_per_jpeg, slots)
+        decoded = [s * frames_per_jpeg + r for s, rows in zip(plan.strips, plan.rows, strict=True) for r in range(rows)]
+        assert all(s * frames_per_jpeg + rows <= frames for s, rows in zip(plan.strips, plan.rows, strict=True))
+        assert [decoded[i] for i in plan.order] == wanted
+        assert len(plan.strips) == slots
+
+
+def test_spaced_starts() -> None:
+    assert spaced_starts(40, 16, 3) == [0, 12, 24]
+    assert spaced_starts(10, 16, 4) == [0, 0, 0, 0]
+    assert clip_frames(5, 8, 3) == [3, 4, 0, 1, 2, 3, 4, 0]
+
+
+# -- training batches -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_train_batches_shape_dtype_range(gradient_data: Path, dtype: str) -> None:
+    batches = train_batches_of(gradient_data, batch_size=3, num_views=2, dtype=dtype)
+    assert len(batches) == 7 // 3
+    for b in batches:
+        assert len(b.views) == 2
+        for v in b.views:
+            assert v.shape == (3, 3, 16, 112, 112)
+            assert v.dtype == {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+            assert v.min() >= -1 and v.max() <= 1 and v.max() > 0.5 and v.min() < -0.5
+        assert b.labels.dtype == torch.int64 and set(b.labels.tolist()) <= {0, 1, 2}
+        assert not torch.equal(b.views[0], b.views[1])
+
+
+def test_clips_are_consecutive_frames_and_short_videos_loop(gradient_data: Path) -> None:
+    seen_short = 0
+    for epoch in range(3):
+        for b in train_batches_of(gradient_data, epoch, batch_size=7, num_views=2, augment=NO_AUGMENT):
+            for view in b.views:
+                for clip in view.numpy():
+                    idx = frame_index(clip)
+                    length = len(set(idx))  # a clip of a video shorter than 16 frames holds all of them
+                    if length < 16:
+                        seen_short += 1
+                        assert length in (5, 9, 12)
+                    assert list(idx) == [(idx[0] + t) % length if length < 16 else idx[0] + t for t in range(16)]
+                    assert idx.max() < 40
+    assert seen_short > 0
+
+
+def test_same_clip_option_gives_one_clip_two_augmentations(gradient_data: Path) -> None:
+    (b,) = train_batches_of(gradient_data, batch_size=7, num_views=2, augment=NO_AUGMENT, cfg={"same_clip": True})
+    for i in range(7):
+        assert (frame_index(b.views[0][i].numpy()) == frame_index(b.views[1][i].numpy())).all()
+
+
+def test_one_crop_window_and_one_flip_per_clip(gradient_data: Path) -> None:
+    flips_only = replace(NO_AUGMENT, p_flip=0.5)
+    orientations, windows = [], set()
+    for epoch in range(2):
+        for b in train_batches_of(gradient_data, epoch, batch_size=7, num_views=2, augment=flips_only):
+            for view in (v.numpy() for v in b.views):
+                for clip in view:
+                    red = clip[0].mean(axis=1)  # T x W: red along x, per frame
+                    # T x H; a strip's 4:2:0 chroma blends each frame's edge rows with its neighbour's: left out
+                    green = clip[1].mean(axis=2)[:, 1:-1]
+                    assert np.abs(red - red[0]).max() < 0.05, "frames of one clip have different windows or flips"
+                    assert np.abs(green - green[0]).max() < 0.05
+                    orientations.append(red[0, -1] > red[0, 0])
+                    windows.add((round(float(min(red[0, 0], red[0, -1])), 1), round(float(green[0, 0]), 1)))
+    assert 0.2 < np.mean(orientations) < 0.8, "the flip should mirror about half of the clips"
+    assert len(windows) > 5, "crop windows should vary between clips"
+
+
+# -- the augmentations, on the pipeline itself with centre crops ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def noise_batches(noise_data: Path) -> tuple[InputLayout, list]:
+    manifest = ShardManifest.load(noise_data)
+    layout = InputLayout("jpeg", 1, 8, manifest.frames_per_jpeg, with_video_id=True)
+    part = rank_part(split_urls(str(noise_data), manifest, "test"), 0, 1)
+    return layout, list(eval_batches(part, layout, 32, 8, SourceStats()))
+
+
+def run_pipeline(layout: InputLayout, batches: list, augment: AugmentConfig | None, seed: int = 1) -> np.ndarray:
+    cycle = itertools.cycle(batches)
+
+    def source():
+        return next(cycle)
+
+    pipe = clip_pipeline(
+        source=source, layout=layout, crop=32, augment=augment, random_crop=False, dtype="fp32", gpu=False,
+        batch_size=32, num_threads=2, device_id=None, seed=seed,
+    )  # fmt: skip
+    pipe.build()
+    return np.concatenate([np.array(pipe.run()[0].as_tensor()) for _ in batches])
+
+
+def test_flip_mirrors(noise_batches) -> None:
+    layout, batches = noise_batches
+    plain = run_pipeline(layout, batches, NO_AUGMENT)
+    flipped = run_pipeline(layout, batches, replace(NO_AUGMENT, p_flip=1.0))
+    np.testing.assert_array_equal(flipped, plain[..., ::-1])
+
+
+def test_channel_split_gives_three_equal_channels(noise_batches) -> None:
+    layout, batches = noise_batches
+    out = run_pipeline(layout, batches, replace(NO_AUGMENT, p_channel_split=1.0))
+    assert (out[:, 0] == out[:, 1]).all() and (out[:, 1] == out[:, 2]).all()
+    plain = run_pipeline(layout, batches, NO_AUGMENT)
+    assert not (plain[:, 0] == plain[:, 1]).all()
+    # the copied channel is one of the originals
+    for clip, original in zip(out, plain, strict=True):
+        assert any(np.array_equal(clip[0], original[c]) for c in range(3))
+
+
+@pytest.mark.parametrize("name", AUGMENTATIONS)
+def test_each_augmentation_fires_about_half_the_time(noise_batches, name: str) -> None:
+    layout, batches = noise_batches
+    plain = run_pipeline(layout, batches, NO_AUGMENT)
+    out = run_pipeline(layout, batches, replace(NO_AUGMENT, **{name: 0.5}))
+    changed = np.abs(out - plain).reshape(len(out), -1).max(axis=1) > 1.5 / 127.5
+    assert len(changed) == 128
+    assert 0.3 < changed.mean() < 0.7, f"{name} changed {changed.mean():.0%} of the clips"
+
+
+def test_augmentations_off_change_nothing(noise_batches) -> None:
+    layout, batches = noise_batches
+    np.testing.assert_array_equal(run_pipeline(layout, batches, NO_AUGMENT), run_pipeline(layout, batches, None))
+
+
+# -- evaluation, ranks, determinism -----------------------------------------------------------------------------
+
+
+def eval_ids(data: Path, rank: int = 0, world: int = 1, clips: int = 3, batch_size: int = 4) -> list[EvalBatch]:
+    loader = ClipLoader(
+        loader_cfg(data), "test", train=False, batch_size=batch_size, clips_per_video=clips, rank=rank, world=world
+    )
+    return list(loader.epoch(0))
+
+
+def test_eval_yields_each_video_once_with_k_clips(gradient_data: Path) -> None:
+    batches = eval_ids(gradient_data, clips=3, batch_size=4)
+    ids = torch.cat([b.video_ids for b in batches]).tolist()
+    assert sorted(ids) == sorted(list(range(7)) * 3)
+    assert [len(b.labels) for b in batches] == [4, 4, 4, 4, 4, 1]  # no padding
+    lengths = [40, 23, 16, 9, 5, 31, 12]
+    clips = torch.cat([b.clips for b in batches]).numpy()
+    labels = torch.cat([b.labels for b in batches]).tolist()
+    for vid in range(7):
+        rows = [i for i, v in enumerate(ids) if v == vid]
+        assert [labels[i] for i in rows] == [vid % 3] * 3
+        starts = [frame_index(clips[i])[0] for i in rows]
+        assert starts == spaced_starts(lengths[vid], 16, 3)
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_rank_partitions_are_disjoint_and_complete(gradient_data: Path, world: int) -> None:
+    per_rank = [
+        torch.cat([b.video_ids for b in eval_ids(gradient_data, r, world, clips=1)]).tolist() for r in range(world)
+    ]
+    flat = [v for ids in per_rank for v in ids]
+    assert sorted(flat) == list(range(7)), per_rank  # shards of 2 videos: 4 shards, so world 5 splits samples
+
+
+def test_train_steps_equal_on_every_rank(gradient_data: Path) -> None:
+    counts = [
+        len(train_batches_of(gradient_data, batch_size=2, num_views=1, rank=r, world=3, augment=None)) for r in range(3)
+    ]
+    assert counts == [1, 1, 1]
+
+
+def test_same_seed_same_output(gradient_data: Path) -> None:
+    a = train_batches_of(gradient_data, epoch=1, seed=5, batch_size=3, num_views=2)
+    b = train_batches_of(gradient_data, epoch=1, seed=5, batch_size=3, num_views=2)
+    c = train_batches_of(gradient_data, epoch=1, seed=6, batch_size=3, num_views=2)
+    for x, y in zip(a, b, strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(x.views, y.views, strict=True))
+        assert torch.equal(x.labels, y.labels)
+    assert not all(torch.equal(x.views[0], z.views[0]) for x, z in zip(a, c, strict=True))
+
+
+# -- bad input --------------------------------------------------------------------------------------------------
+
+
+def _corrupt(data: Path, tmp_path: Path) -> Path:
+    """A copy whose shard 0 has garbage for its first video's strips and a truncated JPEG for its second."""
+    out = tmp_path / "corrupt"
+    shutil.copytree(data, out)
+    tar = out / "test" / "shard-000000.tar"
+    raw = bytearray(tar.read_bytes())
+    first = raw.find(b"\xff\xd8\xff")
+    raw[first : first + 64] = b"\x00" * 64  # not a JPEG any more
+    second = raw.find(b"\xff\xd8\xff", raw.find(b"test-0000001.jpgs"))
+    eoi = raw.find(b"\xff\xd9", second + 100)
+    raw[eoi : eoi + 2] = b"\x00\x00"  # its first strip loses its end marker: truncated
+    tar.write_bytes(bytes(raw))
+    return out
+
+
+def test_corrupt_samples_are_skipped_and_counted(gradient_data: Path, tmp_path: Path) -> None:
+    data = _corrupt(gradient_data, tmp_path)
+    loader = ClipLoader(loader_cfg(data), "test", train=False, batch_size=8, clips_per_video=1)
+    ids = torch.cat([b.video_ids for b in loader.epoch(0)]).tolist()
+    assert sorted(ids) == [2, 3, 4, 5, 6]
+    assert loader.stats.skipped == 2
+    assert "test-0000000" in loader.stats.examples[0] and "not a JPEG" in loader.stats.examples[0]
+    assert "truncated JPEG" in loader.stats.examples[1]
+
+
+def test_truncated_shard_keeps_what_precedes_the_cut(gradient_data: Path, tmp_path: Path) -> None:
+    data = tmp_path / "cut"
+    shutil.copytree(gradient_data, data)
+    tar = data / "test" / "shard-000001.tar"
+    raw = tar.read_bytes()
+    tar.write_bytes(raw[: raw.find(b"test-0000003.jpgs") + 4000])  # into the second video's strips
+    loader = ClipLoader(loader_cfg(data), "test", train=False, batch_size=8, clips_per_video=1)
+    ids = torch.cat([b.video_ids for b in loader.epoch(0)]).tolist()
+    assert sorted(ids) == [0, 1, 2, 4, 5, 6]
+    assert loader.stats.skipped == 1 and "shard-000001.tar" in loader.stats.examples[0]
+
+
+def test_missing_shard_and_manifest_errors(gradient_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(FormatError, match=r"no manifest\.json in"):
+        ClipLoader(loader_cfg(tmp_path), "train", train=True, batch_size=2)
+    data = tmp_path / "partial"
+    shutil.copytree(gradient_data, data)
+    (data / "train" / "shard-000001.tar").unlink()
+    with pytest.raises(FormatError, match=r"missing, first .*shard-000001\.tar"):
+        ClipLoader(loader_cfg(data), "train", train=True, batch_size=2)
+    with pytest.raises(FormatError, match="smaller than the 112-pixel crop"):
+        write_dataset(tmp_path / "small", {"train": [(gradient_frames(4, 48, 64), 0)]}, ["a"])
+        ClipLoader(loader_cfg(tmp_path / "small"), "train", train=True, batch_size=1)
+
+
+def test_cuda_without_gpu_is_a_clear_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="sees no CUDA GPU: use --device cpu"):
+        resolve_device("cuda")
+
+
+# -- where shards come from -------------------------------------------------------------------------------------
+
+
+def test_brace_patterns_expand() -> None:
+    assert expand_urls("a/shard-{000000..000002}.tar b.tar") == [
+        "a/shard-000000.tar", "a/shard-000001.tar", "a/shard-000002.tar", "b.tar"
+    ]  # fmt: skip
+
+
+def test_pipe_location_streams_the_same_samples(gradient_data: Path) -> None:
+    """A `pipe:` dataset location (as for object storage) reads the shards as streams: same batches."""
+    local = eval_ids(gradient_data, clips=2, batch_size=5)
+    remote = ClipLoader(
+        replace(loader_cfg(gradient_data), data=f"pipe:cat {gradient_data}/{{}}"),
+        "test", train=False, batch_size=5, clips_per_video=2,
+    )  # fmt: skip
+    for a, b in zip(local, remote.epoch(0), strict=True):
+        assert torch.equal(a.clips, b.clips) and torch.equal(a.video_ids, b.video_ids)
+
+
+# -- both shard formats, written by the real preprocess stage ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def both_formats(tmp_path_factory, sample_videos: dict[str, Path]) -> dict[str, Path]:
+    """The same four videos (one shorter than a clip) preprocessed into jpeg and into vp9 shards."""
+    from dali_skd.config import PreprocessConfig
+    from preprocess.run import run_preprocess
+
+    root = tmp_path_factory.mktemp("videos")
+    for cls, kinds in {"a": ["landscape", "short"], "b": ["portrait", "other_pattern"]}.items():
+        (root / cls).mkdir()
+        for kind in kinds:
+            shutil.copy(sample_videos[kind], root / cls / sample_videos[kind].name)
+    out = {}
+    for fmt in ("jpeg", "vp9"):
+        out[fmt] = tmp_path_factory.mktemp(fmt)
+        cfg = PreprocessConfig(dataset="folder", root=str(root), out=str(out[fmt]), format=fmt, val_fraction=0.5)
+        run_preprocess(replace(cfg, workers=2), progress=False)
+    return out
+
+
+def test_vp9_and_jpeg_shards_give_the_same_clips(both_formats: dict[str, Path]) -> None:
+    clips = {}
+    for fmt, data in both_formats.items():
+        batches = []
+        for split in ("train", "test"):
+            loader = ClipLoader(loader_cfg(data), split, train=False, batch_size=8, clips_per_video=3)
+            batches += list(loader.epoch(0))
+            assert loader.stats.skipped == 0
+        clips[fmt] = torch.cat([b.clips for b in batches])
+        assert clips[fmt].shape == (12, 3, 16, 112, 112)
+        (train,) = train_batches_of(data, batch_size=4, num_views=2)
+        assert all(v.shape == (4, 3, 16, 112, 112) for v in train.views)
+    # two lossy codecs of the same frames: close, and closest without a shift in time
+    jpeg, vp9 = clips["jpeg"], clips["vp9"]
+    errors = [(jpeg[:, :, 2:14] - vp9[:, :, 2 + k : 14 + k]).abs().mean().item() for k in (-2, -1, 0, 1, 2)]
+    assert errors[2] < 0.04 and errors[2] == min(errors), errors
