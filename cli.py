@@ -1,0 +1,140 @@
+"""dali-skd's command line. Thin: each command parses its flags into a config and calls one function.
+
+python cli.py demo                      the built-in synthetic dataset, end to end
+python cli.py preprocess --dataset ucf101 --root UCF-101 --splits-dir ucfTrainTestlist --out data/ucf101
+python cli.py train --data data/ucf101 --out runs/ucf101-skd
+python cli.py eval --data data/ucf101 --checkpoint runs/ucf101-skd/best.pt
+python cli.py bench --data data/ucf101
+torchrun --nproc-per-node 8 cli.py train ...
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from dali_skd.cli_options import build_config, config_options
+from dali_skd.config import BenchConfig, EvalConfig, PreprocessConfig, TrainConfig
+
+
+def user_errors(command):
+    """Errors a user can act on are printed as one line (set DALI_SKD_DEBUG=1 for the traceback)."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (ValueError, RuntimeError, FileNotFoundError, FileExistsError) as e:
+            if os.environ.get("DALI_SKD_DEBUG"):
+                raise
+            raise click.ClickException(str(e)) from e
+
+    return run
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+def main() -> None:
+    """SKD-SRL: self-knowledge distillation with Siamese representation learning for video action recognition,
+    on NVIDIA DALI."""
+
+
+@main.group(invoke_without_command=True)
+@config_options(PreprocessConfig)
+@click.pass_context
+@user_errors
+def preprocess(ctx: click.Context, **options) -> None:
+    """Transcode a video dataset into sharded WebDataset tars (see docs/format.md)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from preprocess.run import run_preprocess
+
+    summary = run_preprocess(build_config(PreprocessConfig, options))
+    click.echo(summary.format())
+
+
+@preprocess.command("merge")
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@user_errors
+def preprocess_merge(out: str) -> None:
+    """Combine the manifests of `--part I/N` runs in OUT into OUT/manifest.json."""
+    from preprocess.shards import merge_parts
+
+    manifest = merge_parts(Path(out))
+    counts = ", ".join(f"{name} {split.samples} videos" for name, split in manifest.splits.items())
+    click.echo(f"merged {out}/manifest.json: {counts}, {manifest.failures} failures")
+
+
+@preprocess.command("bench")
+@click.option("--work-dir", default="runs/preprocess-bench", show_default=True, help="scratch folder")
+@click.option("--workers", type=int, default=os.cpu_count(), show_default=True, help="videos at once, both sides")
+@click.option("--classes", type=int, default=4, show_default=True, help="synthetic classes")
+@click.option("--videos-per-class", type=int, default=10, show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True, help="alternating runs; the fastest counts")
+@user_errors
+def preprocess_bench(work_dir: str, workers: int, classes: int, videos_per_class: int, repeats: int) -> None:
+    """Preprocessing videos/s against a plain ffmpeg command line, and bytes per frame of each format."""
+    from preprocess.bench import bench_preprocess
+
+    bench_preprocess(Path(work_dir), workers, classes, videos_per_class, repeats=repeats)
+
+
+@main.command()
+@config_options(TrainConfig)
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="a saved config.json")
+@user_errors
+def train(config_file: str | None, **options) -> None:
+    """Train a model (one process per GPU under torchrun)."""
+    from dali_skd.train import train as run_train
+
+    run_train(build_config(TrainConfig, options, config_file))
+
+
+@main.command("eval")
+@config_options(EvalConfig)
+@user_errors
+def evaluate(**options) -> None:
+    """Clip- and video-level top-1/top-5 of a checkpoint on the held-out split."""
+    from dali_skd.evaluate import run_eval
+
+    run_eval(build_config(EvalConfig, options))
+
+
+@main.command()
+@click.option("--out", default="runs/demo", show_default=True, help="where the data, runs and results go")
+@click.option("--compare", is_flag=True, help="also train the plain cross-entropy baseline and print both rows")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="also write the results to this file")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@user_errors
+def demo(out: str, compare: bool, json_path: str | None, device: str) -> None:
+    """Synthetic dataset -> shards -> SKD-SRL training -> evaluation, on whatever device there is."""
+    from dali_skd.demo import run_demo
+
+    run_demo(out, compare, json_path, device)
+
+
+@main.command()
+@config_options(BenchConfig)
+@user_errors
+def bench(**options) -> None:
+    """Throughput of the DALI loader against a plain PyTorch DataLoader, and of training steps."""
+    from dali_skd.bench import run_bench
+
+    run_bench(build_config(BenchConfig, options))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@user_errors
+def plot(run_dir: str) -> None:
+    """Redraw RUN_DIR/curves.png from its metrics.jsonl."""
+    from dali_skd.plot import plot_curves
+
+    click.echo(plot_curves(run_dir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""One checkpoint dict for everything (torchvision's reference recipe): the classifier, the method's heads,
+optimizer, lr scheduler, grad scaler, finished epochs, RNG state and the run's config, so resuming is one code
+path. Written atomically; read with `weights_only=True` (tensors and plain containers only)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dali_skd.config import TrainConfig, from_dict
+from dali_skd.models import ResNet3d, build_model
+
+CHECKPOINT_VERSION = 1
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write-then-rename: a run killed while saving leaves the previous checkpoint intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({**state, "checkpoint_version": CHECKPOINT_VERSION}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: pass the last.pt or best.pt of a `cli.py train` run")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable dali-skd checkpoint ({e})") from e
+    if not isinstance(state, dict) or state.get("checkpoint_version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} is not a dali-skd checkpoint of version {CHECKPOINT_VERSION}")
+    return state
+
+
+def load_classifier(path: str | Path, device: torch.device, num_classes: int | None = None) -> tuple[ResNet3d, dict]:
+    """The trained classifier of a checkpoint (and the checkpoint), checked against the dataset's class count."""
+    state = load_checkpoint(path, device)
+    cfg = from_dict(TrainConfig, state["config"], f"{path} config")
+    classes = state["classes"]
+    if num_classes is not None and len(classes) != num_classes:
+        raise ValueError(
+            f"{path} was trained on {len(classes)} classes, this dataset has {num_classes}: "
+            "use a checkpoint trained on the same dataset"
+        )
+    model = build_model(cfg.arch, len(classes))
+    model.load_state_dict(state["model"])
+    return model.to(device), state

@@ -1,0 +1,83 @@
+"""Click options made from the config dataclasses: every field is a flag of the same name (nested configs are
+flattened: `TrainConfig.loader.crop` is `--crop`), so the CLI, the code and the saved config never disagree."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
+
+import click
+
+from dali_skd.config import from_dict, load_json, to_dict
+
+T = TypeVar("T")
+
+
+def _leaves(cls: type, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], dataclasses.Field, Any]]:
+    """(path, field, type) of every non-dataclass field, depth first."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+            out += _leaves(kind, (*prefix, f.name))
+        else:
+            out.append(((*prefix, f.name), f, kind))
+    return out
+
+
+def _click_type(kind: Any) -> tuple[Any, dict[str, Any]]:
+    """The click type (and extra option settings) of a field's annotation."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args:
+        return _click_type(next(a for a in args if a is not type(None)))
+    if typing.get_origin(kind) is Literal:
+        return click.Choice([str(a) for a in args]), {}
+    if typing.get_origin(kind) is tuple:
+        return args[0], {"nargs": len(args)}
+    return kind, {}
+
+
+def config_options(cls: type, exclude: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Adds a `--flag` for each field of `cls` (and of its nested configs), defaulting to "not given"."""
+
+    def decorate(command: Callable) -> Callable:
+        for path, f, kind in reversed(_leaves(cls)):
+            name = path[-1]
+            if name in exclude:
+                continue
+            flag = "--" + name.replace("_", "-")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            help_text = f"{f.metadata.get('help', '')}  [default: {_show(default)}]"
+            if kind is bool:
+                decl = [f"{flag}/--no-{flag[2:]}"]
+                command = click.option(*decl, name, default=None, help=help_text)(command)
+            else:
+                click_type, extra = _click_type(kind)
+                command = click.option(flag, name, type=click_type, default=None, help=help_text, **extra)(command)
+        return command
+
+    return decorate
+
+
+def _show(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def build_config(cls: type[T], options: dict[str, Any], config_file: str | None = None) -> T:
+    """Defaults, then `config_file` (a saved config.json), then the flags that were given."""
+    base = to_dict(load_json(cls, config_file) if config_file else cls())
+    for path, _, kind in _leaves(cls):
+        value = options.get(path[-1])
+        if value is None:
+            continue
+        if typing.get_origin(kind) is Literal and all(isinstance(a, int) for a in typing.get_args(kind)):
+            value = int(value)
+        node = base
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return from_dict(cls, base)

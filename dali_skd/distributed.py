@@ -1,0 +1,83 @@
+"""torchrun's environment as one small object: which process this is, its device, and the reductions the trainer
+and evaluator need. Without torchrun it is a world of one and every call is a no-op."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dali_skd.data.loader import resolve_device
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over all ranks (float64 on the wire, so counts stay exact)."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def max(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    def average_buffers(self, module: torch.nn.Module) -> None:
+        """Averages BatchNorm running statistics over ranks: DDP keeps parameters equal, but each rank's last
+        forward pass updates its own statistics, and evaluation and checkpoints must see one model."""
+        if not self.distributed:
+            return
+        for buffer in module.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer)
+                buffer /= self.world
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def init_distributed(device: str) -> DistContext:
+    """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK; joins the process group (NCCL on GPUs, gloo on CPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    wants_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if wants_gpu:
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise RuntimeError(
+                f"this machine has {count} GPU(s) but torchrun started local rank {local_rank}: "
+                f"use --nproc-per-node {count} (or fewer)"
+            )
+        torch.cuda.set_device(local_rank)
+    ctx = DistContext(rank, world, local_rank, resolve_device(device))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if ctx.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=ctx.device if wants_gpu else None)
+    return ctx
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()

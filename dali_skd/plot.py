@@ -1,0 +1,41 @@
+"""`curves.png` of a run directory, drawn from its metrics.jsonl: losses by term, accuracy, learning rate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: runs have no display
+import matplotlib.pyplot as plt
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}: is it the --out directory of `cli.py train`?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(run_dir: str | Path) -> Path:
+    rows = read_metrics(run_dir)
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+    for key in sorted({k for r in rows for k in r if k == "loss" or k.startswith("loss_")}):
+        ax_loss.plot(epochs, [r.get(key) for r in rows], label=key, lw=2 if key == "loss" else 1)
+    ax_loss.set(title="training loss by term", xlabel="epoch")
+    ax_loss.legend()
+    for key, style in (("train_top1", "--"), ("val_top1", "-"), ("val_clip_top1", ":")):
+        if key in rows[0]:
+            ax_acc.plot(epochs, [100 * r[key] for r in rows], style, label=key)
+    ax_acc.set(title="top-1 accuracy (%)", xlabel="epoch", ylim=(0, 100))
+    ax_acc.legend()
+    ax_lr.semilogy(epochs, [r["lr"] for r in rows])
+    ax_lr.set(title="learning rate", xlabel="epoch")
+    for ax in (ax_loss, ax_acc, ax_lr):
+        ax.grid(alpha=0.3)
+    path = Path(run_dir) / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,283 @@
+"""The trainer: SGD over the DALI loader with mixed precision, per-epoch validation driving the lr plateau
+schedule, checkpoints that resume exactly, and one process per GPU under torchrun.
+
+RUN_DIR after a run: config.json, metrics.jsonl (a line per epoch), tb/ (TensorBoard), last.pt, best.pt,
+curves.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from dali_skd.checkpoint import load_checkpoint, load_classifier, save_checkpoint
+from dali_skd.config import TrainConfig, from_dict, save_json, to_dict
+from dali_skd.data.loader import ClipLoader, TrainBatch
+from dali_skd.data.shards import load_manifest
+from dali_skd.distributed import DistContext, init_distributed, shutdown
+from dali_skd.evaluate import EvalResult, autocast, eval_split, evaluate, resolve_amp, topk_correct
+from dali_skd.methods import Method, build_method
+from dali_skd.models import build_model
+from dali_skd.plot import plot_curves
+
+# settings that may change when a run is resumed; any other difference is refused
+RESUMABLE_CHANGES = {"epochs", "resume", "log_every"}
+
+
+@dataclass
+class TrainSummary:
+    out: Path
+    epochs: int
+    best_top1: float
+    best_epoch: int
+    last: dict[str, Any]
+    seconds: float
+
+    def format(self) -> str:
+        return (
+            f"best validation top-1 {self.best_top1:.2%} (video-level) at epoch {self.best_epoch} of {self.epochs}; "
+            f"last epoch {self.last.get('samples_per_s', 0):.1f} samples/s, "
+            f"data wait {self.last.get('data_wait', 0):.0%}\n"
+            f"run directory {self.out}: best.pt, last.pt, metrics.jsonl, curves.png, "
+            f"tb/ (tensorboard --logdir {self.out / 'tb'})"
+        )
+
+
+def train(cfg: TrainConfig) -> TrainSummary:
+    ctx = init_distributed(cfg.loader.device)
+    try:
+        return Trainer(cfg, ctx).run()
+    finally:
+        shutdown(ctx)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, ctx: DistContext) -> None:
+        self.cfg, self.ctx, self.out = cfg, ctx, Path(cfg.out)
+        self.precision = resolve_amp(cfg.amp, ctx.device)
+        self.channels_last = cfg.channels_last and ctx.device.type == "cuda"
+        manifest = load_manifest(cfg.loader.data)
+        self.classes = manifest.classes
+        resume = self._resume_state() if cfg.resume else None
+        if resume is None and (self.out / "last.pt").exists():
+            raise FileExistsError(f"{self.out} already holds a run: add --resume to continue it, or pass a new --out")
+
+        torch.manual_seed(cfg.seed)
+        teacher = None
+        if cfg.teacher:
+            teacher = load_classifier(cfg.teacher, ctx.device, manifest.num_classes)[0]
+        model = build_model(cfg.arch, manifest.num_classes)
+        self.method: Method = build_method(cfg.method, model, manifest.num_classes, cfg.objective, teacher)
+        self.method.to(ctx.device)
+        if self.channels_last:
+            self.method.to(memory_format=torch.channels_last_3d)
+        if ctx.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.net = (
+            DistributedDataParallel(self.method, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+            if ctx.distributed
+            else self.method
+        )
+        self.optimizer = torch.optim.SGD(
+            self.method.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience
+        )
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.precision == "fp16")
+        self.start_epoch, self.best_top1, self.best_epoch = 0, -1.0, 0
+        self.writer = None  # TensorBoard, rank 0 only
+        if resume is not None:
+            self._restore(resume)
+
+        common = {"dtype": self.precision, "device": ctx.device, "rank": ctx.rank, "world": ctx.world}
+        self.train_loader = ClipLoader(
+            cfg.loader,
+            "train",
+            train=True,
+            batch_size=cfg.batch_size,
+            num_views=self.method.num_views,
+            augment=cfg.augment if self.method.augment else None,
+            seed=cfg.seed,
+            **common,
+        )
+        self.val_loader = ClipLoader(
+            cfg.loader,
+            eval_split(list(manifest.splits), None),
+            train=False,
+            batch_size=cfg.batch_size,
+            clips_per_video=cfg.val_clips,
+            **common,
+        )
+
+    def _resume_state(self) -> dict[str, Any] | None:
+        path = self.out / "last.pt"
+        if not path.exists():
+            if self.ctx.is_main:
+                print(f"--resume: {path} does not exist yet, starting from epoch 1")
+            return None
+        state = load_checkpoint(path)
+        saved = from_dict(TrainConfig, state["config"], f"{path} config")
+        changed = [k for k, v in to_dict(self.cfg).items() if k not in RESUMABLE_CHANGES and to_dict(saved)[k] != v]
+        if changed:
+            raise ValueError(
+                f"{path} was trained with different settings ({', '.join(changed)}): resume with the same "
+                "settings (only --epochs may change), or pass a new --out"
+            )
+        return state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch, self.best_top1, self.best_epoch = state["epoch"], state["best_top1"], state["best_epoch"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.ctx.device.type == "cuda" and state["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def run(self) -> TrainSummary:
+        cfg, ctx = self.cfg, self.ctx
+        if ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_json(cfg, self.out / "config.json")
+            _truncate_metrics(self.out / "metrics.jsonl", self.start_epoch)
+            from torch.utils.tensorboard import SummaryWriter  # slow to import; only rank 0 needs it
+
+            self.writer = SummaryWriter(str(self.out / "tb"), purge_step=self.start_epoch + 1)
+            print(
+                f"training {cfg.method} / {cfg.arch} on {cfg.loader.data} ({len(self.classes)} classes) "
+                f"with {ctx.world} process(es) on {ctx.device}, precision {self.precision}, "
+                f"{self.train_loader.steps_per_epoch} steps per epoch"
+            )
+        started = time.perf_counter()
+        record: dict[str, Any] = {}
+        for epoch in range(self.start_epoch, cfg.epochs):
+            record = self._train_epoch(epoch)
+            ctx.average_buffers(self.method)
+            val = evaluate(self.method.model, self.val_loader, ctx, self.precision, self.channels_last)
+            self.scheduler.step(val.video_top1)
+            if val.video_top1 > self.best_top1:
+                self.best_top1, self.best_epoch = val.video_top1, epoch + 1
+            record.update(_val_fields(val), best_top1=self.best_top1)
+            if ctx.is_main:
+                self._save(epoch, record, is_best=self.best_epoch == epoch + 1)
+        if self.writer is not None:
+            self.writer.close()
+        summary = TrainSummary(
+            self.out, cfg.epochs, self.best_top1, self.best_epoch, record, time.perf_counter() - started
+        )
+        if ctx.is_main:
+            print(summary.format())
+        return summary
+
+    def _train_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg, ctx, loader = self.cfg, self.ctx, self.train_loader
+        self.net.train()
+        steps = loader.steps_per_epoch
+        terms: dict[str, torch.Tensor] = {}
+        hits = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+        samples, waited = 0, 0.0
+        skipped_before = loader.stats.skipped
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", disable=not ctx.is_main)
+        batches = loader.epoch(epoch)
+        started = time.perf_counter()
+        for step in range(steps):
+            before = time.perf_counter()
+            batch = next(batches)
+            waited += time.perf_counter() - before
+            assert isinstance(batch, TrainBatch)
+            views = batch.views
+            if self.channels_last:
+                views = [v.to(memory_format=torch.channels_last_3d) for v in views]
+            with autocast(self.precision, ctx.device):
+                output = self.net(views, batch.labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(output.loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+
+            n = len(batch.labels)
+            samples += n
+            for name, value in {"loss": output.loss.detach(), **output.terms}.items():
+                terms[name] = terms.get(name, 0.0) + value.double() * n
+            hits += torch.tensor(topk_correct(output.logits, batch.labels), dtype=torch.float64, device=ctx.device)
+            if step % cfg.log_every == 0 or step == steps - 1:
+                loss = output.loss.item()
+                rate = samples * ctx.world / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{rate:.1f}")
+                if self.writer is not None:
+                    self.writer.add_scalar("step/loss", loss, epoch * steps + step)
+            bar.update()
+        batches.close()
+        bar.close()
+        seconds = time.perf_counter() - started
+        names = sorted(terms)
+        totals = ctx.sum([float(terms[k]) for k in names] + [*hits.tolist(), samples])
+        n_all = totals[-1]
+        record: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
+        record.update({("loss" if k == "loss" else f"loss_{k}"): totals[i] / n_all for i, k in enumerate(names)})
+        record.update(
+            train_top1=totals[len(names)] / n_all,
+            train_top5=totals[len(names) + 1] / n_all,
+            samples_per_s=n_all / ctx.max(seconds),
+            data_wait=waited / seconds,
+            epoch_seconds=seconds,
+            skipped=int(ctx.sum([loader.stats.skipped - skipped_before])[0]),
+        )
+        return record
+
+    def _save(self, epoch: int, record: dict[str, Any], is_best: bool) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, int | float):
+                self.writer.add_scalar(f"epoch/{key}", value, epoch + 1)
+        self.writer.flush()
+        state = {
+            "model": self.method.model.state_dict(),
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch + 1,
+            "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
+            "config": to_dict(self.cfg),
+            "classes": self.classes,
+            "metrics": record,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if self.ctx.device.type == "cuda" else [],
+            },
+        }
+        save_checkpoint(self.out / "last.pt", state)
+        if is_best:
+            save_checkpoint(self.out / "best.pt", state)
+        plot_curves(self.out)
+
+
+def _val_fields(val: EvalResult) -> dict[str, float]:
+    return {
+        "val_top1": val.video_top1,
+        "val_top5": val.video_top5,
+        "val_clip_top1": val.clip_top1,
+        "val_clip_top5": val.clip_top5,
+        "val_videos": val.videos,
+    }
+
+
+def _truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Drops the lines of epochs after the checkpoint a run resumes from (written before a kill)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["epoch"] <= epochs_done]
+    path.write_text("".join(line + "\n" for line in kept))

@@ -1,0 +1,170 @@
+"""The trainer and evaluator on the CPU: real loader, tiny model, tiny clips."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from clipdata import noise_frames, write_dataset
+
+import cli
+from dali_skd.config import LoaderConfig, TrainConfig, to_dict
+from dali_skd.distributed import init_distributed
+from dali_skd.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Two classes of 12-frame noise videos told apart by their tint, 8 for training and 4 for testing."""
+    videos = [(noise_frames(12, seed=i, tint=i % 2), i % 2) for i in range(12)]
+    root = tmp_path_factory.mktemp("data")
+    return write_dataset(root, {"train": videos[:8], "test": videos[8:]}, ["a", "b"], per_shard=2)
+
+
+def tiny(data: Path, out: Path, **kw) -> TrainConfig:
+    loader = LoaderConfig(data=str(data), clip_len=8, crop=32, shuffle_buffer=2, threads=2, device="cpu")
+    return TrainConfig(**{"arch": "r3d10-tiny", "out": str(out), "epochs": 2, "batch_size": 4, "loader": loader, **kw})
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_the_loss(data: Path, tmp_path: Path) -> None:
+    cfg = tiny(data, tmp_path / "run", method="baseline", epochs=6)
+    summary = train(cfg)
+    rows = metrics(tmp_path / "run")
+    assert len(rows) == 6
+    assert rows[-1]["loss"] + rows[-2]["loss"] < 0.7 * (rows[0]["loss"] + rows[1]["loss"]), [r["loss"] for r in rows]
+    assert summary.best_epoch >= 1 and 0 <= summary.best_top1 <= 1
+    assert {"loss", "loss_ce", "lr", "train_top1", "val_top1", "samples_per_s", "data_wait"} <= set(rows[0])
+    for name in ("best.pt", "last.pt", "config.json", "curves.png"):
+        assert (tmp_path / "run" / name).is_file()
+    assert list((tmp_path / "run" / "tb").iterdir())
+
+
+def test_skd_srl_logs_every_loss_term(data: Path, tmp_path: Path) -> None:
+    train(tiny(data, tmp_path / "run", epochs=1))
+    assert {"loss_ce", "loss_kl", "loss_sim"} <= set(metrics(tmp_path / "run")[0])
+
+
+def test_resume_gives_the_same_weights(data: Path, tmp_path: Path) -> None:
+    train(tiny(data, tmp_path / "straight"))
+    train(tiny(data, tmp_path / "resumed", epochs=1))
+    train(tiny(data, tmp_path / "resumed", resume=True))
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["method"].items():
+        assert torch.equal(value, b["method"][key]), key
+    assert [r["epoch"] for r in metrics(tmp_path / "resumed")] == [1, 2]
+
+
+def test_resume_refuses_changed_settings_and_fresh_runs_refuse_old_dirs(data: Path, tmp_path: Path) -> None:
+    train(tiny(data, tmp_path / "run", epochs=1))
+    with pytest.raises(FileExistsError, match="add --resume"):
+        train(tiny(data, tmp_path / "run", epochs=1))
+    with pytest.raises(ValueError, match=r"different settings \(lr\)"):
+        train(tiny(data, tmp_path / "run", epochs=2, lr=0.5, resume=True))
+
+
+RANK_SCRIPT = """
+import sys, torch
+from dali_skd.config import TrainConfig, from_dict
+from dali_skd.distributed import init_distributed
+from dali_skd.train import Trainer
+import json
+cfg = from_dict(TrainConfig, json.loads(sys.argv[1]))
+ctx = init_distributed("cpu")
+trainer = Trainer(cfg, ctx)
+trainer.run()
+torch.save(trainer.method.state_dict(), f"{cfg.out}/rank{ctx.rank}.pt")
+"""
+
+
+def test_two_processes_with_gloo_stay_in_sync(data: Path, tmp_path: Path) -> None:
+    cfg = tiny(data, tmp_path / "ddp", batch_size=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517"]
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    done = subprocess.run(
+        [*command, str(script), json.dumps(to_dict(cfg))],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    w0 = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=True)
+    w1 = torch.load(tmp_path / "ddp" / "rank1.pt", weights_only=True)
+    for key, value in w0.items():
+        assert torch.equal(value, w1[key]), key
+    rows = metrics(tmp_path / "ddp")
+    assert [r["val_videos"] for r in rows] == [4, 4]  # each test video once over both ranks
+    # 8 training videos, 2 ranks of batch 2: 2 steps a rank, 8 samples an epoch
+    assert all(r["samples_per_s"] > 0 for r in rows)
+
+
+def test_eval_counts_every_video_and_clip(data: Path, tmp_path: Path) -> None:
+    train(tiny(data, tmp_path / "run", epochs=1))
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(
+        cli.main,
+        ["eval", "--data", str(data), "--checkpoint", str(tmp_path / "run" / "best.pt"), "--clips-per-video", "3",
+         "--clip-len", "8", "--crop", "32", "--device", "cpu", "--json", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())
+    assert figures["videos"] == 4 and figures["clips"] == 12
+    assert "video-level top-1" in result.output
+
+
+def test_cli_errors_are_plain_messages(data: Path, tmp_path: Path) -> None:
+    run = CliRunner().invoke
+    result = run(cli.main, ["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")])
+    assert result.exit_code != 0 and "no manifest.json in" in result.output and "Traceback" not in result.output
+
+    old = tmp_path / "old"
+    old.mkdir()
+    raw = json.loads((data / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**raw, "format_version": 0}))
+    result = run(cli.main, ["train", "--data", str(old), "--out", str(tmp_path / "r")])
+    assert "format version 0" in result.output and "re-run `python cli.py preprocess`" in result.output
+
+    result = run(
+        cli.main, ["train", "--data", str(data), "--method", "kd", "--arch", "r3d10-tiny", "--out", str(tmp_path / "r")]
+    )
+    assert "needs a teacher" in result.output
+
+
+def test_teacher_with_other_classes_is_refused(data: Path, tmp_path: Path) -> None:
+    train(tiny(data, tmp_path / "teacher", epochs=1))
+    other = write_dataset(
+        tmp_path / "three", {"train": [(noise_frames(12, seed=i), i) for i in range(3)]}, ["a", "b", "c"]
+    )
+    cfg = replace(tiny(data, tmp_path / "student", method="kd", teacher=str(tmp_path / "teacher" / "best.pt")))
+    cfg.loader.data = str(other)
+    with pytest.raises(ValueError, match="trained on 2 classes, this dataset has 3"):
+        train(cfg)
+
+
+def test_more_gpus_than_present_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(RuntimeError, match=r"has 1 GPU.*--nproc-per-node 1"):
+        init_distributed("cuda")
+
+
+def test_plot_command_redraws_the_curves(data: Path, tmp_path: Path) -> None:
+    train(tiny(data, tmp_path / "run", epochs=1))
+    (tmp_path / "run" / "curves.png").unlink()
+    result = CliRunner().invoke(cli.main, ["plot", str(tmp_path / "run")])
+    assert result.exit_code == 0 and (tmp_path / "run" / "curves.png").stat().st_size > 1000
