@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from clickit import invoke
 from clipdata import noise_frames, write_dataset
 
-import cli
 from dali_skd.config import LoaderConfig, TrainConfig, to_dict
 from dali_skd.distributed import init_distributed
 from dali_skd.train import train
@@ -115,31 +114,37 @@ def test_two_processes_with_gloo_stay_in_sync(data: Path, tmp_path: Path) -> Non
 def test_eval_counts_every_video_and_clip(data: Path, tmp_path: Path) -> None:
     train(tiny(data, tmp_path / "run", epochs=1))
     out = tmp_path / "eval.json"
-    result = CliRunner().invoke(
-        cli.main,
-        ["eval", "--data", str(data), "--checkpoint", str(tmp_path / "run" / "best.pt"), "--clips-per-video", "3",
-         "--clip-len", "8", "--crop", "32", "--device", "cpu", "--json", str(out)],
+    result = invoke(
+        "eval", "--data", str(data), "--checkpoint", str(tmp_path / "run" / "best.pt"), "--clips-per-video", "3",
+        "--clip-len", "8", "--crop", "32", "--device", "cpu", "--json", str(out),
     )  # fmt: skip
-    assert result.exit_code == 0, result.output
     figures = json.loads(out.read_text())
     assert figures["videos"] == 4 and figures["clips"] == 12
     assert "video-level top-1" in result.output
 
 
 def test_cli_errors_are_plain_messages(data: Path, tmp_path: Path) -> None:
-    run = CliRunner().invoke
-    result = run(cli.main, ["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")])
-    assert result.exit_code != 0 and "no manifest.json in" in result.output and "Traceback" not in result.output
+    result = invoke("train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"), expect_error=True)
+    assert "no manifest.json in" in result.output and "Traceback" not in result.output
 
     old = tmp_path / "old"
     old.mkdir()
     raw = json.loads((data / "manifest.json").read_text())
     (old / "manifest.json").write_text(json.dumps({**raw, "format_version": 0}))
-    result = run(cli.main, ["train", "--data", str(old), "--out", str(tmp_path / "r")])
+    result = invoke("train", "--data", str(old), "--out", str(tmp_path / "r"), expect_error=True)
     assert "format version 0" in result.output and "re-run `python cli.py preprocess`" in result.output
 
-    result = run(
-        cli.main, ["train", "--data", str(data), "--method", "kd", "--arch", "r3d10-tiny", "--out", str(tmp_path / "r")]
+    result = invoke(
+        "train",
+        "--data",
+        str(data),
+        "--method",
+        "kd",
+        "--arch",
+        "r3d10-tiny",
+        "--out",
+        str(tmp_path / "r"),
+        expect_error=True,
     )
     assert "needs a teacher" in result.output
 
@@ -166,5 +171,5 @@ def test_more_gpus_than_present_is_a_clear_error(monkeypatch) -> None:
 def test_plot_command_redraws_the_curves(data: Path, tmp_path: Path) -> None:
     train(tiny(data, tmp_path / "run", epochs=1))
     (tmp_path / "run" / "curves.png").unlink()
-    result = CliRunner().invoke(cli.main, ["plot", str(tmp_path / "run")])
-    assert result.exit_code == 0 and (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    invoke("plot", str(tmp_path / "run"))
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000

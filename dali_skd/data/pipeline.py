@@ -15,12 +15,16 @@ from dali_skd.data.source import Columns, InputLayout
 OUTPUT_DTYPES = {"fp32": types.FLOAT, "fp16": types.FLOAT16}
 
 
-def decode_clips(inputs: dict[str, DataNode], layout: InputLayout, decoder: str) -> list[DataNode]:
-    """One FHWC uint8 clip per view, frames at their stored size."""
+def decode_clips(
+    inputs: dict[str, DataNode], layout: InputLayout, decoder: str, crop: int, random_crop: bool
+) -> list[DataNode]:
+    """One FHWC uint8 clip per view, cropped to its window: each decoded piece is cropped before the pieces are
+    joined, so the joins copy only the window."""
+    windows = [crop_window(crop, random_crop) for _ in range(layout.num_views)]
     if layout.format == "vp9":
         # both views in one call: the decoder seeks once per video
         frames = fn.decoders.video(inputs["video"], frames=inputs["frames"], device=decoder)
-        return [frames[v * layout.clip_len : (v + 1) * layout.clip_len] for v in range(layout.num_views)]
+        return [windows[v](frames[v * layout.clip_len : (v + 1) * layout.clip_len]) for v in range(layout.num_views)]
     clips = []
     for v in range(layout.num_views):
         pieces = []
@@ -34,10 +38,23 @@ def decode_clips(inputs: dict[str, DataNode], layout: InputLayout, decoder: str)
                 normalized_shape=False,
                 device=decoder,
             )
-            pieces.append(fn.reshape(strip, shape=inputs[f"v{v}_shape{k}"], layout="FHWC"))
+            pieces.append(windows[v](fn.reshape(strip, shape=inputs[f"v{v}_shape{k}"], layout="FHWC")))
         frames = fn.cat(*pieces, axis=0) if len(pieces) > 1 else pieces[0]
         clips.append(fn.sequence_rearrange(frames, new_order=inputs[f"v{v}_order"]))
     return clips
+
+
+def crop_window(crop: int, random_crop: bool) -> Callable[[DataNode], DataNode]:
+    """A crop x crop window, at a random place or the centre, drawn once: applied to every piece of a clip it
+    cuts the same window from all of its frames."""
+    pos = {}
+    if random_crop:
+        pos = {"crop_pos_x": fn.random.uniform(range=(0.0, 1.0)), "crop_pos_y": fn.random.uniform(range=(0.0, 1.0))}
+
+    def window(frames: DataNode) -> DataNode:
+        return fn.crop(frames, crop=(crop, crop), **pos)
+
+    return window
 
 
 def augment_clip(clip: DataNode, aug: AugmentConfig) -> DataNode:
@@ -54,9 +71,8 @@ def augment_clip(clip: DataNode, aug: AugmentConfig) -> DataNode:
     if _coin(aug.p_blur):
         clip = fn.gaussian_blur(clip, sigma=fn.random.uniform(range=aug.blur_sigma))
     if _coin(aug.p_channel_split):
-        one_hot = fn.one_hot(fn.random.uniform(values=[0, 1, 2], dtype=types.INT32), num_classes=3)
-        # every output channel is the chosen input channel
-        clip = fn.coord_transform(clip, M=fn.stack(one_hot, one_hot, one_hot), dtype=types.UINT8)
+        channel = clip[:, :, :, fn.random.uniform(values=[0, 1, 2], dtype=types.INT32)]
+        clip = fn.stack(channel, channel, channel, axis=3, axis_name="C")
     return clip
 
 
@@ -65,18 +81,6 @@ def _coin(p: float, dtype: types.DALIDataType = types.BOOL) -> DataNode | bool:
     if p <= 0 or p >= 1:
         return p >= 1
     return fn.random.coin_flip(probability=p, dtype=dtype)
-
-
-def crop_window(clip: DataNode, crop: int, random_crop: bool) -> DataNode:
-    """One crop x crop window for all frames of a clip: at a random place, or the centre."""
-    if not random_crop:
-        return fn.crop(clip, crop=(crop, crop))
-    return fn.crop(
-        clip,
-        crop=(crop, crop),
-        crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
-        crop_pos_y=fn.random.uniform(range=(0.0, 1.0)),
-    )
 
 
 def to_network_input(clip: DataNode, flip: DataNode | bool, dtype: str) -> DataNode:
@@ -104,8 +108,7 @@ def clip_pipeline(
     nodes = fn.external_source(source=source, num_outputs=len(names), batch=True)
     inputs = {name: nodes[i] for i, name in enumerate(names)}  # (DALI's autograph has no zip(strict=))
     views = []
-    for clip in decode_clips(inputs, layout, "mixed" if gpu else "cpu"):
-        clip = crop_window(clip, crop, random_crop)  # first, so every later operator touches only the window
+    for clip in decode_clips(inputs, layout, "mixed" if gpu else "cpu", crop, random_crop):
         if augment is not None:
             clip = augment_clip(clip, augment)
         flip = _coin(augment.p_flip, types.INT32) if augment is not None else False

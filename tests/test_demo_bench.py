@@ -1,0 +1,53 @@
+"""The quickstart's demo and the throughput benchmark, at toy sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from clickit import invoke
+from clipdata import noise_frames, write_dataset
+
+from dali_skd.demo import DemoPreset, run_demo
+
+
+def test_demo_runs_end_to_end_and_reports_against_chance(tmp_path: Path, capsys) -> None:
+    preset = DemoPreset(classes=2, videos_per_class=3, epochs=1, batch_size=2, eval_clips=2)
+    report = run_demo(str(tmp_path / "demo"), compare=True, json_path=str(tmp_path / "demo.json"), preset=preset)
+    saved = json.loads((tmp_path / "demo.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert {"device", "method", "test_top1", "chance", "seconds", "rows"} <= set(saved)
+    assert saved["method"] == "skd-srl" and saved["chance"] == 0.5 and saved["device"] == "cpu"
+    assert [row["method"] for row in saved["rows"]] == ["skd-srl", "baseline"]
+    assert all(0 <= row["test_top1"] <= 1 for row in saved["rows"])
+    assert "chance 50.0%" in capsys.readouterr().out
+    # a second run continues from what is there: nothing is generated, preprocessed or trained again
+    again = run_demo(str(tmp_path / "demo"), preset=preset)
+    assert again["rows"][0]["test_top1"] == saved["rows"][0]["test_top1"]
+
+
+def test_bench_measures_both_loaders_and_training(tmp_path: Path) -> None:
+    videos = [(noise_frames(12, seed=i), i % 2) for i in range(6)]
+    data = write_dataset(tmp_path / "data", {"train": videos}, ["a", "b"], per_shard=2)
+    out = tmp_path / "bench.json"
+    result = invoke(
+        "bench", "--data", str(data), "--device", "cpu", "--seconds", "1", "--repeats", "2", "--workers", "1",
+        "--batch-size", "4", "--clip-len", "8", "--crop", "32", "--shuffle-buffer", "2",
+        "--train-arch", "r3d10-tiny", "--train-batch-size", "2", "--json", str(out),
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["device"] and set(report["loaders"]) == {"dali", "dataloader"}
+    for loader in report["loaders"].values():
+        assert loader["samples_per_s"] > 0 and len(loader["windows"]) == 2
+        assert loader["frames_per_s"] == loader["samples_per_s"] * 16
+    assert report["ratio_dali_over_dataloader"] == (
+        report["loaders"]["dali"]["samples_per_s"] / report["loaders"]["dataloader"]["samples_per_s"]
+    )
+    train = report["train"]
+    assert train["arch"] == "r3d10-tiny" and train["synthetic_samples_per_s"] > 0 and 0 <= train["data_wait"] <= 1
+    assert "dali / dataloader" in result.output and "training r3d10-tiny" in result.output
+
+
+def test_bench_rejects_unknown_loaders(tmp_path: Path) -> None:
+    result = invoke("bench", "--data", str(tmp_path), "--loaders", "dali,mine", expect_error=True)
+    assert "unknown loader(s) mine" in result.output
