@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import itertools
 import shutil
+import tarfile
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +23,7 @@ from dali_skd.data.pipeline import clip_pipeline
 from dali_skd.data.shards import SourceStats, expand_urls, rank_part, split_urls
 from dali_skd.data.source import InputLayout, eval_batches
 from dali_skd.format import FormatError, ShardManifest
+from preprocess.shards import ShardWriter
 
 NO_AUGMENT = AugmentConfig(**{f: 0.0 for f in AugmentConfig.__dataclass_fields__ if f.startswith("p_")})
 AUGMENTATIONS = [f for f in AugmentConfig.__dataclass_fields__ if f.startswith("p_")]
@@ -308,13 +313,27 @@ def test_brace_patterns_expand() -> None:
     ]  # fmt: skip
 
 
-def test_pipe_location_streams_the_same_samples(gradient_data: Path) -> None:
-    """A `pipe:` dataset location (as for object storage) reads the shards as streams: same batches."""
+@pytest.fixture(scope="module")
+def http_server(gradient_data: Path):
+    """The gradient dataset served over HTTP from this process."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(gradient_data))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("scheme", ["pipe", "http"])
+def test_remote_locations_stream_the_same_samples(gradient_data: Path, scheme: str, request) -> None:
+    """Shards in object storage (a `pipe:` command) or behind a web server are read as streams: same batches."""
+    if scheme == "http" and shutil.which("curl") is None:
+        pytest.skip("webdataset reads http:// through curl, which is not installed")
+    location = f"pipe:cat {gradient_data}/{{}}" if scheme == "pipe" else request.getfixturevalue("http_server")
     local = eval_ids(gradient_data, clips=2, batch_size=5)
     remote = ClipLoader(
-        replace(loader_cfg(gradient_data), data=f"pipe:cat {gradient_data}/{{}}"),
-        "test", train=False, batch_size=5, clips_per_video=2,
-    )  # fmt: skip
+        replace(loader_cfg(gradient_data), data=location), "test", train=False, batch_size=5, clips_per_video=2
+    )
     for a, b in zip(local, remote.epoch(0), strict=True):
         assert torch.equal(a.clips, b.clips) and torch.equal(a.video_ids, b.video_ids)
 
@@ -357,3 +376,20 @@ def test_vp9_and_jpeg_shards_give_the_same_clips(both_formats: dict[str, Path]) 
     jpeg, vp9 = clips["jpeg"], clips["vp9"]
     errors = [(jpeg[:, :, 2:14] - vp9[:, :, 2 + k : 14 + k]).abs().mean().item() for k in (-2, -1, 0, 1, 2)]
     assert errors[2] < 0.04 and errors[2] == min(errors), errors
+
+
+def test_a_webm_of_another_codec_is_skipped_with_what_to_rerun(both_formats: dict[str, Path], tmp_path: Path) -> None:
+    from conftest import make_test_video
+
+    data = tmp_path / "vp8"
+    shutil.copytree(both_formats["vp9"], data)
+    vp8 = make_test_video(tmp_path / "vp8.webm", codec="libvpx").read_bytes()
+    shard = next((data / "test").glob("*.tar"))
+    with tarfile.open(shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    writer = ShardWriter(shard)
+    writer.add([(name, vp8 if name.endswith(".webm") else blob) for name, blob in members])  # every video: VP8
+    writer.finish()
+    loader = ClipLoader(loader_cfg(data), "test", train=False, batch_size=4, clips_per_video=1)
+    assert list(loader.epoch(0)) == [] and loader.stats.skipped == loader.num_videos == 2
+    assert "holds V_VP8" in loader.stats.examples[0] and "preprocess --format vp9" in loader.stats.examples[0]

@@ -310,3 +310,23 @@ def jpeg_problem(data: memoryview | np.ndarray, width: int, height: int) -> str 
             return None
         i += 2 + seg
     return "no JPEG frame header"
+
+
+def webm_problem(data: memoryview | np.ndarray) -> str | None:
+    """Why a `.webm` member is not the VP9 video the format promises, or None. A codec DALI cannot decode on the
+    CPU (it takes only VP8, VP9 and MJPEG there) would otherwise stop the pipeline with an unhelpful assertion."""
+    head = bytes(data[:2048])
+    if head[:4] != b"\x1a\x45\xdf\xa3":
+        return "not a webm (no Matroska header)"
+    at = head.find(b"\x86")  # the CodecID element: an ID byte, a size byte, then the name
+    while at != -1 and head[at + 2 : at + 4] != b"V_":
+        at = head.find(b"\x86", at + 1)
+    if at == -1:
+        return "webm without a video track"
+    codec = head[at + 2 : at + 2 + (head[at + 1] & 0x7F)].decode("ascii", "replace")
+    if codec != "V_VP9":
+        return (
+            f"the webm holds {codec}, but the shards' format is VP9 (DALI decodes only VP8, VP9 and MJPEG on the "
+            "CPU): re-run `python cli.py preprocess --format vp9` (or --format jpeg)"
+        )
+    return None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dali_skd.data.clips import StripPlan, clip_frames, plan_strips, random_start, spaced_starts, strip_slots
-from dali_skd.data.shards import RankPart, SourceStats, VideoSample, iter_part_samples, jpeg_problem
+from dali_skd.data.shards import RankPart, SourceStats, VideoSample, iter_part_samples, jpeg_problem, webm_problem
 from dali_skd.format import STRIPS_EXT, VIDEO_EXT, ShardFormat
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,11 @@ class InputLayout:
                 out.append(plan.order)
                 stats.decoded_frames += sum(plan.rows)
         else:
-            out += [np.frombuffer(sample.read(VIDEO_EXT), np.uint8), np.array(clips, np.int32).ravel()]
+            video = sample.read(VIDEO_EXT)
+            problem = webm_problem(video)
+            if problem:
+                raise ValueError(problem)
+            out += [np.frombuffer(video, np.uint8), np.array(clips, np.int32).ravel()]
             stats.decoded_frames += len(clips) * self.clip_len
         stats.clip_frames += len(clips) * self.clip_len
         out.append(np.array(meta.label, np.int64))
