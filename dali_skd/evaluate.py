@@ -34,11 +34,16 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=AMP_DTYPES[precision])
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
-    """How many rows have their label among the top k scores, for each k (k capped at the class count)."""
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
+    """How many rows have their label among the top k scores, for each k (k capped at the class count), as a
+    tensor on the logits' device: the training loop sums it without waiting for the GPU."""
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hits = top == labels[:, None]
-    return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
+    return torch.stack([hits[:, :k].any(dim=1).sum() for k in ks])
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
+    return topk_hits(logits, labels, ks).tolist()
 
 
 @dataclass

@@ -22,7 +22,7 @@ from dali_skd.config import TrainConfig, from_dict, save_json, to_dict
 from dali_skd.data.loader import ClipLoader, TrainBatch
 from dali_skd.data.shards import load_manifest
 from dali_skd.distributed import DistContext, init_distributed, shutdown
-from dali_skd.evaluate import EvalResult, autocast, eval_split, evaluate, resolve_amp, topk_correct
+from dali_skd.evaluate import EvalResult, autocast, eval_split, evaluate, resolve_amp, topk_hits
 from dali_skd.methods import Method, build_method
 from dali_skd.models import build_model
 from dali_skd.plot import plot_curves
@@ -208,7 +208,7 @@ class Trainer:
             samples += n
             for name, value in {"loss": output.loss.detach(), **output.terms}.items():
                 terms[name] = terms.get(name, 0.0) + value.double() * n
-            hits += torch.tensor(topk_correct(output.logits, batch.labels), dtype=torch.float64, device=ctx.device)
+            hits += topk_hits(output.logits, batch.labels)
             if step % cfg.log_every == 0 or step == steps - 1:
                 loss = output.loss.item()
                 rate = samples * ctx.world / (time.perf_counter() - started)
