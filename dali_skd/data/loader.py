@@ -8,7 +8,6 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,8 +23,6 @@ from dali_skd.data.pipeline import clip_pipeline
 from dali_skd.data.shards import SourceStats, load_manifest, rank_part, split_urls
 from dali_skd.data.source import BackgroundBatches, InputLayout, eval_batches, train_batches
 from dali_skd.format import FormatError
-
-log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

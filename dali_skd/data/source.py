@@ -6,7 +6,6 @@ pipeline input. It runs in a background thread so the training loop never waits 
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -17,8 +16,6 @@ import numpy as np
 from dali_skd.data.clips import StripPlan, clip_frames, plan_strips, random_start, spaced_starts, strip_slots
 from dali_skd.data.shards import RankPart, SourceStats, VideoSample, iter_part_samples, jpeg_problem, webm_problem
 from dali_skd.format import STRIPS_EXT, VIDEO_EXT, ShardFormat
-
-log = logging.getLogger(__name__)
 
 Columns = list[list[np.ndarray]]  # one list of per-sample arrays per pipeline input
 
