@@ -1,6 +1,6 @@
 # dali-skd on CUDA 13: `docker build -t dali-skd .` then `docker run --gpus all -v $PWD/runs:/work/runs dali-skd dali-skd demo`
 # Layers from rarely to often changing: system, PyTorch, the other dependencies, then the project's source.
-FROM nvidia/cuda:13.0.1-base-ubuntu24.04
+FROM nvidia/cuda:13.0.0-base-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH
