@@ -218,13 +218,14 @@ def test_eval_yields_each_video_once_with_k_clips(gradient_data: Path) -> None:
         assert starts == spaced_starts(lengths[vid], 16, 3)
 
 
-@pytest.mark.parametrize("world", [2, 3, 5])
+@pytest.mark.parametrize("world", [2, 3, 5, 9])  # 9: more ranks than videos
 def test_rank_partitions_are_disjoint_and_complete(gradient_data: Path, world: int) -> None:
     per_rank = [
-        torch.cat([b.video_ids for b in eval_ids(gradient_data, r, world, clips=1)]).tolist() for r in range(world)
+        [v for b in eval_ids(gradient_data, r, world, clips=1) for v in b.video_ids.tolist()] for r in range(world)
     ]
     flat = [v for ids in per_rank for v in ids]
-    assert sorted(flat) == list(range(7)), per_rank  # shards of 2 videos: 4 shards, so world 5 splits samples
+    assert sorted(flat) == list(range(7)), per_rank  # 4 shards of 2 videos: worlds 5 and 9 split samples
+    assert sum(not ids for ids in per_rank) == max(0, world - 7)
 
 
 def test_train_steps_equal_on_every_rank(gradient_data: Path) -> None:
