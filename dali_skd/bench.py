@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from dali_skd.config import BenchConfig, ObjectiveConfig, to_dict
-from dali_skd.data.loader import ClipLoader, TrainBatch, resolve_device
+from dali_skd.data.loader import TORCH_DTYPES, ClipLoader, TrainBatch, resolve_device
 from dali_skd.data.shards import load_manifest
 from dali_skd.data.torch_baseline import dataloader_baseline
 from dali_skd.evaluate import autocast, resolve_amp
@@ -59,15 +59,21 @@ class Rate:
 
 
 def measure(
-    batches: Iterator[Any], batch_size: int, seconds: float, repeats: int, sync: Callable[[], None]
+    batches: Iterator[Any],
+    batch_size: int,
+    seconds: float,
+    repeats: int,
+    sync: Callable[[], None],
+    on_start: Callable[[], None] = lambda: None,
 ) -> tuple[Rate, float]:
     """Samples/s over `repeats` windows of seconds/repeats each, after a warm-up of at least two batches and 10%
-    of the time. Returns the rate and the measured wall time."""
+    of the time (`on_start` runs when the warm-up ends). Returns the rate and the measured wall time."""
     warm_end = time.perf_counter() + 0.1 * seconds
     for i, _ in enumerate(batches):
         if i >= 1 and time.perf_counter() >= warm_end:
             break
     sync()
+    on_start()
     windows, total = [], 0.0
     cpu0 = cpu_busy_seconds()
     for _ in range(repeats):
@@ -107,7 +113,7 @@ def bench_dali(cfg: BenchConfig, device: torch.device, precision: str) -> Rate:
 
 def bench_dataloader(cfg: BenchConfig, device: torch.device, precision: str) -> Rate:
     loader = dataloader_baseline(cfg.loader, cfg.augment, cfg.batch_size, cfg.workers)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    dtype = TORCH_DTYPES[precision]
 
     def to_device() -> Iterator[tuple[torch.Tensor, ...]]:
         for v1, v2, labels in loader:
@@ -140,7 +146,7 @@ def bench_train(cfg: BenchConfig, device: torch.device, precision: str) -> dict[
         scaler.update()
 
     b, crop = cfg.train_batch_size, cfg.loader.crop
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    dtype = TORCH_DTYPES[precision]
     views = [torch.rand(b, 3, cfg.loader.clip_len, crop, crop, device=device, dtype=dtype) * 2 - 1 for _ in range(2)]
     labels = torch.randint(0, num_classes, (b,), device=device)
 
@@ -167,10 +173,7 @@ def bench_train(cfg: BenchConfig, device: torch.device, precision: str) -> dict[
             assert isinstance(batch, TrainBatch)
             yield step(batch.views, batch.labels)
 
-    stream = real()
-    next(stream)
-    waited[0] = 0.0
-    real_rate, seconds = measure(stream, b, half, cfg.repeats, _sync(device))
+    real_rate, seconds = measure(real(), b, half, cfg.repeats, _sync(device), lambda: waited.__setitem__(0, 0.0))
     return {
         "arch": cfg.train_arch,
         "batch_size": b,

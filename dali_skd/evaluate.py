@@ -14,11 +14,9 @@ from tqdm import tqdm
 
 from dali_skd.checkpoint import load_classifier
 from dali_skd.config import EvalConfig
-from dali_skd.data.loader import ClipLoader, EvalBatch
+from dali_skd.data.loader import TORCH_DTYPES, ClipLoader, EvalBatch
 from dali_skd.data.shards import load_manifest
 from dali_skd.distributed import DistContext, init_distributed, shutdown
-
-AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
@@ -31,7 +29,7 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 def autocast(precision: str, device: torch.device):
     if precision == "fp32":
         return nullcontext()
-    return torch.autocast(device.type, dtype=AMP_DTYPES[precision])
+    return torch.autocast(device.type, dtype=TORCH_DTYPES[precision])
 
 
 def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:

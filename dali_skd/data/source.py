@@ -76,13 +76,15 @@ class InputLayout:
         meta, offsets = sample.meta, sample.meta.strip_offsets
         first, last = min(plan.strips), max(plan.strips)
         data = sample.read(STRIPS_EXT, offsets[first], offsets[last + 1])
-        columns = []
-        for strip, rows in zip(plan.strips, plan.rows, strict=True):
-            jpeg = data[offsets[strip] - offsets[first] : offsets[strip + 1] - offsets[first]]
+        for strip in range(first, last + 1):  # each strip checked once, though padding slots repeat one
             held = min(self.frames_per_jpeg, meta.frames - strip * self.frames_per_jpeg)
+            jpeg = data[offsets[strip] - offsets[first] : offsets[strip + 1] - offsets[first]]
             problem = jpeg_problem(jpeg, meta.width, held * meta.height)
             if problem:
                 raise ValueError(f"strip {strip}: {problem}")
+        columns = []
+        for strip, rows in zip(plan.strips, plan.rows, strict=True):
+            jpeg = data[offsets[strip] - offsets[first] : offsets[strip + 1] - offsets[first]]
             columns += [
                 np.frombuffer(jpeg, np.uint8),
                 np.array([rows * meta.height], np.int32),
