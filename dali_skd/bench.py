@@ -1,33 +1,40 @@
 """`cli.py bench`: does the loader keep the GPU busy, and how does it compare with a plain DataLoader?
 
 For each loader: two-view samples/s (median of `repeats` windows after warm-up), frames delivered and decoded per
-second, and the machine's CPU use; with `--train-arch`, training-step samples/s on synthetic data already on the
-device versus on the real loader, and the fraction of step time spent waiting for data.
+second, the machine's CPU use and this process's CPU time per sample; with `--train-arch`, training-step
+samples/s on synthetic data already on the device versus on the real loader, and the fraction of step time spent
+waiting for data. The `host` row is the loader's host side alone: the same code, its batches handed to a DALI
+pipeline that only passes them through.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from dali_skd.config import BenchConfig, ObjectiveConfig, to_dict
-from dali_skd.data.loader import TORCH_DTYPES, ClipLoader, TrainBatch, resolve_device
+from dali_skd.config import BenchConfig, LoaderConfig, ObjectiveConfig, to_dict
+from dali_skd.data.clips import clip_frames, spaced_starts
+from dali_skd.data.loader import EvalLoader, TrainLoader, dali_threads
+from dali_skd.data.pipeline import passthrough_pipeline
 from dali_skd.data.shards import load_manifest
-from dali_skd.data.torch_baseline import dataloader_baseline
-from dali_skd.evaluate import autocast, resolve_amp
+from dali_skd.data.source import BackgroundBatches
+from dali_skd.data.torch_baseline import dataloader_baseline, decode_clip
 from dali_skd.methods import build_method
 from dali_skd.models import build_model
+from dali_skd.runtime import TORCH_DTYPES, autocast, resolve_device, resolve_precision
 
-LOADERS = ("dali", "dataloader")
+LOADERS = ("host", "dali", "dataloader")
 
 
 def cpu_busy_seconds() -> float | None:
@@ -54,7 +61,8 @@ def cpu_name() -> str:
 class Rate:
     samples_per_s: float
     windows: list[float]
-    cpu_cores_busy: float | None
+    cpu_cores_busy: float | None  # the whole machine's
+    cpu_us_per_sample: float  # this process's, all its threads (DataLoader workers are other processes)
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -74,8 +82,8 @@ def measure(
             break
     sync()
     on_start()
-    windows, total = [], 0.0
-    cpu0 = cpu_busy_seconds()
+    windows, total, samples = [], 0.0, 0
+    cpu0, own0 = cpu_busy_seconds(), time.process_time()
     for _ in range(repeats):
         start, n = time.perf_counter(), 0
         while True:
@@ -87,28 +95,80 @@ def measure(
         elapsed = time.perf_counter() - start
         windows.append(n * batch_size / elapsed)
         total += elapsed
-    cpu1 = cpu_busy_seconds()
+        samples += n * batch_size
+    cpu1, own1 = cpu_busy_seconds(), time.process_time()
     busy = (cpu1 - cpu0) / total if cpu0 is not None and cpu1 is not None else None
-    return Rate(statistics.median(windows), windows, busy), total
+    return Rate(statistics.median(windows), windows, busy, (own1 - own0) / samples * 1e6), total
 
 
 def _sync(device: torch.device) -> Callable[[], None]:
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
-def bench_dali(cfg: BenchConfig, device: torch.device, precision: str) -> Rate:
-    loader = ClipLoader(
-        cfg.loader, "train", train=True, batch_size=cfg.batch_size, num_views=2, augment=cfg.augment,
-        dtype=precision, device=device,
+def _train_loader(cfg: BenchConfig, device: torch.device, precision: str, batch_size: int) -> TrainLoader:
+    return TrainLoader(
+        cfg.loader, batch_size=batch_size, num_views=2, augment=cfg.augment, dtype=precision, device=device
+    )
+
+
+def bench_host(cfg: BenchConfig, device: torch.device, precision: str) -> Rate:
+    """The host side alone: reading shards, choosing clips, checking strips, drawing the augmentations and laying
+    out the columns, into a DALI pipeline (on the CPU) that hands its inputs back unchanged."""
+    loader = _train_loader(cfg, device, precision, cfg.batch_size)
+    source = BackgroundBatches(lambda: loader.host_batches(0, None), depth=cfg.loader.prefetch + 2)
+    pipe = passthrough_pipeline(
+        source=source, layout=loader.layout, in_flight=cfg.loader.prefetch + 2, batch_size=cfg.batch_size,
+        num_threads=dali_threads(cfg.loader.threads), device_id=None, prefetch_queue_depth=cfg.loader.prefetch,
     )  # fmt: skip
-    loader.steps_per_epoch = 1 << 40  # one endless epoch
-    batches = loader.epoch(0)
+    pipe.build()
+    try:
+        rate, _ = measure(iter(pipe.run, None), cfg.batch_size, cfg.seconds, cfg.repeats, lambda: None)
+    finally:
+        source.close()
+    return rate
+
+
+def bench_dali(cfg: BenchConfig, device: torch.device, precision: str) -> Rate:
+    loader = _train_loader(cfg, device, precision, cfg.batch_size)
+    batches = loader.stream()
     rate, _ = measure(batches, cfg.batch_size, cfg.seconds, cfg.repeats, _sync(device))
     batches.close()
     # JPEG rows decoded per frame delivered: strips are decoded from their top down to the last frame needed
     overhead = loader.stats.decoded_frames / max(loader.stats.clip_frames, 1)
     rate.extra["decoded_frames_per_s"] = rate.samples_per_s * 2 * cfg.loader.clip_len * overhead
     return rate
+
+
+def decode_parity(
+    cfg: LoaderConfig, devices: Sequence[str], split: str = "train", videos: int = 8, clips_per_video: int = 2
+) -> dict[str, Any]:
+    """The same unaugmented clips (centred windows) of the first `videos` videos of `split`, decoded by the DALI
+    pipeline on each of `devices` and by Pillow (libjpeg-turbo, as the DataLoader baseline does): the largest and
+    the mean absolute difference of each pair, in pixel levels (0-255)."""
+    clips: dict[str, torch.Tensor] = {}
+    for device in devices:
+        loader = EvalLoader(
+            replace(cfg, device=device), split, batch_size=videos * clips_per_video, clips_per_video=clips_per_video
+        )
+        batches = loader.epoch()
+        clips[f"dali-{device}"] = (next(batches).clips.float().cpu() + 1) * 127.5
+        batches.close()
+    records = list(itertools.islice(loader.reader.records(), videos))
+    reference = []
+    for record in records:
+        starts = spaced_starts(record.meta.frames, cfg.clip_len, clips_per_video)
+        for frames in clip_frames(np.array([record.meta.frames]), starts[None], cfg.clip_len)[0]:
+            clip = decode_clip(record.meta, record.media, frames.tolist())  # T x H x W x 3
+            top, left = (clip.shape[1] - cfg.crop) // 2, (clip.shape[2] - cfg.crop) // 2
+            reference.append(clip[:, top : top + cfg.crop, left : left + cfg.crop].permute(3, 0, 1, 2).float())
+    clips["pillow"] = torch.stack(reference)
+    names = list(clips)
+    report: dict[str, Any] = {"clips": len(reference), "videos": len(records), "pairs": {}}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            diff = (clips[a] - clips[b]).abs()
+            report["pairs"][f"{a} vs {b}"] = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean())}
+    return report
 
 
 def bench_dataloader(cfg: BenchConfig, device: torch.device, precision: str) -> Rate:
@@ -157,20 +217,15 @@ def bench_train(cfg: BenchConfig, device: torch.device, precision: str) -> dict[
     half = cfg.seconds / 2
     synthetic_rate, _ = measure(synthetic(), b, half, cfg.repeats, _sync(device))
 
-    loader = ClipLoader(
-        cfg.loader, "train", train=True, batch_size=b, num_views=2, augment=cfg.augment, dtype=precision,
-        device=device,
-    )  # fmt: skip
-    loader.steps_per_epoch = 1 << 40
+    loader = _train_loader(cfg, device, precision, b)
     waited = [0.0]
 
     def real() -> Iterator[None]:
-        batches = loader.epoch(0)
+        batches = loader.stream()
         while True:
             before = time.perf_counter()
             batch = next(batches)
             waited[0] += time.perf_counter() - before
-            assert isinstance(batch, TrainBatch)
             yield step(batch.views, batch.labels)
 
     real_rate, seconds = measure(real(), b, half, cfg.repeats, _sync(device), lambda: waited.__setitem__(0, 0.0))
@@ -188,7 +243,7 @@ def bench_train(cfg: BenchConfig, device: torch.device, precision: str) -> dict[
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     device = resolve_device(cfg.loader.device)
-    precision = resolve_amp(cfg.amp, device)
+    precision = resolve_precision(cfg.amp, device)
     names = [n.strip() for n in cfg.loaders.split(",") if n.strip()]
     unknown = set(names) - set(LOADERS)
     if unknown:
@@ -205,7 +260,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d"),
         "loaders": {},
     }
-    benches = {"dali": bench_dali, "dataloader": bench_dataloader}
+    benches = {"host": bench_host, "dali": bench_dali, "dataloader": bench_dataloader}
     for name in names:
         print(f"measuring {name} for {cfg.seconds:.0f} s ...", flush=True)
         rate = benches[name](cfg, device, precision)
@@ -213,6 +268,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             "samples_per_s": rate.samples_per_s,
             "frames_per_s": rate.samples_per_s * frames_per_sample,
             "cpu_cores_busy": rate.cpu_cores_busy,
+            "cpu_us_per_sample": rate.cpu_us_per_sample,
             "windows": rate.windows,
             **rate.extra,
         }
@@ -232,12 +288,13 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"device {report['device']}, {report['cpu_cores']} CPU cores, {report['format']} shards, {report['precision']}",
-        f"{'loader':<12}{'samples/s':>12}{'frames/s':>12}{'decoded/s':>12}{'CPU cores':>11}",
+        f"{'loader':<12}{'samples/s':>12}{'frames/s':>12}{'decoded/s':>12}{'CPU cores':>11}{'CPU us/sample':>15}",
     ]
     for name, r in report["loaders"].items():
         decoded = f"{r['decoded_frames_per_s']:>12.0f}" if "decoded_frames_per_s" in r else f"{'':>12}"
         cpu = f"{r['cpu_cores_busy']:>11.1f}" if r["cpu_cores_busy"] is not None else f"{'n/a':>11}"
-        lines.append(f"{name:<12}{r['samples_per_s']:>12.1f}{r['frames_per_s']:>12.0f}{decoded}{cpu}")
+        own = f"{r['cpu_us_per_sample']:>15.0f}" if name != "dataloader" else f"{'(workers)':>15}"
+        lines.append(f"{name:<12}{r['samples_per_s']:>12.1f}{r['frames_per_s']:>12.0f}{decoded}{cpu}{own}")
     if "ratio_dali_over_dataloader" in report:
         lines.append(f"dali / dataloader: {report['ratio_dali_over_dataloader']:.2f}x")
     if "train" in report:

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-Device = Literal["auto", "cuda", "cpu"]
+Device = Literal["auto", "cuda", "cpu"]  # auto: the GPU when CUDA is available, else the CPU
+Amp = Literal["auto", "fp16", "bf16", "off"]  # auto: fp16 on CUDA, off (fp32) on the CPU
 
 
 def _opt(default: Any, help: str, **meta: Any) -> Any:
@@ -83,6 +84,15 @@ class LoaderConfig:
     threads: int = _opt(0, "DALI CPU threads (0: one per core, at most 16)")
     prefetch: int = _opt(2, "batches DALI prepares ahead")
     device: Device = _opt("auto", "auto: the GPU when CUDA is available, else the CPU")
+    hw_decoder_load: float = _opt(
+        0.65, "GPU: share of the JPEG strips given to the hardware JPEG decoder (A100/H100/H200), the rest to CUDA"
+    )
+    preallocate_width_hint: int = _opt(
+        -1, "GPU: widest strip the JPEG decoders preallocate for (-1: from the shards; 0: no preallocation)"
+    )
+    preallocate_height_hint: int = _opt(
+        -1, "GPU: tallest strip the JPEG decoders preallocate for (-1: from the shards; 0: no preallocation)"
+    )
 
 
 @dataclass
@@ -117,7 +127,7 @@ class TrainConfig:
     lr_factor: float = _opt(0.1, "factor applied to the lr on a plateau")
     val_clips: int = _opt(1, "clips per video for the per-epoch validation (eval uses --clips-per-video)")
     teacher: str | None = _opt(None, "kd: checkpoint of the frozen teacher (e.g. a trained r3d50)")
-    amp: Literal["auto", "fp16", "bf16", "off"] = _opt("auto", "mixed precision (auto: fp16 on CUDA, off on CPU)")
+    amp: Amp = _opt("auto", "mixed precision (auto: fp16 on CUDA, off on CPU)")
     channels_last: bool = _opt(True, "channels_last_3d memory layout on CUDA")
     seed: int = _opt(0, "seed for weights, data order and augmentation draws")
     resume: bool = _opt(False, "continue from OUT/last.pt")
@@ -132,21 +142,23 @@ class EvalConfig:
     checkpoint: str = _opt("runs/run/best.pt", "checkpoint to evaluate (best.pt or last.pt of a run)")
     split: str | None = _opt(None, "split to evaluate (default: test, or val for Kinetics)")
     batch_size: int = _opt(32, "clips per batch")
-    amp: Literal["auto", "fp16", "bf16", "off"] = _opt("auto", "mixed precision (auto: fp16 on CUDA, off on CPU)")
+    amp: Amp = _opt("auto", "mixed precision (auto: fp16 on CUDA, off on CPU)")
     json: str | None = _opt(None, "also write the results to this JSON file")
     loader: LoaderConfig = _opt(LoaderConfig(), "data loading")
 
 
 @dataclass
 class BenchConfig:
-    loaders: str = _opt("dali,dataloader", "loaders to measure, comma-separated: dali, dataloader")
+    loaders: str = _opt(
+        "dali,dataloader", "loaders to measure, comma-separated: host (the host side alone), dali, dataloader"
+    )
     batch_size: int = _opt(64, "two-view samples per batch")
     seconds: float = _opt(30.0, "measuring time per loader, after warm-up")
     repeats: int = _opt(5, "the measuring time is split into this many windows; the median is reported")
     workers: int = _opt(os.cpu_count() or 1, "DataLoader worker processes of the baseline")
     train_arch: str | None = _opt(None, "also measure training steps of this encoder (e.g. r3d18)")
     train_batch_size: int = _opt(32, "samples per training step")
-    amp: Literal["auto", "fp16", "bf16", "off"] = _opt("auto", "training precision (auto: fp16 on CUDA, off on CPU)")
+    amp: Amp = _opt("auto", "training precision (auto: fp16 on CUDA, off on CPU)")
     channels_last: bool = _opt(True, "channels_last_3d for the training steps on CUDA")
     json: str | None = _opt(None, "also write the figures to this JSON file")
     loader: LoaderConfig = _opt(LoaderConfig(), "data loading")

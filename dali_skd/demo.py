@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dali_skd.config import EvalConfig, LoaderConfig, PreprocessConfig, TrainConfig
-from dali_skd.data.loader import resolve_device
 from dali_skd.evaluate import run_eval
+from dali_skd.runtime import resolve_device
 from dali_skd.train import train
 
 

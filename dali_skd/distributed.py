@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dali_skd.data.loader import resolve_device
+from dali_skd.runtime import resolve_device
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ counted exactly once over all ranks."""
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -14,22 +13,10 @@ from tqdm import tqdm
 
 from dali_skd.checkpoint import load_classifier
 from dali_skd.config import EvalConfig
-from dali_skd.data.loader import TORCH_DTYPES, ClipLoader, EvalBatch
+from dali_skd.data.loader import EvalLoader
 from dali_skd.data.shards import load_manifest
 from dali_skd.distributed import DistContext, init_distributed, shutdown
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """`auto`: fp16 on CUDA (the fastest measured, FACTS.md), fp32 on the CPU; `off` is fp32."""
-    if amp == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    return "fp32" if amp == "off" else amp
-
-
-def autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=TORCH_DTYPES[precision])
+from dali_skd.runtime import autocast, resolve_precision
 
 
 def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
@@ -64,7 +51,7 @@ class EvalResult:
 
 def evaluate(
     model: nn.Module,
-    loader: ClipLoader,
+    loader: EvalLoader,
     ctx: DistContext,
     precision: str,
     channels_last: bool = False,
@@ -79,8 +66,7 @@ def evaluate(
     skipped_before = loader.stats.skipped
     bar = tqdm(desc="eval", unit="clip", disable=not (progress and ctx.is_main), leave=False)
     with torch.inference_mode(), autocast(precision, ctx.device):
-        for batch in loader.epoch(0):
-            assert isinstance(batch, EvalBatch)
+        for batch in loader.epoch():
             x = batch.clips.to(memory_format=torch.channels_last_3d) if channels_last else batch.clips
             logits = model(x).float()
             clip_hits = [a + b for a, b in zip(clip_hits, topk_correct(logits, batch.labels), strict=True)]
@@ -126,11 +112,10 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     try:
         manifest = load_manifest(cfg.loader.data)
         model, _ = load_classifier(cfg.checkpoint, ctx.device, manifest.num_classes)
-        precision = resolve_amp(cfg.amp, ctx.device)
-        loader = ClipLoader(
+        precision = resolve_precision(cfg.amp, ctx.device)
+        loader = EvalLoader(
             cfg.loader,
             eval_split(list(manifest.splits), cfg.split),
-            train=False,
             batch_size=cfg.batch_size,
             clips_per_video=cfg.loader.clips_per_video,
             dtype=precision,

@@ -19,13 +19,14 @@ from tqdm import tqdm
 
 from dali_skd.checkpoint import load_checkpoint, load_classifier, save_checkpoint
 from dali_skd.config import TrainConfig, from_dict, save_json, to_dict
-from dali_skd.data.loader import ClipLoader, TrainBatch
+from dali_skd.data.loader import EvalLoader, TrainLoader
 from dali_skd.data.shards import load_manifest
 from dali_skd.distributed import DistContext, init_distributed, shutdown
-from dali_skd.evaluate import EvalResult, autocast, eval_split, evaluate, resolve_amp, topk_hits
+from dali_skd.evaluate import EvalResult, eval_split, evaluate, topk_hits
 from dali_skd.methods import Method, build_method
 from dali_skd.models import build_model
 from dali_skd.plot import plot_curves
+from dali_skd.runtime import autocast, resolve_precision
 
 # settings that may change when a run is resumed; any other difference is refused
 RESUMABLE_CHANGES = {"epochs", "resume", "log_every"}
@@ -61,7 +62,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
 class Trainer:
     def __init__(self, cfg: TrainConfig, ctx: DistContext) -> None:
         self.cfg, self.ctx, self.out = cfg, ctx, Path(cfg.out)
-        self.precision = resolve_amp(cfg.amp, ctx.device)
+        self.precision = resolve_precision(cfg.amp, ctx.device)
         self.channels_last = cfg.channels_last and ctx.device.type == "cuda"
         manifest = load_manifest(cfg.loader.data)
         self.classes = manifest.classes
@@ -98,20 +99,18 @@ class Trainer:
             self._restore(resume)
 
         common = {"dtype": self.precision, "device": ctx.device, "rank": ctx.rank, "world": ctx.world}
-        self.train_loader = ClipLoader(
+        self.train_loader = TrainLoader(
             cfg.loader,
             "train",
-            train=True,
             batch_size=cfg.batch_size,
             num_views=self.method.num_views,
             augment=cfg.augment if self.method.augment else None,
             seed=cfg.seed,
             **common,
         )
-        self.val_loader = ClipLoader(
+        self.val_loader = EvalLoader(
             cfg.loader,
             eval_split(list(manifest.splits), None),
-            train=False,
             batch_size=cfg.batch_size,
             clips_per_video=cfg.val_clips,
             **common,
@@ -187,13 +186,9 @@ class Trainer:
         samples, waited = 0, 0.0
         skipped_before = loader.stats.skipped
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", disable=not ctx.is_main)
-        batches = loader.epoch(epoch)
-        started = time.perf_counter()
-        for step in range(steps):
-            before = time.perf_counter()
-            batch = next(batches)
+        started = before = time.perf_counter()
+        for step, batch in enumerate(loader.epoch(epoch)):
             waited += time.perf_counter() - before
-            assert isinstance(batch, TrainBatch)
             views = batch.views
             if self.channels_last:
                 views = [v.to(memory_format=torch.channels_last_3d) for v in views]
@@ -216,7 +211,7 @@ class Trainer:
                 if self.writer is not None:
                     self.writer.add_scalar("step/loss", loss, epoch * steps + step)
             bar.update()
-        batches.close()
+            before = time.perf_counter()
         bar.close()
         seconds = time.perf_counter() - started
         names = sorted(terms)

@@ -18,11 +18,12 @@ from clipdata import frame_index, gradient_frames, noise_frames, write_dataset
 
 from dali_skd.config import AugmentConfig, LoaderConfig
 from dali_skd.data.clips import clip_frames, plan_strips, spaced_starts, strip_slots
-from dali_skd.data.loader import ClipLoader, EvalBatch, TrainBatch, resolve_device
+from dali_skd.data.loader import EvalBatch, EvalLoader, TrainBatch, TrainLoader
 from dali_skd.data.pipeline import clip_pipeline
-from dali_skd.data.shards import SourceStats, expand_urls, rank_part, split_urls
-from dali_skd.data.source import InputLayout, eval_batches
+from dali_skd.data.shards import PartReader, SourceStats, expand_urls, rank_part, split_urls
+from dali_skd.data.source import InputLayout, augment_draws, eval_batches
 from dali_skd.format import FormatError, ShardManifest
+from dali_skd.runtime import resolve_device
 from preprocess.shards import ShardWriter
 
 NO_AUGMENT = AugmentConfig(**{f: 0.0 for f in AugmentConfig.__dataclass_fields__ if f.startswith("p_")})
@@ -50,7 +51,7 @@ def loader_cfg(data: Path, **kw) -> LoaderConfig:
 
 def train_batches_of(data: Path, epoch: int = 0, seed: int = 0, **kw) -> list[TrainBatch]:
     aug = kw.pop("augment", AugmentConfig())
-    loader = ClipLoader(loader_cfg(data, **kw.pop("cfg", {})), "train", train=True, augment=aug, seed=seed, **kw)
+    loader = TrainLoader(loader_cfg(data, **kw.pop("cfg", {})), "train", augment=aug, seed=seed, **kw)
     return list(loader.epoch(epoch))
 
 
@@ -61,21 +62,21 @@ def train_batches_of(data: Path, epoch: int = 0, seed: int = 0, **kw) -> list[Tr
 @pytest.mark.parametrize("frames", [3, 15, 16, 17, 40, 121])
 def test_strip_plan_yields_the_clip(frames: int, frames_per_jpeg: int) -> None:
     slots = strip_slots(16, frames_per_jpeg)
-    for start in range(frames):
-        if frames >= 16 and start > frames - 16:
-            continue
-        wanted = clip_frames(frames, 16, start)
-        plan = plan_strips(wanted, frames_per_jpeg, slots)
-        decoded = [s * frames_per_jpeg + r for s, rows in zip(plan.strips, plan.rows, strict=True) for r in range(rows)]
-        assert all(s * frames_per_jpeg + rows <= frames for s, rows in zip(plan.strips, plan.rows, strict=True))
-        assert [decoded[i] for i in plan.order] == wanted
-        assert len(plan.strips) == slots
+    starts = np.array([s for s in range(frames) if frames < 16 or s <= frames - 16])
+    wanted = clip_frames(np.full(len(starts), frames), starts, 16)
+    plan = plan_strips(wanted, frames_per_jpeg, slots)  # every possible clip of the video, in one call
+    assert plan.strips.shape == plan.rows.shape == (len(starts), slots)
+    for clip, strips, rows, order in zip(wanted, plan.strips, plan.rows, plan.order, strict=True):
+        decoded = [s * frames_per_jpeg + r for s, n in zip(strips, rows, strict=True) for r in range(n)]
+        assert all(s * frames_per_jpeg + n <= frames for s, n in zip(strips, rows, strict=True))
+        assert [decoded[i] for i in order] == clip.tolist()
+        assert list(strips) == sorted(strips)
 
 
 def test_spaced_starts() -> None:
-    assert spaced_starts(40, 16, 3) == [0, 12, 24]
-    assert spaced_starts(10, 16, 4) == [0, 0, 0, 0]
-    assert clip_frames(5, 8, 3) == [3, 4, 0, 1, 2, 3, 4, 0]
+    assert spaced_starts(40, 16, 3).tolist() == [0, 12, 24]
+    assert spaced_starts(10, 16, 4).tolist() == [0, 0, 0, 0]
+    assert clip_frames(np.array([5]), np.array([3]), 8).tolist() == [[3, 4, 0, 1, 2, 3, 4, 0]]
 
 
 # -- training batches -------------------------------------------------------------------------------------------
@@ -90,7 +91,7 @@ def test_train_batches_shape_dtype_range(gradient_data: Path, dtype: str) -> Non
         for v in b.views:
             assert v.shape == (3, 3, 16, 112, 112)
             assert v.dtype == {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-            assert v.min() >= -1 and v.max() <= 1 and v.max() > 0.5 and v.min() < -0.5
+            assert v.min() >= -1 and v.max() <= 1 and v.max() - v.min() > 0.8  # [-1, 1], not [0, 1] or [0, 255]
         assert b.labels.dtype == torch.int64 and set(b.labels.tolist()) <= {0, 1, 2}
         assert not torch.equal(b.views[0], b.views[1])
 
@@ -140,21 +141,27 @@ def test_one_crop_window_and_one_flip_per_clip(gradient_data: Path) -> None:
 
 @pytest.fixture(scope="module")
 def noise_batches(noise_data: Path) -> tuple[InputLayout, list]:
+    """Eval batches (centred windows) of the noise videos, 8 clips each, whose draws the tests replace."""
     manifest = ShardManifest.load(noise_data)
     layout = InputLayout("jpeg", 1, 8, manifest.frames_per_jpeg, with_video_id=True)
-    part = rank_part(split_urls(str(noise_data), manifest, "test"), 0, 1)
-    return layout, list(eval_batches(part, layout, 32, 8, SourceStats()))
+    stats = SourceStats()
+    reader = PartReader(rank_part(split_urls(str(noise_data), manifest, "test"), 0, 1), stats, "jpgs", layout.admit)
+    return layout, list(eval_batches(reader, layout, 32, 8, stats))
 
 
 def run_pipeline(layout: InputLayout, batches: list, augment: AugmentConfig | None, seed: int = 1) -> np.ndarray:
-    cycle = itertools.cycle(batches)
-
-    def source():
-        return next(cycle)
-
+    """The pipeline's clips for `batches`, with the host side's draws for `augment` (centred windows)."""
+    rng = np.random.default_rng(seed)
+    layout = replace(layout, augmented=augment is not None)
+    drawn = []
+    for batch in batches:
+        columns = {k: v for k, v in batch.items() if not k.endswith(("_value", "_coin", "_choice"))}
+        columns.update(augment_draws(rng, len(batch["label"]), 1, augment, random_crop=False))
+        drawn.append(columns)
+    cycle = itertools.cycle(drawn)
     pipe = clip_pipeline(
-        source=source, layout=layout, crop=32, augment=augment, random_crop=False, dtype="fp32", gpu=False,
-        batch_size=32, num_threads=2, device_id=None, seed=seed,
+        source=lambda: next(cycle), layout=layout, crop=32, augment=augment, dtype="fp32", gpu=False, in_flight=4,
+        batch_size=32, num_threads=2, device_id=None,
     )  # fmt: skip
     pipe.build()
     return np.concatenate([np.array(pipe.run()[0].as_tensor()) for _ in batches])
@@ -197,10 +204,8 @@ def test_augmentations_off_change_nothing(noise_batches) -> None:
 
 
 def eval_ids(data: Path, rank: int = 0, world: int = 1, clips: int = 3, batch_size: int = 4) -> list[EvalBatch]:
-    loader = ClipLoader(
-        loader_cfg(data), "test", train=False, batch_size=batch_size, clips_per_video=clips, rank=rank, world=world
-    )
-    return list(loader.epoch(0))
+    loader = EvalLoader(loader_cfg(data), "test", batch_size=batch_size, clips_per_video=clips, rank=rank, world=world)
+    return list(loader.epoch())
 
 
 def test_eval_yields_each_video_once_with_k_clips(gradient_data: Path) -> None:
@@ -215,7 +220,7 @@ def test_eval_yields_each_video_once_with_k_clips(gradient_data: Path) -> None:
         rows = [i for i, v in enumerate(ids) if v == vid]
         assert [labels[i] for i in rows] == [vid % 3] * 3
         starts = [frame_index(clips[i])[0] for i in rows]
-        assert starts == spaced_starts(lengths[vid], 16, 3)
+        assert starts == spaced_starts(lengths[vid], 16, 3).tolist()
 
 
 @pytest.mark.parametrize("world", [2, 3, 5, 9])  # 9: more ranks than videos
@@ -265,8 +270,8 @@ def _corrupt(data: Path, tmp_path: Path) -> Path:
 
 def test_corrupt_samples_are_skipped_and_counted(gradient_data: Path, tmp_path: Path) -> None:
     data = _corrupt(gradient_data, tmp_path)
-    loader = ClipLoader(loader_cfg(data), "test", train=False, batch_size=8, clips_per_video=1)
-    ids = torch.cat([b.video_ids for b in loader.epoch(0)]).tolist()
+    loader = EvalLoader(loader_cfg(data), "test", batch_size=8, clips_per_video=1)
+    ids = torch.cat([b.video_ids for b in loader.epoch()]).tolist()
     assert sorted(ids) == [2, 3, 4, 5, 6]
     assert loader.stats.skipped == 2
     assert "test-0000000" in loader.stats.examples[0] and "not a JPEG" in loader.stats.examples[0]
@@ -279,23 +284,23 @@ def test_truncated_shard_keeps_what_precedes_the_cut(gradient_data: Path, tmp_pa
     tar = data / "test" / "shard-000001.tar"
     raw = tar.read_bytes()
     tar.write_bytes(raw[: raw.find(b"test-0000003.jpgs") + 4000])  # into the second video's strips
-    loader = ClipLoader(loader_cfg(data), "test", train=False, batch_size=8, clips_per_video=1)
-    ids = torch.cat([b.video_ids for b in loader.epoch(0)]).tolist()
+    loader = EvalLoader(loader_cfg(data), "test", batch_size=8, clips_per_video=1)
+    ids = torch.cat([b.video_ids for b in loader.epoch()]).tolist()
     assert sorted(ids) == [0, 1, 2, 4, 5, 6]
     assert loader.stats.skipped == 1 and "shard-000001.tar" in loader.stats.examples[0]
 
 
 def test_missing_shard_and_manifest_errors(gradient_data: Path, tmp_path: Path) -> None:
     with pytest.raises(FormatError, match=r"no manifest\.json in"):
-        ClipLoader(loader_cfg(tmp_path), "train", train=True, batch_size=2)
+        TrainLoader(loader_cfg(tmp_path), "train", batch_size=2)
     data = tmp_path / "partial"
     shutil.copytree(gradient_data, data)
     (data / "train" / "shard-000001.tar").unlink()
     with pytest.raises(FormatError, match=r"missing, first .*shard-000001\.tar"):
-        ClipLoader(loader_cfg(data), "train", train=True, batch_size=2)
+        TrainLoader(loader_cfg(data), "train", batch_size=2)
     with pytest.raises(FormatError, match="smaller than the 112-pixel crop"):
         write_dataset(tmp_path / "small", {"train": [(gradient_frames(4, 48, 64), 0)]}, ["a"])
-        ClipLoader(loader_cfg(tmp_path / "small"), "train", train=True, batch_size=1)
+        TrainLoader(loader_cfg(tmp_path / "small"), "train", batch_size=1)
 
 
 def test_cuda_without_gpu_is_a_clear_error() -> None:
@@ -332,10 +337,8 @@ def test_remote_locations_stream_the_same_samples(gradient_data: Path, scheme: s
         pytest.skip("webdataset reads http:// through curl, which is not installed")
     location = f"pipe:cat {gradient_data}/{{}}" if scheme == "pipe" else request.getfixturevalue("http_server")
     local = eval_ids(gradient_data, clips=2, batch_size=5)
-    remote = ClipLoader(
-        replace(loader_cfg(gradient_data), data=location), "test", train=False, batch_size=5, clips_per_video=2
-    )
-    for a, b in zip(local, remote.epoch(0), strict=True):
+    remote = EvalLoader(replace(loader_cfg(gradient_data), data=location), "test", batch_size=5, clips_per_video=2)
+    for a, b in zip(local, remote.epoch(), strict=True):
         assert torch.equal(a.clips, b.clips) and torch.equal(a.video_ids, b.video_ids)
 
 
@@ -366,8 +369,8 @@ def test_vp9_and_jpeg_shards_give_the_same_clips(both_formats: dict[str, Path]) 
     for fmt, data in both_formats.items():
         batches = []
         for split in ("train", "test"):
-            loader = ClipLoader(loader_cfg(data), split, train=False, batch_size=8, clips_per_video=3)
-            batches += list(loader.epoch(0))
+            loader = EvalLoader(loader_cfg(data), split, batch_size=8, clips_per_video=3)
+            batches += list(loader.epoch())
             assert loader.stats.skipped == 0
         clips[fmt] = torch.cat([b.clips for b in batches])
         assert clips[fmt].shape == (12, 3, 16, 112, 112)
@@ -391,6 +394,51 @@ def test_a_webm_of_another_codec_is_skipped_with_what_to_rerun(both_formats: dic
     writer = ShardWriter(shard)
     writer.add([(name, vp8 if name.endswith(".webm") else blob) for name, blob in members])  # every video: VP8
     writer.finish()
-    loader = ClipLoader(loader_cfg(data), "test", train=False, batch_size=4, clips_per_video=1)
-    assert list(loader.epoch(0)) == [] and loader.stats.skipped == loader.num_videos == 2
+    loader = EvalLoader(loader_cfg(data), "test", batch_size=4, clips_per_video=1)
+    assert list(loader.epoch()) == [] and loader.stats.skipped == loader.num_videos == 2
     assert "holds V_VP8" in loader.stats.examples[0] and "preprocess --format vp9" in loader.stats.examples[0]
+
+
+# -- the host side: inputs by name, one pipeline per loader ------------------------------------------------------
+
+
+def test_inputs_are_keyed_by_name_and_checked(noise_batches) -> None:
+    layout, batches = noise_batches
+    batch = batches[0]
+    assert len(layout.arrange(batch)) == len(layout.names)
+    with pytest.raises(ValueError, match=r"missing \['v0_order'\]"):
+        layout.arrange({k: v for k, v in batch.items() if k != "v0_order"})
+    with pytest.raises(ValueError, match=r"unknown \['v0_flip'\]"):
+        layout.arrange({**batch, "v0_flip": batch["label"]})
+    # two columns swapped by mistake: each is refused under the name it was given, naming what was expected
+    swapped = {**batch, "v0_cut": batch["v0_shape"], "v0_shape": batch["v0_cut"]}
+    with pytest.raises(ValueError, match=r"'v0_cut': expected int32 \(\d+, 2\)"):
+        layout.arrange(swapped)
+    with pytest.raises(ValueError, match=r"'label': expected int64"):
+        layout.arrange({**batch, "label": batch["label"].astype(np.int32)})
+    with pytest.raises(ValueError, match=r"'strips': expected a list of 1-D uint8 arrays"):
+        layout.arrange({**batch, "strips": batch["strips"][:-1]})
+
+
+def test_one_pipeline_per_loader_for_the_whole_run(gradient_data: Path) -> None:
+    loader = TrainLoader(loader_cfg(gradient_data), batch_size=2, num_views=2, augment=AugmentConfig())
+    for epoch in range(3):
+        assert len(list(loader.epoch(epoch))) == loader.steps_per_epoch
+    evaluation = EvalLoader(loader_cfg(gradient_data), "test", batch_size=4, clips_per_video=2)
+    for _ in range(2):
+        assert sum(len(b.labels) for b in evaluation.epoch()) == 14
+    assert loader.pipeline_builds == 1 and evaluation.pipeline_builds == 1
+
+
+def test_an_epoch_left_early_leaves_the_next_one_untouched(gradient_data: Path) -> None:
+    """The pipeline outlives epochs: what it prefetched for an epoch stopped early must not leak into the next."""
+    fresh = train_batches_of(gradient_data, epoch=1, seed=3, batch_size=2, num_views=2)
+    loader = TrainLoader(loader_cfg(gradient_data), batch_size=2, num_views=2, augment=AugmentConfig(), seed=3)
+    stream = loader.stream(0)
+    next(stream)
+    stream.close()  # a benchmark stops an endless epoch
+    again = list(loader.epoch(1))
+    assert loader.pipeline_builds == 1 and len(again) == len(fresh)
+    for a, b in zip(fresh, again, strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(a.views, b.views, strict=True))
+        assert torch.equal(a.labels, b.labels)

@@ -15,7 +15,7 @@ from clipdata import noise_frames, write_dataset
 
 from dali_skd.config import LoaderConfig, TrainConfig, to_dict
 from dali_skd.distributed import init_distributed
-from dali_skd.train import train
+from dali_skd.train import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,9 @@ def metrics(out: Path) -> list[dict]:
 
 def test_training_lowers_the_loss(data: Path, tmp_path: Path) -> None:
     cfg = tiny(data, tmp_path / "run", method="baseline", epochs=6)
-    summary = train(cfg)
+    trainer = Trainer(cfg, init_distributed("cpu"))
+    summary = trainer.run()
+    assert trainer.train_loader.pipeline_builds == trainer.val_loader.pipeline_builds == 1  # one each for 6 epochs
     rows = metrics(tmp_path / "run")
     assert len(rows) == 6
     assert rows[-1]["loss"] + rows[-2]["loss"] < 0.7 * (rows[0]["loss"] + rows[1]["loss"]), [r["loss"] for r in rows]

@@ -1,50 +1,37 @@
-"""Shards to PyTorch: each epoch builds the Python source and the DALI pipeline, and yields torch tensors on the
-training device.
+"""Shards to PyTorch. A loader builds its DALI pipeline once, for the whole run; each epoch hands the pipeline a
+fresh host-side source and resets it at the end.
 
-Every epoch is a pure function of (seed, epoch, rank): the shard order, the clips, the shuffle and DALI's
-augmentation draws are all seeded from it, so a run resumed at an epoch boundary sees exactly the data an
-uninterrupted run would have seen.
+`TrainLoader.epoch(e)` yields `steps_per_epoch` `TrainBatch`es; `EvalLoader.epoch()` yields `EvalBatch`es holding
+each video of the split once. Every training epoch is a pure function of (seed, epoch, rank): the shard order,
+the clips, the shuffle and every augmentation draw come from one generator seeded with them, so a run resumed at
+an epoch boundary sees exactly the data an uninterrupted run would have seen.
+
+On a GPU the outputs stay where DALI wrote them: they are bound to PyTorch's current stream (`pipe.run(stream)`)
+and handed over through DLPack, and DALI frees a buffer only once PyTorch has dropped the tensor.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
+import itertools
+import math
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
-from nvidia.dali.backend import TensorGPU
-from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
 from dali_skd.config import AugmentConfig, LoaderConfig
-from dali_skd.data.pipeline import clip_pipeline
-from dali_skd.data.shards import SourceStats, load_manifest, rank_part, split_urls
-from dali_skd.data.source import BackgroundBatches, InputLayout, eval_batches, train_batches
+from dali_skd.data.pipeline import DecoderOptions, clip_pipeline
+from dali_skd.data.shards import PartReader, SourceStats, load_manifest, rank_part, split_urls
+from dali_skd.data.source import BackgroundBatches, Batch, InputLayout, eval_batches, train_batches
 from dali_skd.format import FormatError
-
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto`: the current CUDA device when there is one, else the CPU. `cuda` without a GPU is an error."""
-    if device == "cpu":
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    if device == "cuda":
-        raise RuntimeError("--device cuda was asked for, but PyTorch sees no CUDA GPU: use --device cpu (or auto)")
-    return torch.device("cpu")
+from dali_skd.runtime import TORCH_DTYPES, local_cpu_share, resolve_device
 
 
 def dali_threads(requested: int) -> int:
     """DALI CPU threads: as asked, else this process's share of the cores (torchrun runs several per machine)."""
-    if requested > 0:
-        return requested
-    cores = len(os.sched_getaffinity(0))
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(16, cores // per_node))
+    return requested if requested > 0 else min(16, local_cpu_share())
 
 
 @dataclass
@@ -60,115 +47,228 @@ class EvalBatch:
     video_ids: torch.Tensor  # the index of each clip's video within its split
 
 
-class ClipLoader:
-    """Batches of clips from one split, for one rank of `world`.
+class _Feed:
+    """The pipeline's external source: the current epoch's batches, replaced at every epoch."""
 
-    Training (`train=True`): `steps_per_epoch` batches of `num_views` augmented views per video, the same number of
-    steps on every rank. Evaluation: each video of the split exactly once over all ranks, as `clips_per_video`
-    centre-cropped clips; the last batch may be short.
-    """
+    def __init__(self) -> None:
+        self._next: Callable[[], Batch] | None = None
+
+    def start(self, batches: Callable[[], Batch]) -> None:
+        self._next = batches
+
+    def stop(self) -> None:
+        self._next = None
+
+    def __call__(self) -> Batch:
+        if self._next is None:
+            raise StopIteration
+        return self._next()
+
+
+class ClipLoader:
+    """What training and evaluation loaders share: the split's shards for one rank of `world`, the host side,
+    and one DALI pipeline, built the first time it is needed."""
 
     def __init__(
         self,
         cfg: LoaderConfig,
         split: str,
         *,
-        train: bool,
+        shards: str | None,
+        batch_size: int,
+        num_views: int,
+        augment: AugmentConfig | None,
+        with_video_id: bool,
+        dtype: str,
+        device: torch.device | None,
+        rank: int,
+        world: int,
+    ) -> None:
+        self.cfg, self.split, self.batch_size, self.augment, self.dtype = cfg, split, batch_size, augment, dtype
+        self.rank, self.world = rank, world
+        self.device = device if device is not None else resolve_device(cfg.device)
+        self.manifest = load_manifest(cfg.data)
+        self.num_videos = self.manifest.split(split, cfg.data).samples
+        if self.manifest.short_side < cfg.crop:
+            raise FormatError(
+                f"{cfg.data}: frames are stored at short side {self.manifest.short_side}, smaller than the "
+                f"{cfg.crop}-pixel crop: re-run preprocess with a larger --short-side, or lower --crop"
+            )
+        self.part = rank_part(split_urls(cfg.data, self.manifest, split, shards), rank, world)
+        self.layout = InputLayout(
+            self.manifest.format,
+            num_views,
+            cfg.clip_len,
+            self.manifest.frames_per_jpeg,
+            augment is not None,
+            with_video_id,
+        )
+        self.stats = SourceStats()
+        self.reader = PartReader(self.part, self.stats, self.layout.media_ext, self.layout.admit)
+        self.pipeline_builds = 0
+        self._feed = _Feed()
+        self._pipe = None
+
+    def _pipeline(self):
+        if self._pipe is None:
+            gpu = self.device.type == "cuda"
+            self._pipe = clip_pipeline(
+                source=self._feed,
+                layout=self.layout,
+                crop=self.cfg.crop,
+                augment=self.augment,
+                dtype="fp32" if self.dtype == "fp32" else "fp16",  # DALI has no bf16: converted on the device
+                gpu=gpu,
+                in_flight=self.cfg.prefetch + 2,
+                decoder_options=self._decoder_options(),
+                batch_size=self.batch_size,
+                num_threads=dali_threads(self.cfg.threads),
+                device_id=self.device.index if gpu else None,
+                prefetch_queue_depth=self.cfg.prefetch,
+            )
+            with warnings.catch_warnings():
+                # the draws of an augmentation with probability 0 or 1 are not read: by design, not worth a warning
+                warnings.filterwarnings("ignore", "The external source node .* not used", Warning)
+                self._pipe.build()
+            self.pipeline_builds += 1
+        return self._pipe
+
+    def _decoder_options(self) -> DecoderOptions:
+        """The GPU decoders' settings; -1 hints: a strip of this dataset in a 16:9 frame."""
+        short, fpj = self.manifest.short_side, max(self.manifest.frames_per_jpeg, 1)
+        width, height = self.cfg.preallocate_width_hint, self.cfg.preallocate_height_hint
+        return DecoderOptions(
+            hw_decoder_load=self.cfg.hw_decoder_load,
+            preallocate_width_hint=math.ceil(short * 16 / 9) if width < 0 else width,
+            preallocate_height_hint=fpj * short if height < 0 else height,
+        )
+
+    def _run(self, make: Callable[[], Iterator[Batch]]) -> Iterator[dict[str, torch.Tensor]]:
+        """The pipeline's outputs, by name, for the host batches `make()` produces; the pipeline is reset at the
+        end, or after draining what it prefetched when the caller stops early."""
+        source = BackgroundBatches(make, depth=self.cfg.prefetch + 2)
+        pipe = self._pipeline()
+        self._feed.start(source)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        ended = failed = False
+        try:
+            while True:
+                try:
+                    outputs = pipe.run(stream.cuda_stream) if stream is not None else pipe.run()
+                except StopIteration:
+                    ended = True
+                    return
+                yield {name: self._to_torch(o) for name, o in zip(self.layout.outputs, outputs, strict=True)}
+        except GeneratorExit:  # the caller stopped early
+            raise
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            source.close()
+            self._feed.stop()
+            if failed:
+                self._pipe = None  # a pipeline that raised is not reused
+            else:
+                if not ended:
+                    _drain(pipe)
+                pipe.reset()
+
+    def _to_torch(self, output) -> torch.Tensor:
+        """A DALI output as a torch tensor on the training device, without a copy (DLPack). Labels and video ids
+        are the host's own arrays passed through, held only while DALI needs them: those few bytes are copied."""
+        tensor = torch.from_dlpack(output.as_tensor())
+        if not tensor.is_floating_point():
+            return tensor.to(self.device, copy=True)
+        if tensor.dtype != TORCH_DTYPES[self.dtype]:
+            tensor = tensor.to(TORCH_DTYPES[self.dtype])
+        return tensor.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        self._pipe = None
+
+
+def _drain(pipe) -> None:
+    """Runs out what the pipeline prefetched, so that a reset starts the next epoch clean."""
+    while True:
+        try:
+            pipe.run()
+        except StopIteration:
+            return
+
+
+class TrainLoader(ClipLoader):
+    """Training batches of `num_views` augmented views per video for one rank: `steps_per_epoch` per epoch, the same
+    number on every rank."""
+
+    def __init__(
+        self,
+        cfg: LoaderConfig,
+        split: str = "train",
+        *,
         batch_size: int,
         num_views: int = 1,
         augment: AugmentConfig | None = None,
-        clips_per_video: int | None = None,
         dtype: str = "fp32",
         device: torch.device | None = None,
         rank: int = 0,
         world: int = 1,
         seed: int = 0,
     ) -> None:
-        self.cfg, self.split, self.train = cfg, split, train
-        self.batch_size, self.augment, self.dtype, self.seed = batch_size, augment, dtype, seed
-        self.rank, self.world = rank, world
-        self.device = device if device is not None else resolve_device(cfg.device)
+        super().__init__(
+            cfg, split, shards=cfg.train_shards, batch_size=batch_size, num_views=num_views, augment=augment,
+            with_video_id=False, dtype=dtype, device=device, rank=rank, world=world,
+        )  # fmt: skip
+        self.seed = seed
+        self.steps_per_epoch = max(1, self.num_videos // (world * batch_size))
+
+    def epoch(self, epoch: int) -> Iterator[TrainBatch]:
+        """The batches of epoch `epoch` (from 0)."""
+        return self._batches(epoch, self.steps_per_epoch)
+
+    def stream(self, epoch: int = 0) -> Iterator[TrainBatch]:
+        """Endless batches continuing epoch `epoch`'s draws, for benchmarks."""
+        return self._batches(epoch, None)
+
+    def host_batches(self, epoch: int, steps: int | None) -> Iterator[Batch]:
+        """The host side's batches of epoch `epoch`: `steps` of them, or endless with None."""
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, self.rank]))
+        batches = train_batches(
+            self.reader, self.layout, self.batch_size, rng, shuffle_buffer=self.cfg.shuffle_buffer,
+            same_clip=self.cfg.same_clip, augment=self.augment, stats=self.stats,
+        )  # fmt: skip
+        return itertools.islice(batches, steps)
+
+    def _batches(self, epoch: int, steps: int | None) -> Iterator[TrainBatch]:
+        for out in self._run(lambda: self.host_batches(epoch, steps)):
+            yield TrainBatch([out[f"view{v}"] for v in range(self.layout.num_views)], out["label"])
+
+
+class EvalLoader(ClipLoader):
+    """Evaluation batches: each video of the split exactly once over all ranks, as `clips_per_video` clips with a
+    centred window; the last batch may be short."""
+
+    def __init__(
+        self,
+        cfg: LoaderConfig,
+        split: str,
+        *,
+        batch_size: int,
+        clips_per_video: int | None = None,
+        dtype: str = "fp32",
+        device: torch.device | None = None,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        super().__init__(
+            cfg, split, shards=cfg.eval_shards, batch_size=batch_size, num_views=1, augment=None,
+            with_video_id=True, dtype=dtype, device=device, rank=rank, world=world,
+        )  # fmt: skip
         self.clips_per_video = clips_per_video or cfg.clips_per_video
-        self.manifest = load_manifest(cfg.data)
-        info = self.manifest.split(split, cfg.data)
-        if self.manifest.short_side < cfg.crop:
-            raise FormatError(
-                f"{cfg.data}: frames are stored at short side {self.manifest.short_side}, smaller than the "
-                f"{cfg.crop}-pixel crop: re-run preprocess with a larger --short-side, or lower --crop"
-            )
-        override = cfg.train_shards if split == "train" else cfg.eval_shards
-        self.part = rank_part(split_urls(cfg.data, self.manifest, split, override), rank, world)
-        self.layout = InputLayout(
-            self.manifest.format, num_views if train else 1, cfg.clip_len, self.manifest.frames_per_jpeg, not train
-        )
-        self.num_videos = info.samples
-        self.steps_per_epoch = max(1, info.samples // (world * batch_size))
-        self.stats = SourceStats()
 
-    @property
-    def num_classes(self) -> int:
-        return self.manifest.num_classes
+    def epoch(self) -> Iterator[EvalBatch]:
+        def make() -> Iterator[Batch]:
+            return eval_batches(self.reader, self.layout, self.batch_size, self.clips_per_video, self.stats)
 
-    def _seeds(self, epoch: int) -> tuple[np.random.Generator, int]:
-        seq = np.random.SeedSequence([self.seed, epoch, self.rank, int(self.train)])
-        return np.random.default_rng(seq), int(seq.generate_state(1)[0] & 0x7FFFFFFF)
-
-    def epoch(self, epoch: int = 0) -> Iterator[TrainBatch | EvalBatch]:
-        rng, dali_seed = self._seeds(epoch)
-        if self.train:
-            make = partial(
-                train_batches,
-                self.part,
-                self.layout,
-                self.batch_size,
-                rng,
-                self.cfg.shuffle_buffer,
-                self.cfg.same_clip,
-                self.stats,
-            )
-        else:
-            make = partial(eval_batches, self.part, self.layout, self.batch_size, self.clips_per_video, self.stats)
-        source = BackgroundBatches(make, depth=self.cfg.prefetch + 2)
-        gpu = self.device.type == "cuda"
-        pipe = clip_pipeline(
-            source=source,
-            layout=self.layout,
-            crop=self.cfg.crop,
-            augment=self.augment if self.train else None,
-            random_crop=self.train,
-            dtype="fp32" if self.dtype == "fp32" else "fp16",  # DALI has no bf16: converted on the device
-            gpu=gpu,
-            batch_size=self.batch_size,
-            num_threads=dali_threads(self.cfg.threads),
-            device_id=self.device.index if gpu else None,
-            seed=dali_seed,
-            prefetch_queue_depth=self.cfg.prefetch,
-        )
-        try:
-            pipe.build()
-            step = 0
-            while not self.train or step < self.steps_per_epoch:
-                try:
-                    outputs = pipe.run()
-                except StopIteration:
-                    return
-                yield self._to_batch(outputs)
-                step += 1
-        finally:
-            source.close()
-            del pipe
-
-    def _to_batch(self, outputs: tuple) -> TrainBatch | EvalBatch:
-        n_views = self.layout.num_views
-        views = [self._to_torch(o).to(TORCH_DTYPES[self.dtype]) for o in outputs[:n_views]]
-        labels = self._to_torch(outputs[n_views])
-        if self.train:
-            return TrainBatch(views, labels)
-        return EvalBatch(views[0], labels, self._to_torch(outputs[n_views + 1]))
-
-    def _to_torch(self, tensor_list) -> torch.Tensor:
-        dense = tensor_list.as_tensor()
-        on_gpu = isinstance(dense, TensorGPU)
-        out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=self.device if on_gpu else "cpu")
-        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device) if on_gpu else None)
-        return out.to(self.device, non_blocking=True)
+        for out in self._run(make):
+            yield EvalBatch(out["view0"], out["label"], out["video_id"])

@@ -1,89 +1,136 @@
 """The DALI pipeline: encoded clips in, augmented 3 x 16 x 112 x 112 views out. One definition serves the GPU
-(decoders `mixed`, operators on the GPU) and the CPU (`device_id=None`, every operator on the CPU)."""
+(decoders `mixed`, operators on the GPU) and the CPU (`device_id=None`, every operator on the CPU).
+
+Its inputs come from the host side (`source.py`) by name: the bytes of each view's JPEG strips and where to cut
+them, which frames to keep, and every random draw of the augmentations. The graph itself draws nothing, so the
+same inputs always give the same outputs, on either device.
+"""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import DataNode
 
 from dali_skd.config import AugmentConfig
-from dali_skd.data.source import Columns, InputLayout
+from dali_skd.data.source import CHOICES, COINS, VALUES, Batch, InputLayout
 
 OUTPUT_DTYPES = {"fp32": types.FLOAT, "fp16": types.FLOAT16}
 
 
+@dataclass(frozen=True)
+class DecoderOptions:
+    """Settings of the `mixed` (GPU) JPEG decoders; the CPU decoder takes none of them."""
+
+    hw_decoder_load: float = 0.65  # share of the images for the hardware JPEG decoder, the rest to CUDA
+    preallocate_width_hint: int = 0  # 0: no preallocation
+    preallocate_height_hint: int = 0
+
+    def arguments(self, gpu: bool) -> dict:
+        if not gpu:
+            return {}
+        # the CPU's chroma upsampling (libjpeg-turbo's "fancy" one), so that both devices give the same pixels
+        args: dict = {"jpeg_fancy_upsampling": True, "hw_decoder_load": self.hw_decoder_load}
+        if self.preallocate_width_hint > 0 and self.preallocate_height_hint > 0:
+            args.update(
+                preallocate_width_hint=self.preallocate_width_hint,
+                preallocate_height_hint=self.preallocate_height_hint,
+            )
+        return args
+
+
+class Draws:
+    """One view's random draws (from its `coin`, `value` and `choice` inputs), by name."""
+
+    def __init__(self, inputs: dict[str, DataNode], view: int) -> None:
+        self._value = inputs[f"v{view}_value"]
+        self._coin, self._choice = inputs.get(f"v{view}_coin"), inputs.get(f"v{view}_choice")  # augmented only
+
+    def coin(self, name: str) -> DataNode:
+        return self._coin[COINS.index(name)]
+
+    def value(self, name: str) -> DataNode:
+        return self._value[VALUES.index(name)]
+
+    def choice(self, name: str) -> DataNode:
+        return self._choice[CHOICES.index(name)]
+
+
 def decode_clips(
-    inputs: dict[str, DataNode], layout: InputLayout, decoder: str, crop: int, random_crop: bool
+    inputs: dict[str, DataNode], layout: InputLayout, decoder: str, crop: int, options: DecoderOptions
 ) -> list[DataNode]:
     """One FHWC uint8 clip per view, cropped to its window: each decoded piece is cropped before the pieces are
     joined, so the joins copy only the window."""
-    windows = [crop_window(crop, random_crop) for _ in range(layout.num_views)]
+    windows = [crop_window(crop, Draws(inputs, v)) for v in range(layout.num_views)]
     if layout.format == "vp9":
         # both views in one call: the decoder seeks once per video
         frames = fn.decoders.video(inputs["video"], frames=inputs["frames"], device=decoder)
         return [windows[v](frames[v * layout.clip_len : (v + 1) * layout.clip_len]) for v in range(layout.num_views)]
     clips = []
     for v in range(layout.num_views):
+        cut, shape = inputs[f"v{v}_cut"], inputs[f"v{v}_shape"]
         pieces = []
         for k in range(layout.slots):
-            strip = fn.decoders.image_slice(
-                inputs[f"v{v}_strip{k}"],
+            jpeg = fn.slice(inputs["strips"], cut[k, 0:1], cut[k, 1:2], axes=[0])  # one strip of the video's
+            top = fn.decoders.image_slice(
+                jpeg,
                 np.array([0], np.int32),
-                inputs[f"v{v}_rows{k}"],
+                shape[k, 0:1] * shape[k, 1:2],  # pixel rows: frames x frame height
                 axes=[0],
                 normalized_anchor=False,
                 normalized_shape=False,
                 device=decoder,
+                **options.arguments(decoder == "mixed"),
             )
-            pieces.append(windows[v](fn.reshape(strip, shape=inputs[f"v{v}_shape{k}"], layout="FHWC")))
+            pieces.append(windows[v](fn.reshape(top, shape=shape[k], layout="FHWC")))
         frames = fn.cat(*pieces, axis=0) if len(pieces) > 1 else pieces[0]
         clips.append(fn.sequence_rearrange(frames, new_order=inputs[f"v{v}_order"]))
     return clips
 
 
-def crop_window(crop: int, random_crop: bool) -> Callable[[DataNode], DataNode]:
-    """A crop x crop window, at a random place or the centre, drawn once: applied to every piece of a clip it
-    cuts the same window from all of its frames."""
-    pos = {}
-    if random_crop:
-        pos = {"crop_pos_x": fn.random.uniform(range=(0.0, 1.0)), "crop_pos_y": fn.random.uniform(range=(0.0, 1.0))}
+def crop_window(crop: int, draws: Draws) -> Callable[[DataNode], DataNode]:
+    """A crop x crop window at the drawn place (0.5, 0.5: the centre): applied to every piece of a clip, it cuts
+    the same window from all of its frames."""
+    x, y = draws.value("crop_x"), draws.value("crop_y")
 
     def window(frames: DataNode) -> DataNode:
-        return fn.crop(frames, crop=(crop, crop), **pos)
+        return fn.crop(frames, crop=(crop, crop), crop_pos_x=x, crop_pos_y=y)
 
     return window
 
 
-def augment_clip(clip: DataNode, aug: AugmentConfig) -> DataNode:
-    """The paper's colour and blur augmentations, each drawn once per clip with its own probability.
+def augment_clip(clip: DataNode, aug: AugmentConfig, draws: Draws) -> DataNode:
+    """The paper's colour and blur augmentations, each applied with its own probability, one draw per clip.
+    An augmentation of probability 0 is left out of the graph, one of probability 1 applied without a branch.
 
     The flip is left to `to_network_input`, which mirrors while it normalises.
     """
-    if _coin(aug.p_contrast):
-        clip = fn.brightness_contrast(clip, contrast=fn.random.uniform(range=aug.contrast))
-    if _coin(aug.p_brightness):
-        clip = fn.brightness_contrast(clip, brightness=fn.random.uniform(range=aug.brightness))
-    if _coin(aug.p_hue):
-        clip = fn.hue(clip, hue=fn.random.uniform(range=aug.hue))
-    if _coin(aug.p_blur):
-        clip = fn.gaussian_blur(clip, sigma=fn.random.uniform(range=aug.blur_sigma))
-    if _coin(aug.p_channel_split):
-        channel = clip[:, :, :, fn.random.uniform(values=[0, 1, 2], dtype=types.INT32)]
+    if _applies(aug.p_contrast, draws, "contrast"):
+        clip = fn.brightness_contrast(clip, contrast=draws.value("contrast"))
+    if _applies(aug.p_brightness, draws, "brightness"):
+        clip = fn.brightness_contrast(clip, brightness=draws.value("brightness"))
+    if _applies(aug.p_hue, draws, "hue"):
+        clip = fn.hue(clip, hue=draws.value("hue"))
+    if _applies(aug.p_blur, draws, "blur"):
+        clip = fn.gaussian_blur(clip, sigma=draws.value("blur_sigma"))
+    if _applies(aug.p_channel_split, draws, "split"):
+        channel = clip[:, :, :, draws.choice("channel")]
         clip = fn.stack(channel, channel, channel, axis=3, axis_name="C")
     return clip
 
 
-def _coin(p: float, dtype: types.DALIDataType = types.BOOL) -> DataNode | bool:
-    """A per-clip draw that is true with probability p; a plain bool when p is 0 or 1 (no work, no branch)."""
+def _applies(p: float, draws: Draws, name: str) -> DataNode | bool:
+    """The clip's coin for an augmentation; a plain bool when p is 0 or 1 (no work, no branch)."""
     if p <= 0 or p >= 1:
         return p >= 1
-    return fn.random.coin_flip(probability=p, dtype=dtype)
+    return draws.coin(name)
 
 
-def to_network_input(clip: DataNode, flip: DataNode | bool, dtype: str) -> DataNode:
+def to_network_input(clip: DataNode, flip: DataNode | int, dtype: str) -> DataNode:
     """Optional mirror, values to [-1, 1], FHWC -> CFHW, in one pass."""
     return fn.crop_mirror_normalize(
         clip, mirror=flip, mean=[127.5] * 3, std=[127.5] * 3, dtype=OUTPUT_DTYPES[dtype], output_layout="CFHW"
@@ -92,26 +139,59 @@ def to_network_input(clip: DataNode, flip: DataNode | bool, dtype: str) -> DataN
 
 @pipeline_def(enable_conditionals=True)
 def clip_pipeline(
-    source: Callable[[], Columns],
+    source: Callable[[], Batch],
     layout: InputLayout,
     crop: int,
     augment: AugmentConfig | None,
-    random_crop: bool,
     dtype: str,
     gpu: bool,
+    in_flight: int,
+    decoder_options: DecoderOptions = DecoderOptions(),
 ):
-    """Outputs: one N x 3 x T x crop x crop tensor per view, then the labels (and the video ids, for evaluation).
-
-    Train: `random_crop` and, unless the method trains without them, `augment`. Evaluation: centre crop only.
-    """
-    names = layout.names
-    nodes = fn.external_source(source=source, num_outputs=len(names), batch=True)
-    inputs = {name: nodes[i] for i, name in enumerate(names)}  # (DALI's autograph has no zip(strict=))
+    """Outputs (`layout.outputs`): one N x 3 x T x crop x crop tensor per view, then the labels (and the video ids,
+    for evaluation). `augment`: the paper's augmentations, as drawn by the host side; None: crop only.
+    `in_flight`: batches to keep alive for DALI (`named_inputs`): the prefetch depth + 1 at least."""
+    if (augment is not None) != layout.augmented:
+        raise ValueError("the layout must carry the augmentations' draws exactly when the pipeline augments")
+    inputs = named_inputs(source, layout, in_flight)
     views = []
-    for clip in decode_clips(inputs, layout, "mixed" if gpu else "cpu", crop, random_crop):
+    for v, clip in enumerate(decode_clips(inputs, layout, "mixed" if gpu else "cpu", crop, decoder_options)):
+        draws = Draws(inputs, v)
         if augment is not None:
-            clip = augment_clip(clip, augment)
-        flip = _coin(augment.p_flip, types.INT32) if augment is not None else False
+            clip = augment_clip(clip, augment, draws)
+        flip = draws.choice("flip") if augment is not None and augment.p_flip > 0 else 0
         views.append(to_network_input(clip, flip, dtype))
     extras = [inputs["label"]] + ([inputs["video_id"]] if layout.with_video_id else [])
     return (*views, *extras)
+
+
+def named_inputs(source: Callable[[], Batch], layout: InputLayout, in_flight: int) -> dict[str, DataNode]:
+    """The external inputs, by name: `source` returns a dict keyed by `layout.names`, checked on every batch.
+
+    DALI reads the batches where they lie (`no_copy`): a shard's bytes are not copied once more on the host. So the
+    last `in_flight` batches (at least the prefetch depth + 1) are kept alive here until DALI is done with them."""
+    nodes = fn.external_source(
+        source=_KeptAlive(source, layout, in_flight), num_outputs=len(layout.names), batch=True, no_copy=True
+    )
+    return {name: nodes[i] for i, name in enumerate(layout.names)}  # (DALI's autograph has no zip(strict=))
+
+
+class _KeptAlive:
+    """Arranges each batch in the pipeline's input order and holds the last `count` ones."""
+
+    def __init__(self, source: Callable[[], Batch], layout: InputLayout, count: int) -> None:
+        self._source, self._layout = source, layout
+        self._held: deque[tuple] = deque(maxlen=count)
+
+    def __call__(self) -> tuple:
+        batch = self._layout.arrange(self._source())
+        self._held.append(batch)
+        return batch
+
+
+@pipeline_def
+def passthrough_pipeline(source: Callable[[], Batch], layout: InputLayout, in_flight: int):
+    """The host side alone (`cli.py bench --loaders host`): the same inputs, handed back unchanged, but for the
+    shards' bytes, of which only the sizes come back (the real pipeline never copies them whole either)."""
+    inputs = named_inputs(source, layout, in_flight)
+    return tuple(node.shape() if layout.inputs[name].shape is None else node for name, node in inputs.items())

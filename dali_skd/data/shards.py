@@ -11,6 +11,7 @@ import mmap
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import IO
 
 import numpy as np
@@ -110,39 +111,6 @@ def rank_part(urls: list[str], rank: int, world: int) -> RankPart:
     return RankPart(list(urls), stride=world, offset=rank)
 
 
-class VideoSample:
-    """One video of a shard: its key, metadata, and byte-range access to its members.
-
-    Members of local shards are read on demand (`os.pread`), so a clip costs the bytes of the strips it needs,
-    not the whole video; members of streamed shards are already in memory.
-    """
-
-    def __init__(self, key: str, meta: SampleMeta, shard: str, sizes: dict[str, int], fetch: Fetch) -> None:
-        self.key, self.meta, self.shard = key, meta, shard
-        self._sizes = sizes  # extension -> member size
-        self._fetch = fetch
-
-    @property
-    def where(self) -> str:
-        return f"{self.shard}: sample {self.key}"
-
-    def read(self, ext: str, start: int = 0, stop: int | None = None) -> memoryview:
-        """Bytes [start, stop) of member `<key>.<ext>`; ValueError if it is missing or shorter."""
-        if ext not in self._sizes:
-            raise ValueError(f"no .{ext} member")
-        size = self._sizes[ext]
-        stop = size if stop is None else stop
-        if not 0 <= start <= stop <= size:
-            raise ValueError(f".{ext} member holds {size} bytes, not [{start}, {stop})")
-        data = memoryview(self._fetch(ext, start, stop))
-        if len(data) != stop - start:
-            raise ValueError(f".{ext} member is cut short (the shard was truncated)")
-        return data
-
-
-Fetch = Callable[[str, int, int], bytes | memoryview]  # (extension, start, stop) -> those bytes of the member
-
-
 def _octal(field: bytes) -> int:
     field = field.rstrip(b"\0 ").lstrip(b" ")
     return int(field, 8) if field else 0
@@ -198,18 +166,20 @@ def _group_by_key(members: Iterator[tuple[str, int, int]]) -> Iterator[tuple[str
         yield key, group
 
 
-def _local_samples(path: str) -> Iterator[tuple[str, dict[str, int], Fetch]]:
+def _local_samples(path: str) -> Iterator[tuple[str, dict[str, memoryview]]]:
     """Maps the file: walking the headers and slicing a member cost no copy (DALI copies what it is fed once)."""
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             return
         view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
     for key, group in _group_by_key(iter_tar_members(lambda off, n: view[off : off + n].tobytes(), path)):
-        fetch = lambda ext, a, b, group=group: view[group[ext][0] + a : group[ext][0] + b]  # noqa: E731
-        yield key, {ext: size for ext, (_, size) in group.items()}, fetch
+        members = {ext: view[offset : offset + size] for ext, (offset, size) in group.items()}
+        if any(len(m) != size for m, (_, size) in zip(members.values(), group.values(), strict=True)):
+            raise FormatError(f"{path}: sample {key} is cut short (the shard was truncated)")
+        yield key, members
 
 
-def _streamed_samples(url: str) -> Iterator[tuple[str, dict[str, int], Fetch]]:
+def _streamed_samples(url: str) -> Iterator[tuple[str, dict[str, memoryview]]]:
     """Reads the tar front to back (http, pipe), holding the members of the sample at hand in memory."""
     with open_url(url) as stream:
         pos = 0
@@ -230,59 +200,129 @@ def _streamed_samples(url: str) -> Iterator[tuple[str, dict[str, int], Fetch]]:
         def members() -> Iterator[tuple[str, int, int]]:
             for name, offset, size in iter_tar_members(block, url):
                 held[offset] = block(offset, size)  # now, while the stream is at this member's data
+                if len(held[offset]) != size:
+                    raise FormatError(f"{url}: member {name} is cut short (the shard was truncated)")
                 yield name, offset, size
 
         for key, group in _group_by_key(members()):
-            data = {ext: held.pop(offset) for ext, (offset, _) in group.items()}
-            fetch = lambda ext, a, b, data=data: memoryview(data[ext])[a:b]  # noqa: E731
-            yield key, {ext: len(d) for ext, d in data.items()}, fetch
+            yield key, {ext: memoryview(held.pop(offset)) for ext, (offset, _) in group.items()}
 
 
 @dataclass
 class SourceStats:
-    """What the loader's source did: samples it could not use (each warned about, so a run can report them at
-    the end), and the frames its clips hold and the frames the decoder must decode for them (for the benchmark)."""
+    """What the loader's source did: samples it could not use (counted each time, warned about once, so a run can
+    report them at the end), and the frames its clips hold and the frames the decoder must decode for them (for
+    the benchmark)."""
 
     skipped: int = 0
     examples: list[str] = field(default_factory=list)
     clip_frames: int = 0
     decoded_frames: int = 0
+    _warned: set[str] = field(default_factory=set, repr=False)
 
     def skip(self, where: str, reason: str) -> None:
         self.skipped += 1
+        if where in self._warned:
+            return
+        self._warned.add(where)
         if len(self.examples) < 20:
             self.examples.append(f"{where}: {reason}")
         log.warning("%s: %s; skipped", where, reason)
 
 
-def iter_shard_samples(url: str, stats: SourceStats) -> Iterator[VideoSample]:
-    """The samples of one shard in order. A sample with broken metadata, or the rest of a shard cut short, is
-    skipped with a warning."""
+@dataclass(eq=False)
+class VideoRecord:
+    """One video of a shard: its metadata and its media member, a view of the mapped shard (local) or of the bytes
+    read (streamed). What was found out about it is kept: which strips were checked, and why it is unusable."""
+
+    key: str
+    shard: str
+    meta: SampleMeta
+    media: memoryview  # the .jpgs or .webm member
+    offsets: np.ndarray  # jpeg: strip i is media[offsets[i]:offsets[i + 1]]
+    checked: int = 0  # bit i set: strip i is a complete JPEG of the right size (vp9: bit 0, the webm)
+    problem: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.shard}: sample {self.key}"
+
+    @cached_property
+    def array(self) -> np.ndarray:
+        """The media member as a uint8 array over the same memory."""
+        return np.frombuffer(self.media, np.uint8)
+
+
+def shard_records(url: str, media_ext: str, skip: Callable[[str, str], None]) -> Iterator[VideoRecord]:
+    """The samples of one shard in order. A sample with broken metadata or without its `media_ext` member, or the
+    rest of a shard cut short, is passed to `skip(where, reason)` instead."""
     try:
-        for key, sizes, fetch in (_streamed_samples if is_remote(url) else _local_samples)(url):
+        for key, members in (_streamed_samples if is_remote(url) else _local_samples)(url):
             where = f"{url}: sample {key}"
             try:
-                if "json" not in sizes:
-                    raise FormatError("no .json member")
-                meta = SampleMeta.from_json(bytes(fetch("json", 0, sizes["json"])), where)
+                if "json" not in members or media_ext not in members:
+                    raise FormatError(f"no .{'json' if 'json' not in members else media_ext} member")
+                meta = SampleMeta.from_json(members["json"].tobytes(), where)
+                offsets = np.asarray(meta.strip_offsets, np.int64)
+                if len(offsets) and offsets[-1] != len(members[media_ext]):
+                    size = len(members[media_ext])
+                    raise FormatError(f"its strips end at byte {offsets[-1]} of a {size}-byte member")
             except FormatError as e:
-                stats.skip(where, str(e).removeprefix(f"{where}: "))
+                skip(where, str(e).removeprefix(f"{where}: "))
                 continue
-            yield VideoSample(key, meta, url, sizes, fetch)
+            yield VideoRecord(key, url, meta, members[media_ext], offsets)
     except (FormatError, OSError) as e:
-        stats.skip(url, f"shard unreadable from here on ({e})")
+        skip(url, f"shard unreadable from here on ({e})")
 
 
-def iter_part_samples(
-    part: RankPart, stats: SourceStats, shard_order: Iterable[int] | None = None
-) -> Iterator[VideoSample]:
-    """The samples of a rank's part, shard by shard (in `shard_order` when given)."""
-    index = 0
-    for i in shard_order if shard_order is not None else range(len(part.urls)):
-        for sample in iter_shard_samples(part.urls[i], stats):
-            if part.keeps(index):
-                yield sample
-            index += 1
+@dataclass
+class _IndexedShard:
+    records: list[VideoRecord]
+    skipped: list[tuple[str, str]]  # (where, reason) of what could not be read: counted again on every pass
+
+
+class PartReader:
+    """The samples of a rank's part, shard by shard. A local shard is indexed once, the first time it is read (its
+    headers walked, its metadata parsed; its strips are checked as they are first used), and served from memory
+    after that; a streamed shard is read afresh every time. Samples known to be unusable are skipped and counted
+    on every pass."""
+
+    def __init__(
+        self, part: RankPart, stats: SourceStats, media_ext: str, admit: Callable[[SampleMeta], str | None]
+    ) -> None:
+        self.part, self.stats, self.media_ext, self._admit = part, stats, media_ext, admit
+        self._indexed: dict[str, _IndexedShard] = {}
+
+    def records(self, shard_order: Iterable[int] | None = None) -> Iterator[VideoRecord]:
+        """The part's usable samples, its shards in `shard_order` (default: as listed)."""
+        index = 0
+        for i in shard_order if shard_order is not None else range(len(self.part.urls)):
+            for record in self._shard(self.part.urls[i]):
+                keep = self.part.keeps(index)
+                index += 1
+                if not keep:
+                    continue
+                if record.problem is not None:
+                    self.stats.skip(record.where, record.problem)
+                    continue
+                yield record
+
+    def _shard(self, url: str) -> Iterable[VideoRecord]:
+        if is_remote(url):
+            return self._admitted(shard_records(url, self.media_ext, self.stats.skip))
+        if url not in self._indexed:
+            skipped: list[tuple[str, str]] = []
+            records = self._admitted(shard_records(url, self.media_ext, lambda *where_why: skipped.append(where_why)))
+            self._indexed[url] = _IndexedShard(list(records), skipped)
+        shard = self._indexed[url]
+        for where, reason in shard.skipped:
+            self.stats.skip(where, reason)
+        return shard.records
+
+    def _admitted(self, records: Iterator[VideoRecord]) -> Iterator[VideoRecord]:
+        for record in records:
+            record.problem = self._admit(record.meta)
+            yield record
 
 
 def jpeg_problem(data: memoryview | np.ndarray, width: int, height: int) -> str | None:

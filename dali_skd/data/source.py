@@ -1,96 +1,129 @@
-"""The Python side of the loader: shard samples in, batches of DALI pipeline inputs out.
+"""The host side of the loader: shard samples in, batches of named pipeline inputs out.
 
-For each video it draws the clips (start frames), checks the bytes it will decode, and lays out one column per
-pipeline input. It runs in a background thread so the training loop never waits on it.
+Per batch, in a few numpy calls: the clips' start frames, the JPEG strips (and rows of them) each clip needs, and
+every random draw of the augmentations. Per sample, only what cannot be vectorised: a view of its strips' bytes,
+and a check of each strip the first time it is used. A batch is a dict keyed by the pipeline's input names:
+uniform columns are stacked into one array, and a view's strips travel as one buffer that the pipeline cuts
+apart. All randomness is drawn here from one numpy generator per epoch, so an epoch is a pure function of
+(seed, epoch, rank), whatever the pipeline ran before.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
 
 import numpy as np
 
-from dali_skd.data.clips import StripPlan, clip_frames, plan_strips, random_start, spaced_starts, strip_slots
-from dali_skd.data.shards import RankPart, SourceStats, VideoSample, iter_part_samples, jpeg_problem, webm_problem
-from dali_skd.format import STRIPS_EXT, VIDEO_EXT, ShardFormat
+from dali_skd.config import AugmentConfig
+from dali_skd.data.clips import clip_frames, plan_strips, random_starts, spaced_starts, strip_slots
+from dali_skd.data.shards import PartReader, SourceStats, VideoRecord, jpeg_problem, webm_problem
+from dali_skd.format import SampleMeta, ShardFormat
 
-Columns = list[list[np.ndarray]]  # one list of per-sample arrays per pipeline input
+Batch = dict[str, Any]  # input name -> a stacked array (uniform columns) or a list of 1-D uint8 arrays (bytes)
+
+# The random draws of one view, by column of its `coin`, `value` and `choice` inputs.
+COINS = ("contrast", "brightness", "hue", "blur", "split")  # apply the augmentation to this clip?
+VALUES = ("crop_x", "crop_y", "contrast", "brightness", "hue", "blur_sigma")  # crop window in [0, 1], factors
+CHOICES = ("flip", "channel")  # mirror (0/1); the channel a split copies
+
+
+@dataclass(frozen=True)
+class Input:
+    """One external input of the pipeline: a stacked column of `dtype` with `shape` per sample, or (shape None)
+    one 1-D uint8 array per sample."""
+
+    name: str
+    dtype: type
+    shape: tuple[int, ...] | None
 
 
 @dataclass(frozen=True)
 class InputLayout:
-    """The pipeline's external inputs, in order, for a shard format."""
+    """The pipeline's inputs and outputs by name, for a shard format and a clip layout."""
 
     format: ShardFormat
     num_views: int
     clip_len: int
     frames_per_jpeg: int
+    augmented: bool = False  # with the augmentations' draws (else only the crop window's place)
     with_video_id: bool = False
 
     @property
     def slots(self) -> int:
         return strip_slots(self.clip_len, self.frames_per_jpeg) if self.format == "jpeg" else 0
 
-    @property
-    def names(self) -> list[str]:
+    @cached_property
+    def inputs(self) -> dict[str, Input]:
+        out: list[Input] = []
         if self.format == "jpeg":
-            per_view = [f"{what}{k}" for k in range(self.slots) for what in ("strip", "rows", "shape")] + ["order"]
-            names = [f"v{v}_{n}" for v in range(self.num_views) for n in per_view]
+            out.append(Input("strips", np.uint8, None))  # the video's strips laid end to end, where they lie
+            for v in range(self.num_views):
+                out += [
+                    Input(f"v{v}_cut", np.int32, (self.slots, 2)),  # each slot's strip: byte start and length
+                    Input(f"v{v}_shape", np.int32, (self.slots, 4)),  # each slot's decoded frames, FHWC
+                    Input(f"v{v}_order", np.int32, (self.clip_len,)),  # the clip's frames among the decoded ones
+                ]
         else:
-            names = ["video", "frames"]
-        return [*names, "label"] + (["video_id"] if self.with_video_id else [])
-
-    def sample_columns(self, sample: VideoSample, starts: list[int], stats: SourceStats) -> list[np.ndarray]:
-        """One array per input for a video and the start frame of each view; raises ValueError on bad bytes."""
-        meta = sample.meta
-        if meta.format != self.format:
-            raise ValueError(f"format {meta.format}, the manifest says {self.format}")
-        if self.format == "jpeg" and meta.frames_per_jpeg != self.frames_per_jpeg:
-            raise ValueError(f"{meta.frames_per_jpeg} frames per JPEG, the manifest says {self.frames_per_jpeg}")
-        clips = [clip_frames(meta.frames, self.clip_len, s) for s in starts]
-        out: list[np.ndarray] = []
-        if self.format == "jpeg":
-            for frame_indices in clips:
-                plan = plan_strips(frame_indices, self.frames_per_jpeg, self.slots)
-                out += self._strip_columns(sample, plan)
-                out.append(plan.order)
-                stats.decoded_frames += sum(plan.rows)
-        else:
-            video = sample.read(VIDEO_EXT)
-            problem = webm_problem(video)
-            if problem:
-                raise ValueError(problem)
-            out += [np.frombuffer(video, np.uint8), np.array(clips, np.int32).ravel()]
-            stats.decoded_frames += len(clips) * self.clip_len
-        stats.clip_frames += len(clips) * self.clip_len
-        out.append(np.array(meta.label, np.int64))
+            out += [Input("video", np.uint8, None), Input("frames", np.int32, (self.num_views * self.clip_len,))]
+        for v in range(self.num_views):
+            out.append(Input(f"v{v}_value", np.float32, (len(VALUES),)))
+            if self.augmented:
+                out += [Input(f"v{v}_coin", np.bool_, (len(COINS),)), Input(f"v{v}_choice", np.int32, (len(CHOICES),))]
+        out.append(Input("label", np.int64, ()))
         if self.with_video_id:
-            out.append(np.array(video_id(sample.key), np.int64))
-        return out
+            out.append(Input("video_id", np.int64, ()))
+        return {i.name: i for i in out}
 
-    def _strip_columns(self, sample: VideoSample, plan: StripPlan) -> list[np.ndarray]:
-        """Bytes, decoded rows and frame shape of each slot's strip; one read covers the clip's strips."""
-        meta, offsets = sample.meta, sample.meta.strip_offsets
-        first, last = min(plan.strips), max(plan.strips)
-        data = sample.read(STRIPS_EXT, offsets[first], offsets[last + 1])
-        for strip in range(first, last + 1):  # each strip checked once, though padding slots repeat one
-            held = min(self.frames_per_jpeg, meta.frames - strip * self.frames_per_jpeg)
-            jpeg = data[offsets[strip] - offsets[first] : offsets[strip + 1] - offsets[first]]
-            problem = jpeg_problem(jpeg, meta.width, held * meta.height)
-            if problem:
-                raise ValueError(f"strip {strip}: {problem}")
-        columns = []
-        for strip, rows in zip(plan.strips, plan.rows, strict=True):
-            jpeg = data[offsets[strip] - offsets[first] : offsets[strip + 1] - offsets[first]]
-            columns += [
-                np.frombuffer(jpeg, np.uint8),
-                np.array([rows * meta.height], np.int32),
-                np.array([rows, meta.height, meta.width, 3], np.int32),
-            ]
-        return columns
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.inputs)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The pipeline's outputs, in order: one clip tensor per view, the labels (and the video ids)."""
+        return (*(f"view{v}" for v in range(self.num_views)), "label", *(("video_id",) if self.with_video_id else ()))
+
+    @property
+    def media_ext(self) -> str:
+        return "jpgs" if self.format == "jpeg" else "webm"
+
+    def admit(self, meta: SampleMeta) -> str | None:
+        """Why a sample cannot go through this layout, or None."""
+        if meta.format != self.format:
+            return f"format {meta.format}, the manifest says {self.format}"
+        if self.format == "jpeg" and meta.frames_per_jpeg != self.frames_per_jpeg:
+            return f"{meta.frames_per_jpeg} frames per JPEG, the manifest says {self.frames_per_jpeg}"
+        return None
+
+    def arrange(self, batch: Batch) -> tuple[Any, ...]:
+        """The batch's columns in the pipeline's input order, after checking each one's name, type and shape: a
+        column fed under the wrong name is an error, never a silently wrong input."""
+        if batch.keys() != self.inputs.keys():
+            missing, extra = self.inputs.keys() - batch.keys(), batch.keys() - self.inputs.keys()
+            raise ValueError(f"pipeline inputs: missing {sorted(missing)}, unknown {sorted(extra)}")
+        size = len(batch["label"])
+        for name, spec in self.inputs.items():
+            column = batch[name]
+            if spec.shape is None:
+                ok = isinstance(column, list) and all(c.dtype == spec.dtype and c.ndim == 1 for c in column[:1])
+                found = f"{type(column).__name__} of {len(column)}"
+            else:
+                ok = (
+                    isinstance(column, np.ndarray)
+                    and column.dtype == spec.dtype
+                    and column.shape[1:] == spec.shape
+                    and column.flags.c_contiguous  # DALI reads it in place
+                )
+                found = f"{getattr(column, 'dtype', type(column).__name__)} {getattr(column, 'shape', '')}"
+            if not ok or len(column) != size:
+                wanted = "a list of 1-D uint8 arrays" if spec.shape is None else f"{np.dtype(spec.dtype)} {spec.shape}"
+                raise ValueError(f"pipeline input {name!r}: expected {wanted} for {size} samples, got {found}")
+        return tuple(batch[name] for name in self.inputs)
 
 
 def video_id(key: str) -> int:
@@ -98,82 +131,254 @@ def video_id(key: str) -> int:
     return int(key.rsplit("-", 1)[-1])
 
 
+# -- clips: the record-dependent columns -----------------------------------------------------------------------
+
+
+def clip_columns(
+    layout: InputLayout, records: Sequence[VideoRecord], starts: np.ndarray, stats: SourceStats
+) -> tuple[Batch, np.ndarray]:
+    """The inputs that depend on the videos, for clip row r of `records[r]` with view v starting at frame
+    `starts[r, v]`; and which rows are usable (False where a strip or webm is broken: its record then holds
+    the reason)."""
+    frames = np.fromiter((r.meta.frames for r in records), np.int64, len(records))
+    indices = clip_frames(frames, starts, layout.clip_len)  # (R, V, T)
+    batch = _strip_columns(layout, records, indices) if layout.format == "jpeg" else _video_columns(records, indices)
+    ok = np.fromiter((r.problem is None for r in records), bool, len(records))
+    if layout.format == "jpeg":
+        decoded = sum(batch[f"v{v}_shape"][:, :, 0].sum(axis=1) for v in range(layout.num_views))
+        stats.decoded_frames += int(decoded[ok].sum())
+    else:
+        stats.decoded_frames += int(ok.sum()) * indices.shape[1] * layout.clip_len
+    batch["label"] = np.fromiter((r.meta.label for r in records), np.int64, len(records))
+    if layout.with_video_id:
+        batch["video_id"] = np.fromiter((video_id(r.key) for r in records), np.int64, len(records))
+    stats.clip_frames += int(ok.sum()) * indices.shape[1] * layout.clip_len
+    return batch, ok
+
+
+def _strip_columns(layout: InputLayout, records: Sequence[VideoRecord], indices: np.ndarray) -> Batch:
+    n, views, slots, fpj = len(records), layout.num_views, layout.slots, layout.frames_per_jpeg
+    # every view of every clip in one plan, view-major (row v * n + r) so that each view's columns are contiguous
+    plan = plan_strips(indices.transpose(1, 0, 2).reshape(views * n, -1), fpj, slots)
+    offsets = np.zeros((n, max(len(r.offsets) for r in records)), np.int64)  # each record's, padded
+    for i, record in enumerate(records):
+        offsets[i, : len(record.offsets)] = record.offsets
+    offsets = np.tile(offsets, (views, 1))
+    begin = np.take_along_axis(offsets, plan.strips, axis=1)
+    end = np.take_along_axis(offsets, plan.strips + 1, axis=1)
+    cut = np.stack([begin, end - begin], axis=-1, dtype=np.int32).reshape(views, n, slots, 2)
+    height = np.tile(np.fromiter((r.meta.height for r in records), np.int32, n), views)[:, None]
+    width = np.tile(np.fromiter((r.meta.width for r in records), np.int32, n), views)[:, None]
+    shape = np.stack(np.broadcast_arrays(plan.rows, height, width, 3), axis=-1, dtype=np.int32)
+    shape, order = shape.reshape(views, n, slots, 4), plan.order.reshape(views, n, -1)
+    batch: Batch = {"strips": [r.array for r in records]}
+    for v in range(views):
+        batch.update({f"v{v}_cut": cut[v], f"v{v}_shape": shape[v], f"v{v}_order": order[v]})
+    strips = plan.strips.reshape(views, n, slots)
+    firsts, lasts = strips.min(axis=(0, 2)).tolist(), strips.max(axis=(0, 2)).tolist()
+    for record, first, last in zip(records, firsts, lasts, strict=True):
+        _check_strips(record, first, last, fpj)
+    return batch
+
+
+def _check_strips(record: VideoRecord, first: int, last: int, fpj: int) -> None:
+    """Checks strips first..last of a record that were not checked before; a broken one sets `record.problem`.
+
+    DALI would stop the whole pipeline on bytes that are not a JPEG, and silently decode a truncated one to grey."""
+    wanted = ((1 << (last + 1)) - 1) ^ ((1 << first) - 1)
+    if record.checked & wanted == wanted or record.problem is not None:
+        return
+    meta, offsets = record.meta, record.offsets
+    for strip in range(first, last + 1):
+        if record.checked >> strip & 1:
+            continue
+        held = min(fpj, meta.frames - strip * fpj)
+        problem = jpeg_problem(record.media[offsets[strip] : offsets[strip + 1]], meta.width, held * meta.height)
+        if problem:
+            record.problem = f"strip {strip}: {problem}"
+            return
+        record.checked |= 1 << strip
+
+
+def _video_columns(records: Sequence[VideoRecord], indices: np.ndarray) -> Batch:
+    for record in records:
+        if not record.checked and record.problem is None:
+            record.problem = webm_problem(record.media)
+            record.checked = 1
+    return {
+        "video": [r.array for r in records],
+        "frames": indices.reshape(len(records), -1).astype(np.int32),
+    }
+
+
+def augment_draws(
+    rng: np.random.Generator | None, n: int, num_views: int, augment: AugmentConfig | None, random_crop: bool
+) -> Batch:
+    """Every random choice for n samples: per view, the crop window's place (without `rng`: the centre) and, with
+    `augment`, whether each augmentation applies and its factor, the flip and the channel a split copies."""
+    out: Batch = {}
+    for v in range(num_views):
+        value = np.full((n, len(VALUES)), 0.5, np.float32)
+        u = rng.random((n, len(VALUES) + len(COINS) + len(CHOICES)), np.float32) if rng is not None else None
+        if u is not None and random_crop:
+            value[:, :2] = u[:, :2]
+        out[f"v{v}_value"] = value
+        if augment is None:
+            continue
+        if u is None:
+            raise ValueError("augmentations need random draws")
+        ranges = np.array([augment.contrast, augment.brightness, augment.hue, augment.blur_sigma], np.float32)
+        value[:, 2:] = ranges[:, 0] + u[:, 2:6] * (ranges[:, 1] - ranges[:, 0])
+        p = [augment.p_contrast, augment.p_brightness, augment.p_hue, augment.p_blur, augment.p_channel_split]
+        out[f"v{v}_coin"] = u[:, 6:11] < np.array(p, np.float32)
+        choice = np.empty((n, len(CHOICES)), np.int32)
+        choice[:, 0] = u[:, 11] < augment.p_flip
+        choice[:, 1] = np.minimum((u[:, 12] * 3).astype(np.int32), 2)
+        out[f"v{v}_choice"] = choice
+    return out
+
+
+# -- batches ------------------------------------------------------------------------------------------------------
+
+
+def passes(reader: PartReader, rng: np.random.Generator) -> Iterator[VideoRecord]:
+    """Endless passes over a rank's part, each in a fresh random shard order (in the listed order when ranks
+    split shards by sample, so that their parts stay disjoint)."""
+    urls = reader.part.urls
+    while True:
+        usable = 0
+        order = rng.permutation(len(urls)) if reader.part.stride == 1 else None
+        for record in reader.records(order):
+            usable += 1
+            yield record
+        if not usable:
+            raise RuntimeError(f"no usable sample in {len(urls)} shard(s), first {urls[0]}")
+
+
+def shuffled(records: Iterable[VideoRecord], size: int, rng: np.random.Generator) -> Iterator[VideoRecord]:
+    """webdataset's shuffle buffer: once `size` records are held, each new one sends out a random held one."""
+    held: list[VideoRecord] = []
+    draws = iter(())
+    for record in records:
+        held.append(record)
+        if len(held) < size:
+            continue
+        u = next(draws, None)
+        if u is None:
+            draws = iter(rng.random(1024).tolist())
+            u = next(draws)
+        i = int(u * len(held))
+        held[i], held[-1] = held[-1], held[i]
+        yield held.pop()
+
+
 def train_batches(
-    part: RankPart,
+    reader: PartReader,
     layout: InputLayout,
     batch_size: int,
     rng: np.random.Generator,
+    *,
     shuffle_buffer: int,
     same_clip: bool,
+    augment: AugmentConfig | None,
     stats: SourceStats,
-) -> Iterator[Columns]:
-    """Endless batches of training inputs: passes over the rank's shards, each in a fresh random order, samples
-    mixed in a shuffle buffer, each view's clip trimmed at its own random start (or one clip for both views)."""
-    buffer: list[list[np.ndarray]] = []
-    batch: list[list[np.ndarray]] = []
+) -> Iterator[Batch]:
+    """Endless batches of training inputs: samples mixed in a shuffle buffer over passes of the rank's shards, each
+    view a clip at its own random start (or one clip for both views), a random crop window per clip and, with
+    `augment`, the paper's augmentations. A sample found broken is skipped and another takes its place."""
+    records = shuffled(passes(reader, rng), shuffle_buffer, rng)
+    views = layout.num_views
     while True:
-        usable = 0
-        for sample in iter_part_samples(part, stats, rng.permutation(len(part.urls))):
-            frames = sample.meta.frames
-            starts = [random_start(frames, layout.clip_len, rng) for _ in range(1 if same_clip else layout.num_views)]
-            try:
-                columns = layout.sample_columns(sample, starts * layout.num_views if same_clip else starts, stats)
-            except ValueError as e:
-                stats.skip(sample.where, str(e))
-                continue
-            usable += 1
-            buffer.append(columns)
-            if len(buffer) < shuffle_buffer:
-                continue
-            batch.append(buffer.pop(int(rng.integers(len(buffer)))))
-            if len(batch) == batch_size:
-                yield _transpose(batch)
-                batch = []
-        if not usable:
-            raise RuntimeError(f"no usable sample in {len(part.urls)} shard(s), first {part.urls[0]}")
+        parts: list[Batch] = []
+        missing = batch_size
+        while missing:
+            chosen = [next(records) for _ in range(missing)]
+            frames = np.fromiter((r.meta.frames for r in chosen), np.int64, missing)
+            starts = random_starts(frames, layout.clip_len, rng.random((missing, 1 if same_clip else views)))
+            columns, ok = clip_columns(layout, chosen, np.repeat(starts, views, axis=1) if same_clip else starts, stats)
+            if not ok.all():
+                _skip_broken(chosen, ok, stats)
+                columns = _rows(columns, ok)
+            parts.append(columns)
+            missing -= int(ok.sum())
+        batch = _concat(parts)
+        batch.update(augment_draws(rng, batch_size, views, augment, random_crop=True))
+        yield batch
 
 
 def eval_batches(
-    part: RankPart, layout: InputLayout, batch_size: int, clips_per_video: int, stats: SourceStats
-) -> Iterator[Columns]:
-    """Every video of the rank's part once, in order, as `clips_per_video` uniformly spaced clips; the last batch
-    may be short."""
-    batch: list[list[np.ndarray]] = []
-    for sample in iter_part_samples(part, stats):
-        try:
-            rows = [
-                layout.sample_columns(sample, [s], stats)
-                for s in spaced_starts(sample.meta.frames, layout.clip_len, clips_per_video)
-            ]
-        except ValueError as e:
-            stats.skip(sample.where, str(e))
-            continue
-        for columns in rows:
-            batch.append(columns)
-            if len(batch) == batch_size:
-                yield _transpose(batch)
-                batch = []
-    if batch:
-        yield _transpose(batch)
+    reader: PartReader, layout: InputLayout, batch_size: int, clips_per_video: int, stats: SourceStats
+) -> Iterator[Batch]:
+    """Every video of the rank's part once, in order, as `clips_per_video` uniformly spaced clips with a centred
+    window; the last batch may be short. A broken video is skipped whole."""
+    k = clips_per_video
+
+    def groups() -> Iterator[list[VideoRecord]]:  # enough videos for a batch of clips
+        group: list[VideoRecord] = []
+        for record in reader.records():
+            group.append(record)
+            if len(group) * k >= batch_size:
+                yield group
+                group = []
+        if group:
+            yield group
+
+    def finish(rows: Batch) -> Batch:
+        return {**rows, **augment_draws(None, len(rows["label"]), layout.num_views, None, random_crop=False)}
+
+    rest: Batch | None = None
+    for group in groups():
+        clips = [r for r in group for _ in range(k)]
+        starts = np.concatenate([spaced_starts(r.meta.frames, layout.clip_len, k) for r in group])
+        columns, ok = clip_columns(layout, clips, starts[:, None], stats)
+        if not ok.all():
+            _skip_broken(group, ok[::k], stats)
+            columns = _rows(columns, ok)
+        batch = columns if rest is None else _concat([rest, columns])
+        n = len(batch["label"])
+        for first in range(0, n - batch_size + 1, batch_size):
+            yield finish(_rows(batch, slice(first, first + batch_size)))
+        rest = _rows(batch, slice(n - n % batch_size, n))
+    if rest is not None and len(rest["label"]):
+        yield finish(rest)
 
 
-def _transpose(rows: list[list[np.ndarray]]) -> Columns:
-    return [list(col) for col in zip(*rows, strict=True)]
+def _skip_broken(records: Sequence[VideoRecord], ok: np.ndarray, stats: SourceStats) -> None:
+    for record, fine in zip(records, ok.tolist(), strict=True):
+        if not fine:
+            stats.skip(record.where, record.problem or "unusable")
+
+
+def _rows(batch: Batch, rows: np.ndarray | slice) -> Batch:
+    """The rows `rows` (a mask or a slice) of every column."""
+    if isinstance(rows, slice):
+        return {k: v[rows] for k, v in batch.items()}
+    picked = np.flatnonzero(rows).tolist()
+    return {k: [v[i] for i in picked] if isinstance(v, list) else v[rows] for k, v in batch.items()}
+
+
+def _concat(parts: list[Batch]) -> Batch:
+    if len(parts) == 1:
+        return parts[0]
+    return {
+        k: [x for p in parts for x in p[k]] if isinstance(v, list) else np.concatenate([p[k] for p in parts])
+        for k, v in parts[0].items()
+    }
 
 
 class BackgroundBatches:
-    """Runs a batch iterator in a thread, `depth` batches ahead; calling it returns the next batch (the shape
-    DALI's batch-mode external source expects) and raises StopIteration at the end. Errors are re-raised here."""
+    """Runs a batch iterator in a thread, `depth` batches ahead; calling it returns the next batch and raises
+    StopIteration at the end. Errors are re-raised here, in the caller's thread."""
 
     _END = object()
 
-    def __init__(self, make: Callable[[], Iterator[Columns]], depth: int = 4) -> None:
+    def __init__(self, make: Callable[[], Iterator[Batch]], depth: int = 4) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(make,), daemon=True, name="dali-skd-source")
         self._thread.start()
 
-    def _run(self, make: Callable[[], Iterator[Columns]]) -> None:
+    def _run(self, make: Callable[[], Iterator[Batch]]) -> None:
         try:
             for batch in make():
                 if not self._put(batch):
@@ -191,7 +396,7 @@ class BackgroundBatches:
                 continue
         return False
 
-    def __call__(self) -> Columns:
+    def __call__(self) -> Batch:
         item = self._queue.get()
         if item is self._END:
             self._queue.put(item)  # later calls end too

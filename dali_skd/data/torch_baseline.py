@@ -18,7 +18,7 @@ import webdataset as wds
 from PIL import Image
 
 from dali_skd.config import AugmentConfig, LoaderConfig
-from dali_skd.data.clips import clip_frames, random_start
+from dali_skd.data.clips import clip_frames, random_starts
 from dali_skd.data.shards import load_manifest, split_urls
 from dali_skd.format import SampleMeta
 
@@ -88,10 +88,12 @@ class TwoViewSamples:
         rng = np.random.default_rng([self.seed, info.id if info else 0])
         for sample in samples:
             meta = SampleMeta.from_json(sample["json"], sample["__key__"])
-            views = []
-            for _ in range(2):
-                frames = clip_frames(meta.frames, self.cfg.clip_len, random_start(meta.frames, self.cfg.clip_len, rng))
-                views.append(augment(decode_clip(meta, sample["jpgs"], frames), self.aug, self.cfg.crop, rng))
+            frames = np.array([meta.frames])
+            starts = random_starts(frames, self.cfg.clip_len, rng.random((1, 2)))
+            views = [
+                augment(decode_clip(meta, sample["jpgs"], clip.tolist()), self.aug, self.cfg.crop, rng)
+                for clip in clip_frames(frames, starts, self.cfg.clip_len)[0]
+            ]
             yield views[0], views[1], meta.label
 
 
