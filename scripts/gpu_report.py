@@ -1,10 +1,26 @@
-"""Every GPU check in one go, for the (short) time a GPU machine is lent: the loader benchmark on both shard
-formats against the DataLoader baseline, training steps in fp16 and bf16 with channels_last_3d on and off, and a
-short SKD-SRL training run. Each section has its own time bound and writes its result as soon as it has one, so
-one slow case cannot eat the others' time. Prints a table last; the full results go to OUT/gpu_report.json.
+"""The project's GPU check, in one command, for the few minutes a GPU machine is lent.
 
-    python scripts/gpu_report.py --out $OUT                 # on the GPU machine (see ../shared/gpu/README.md)
-    python scripts/gpu_report.py --out /tmp/r --quick --device cpu   # rehearsal on a CPU machine
+    python3 scripts/gpu_report.py --prepare DIR          # here, with the project installed: the data to carry
+    python3 scripts/gpu_report.py --data DIR --out OUT   # there: every section, within 420 s
+    python3 scripts/gpu_report.py --data DIR --out OUT --device cpu --quick   # rehearsal on a CPU machine
+
+`--prepare` preprocesses the built-in synthetic videos into jpeg shards with 4, 8 and 16 frames per JPEG
+(DIR/fpj4, DIR/fpj8, DIR/fpj16, a few MiB each): nothing is encoded on the GPU machine, which has no ffmpeg.
+
+The check runs these sections in order, each in its own process with its own time bound; each section's result
+goes into OUT/gpu_report.json as soon as it ends (`status` "ok" when it passed), its output into OUT/<section>.log:
+
+    parity      GPU-vs-CPU (and Pillow) decode of the same unaugmented clips: max and mean absolute difference
+    sweep       the DALI loader, frames per JPEG 4/8/16 x hw_decoder_load 0.65/1.0, and its host side alone:
+                two-view samples/s, CPU cores busy
+    dataloader  the PyTorch DataLoader baseline with 14 worker processes
+    train       r3d18 SKD-SRL training steps (fp16, channels_last_3d) on synthetic tensors and on the loader,
+                with the time spent waiting for data
+
+Only the project's source tree is needed there (it puts itself on the path), with torch, numpy, Pillow and
+click, plus DALI, webdataset and braceexpand; on a machine without network these may have been unpacked with
+`pip install --target SITE` (SITE from the environment, else /tmp/site), and SITE is then put on the path too,
+even when PYTHONPATH names only the source tree. A short table is printed last.
 """
 
 from __future__ import annotations
@@ -12,120 +28,225 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(name: str, command: list[str], limit: float, results: dict, out: Path) -> dict | None:
-    """Runs one section; its JSON (if it writes one to OUT/<name>.json) or its failure goes into results."""
-    started = time.perf_counter()
-    json_path = out / f"{name}.json"
-    print(f"== {name}: {' '.join(command)}", flush=True)
+def _paths() -> None:
+    """The source tree first, then packages unpacked into SITE when they are not importable otherwise; the
+    sections, run as child processes, inherit both through PYTHONPATH."""
+    paths = [str(REPO)]
     try:
-        done = subprocess.run(
-            [sys.executable, *command], cwd=REPO, timeout=limit, capture_output=True, text=True, check=False
-        )
-        status = "ok" if done.returncode == 0 else f"exit {done.returncode}"
-        tail = (done.stdout + done.stderr)[-2500:]
-    except subprocess.TimeoutExpired as e:
-        status, tail = f"timed out after {limit:.0f} s", ((e.stdout or b"")[-2500:]).decode("utf-8", "replace")
-    entry = {"status": status, "seconds": round(time.perf_counter() - started, 1), "command": command}
-    if json_path.exists():
-        entry["result"] = json.loads(json_path.read_text())
-    if status != "ok":
-        entry["log_tail"] = tail
-        print(tail, flush=True)
-    results[name] = entry
-    (out / "gpu_report.json").write_text(json.dumps(results, indent=2) + "\n")
-    return entry.get("result")
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        paths += [s for s in (os.environ.get("SITE"), "/tmp/site") if s and Path(s, "nvidia", "dali").is_dir()][:1]
+    sys.path[:0] = [p for p in paths if p not in sys.path]
+    os.environ["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+_paths()
+
+BUDGET_S = 420.0  # the whole check
+SECTIONS = {"parity": 60.0, "sweep": 160.0, "dataloader": 60.0, "train": 120.0}  # time bound of each (GPU)
+FRAMES_PER_JPEG = (4, 8, 16)
+DECODER_LOADS = (0.65, 1.0)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, to rehearse the script on a CPU")
+    parser.add_argument("--prepare", type=Path, metavar="DIR", help="make the data to carry into DIR, then stop")
+    parser.add_argument("--data", type=Path, metavar="DIR", help="the folder --prepare made")
+    parser.add_argument("--out", type=Path, metavar="OUT", help="where gpu_report.json and the logs go")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and times: a rehearsal on a CPU machine")
+    parser.add_argument("--section", choices=list(SECTIONS), help=argparse.SUPPRESS)  # one section, in-process
     args = parser.parse_args()
+    if args.prepare:
+        prepare(args.prepare)
+    elif args.data is None or args.out is None:
+        parser.error("pass --prepare DIR, or --data DIR and --out OUT")
+    elif args.section:
+        result = globals()[f"section_{args.section}"](args)
+        (args.out / f"{args.section}.json").write_text(json.dumps(result, indent=2) + "\n")
+    else:
+        run_all(args)
+
+
+# -- here: the data to carry -------------------------------------------------------------------------------------
+
+
+def prepare(out: Path, classes: int = 2, videos_per_class: int = 3) -> None:
+    """The built-in synthetic videos (5 s, 170 x 128 once preprocessed), preprocessed once per frames-per-JPEG."""
+    from dali_skd.config import PreprocessConfig
+    from preprocess.run import run_preprocess  # ffmpeg: only here, never on the GPU machine
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as videos:
+        for fpj in FRAMES_PER_JPEG:
+            cfg = PreprocessConfig(
+                dataset="synthetic", root=videos, out=str(out / f"fpj{fpj}"), frames_per_jpeg=fpj, classes=classes,
+                videos_per_class=videos_per_class, workers=os.cpu_count() or 1,
+            )  # fmt: skip
+            print(run_preprocess(cfg, progress=False).format())
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"{out}: {size / 2**20:.1f} MiB to carry; run `python3 scripts/gpu_report.py --data {out} --out OUT`")
+
+
+# -- there: the sections ---------------------------------------------------------------------------------------
+
+
+def _loader_cfg(args: argparse.Namespace, fpj: int = 8, **kw):
+    from dali_skd.config import LoaderConfig
+
+    return LoaderConfig(data=str(args.data / f"fpj{fpj}"), device=args.device, **kw)
+
+
+def section_parity(args: argparse.Namespace) -> dict:
+    from dali_skd.bench import decode_parity
+
+    devices = ["cuda", "cpu"] if args.device == "cuda" else ["cpu"]
+    return decode_parity(_loader_cfg(args), devices, split="train", videos=4)
+
+
+def section_sweep(args: argparse.Namespace) -> dict:
+    """Every (frames per JPEG, hw_decoder_load) pair, then the host side alone; written after each run."""
+    from dali_skd.bench import run_bench
+    from dali_skd.config import BenchConfig
+
+    seconds, batch = (2.0, 16) if args.quick else (8.0, 64)
+    rows: list[dict] = []
+    runs = [("dali", fpj, load) for fpj in FRAMES_PER_JPEG for load in DECODER_LOADS] + [("host", 8, DECODER_LOADS[0])]
+    for loader, fpj, load in runs:
+        cfg = BenchConfig(
+            loaders=loader, batch_size=batch, seconds=seconds, repeats=3,
+            loader=_loader_cfg(args, fpj, hw_decoder_load=load),
+        )  # fmt: skip
+        figures = run_bench(cfg)["loaders"][loader]
+        rows.append({"loader": loader, "frames_per_jpeg": fpj, "hw_decoder_load": load, **figures})
+        (args.out / "sweep.json").write_text(json.dumps({"rows": rows, "partial": True}, indent=2) + "\n")
+    return {"rows": rows}
+
+
+def section_dataloader(args: argparse.Namespace) -> dict:
+    from dali_skd.bench import run_bench
+    from dali_skd.config import BenchConfig
+
+    cfg = BenchConfig(
+        loaders="dataloader", workers=2 if args.quick else 14, batch_size=16 if args.quick else 64,
+        seconds=3.0 if args.quick else 15.0, repeats=3, loader=_loader_cfg(args),
+    )  # fmt: skip
+    return run_bench(cfg)["loaders"]["dataloader"]
+
+
+def section_train(args: argparse.Namespace) -> dict:
+    from dali_skd.bench import run_bench
+    from dali_skd.config import BenchConfig
+
+    cfg = BenchConfig(
+        loaders="", train_arch="r3d10-tiny" if args.quick else "r3d18", train_batch_size=4 if args.quick else 32,
+        amp="off" if args.device == "cpu" else "fp16", channels_last=True, seconds=6.0 if args.quick else 40.0,
+        repeats=3, loader=_loader_cfg(args),
+    )  # fmt: skip
+    return run_bench(cfg)["train"]
+
+
+# -- running them --------------------------------------------------------------------------------------------------
+
+
+def run_all(args: argparse.Namespace) -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    quick = args.quick
-    seconds = "4" if quick else "20"
-    workers = str(max(1, (os.cpu_count() or 2) - 2))
-    arch = "r3d10-tiny" if quick else "r3d18"
-    batch = "8" if quick else "64"
-    results: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "device_arg": args.device}
-    env = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False) if not quick else None
-    results["gpu"] = env.stdout.strip() if env and env.returncode == 0 else "none"
-
-    data = {}
-    for fmt, per_class in (("jpeg", 3 if quick else 40), ("vp9", 2 if quick else 12)):
-        data[fmt] = str(out / f"data-{fmt}")
-        run(
-            f"preprocess_{fmt}",
-            ["cli.py", "preprocess", "--dataset", "synthetic", "--root", str(out / f"videos-{fmt}"), "--out", data[fmt],
-             "--format", fmt, "--classes", "4" if quick else "8", "--videos-per-class", str(per_class),
-             "--workers", str(os.cpu_count() or 2)],
-            120 if quick else 150, results, out,
-        )  # fmt: skip
-    common = ["--device", args.device, "--seconds", seconds, "--repeats", "3", "--workers", workers]
-    run(
-        "bench_jpeg",
-        ["cli.py", "bench", "--data", data["jpeg"], *common, "--batch-size", batch,
-         "--json", str(out / "bench_jpeg.json")],
-        90, results, out,
-    )  # fmt: skip
-    run(
-        "bench_vp9",
-        ["cli.py", "bench", "--data", data["vp9"], "--loaders", "dali", *common, "--batch-size", batch,
-         "--json", str(out / "bench_vp9.json")],
-        60, results, out,
-    )  # fmt: skip
-    for amp, channels_last in (("fp16", True), ("bf16", True), ("fp16", False)):
-        name = f"train_{amp}_{'cl' if channels_last else 'ncdhw'}"
-        run(
-            name,
-            ["cli.py", "bench", "--data", data["jpeg"], "--loaders", "", *common, "--train-arch", arch,
-             "--amp", amp if not quick else "off", "--channels-last" if channels_last else "--no-channels-last",
-             "--json", str(out / f"{name}.json")],
-            90, results, out,
-        )  # fmt: skip
-    run(
-        "train_run",
-        ["cli.py", "train", "--data", data["jpeg"], "--arch", arch, "--epochs", "2", "--device", args.device,
-         "--out", str(out / "run"), "--batch-size", "8" if quick else "32"],
-        150, results, out,
-    )  # fmt: skip
-    metrics = out / "run" / "metrics.jsonl"
-    if metrics.exists():
-        results["train_run"]["result"] = [json.loads(line) for line in metrics.read_text().splitlines()]
-        (out / "gpu_report.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results))
+    missing = [f"fpj{f}" for f in FRAMES_PER_JPEG if not (args.data / f"fpj{f}" / "manifest.json").is_file()]
+    if missing:
+        sys.exit(
+            f"{args.data} lacks {', '.join(missing)}: make it here with `python3 scripts/gpu_report.py --prepare DIR`"
+        )
+    deadline = time.monotonic() + BUDGET_S
+    report: dict = {"machine": machine(), "sections": {}}
+    save = lambda: (out / "gpu_report.json").write_text(json.dumps(report, indent=2) + "\n")  # noqa: E731
+    save()
+    for name, bound in SECTIONS.items():
+        limit = min(bound, deadline - time.monotonic() - 5)
+        report["sections"][name] = run_section(name, args, limit) if limit > 10 else {"status": "no time left"}
+        save()
+        print(f"== {name}: {report['sections'][name]['status']}", flush=True)
+    print(table(report))
 
 
-def table(results: dict) -> str:
-    lines = [f"GPU: {results['gpu']}", f"{'section':<22}{'status':<18}figures"]
-    for name, entry in results.items():
-        if not isinstance(entry, dict) or "status" not in entry:
-            continue
-        r = entry.get("result")
-        figures = ""
-        if name.startswith("bench_") and r:
-            figures = "  ".join(f"{k} {v['samples_per_s']:.0f}/s" for k, v in r["loaders"].items())
-            if "ratio_dali_over_dataloader" in r:
-                figures += f"  ratio {r['ratio_dali_over_dataloader']:.1f}x"
-        elif name.startswith("train_") and isinstance(r, dict) and "train" in r:
-            t = r["train"]
-            figures = (
-                f"synthetic {t['synthetic_samples_per_s']:.0f}/s  loader {t['loader_samples_per_s']:.0f}/s "
-                f"({t['loader_over_synthetic']:.0%})  wait {t['data_wait']:.0%}"
+def run_section(name: str, args: argparse.Namespace, limit: float) -> dict:
+    """One section in its own process, killed after `limit` seconds; what it wrote is kept either way."""
+    command = [sys.executable, "-u", __file__, "--section", name, "--data", str(args.data), "--out", str(args.out),
+               "--device", args.device, *(["--quick"] if args.quick else [])]  # fmt: skip
+    log = args.out / f"{name}.log"
+    started = time.monotonic()
+    with open(log, "w") as sink:
+        try:
+            done = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, timeout=limit, check=False)
+            status = "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
+        except subprocess.TimeoutExpired:
+            status = f"timed out after {limit:.0f} s"
+    entry: dict = {"status": status, "seconds": round(time.monotonic() - started, 1), "log": log.name}
+    result = args.out / f"{name}.json"
+    if result.exists():
+        entry["result"] = json.loads(result.read_text())
+    if status != "ok":
+        entry["log_tail"] = log.read_text(errors="replace")[-3000:]
+    return entry
+
+
+def machine() -> dict:
+    import torch
+
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    try:
+        import nvidia.dali
+
+        info["dali"] = nvidia.dali.__version__
+    except ImportError as e:
+        info["dali"] = f"not importable ({e})"
+    if shutil.which("nvidia-smi"):
+        info["nvidia_smi"] = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip()
+    return info
+
+
+def table(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"{m['gpu'] or 'no GPU'}, {m['cpu_cores']} CPU cores, torch {m['torch']}, DALI {m['dali']}, {m['date']}"]
+    for name, entry in report["sections"].items():
+        lines.append(f"-- {name}: {entry['status']} ({entry.get('seconds', 0):.0f} s)")
+        r = entry.get("result") or {}
+        if name == "parity":
+            for pair, d in r.get("pairs", {}).items():
+                lines.append(f"   {pair}: max {d['max_abs']:.1f}, mean {d['mean_abs']:.2f} levels")
+        elif name == "sweep":
+            lines.append("   loader  fpj  hw load  samples/s  cores busy  CPU us/sample")
+            for w in r.get("rows", []):
+                busy = w["cpu_cores_busy"] or 0
+                lines.append(
+                    f"   {w['loader']:<6}{w['frames_per_jpeg']:>5}{w['hw_decoder_load']:>9.2f}"
+                    f"{w['samples_per_s']:>11.0f}{busy:>12.1f}{w['cpu_us_per_sample']:>15.0f}"
+                )
+        elif name == "dataloader" and r:
+            lines.append(f"   {r['samples_per_s']:.0f} samples/s, {r['cpu_cores_busy'] or 0:.1f} cores busy")
+        elif name == "train" and r:
+            lines.append(
+                f"   {r['arch']}, batch {r['batch_size']}, {r['precision']}: {r['synthetic_samples_per_s']:.0f} "
+                f"samples/s on synthetic tensors, {r['loader_samples_per_s']:.0f} on the loader "
+                f"({r['loader_over_synthetic']:.0%}), waiting for data {r['data_wait']:.0%}"
             )
-        elif name == "train_run" and isinstance(r, list) and r:
-            figures = f"{len(r)} epochs, last {r[-1]['samples_per_s']:.0f} samples/s, wait {r[-1]['data_wait']:.0%}"
-        lines.append(f"{name:<22}{entry['status'][:17]:<18}{figures}")
     return "\n".join(lines)
 
 
