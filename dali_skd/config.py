@@ -116,6 +116,10 @@ class TrainConfig:
     lr_patience: int = _opt(10, "epochs without validation improvement before the lr is divided")
     lr_factor: float = _opt(0.1, "factor applied to the lr on a plateau")
     val_clips: int = _opt(1, "clips per video for the per-epoch validation (eval uses --clips-per-video)")
+    shortcut: Literal["A", "B"] | None = _opt(
+        None,
+        "encoder shortcut: A (zero-padded identity) or B (1x1x1 conv + BN); default: A for r3d10/18/34, B for 50/101",
+    )
     teacher: str | None = _opt(None, "kd: checkpoint of the frozen teacher (e.g. a trained r3d50)")
     amp: Literal["auto", "fp16", "bf16", "off"] = _opt("auto", "mixed precision (auto: fp16 on CUDA, off on CPU)")
     channels_last: bool = _opt(True, "channels_last_3d memory layout on CUDA")

@@ -73,7 +73,7 @@ class Trainer:
         teacher = None
         if cfg.teacher:
             teacher = load_classifier(cfg.teacher, ctx.device, manifest.num_classes)[0]
-        model = build_model(cfg.arch, manifest.num_classes)
+        model = build_model(cfg.arch, manifest.num_classes, shortcut=cfg.shortcut)
         self.method: Method = build_method(cfg.method, model, manifest.num_classes, cfg.objective, teacher)
         self.method.to(ctx.device)
         if self.channels_last:
