@@ -120,6 +120,17 @@ class TrainConfig:
         None,
         "encoder shortcut: A (zero-padded identity) or B (1x1x1 conv + BN); default: A for r3d10/18/34, B for 50/101",
     )
+    init: str | None = _opt(
+        None,
+        "start from these weights, not a resume (optimizer, epoch and schedule start fresh): a dali-skd checkpoint "
+        "or a Kinetics model of Hara et al. (e.g. r3d18_K_200ep.pth); a classifier of another size is re-initialised",
+    )
+    freeze: Literal["none", "stem", "layer1", "layer2", "layer3", "layer4", "encoder"] = _opt(
+        "none",
+        "fix the encoder up to and including this stage (stem: conv1 + bn1; encoder: all of it, a linear probe): "
+        "no gradients, BatchNorm statistics kept",
+    )
+    lr_backbone: float = _opt(1.0, "the encoder learns at this times --lr; fc and the method's heads at --lr")
     teacher: str | None = _opt(None, "kd: checkpoint of the frozen teacher (e.g. a trained r3d50)")
     amp: Literal["auto", "fp16", "bf16", "off"] = _opt("auto", "mixed precision (auto: fp16 on CUDA, off on CPU)")
     channels_last: bool = _opt(True, "channels_last_3d memory layout on CUDA")
