@@ -31,9 +31,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise ValueError(f"{path} is not a readable dali-skd checkpoint ({e})") from e
+    return check_version(state, path)
+
+
+def check_version(state: object, path: str | Path) -> dict[str, Any]:
+    """`state` itself, if it is a checkpoint dict of the version this code writes."""
     if not isinstance(state, dict) or state.get("checkpoint_version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path} is not a dali-skd checkpoint of version {CHECKPOINT_VERSION}")
     return state
+
+
+def classifier_state(state: dict[str, Any], path: str | Path) -> dict[str, torch.Tensor]:
+    """The classifier's (encoder + `fc`) state dict in a checkpoint: its "model", or else the "model." entries
+    of the method's state dict, which holds the same tensors."""
+    if "model" in state:
+        return state["model"]
+    weights = {k.removeprefix("model."): v for k, v in state.get("method", {}).items() if k.startswith("model.")}
+    if not weights:
+        raise ValueError(f"{path} holds no model weights (neither 'model' nor 'method'): pass a checkpoint of a run")
+    return weights
 
 
 def load_classifier(path: str | Path, device: torch.device, num_classes: int | None = None) -> tuple[ResNet3d, dict]:
@@ -46,6 +62,6 @@ def load_classifier(path: str | Path, device: torch.device, num_classes: int | N
             f"{path} was trained on {len(classes)} classes, this dataset has {num_classes}: "
             "use a checkpoint trained on the same dataset"
         )
-    model = build_model(cfg.arch, len(classes))
-    model.load_state_dict(state["model"])
+    model = build_model(cfg.arch, len(classes), shortcut=cfg.shortcut)
+    model.load_state_dict(classifier_state(state, path))
     return model.to(device), state

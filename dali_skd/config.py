@@ -126,6 +126,21 @@ class TrainConfig:
     lr_patience: int = _opt(10, "epochs without validation improvement before the lr is divided")
     lr_factor: float = _opt(0.1, "factor applied to the lr on a plateau")
     val_clips: int = _opt(1, "clips per video for the per-epoch validation (eval uses --clips-per-video)")
+    shortcut: Literal["A", "B"] | None = _opt(
+        None,
+        "encoder shortcut: A (zero-padded identity) or B (1x1x1 conv + BN); default: A for r3d10/18/34, B for 50/101",
+    )
+    init: str | None = _opt(
+        None,
+        "start from these weights, not a resume (optimizer, epoch and schedule start fresh): a dali-skd checkpoint "
+        "or a Kinetics model of Hara et al. (e.g. r3d18_K_200ep.pth); a classifier of another size is re-initialised",
+    )
+    freeze: Literal["none", "stem", "layer1", "layer2", "layer3", "layer4", "encoder"] = _opt(
+        "none",
+        "fix the encoder up to and including this stage (stem: conv1 + bn1; encoder: all of it, a linear probe): "
+        "no gradients, BatchNorm statistics kept",
+    )
+    lr_backbone: float = _opt(1.0, "the encoder learns at this times --lr; fc and the method's heads at --lr")
     teacher: str | None = _opt(None, "kd: checkpoint of the frozen teacher (e.g. a trained r3d50)")
     amp: Amp = _opt("auto", "mixed precision (auto: fp16 on CUDA, off on CPU)")
     channels_last: bool = _opt(True, "channels_last_3d memory layout on CUDA")

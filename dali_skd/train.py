@@ -26,6 +26,7 @@ from dali_skd.evaluate import EvalResult, eval_split, evaluate, topk_hits
 from dali_skd.methods import Method, build_method
 from dali_skd.models import build_model
 from dali_skd.plot import plot_curves
+from dali_skd.pretrained import init_from_pretrained, param_groups
 from dali_skd.runtime import autocast, resolve_precision
 
 # settings that may change when a run is resumed; any other difference is refused
@@ -74,7 +75,12 @@ class Trainer:
         teacher = None
         if cfg.teacher:
             teacher = load_classifier(cfg.teacher, ctx.device, manifest.num_classes)[0]
-        model = build_model(cfg.arch, manifest.num_classes)
+        model = build_model(cfg.arch, manifest.num_classes, shortcut=cfg.shortcut)
+        if cfg.init and resume is None:  # a resume restores every weight from last.pt
+            report = init_from_pretrained(model, cfg.init)
+            if ctx.is_main:
+                print(report.format())
+        model.freeze(cfg.freeze)
         self.method: Method = build_method(cfg.method, model, manifest.num_classes, cfg.objective, teacher)
         self.method.to(ctx.device)
         if self.channels_last:
@@ -87,7 +93,10 @@ class Trainer:
             else self.method
         )
         self.optimizer = torch.optim.SGD(
-            self.method.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            param_groups(self.method, cfg.lr, cfg.lr_backbone),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience

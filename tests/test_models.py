@@ -96,3 +96,52 @@ def test_channels_last_3d_gives_the_same_logits(arch: str) -> None:
     model = model.to(memory_format=torch.channels_last_3d)
     actual = model(x.to(memory_format=torch.channels_last_3d))
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("upto", "frozen"),
+    [
+        ("none", ()),
+        ("stem", ("conv1", "bn1")),
+        ("layer2", ("conv1", "bn1", "layer1", "layer2")),
+        ("encoder", ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")),
+    ],
+)
+def test_freeze_fixes_the_stages_up_to_the_one_named(upto: str, frozen: tuple[str, ...]) -> None:
+    model = build_model("r3d10-tiny", 3)
+    model.freeze(upto)
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (name.split(".")[0] not in frozen), name
+    model.eval().train()  # a later train() (the trainer's, every epoch) keeps the frozen BatchNorms in eval mode
+    for name, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm3d):
+            assert m.training == (name.split(".")[0] not in frozen), name
+    assert model.fc.training and model.fc.weight.requires_grad
+
+
+def test_freeze_none_undoes_a_freeze_and_unknown_stages_are_refused() -> None:
+    model = build_model("r3d10-tiny", 3)
+    model.freeze("layer3")
+    model.freeze("none")
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(m.training for m in model.modules())
+    with pytest.raises(ValueError, match="cannot freeze up to 'layer5': pass one of none, stem, layer1"):
+        model.freeze("layer5")
+
+
+def test_frozen_batchnorm_statistics_do_not_move_in_training_mode() -> None:
+    torch.manual_seed(0)
+    model = build_model("r3d10-tiny", 3)
+    model.freeze("layer1")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()(torch.randn(2, 3, 8, 32, 32))
+    after = model.state_dict()
+    assert torch.equal(after["bn1.running_mean"], before["bn1.running_mean"])
+    assert torch.equal(after["layer1.0.bn2.running_var"], before["layer1.0.bn2.running_var"])
+    assert not torch.equal(after["layer2.0.bn1.running_mean"], before["layer2.0.bn1.running_mean"])
+
+
+def test_encoder_parameters_are_all_but_the_classifier() -> None:
+    model = build_model("r3d50-tiny", 3)
+    encoder = {id(p) for p in model.encoder_parameters()}
+    assert encoder == {id(p) for name, p in model.named_parameters() if not name.startswith("fc.")}

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from dali_skd.models.resnet3d import BasicBlock, Bottleneck, ResNet3d, ResNet3dSpec, Shortcut
+from dali_skd.models.resnet3d import (
+    ENCODER_STAGES,
+    FREEZE_POINTS,
+    BasicBlock,
+    Bottleneck,
+    ResNet3d,
+    ResNet3dSpec,
+    Shortcut,
+)
 
 TINY = {"width": 0.25, "stem_t_kernel": 3, "stem_t_stride": 2}
 
@@ -45,4 +53,13 @@ def build_model(
     return ResNet3d(spec, num_classes)
 
 
-__all__ = ["MODELS", "ResNet3d", "ResNet3dSpec", "build_model", "list_models"]
+__all__ = [
+    "ENCODER_STAGES",
+    "FREEZE_POINTS",
+    "MODELS",
+    "ResNet3d",
+    "ResNet3dSpec",
+    "Shortcut",
+    "build_model",
+    "list_models",
+]

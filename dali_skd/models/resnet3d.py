@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 Shortcut = Literal["A", "B"]  # "A": strided identity + zero channels (no parameters); "B": 1x1x1 conv + BN
+ENCODER_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")  # stem: conv1 + bn1
+FREEZE_POINTS = ("none", *ENCODER_STAGES, "encoder")  # `ResNet3d.freeze`; "encoder": all stages, a linear probe
 
 
 def conv3x3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv3d:
@@ -101,7 +103,8 @@ class ResNet3dSpec:
 
 class ResNet3d(nn.Module):
     """`forward(x)`: logits for x of shape N x 3 x T x H x W. `forward_features(x)`: the pooled N x
-    `num_features` vector before `fc`, so that an objective can run the encoder once and apply `fc` itself."""
+    `num_features` vector before `fc`, so that an objective can run the encoder once and apply `fc` itself.
+    The encoder is everything but `fc`; `freeze` fixes its first stages for fine-tuning."""
 
     def __init__(self, spec: ResNet3dSpec, num_classes: int) -> None:
         super().__init__()
@@ -109,6 +112,7 @@ class ResNet3d(nn.Module):
             raise ValueError(f"shortcut must be 'A' or 'B', got {spec.shortcut!r}")
         planes = [max(1, round(p * spec.width)) for p in (64, 128, 256, 512)]
         self.spec = spec
+        self.frozen: tuple[str, ...] = ()  # encoder stages fixed by `freeze`
         self.in_planes = planes[0]
         self.conv1 = nn.Conv3d(
             3,
@@ -149,6 +153,38 @@ class ResNet3d(nn.Module):
         self.in_planes = out_planes
         stage += [block(out_planes, planes, 1, None) for _ in range(1, blocks)]
         return nn.Sequential(*stage)
+
+    def stages(self) -> dict[str, list[nn.Module]]:
+        """The encoder's modules by stage, input first (`ENCODER_STAGES`)."""
+        return {
+            "stem": [self.conv1, self.bn1],
+            "layer1": [self.layer1],
+            "layer2": [self.layer2],
+            "layer3": [self.layer3],
+            "layer4": [self.layer4],
+        }
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return [p for modules in self.stages().values() for m in modules for p in m.parameters()]
+
+    def freeze(self, upto: str) -> None:
+        """Fixes the encoder up to and including stage `upto` (one of `FREEZE_POINTS`; "none" unfreezes): its
+        parameters get no gradient and its BatchNorm layers stay in eval mode through `train()`, so that their
+        running statistics remain those of the pretrained weights."""
+        if upto not in FREEZE_POINTS:
+            raise ValueError(f"cannot freeze up to {upto!r}: pass one of {', '.join(FREEZE_POINTS)}")
+        self.frozen = ENCODER_STAGES[: FREEZE_POINTS.index(upto)]
+        for name, modules in self.stages().items():
+            for m in modules:
+                m.requires_grad_(name not in self.frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> ResNet3d:
+        super().train(mode)
+        for name in self.frozen:
+            for m in self.stages()[name]:
+                m.eval()
+        return self
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -1,0 +1,181 @@
+"""Fine-tuning from pretrained weights: `--init` reads them into a fresh model, `--lr-backbone` sets the encoder's
+share of the learning rate (`--freeze` lives on the model: `ResNet3d.freeze`).
+
+`--init` reads, with `torch.load(weights_only=True)` only:
+- this project's checkpoints (`checkpoint.py`);
+- the Kinetics models of Hara et al. (kenshohara/3D-ResNets-PyTorch): a dict whose "state_dict" uses their
+  names, which are ours but for the shortcut's (`downsample.0`/`.1` there, `shortcut.0`/`.1` here) and a
+  "module." prefix in the 2018 release (saved from `nn.DataParallel`);
+- a bare state dict in either naming.
+
+Every tensor of the model must come from the file, with three exceptions that are reported: a classifier `fc` of
+another size (or none) keeps its fresh init, and BatchNorm `num_batches_tracked` counters missing from the file
+(the 2018 release predates them; with a fixed momentum they are unused) or extra in it are skipped. Any other
+difference is an error that says which --arch and --shortcut the file holds.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dali_skd.checkpoint import check_version, classifier_state
+from dali_skd.methods import Method
+from dali_skd.models import MODELS, Bottleneck, ResNet3d
+
+COUNTER = "num_batches_tracked"
+
+
+@dataclass
+class InitReport:
+    """What `init_from_pretrained` did with each tensor of the model and the file."""
+
+    path: str
+    source: str  # the file's layout, in words
+    loaded: list[str] = field(default_factory=list)
+    reinitialised: list[str] = field(default_factory=list)  # "key (shape in the file -> shape here)"
+    missing: list[str] = field(default_factory=list)  # tolerated: BatchNorm counters only
+    unexpected: list[str] = field(default_factory=list)  # tolerated: BatchNorm counters only
+
+    def format(self) -> str:
+        lines = [f"--init {self.path} ({self.source}): loaded {len(self.loaded)} tensors"]
+        if self.reinitialised:
+            lines.append(
+                f"  re-initialised {len(self.reinitialised)} (the classifier does not fit this dataset): "
+                + ", ".join(self.reinitialised)
+            )
+        for what, keys in (("missing from the file", self.missing), ("unexpected, skipped", self.unexpected)):
+            lines.append(f"  {what}: {_names(keys) if keys else 'none'}")
+        return "\n".join(lines)
+
+
+def _names(keys: list[str]) -> str:
+    counters = [k for k in keys if k.endswith(COUNTER)]
+    named = [k for k in keys if not k.endswith(COUNTER)]
+    return ", ".join(named + ([f"{COUNTER} of {len(counters)} BatchNorm layers"] if counters else []))
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str]:
+    """The tensors of a checkpoint file under this project's names, and the file's layout in words."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--init: no file at {path}: pass a dali-skd checkpoint or a Kinetics model file")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message: "... WeightsUnpickler error: <reason> ... Check the documentation ..."
+        reason = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].strip()
+        refused = re.search(r"GLOBAL (\S+)", reason)
+        if refused is None:
+            raise ValueError(f"--init: {path} is not a PyTorch checkpoint ({reason})") from e
+        resaved = path.with_name(path.stem + "-weights.pth")
+        raise ValueError(
+            f"--init: {path} holds an object of class {refused[1]}, which torch.load(weights_only=True) refuses. "
+            "If you trust the file, keep only its weights, in a Python session: "
+            f"import torch; torch.save({{'state_dict': torch.load('{path}', map_location='cpu', "
+            f"weights_only=False)['state_dict']}}, '{resaved}')  -- then pass --init {resaved}"
+        ) from e
+    except Exception as e:
+        raise ValueError(f"--init: {path} is not a readable PyTorch checkpoint ({e})") from e
+
+    if isinstance(raw, dict) and "checkpoint_version" in raw:
+        return dict(classifier_state(check_version(raw, path), path)), "dali-skd checkpoint"
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        weights, source = raw["state_dict"], "3D-ResNets-PyTorch checkpoint"
+    elif isinstance(raw, dict) and raw and all(isinstance(v, Tensor) for v in raw.values()):
+        weights, source = raw, "state dict"
+    else:
+        raise ValueError(
+            f"--init: {path} is neither a dali-skd checkpoint nor a state dict (nor a dict with one under "
+            "'state_dict'): pass a checkpoint of `cli.py train` or a Kinetics model of 3D-ResNets-PyTorch"
+        )
+    if any(k.startswith("module.") for k in weights):
+        source += ", saved from DataParallel"
+    return {hara_to_ours(k): v for k, v in weights.items()}, source
+
+
+def hara_to_ours(key: str) -> str:
+    """Hara et al.'s name of a tensor (models/resnet.py) as `ResNet3d` names it."""
+    return key.removeprefix("module.").replace(".downsample.", ".shortcut.")
+
+
+def describe(state: dict[str, Tensor]) -> str | None:
+    """The preset of `build_model` whose tensors `state` holds, as in "r3d50 with shortcut B"; None if none."""
+    stem = state.get("conv1.weight")
+    if stem is None or stem.dim() != 5:
+        return None
+    blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5))
+    bottleneck = "layer1.0.conv3.weight" in state
+    shortcut = "B" if any(".shortcut." in k for k in state) else "A"
+    for name, spec in MODELS.items():
+        if (
+            spec.layers == blocks
+            and (spec.block is Bottleneck) == bottleneck
+            and max(1, round(64 * spec.width)) == stem.shape[0]
+            and spec.stem_t_kernel == stem.shape[2]
+        ):
+            return f"{name} with shortcut {shortcut}"
+    return None
+
+
+def init_from_pretrained(model: ResNet3d, path: str | Path) -> InitReport:
+    """Loads the weights in `path` into `model`, all of them but a classifier of another size (see the module
+    docstring); refuses a file made for another architecture, naming the first tensor that does not fit."""
+    weights, source = read_weights(path)
+    report = InitReport(str(path), source)
+    ours = model.state_dict()
+    problems: list[str] = []
+    for key, target in ours.items():
+        if key.endswith(COUNTER) and key not in weights:
+            report.missing.append(key)
+        elif key.startswith("fc.") and (key not in weights or weights[key].shape != target.shape):
+            was = tuple(weights[key].shape) if key in weights else "absent"
+            report.reinitialised.append(f"{key} ({was} in the file, {tuple(target.shape)} here)")
+        elif key not in weights:
+            problems.append(f"it has no {key}")
+        elif weights[key].shape != target.shape:
+            problems.append(f"{key} is {tuple(weights[key].shape)} in the file, {tuple(target.shape)} in the model")
+        else:
+            report.loaded.append(key)
+    for key in weights:
+        if key not in ours:
+            if key.endswith(COUNTER):
+                report.unexpected.append(key)
+            else:
+                problems.append(f"the model has no {key}")
+    if problems:
+        theirs, mine = describe(weights), describe(ours)
+        advice = (
+            f"the file holds an {theirs}: pass --arch {theirs.replace(' with shortcut ', ' --shortcut ')}"
+            if theirs is not None and theirs != mine
+            else "pass the --arch and --shortcut the file was trained with, or another file"
+        )
+        raise ValueError(
+            f"--init: {path} does not fit the model ({mine or 'this --arch'}): {problems[0]} "
+            f"({len(problems)} tensors differ); {advice}"
+        )
+    model.load_state_dict({**ours, **{k: weights[k] for k in report.loaded}})
+    return report
+
+
+def param_groups(method: Method, lr: float, lr_backbone: float) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: `fc` and the method's heads at `lr` (the first group, whose lr the
+    metrics show), the encoder at `lr_backbone` x `lr`; the plateau schedule scales both. Frozen parameters are
+    left out."""
+    if lr_backbone < 0:
+        raise ValueError(f"--lr-backbone must be >= 0 (a factor on --lr), got {lr_backbone}")
+    trained = [p for p in method.parameters() if p.requires_grad]
+    if lr_backbone == 1:  # one group, as before --lr-backbone: the optimizer state of those runs still resumes
+        return [{"params": trained, "lr": lr}]
+    encoder = {id(p) for p in method.model.encoder_parameters()}
+    groups = [
+        {"params": [p for p in trained if id(p) not in encoder], "lr": lr},
+        {"params": [p for p in trained if id(p) in encoder], "lr": lr * lr_backbone},
+    ]
+    return [g for g in groups if g["params"]]
