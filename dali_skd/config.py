@@ -77,6 +77,12 @@ class LoaderConfig:
     train_shards: str | None = _opt(None, "training shards instead of the manifest's: brace patterns or URLs")
     eval_shards: str | None = _opt(None, "held-out shards instead of the manifest's: brace patterns or URLs")
     clip_len: int = _opt(16, "frames per clip")
+    frame_stride: int = _opt(1, "take every S-th frame: a clip spans (clip_len - 1) x S + 1 frames of the video")
+    input_norm: Literal["paper", "kinetics"] = _opt(
+        "paper",
+        "pixel values the network sees: paper: [-1, 1]; kinetics: (x / 255 - mean) / std with Hara et al.'s "
+        "Kinetics mean and std, for their pretrained models",
+    )
     crop: int = _opt(112, "side of the square window cropped from every frame of a clip")
     same_clip: bool = _opt(False, "make both views from one clip (default: two independently trimmed clips)")
     clips_per_video: int = _opt(10, "evaluation: clips per video, uniformly spaced")

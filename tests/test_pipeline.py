@@ -58,12 +58,14 @@ def train_batches_of(data: Path, epoch: int = 0, seed: int = 0, **kw) -> list[Tr
 # -- clip planning (pure) -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("stride", [1, 2, 5])
 @pytest.mark.parametrize("frames_per_jpeg", [1, 4, 8, 16])
 @pytest.mark.parametrize("frames", [3, 15, 16, 17, 40, 121])
-def test_strip_plan_yields_the_clip(frames: int, frames_per_jpeg: int) -> None:
-    slots = strip_slots(16, frames_per_jpeg)
-    starts = np.array([s for s in range(frames) if frames < 16 or s <= frames - 16])
-    wanted = clip_frames(np.full(len(starts), frames), starts, 16)
+def test_strip_plan_yields_the_clip(frames: int, frames_per_jpeg: int, stride: int) -> None:
+    slots = strip_slots(16, frames_per_jpeg, stride)
+    span = 15 * stride + 1
+    starts = np.array([s for s in range(frames) if frames < span or s <= frames - span])
+    wanted = clip_frames(np.full(len(starts), frames), starts, 16, stride)
     plan = plan_strips(wanted, frames_per_jpeg, slots)  # every possible clip of the video, in one call
     assert plan.strips.shape == plan.rows.shape == (len(starts), slots)
     for clip, strips, rows, order in zip(wanted, plan.strips, plan.rows, plan.order, strict=True):
@@ -71,6 +73,7 @@ def test_strip_plan_yields_the_clip(frames: int, frames_per_jpeg: int) -> None:
         assert all(s * frames_per_jpeg + n <= frames for s, n in zip(strips, rows, strict=True))
         assert [decoded[i] for i in order] == clip.tolist()
         assert list(strips) == sorted(strips)
+        assert set(strips) == {i // frames_per_jpeg for i in clip}  # no strip the clip does not need
 
 
 def test_spaced_starts() -> None:
@@ -150,13 +153,13 @@ def noise_batches(noise_data: Path) -> tuple[InputLayout, list]:
 
 
 def run_pipeline(layout: InputLayout, batches: list, augment: AugmentConfig | None, seed: int = 1) -> np.ndarray:
-    """The pipeline's clips for `batches`, with the host side's draws for `augment` (centred windows)."""
+    """The pipeline's clips for `batches`, with the host side's draws for `augment` (`seed`: the same windows)."""
     rng = np.random.default_rng(seed)
     layout = replace(layout, augmented=augment is not None)
     drawn = []
     for batch in batches:
         columns = {k: v for k, v in batch.items() if not k.endswith(("_value", "_coin", "_choice"))}
-        columns.update(augment_draws(rng, len(batch["label"]), 1, augment, random_crop=False))
+        columns.update(augment_draws(rng, len(batch["label"]), 1, augment))
         drawn.append(columns)
     cycle = itertools.cycle(drawn)
     pipe = clip_pipeline(
@@ -442,3 +445,51 @@ def test_an_epoch_left_early_leaves_the_next_one_untouched(gradient_data: Path) 
     for a, b in zip(fresh, again, strict=True):
         assert all(torch.equal(u, v) for u, v in zip(a.views, b.views, strict=True))
         assert torch.equal(a.labels, b.labels)
+
+
+# -- temporal sampling, spatial crops, input normalisation -----------------------------------------------------
+
+
+def test_frame_stride_takes_every_sth_frame(tmp_path: Path) -> None:
+    videos = [(gradient_frames(40), 0), (gradient_frames(12), 1)]  # the second is shorter than a clip: it loops
+    data = write_dataset(tmp_path / "d", {"train": videos * 2, "test": videos}, ["long", "short"])
+    loader = TrainLoader(loader_cfg(data, frame_stride=2), batch_size=4, num_views=2, augment=NO_AUGMENT)
+    (batch,) = list(loader.epoch(0))
+    for view in batch.views:
+        for clip, label in zip(view.numpy(), batch.labels.tolist(), strict=True):
+            idx = frame_index(clip)
+            if label == 0:
+                assert (np.diff(idx) == 2).all() and idx[-1] < 40, idx
+            else:
+                assert idx.tolist() == [(idx[0] + 2 * t) % 12 for t in range(16)], idx
+    evaluation = EvalLoader(loader_cfg(data, frame_stride=2), "test", batch_size=8, clips_per_video=2)
+    clips = torch.cat([b.clips for b in evaluation.epoch()]).numpy()
+    assert [frame_index(c)[0] for c in clips[:2]] == spaced_starts(40, 16, 2, stride=2).tolist() == [0, 9]
+    with pytest.raises(ValueError, match="--frame-stride must be 1 or more"):
+        EvalLoader(loader_cfg(data, frame_stride=0), "test", batch_size=8)
+
+
+def test_three_spatial_crops_cover_the_long_side(gradient_data: Path) -> None:
+    one = EvalLoader(loader_cfg(gradient_data), "test", batch_size=6, clips_per_video=2)
+    three = EvalLoader(loader_cfg(gradient_data), "test", batch_size=6, clips_per_video=2, spatial_crops=3)
+    centre = torch.cat([b.clips for b in one.epoch()]).numpy()
+    batches = list(three.epoch())
+    crops = torch.cat([b.clips for b in batches]).numpy()
+    ids = torch.cat([b.video_ids for b in batches]).tolist()
+    assert len(crops) == 3 * len(centre) == 7 * 2 * 3 and sorted(ids) == sorted(list(range(7)) * 6)
+    red = crops[:, 0].mean(axis=(1, 2, 3)).reshape(-1, 3)  # red rises from left to right
+    assert (red[:, 0] < red[:, 1]).all() and (red[:, 1] < red[:, 2]).all()
+    np.testing.assert_array_equal(crops[1::3], centre)  # the middle window is the centre crop
+    with pytest.raises(ValueError, match="--spatial-crops takes 1 or 3"):
+        EvalLoader(loader_cfg(gradient_data), "test", batch_size=6, spatial_crops=2)
+
+
+def test_kinetics_input_norm_is_hara_et_al_mean_and_std(gradient_data: Path) -> None:
+    def clips(norm: str) -> np.ndarray:
+        loader = EvalLoader(loader_cfg(gradient_data, input_norm=norm), "test", batch_size=7, clips_per_video=1)
+        return next(iter(loader.epoch())).clips.numpy()
+
+    levels = (clips("paper") + 1) * 127.5
+    mean = np.array([0.4345, 0.4051, 0.3775])[None, :, None, None, None]
+    std = np.array([0.2768, 0.2713, 0.2737])[None, :, None, None, None]
+    np.testing.assert_allclose(clips("kinetics"), (levels / 255 - mean) / std, atol=1e-4)

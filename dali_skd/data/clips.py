@@ -11,29 +11,35 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def random_starts(frames: np.ndarray, clip_len: int, uniform: np.ndarray) -> np.ndarray:
+def clip_span(clip_len: int, stride: int = 1) -> int:
+    """Frames from a clip's first to its last: `clip_len` frames, every `stride`-th."""
+    return (clip_len - 1) * stride + 1
+
+
+def random_starts(frames: np.ndarray, clip_len: int, uniform: np.ndarray, stride: int = 1) -> np.ndarray:
     """Start frames from uniform draws in [0, 1), one per element of `uniform` (rows follow `frames`): a clip
     never runs past the end, and a video shorter than a clip loops from a random frame."""
     frames = frames.reshape(-1, *[1] * (uniform.ndim - 1))
-    choices = np.where(frames >= clip_len, frames - clip_len + 1, frames)
+    span = clip_span(clip_len, stride)
+    choices = np.where(frames >= span, frames - span + 1, frames)
     return np.minimum((uniform * choices).astype(np.int64), choices - 1)
 
 
-def spaced_starts(frames: int, clip_len: int, clips: int) -> np.ndarray:
+def spaced_starts(frames: int, clip_len: int, clips: int, stride: int = 1) -> np.ndarray:
     """`clips` start frames spread uniformly over the video, first and last clip touching its ends."""
-    return np.linspace(0, max(frames - clip_len, 0), clips).round().astype(np.int64)
+    return np.linspace(0, max(frames - clip_span(clip_len, stride), 0), clips).round().astype(np.int64)
 
 
-def clip_frames(frames: np.ndarray, starts: np.ndarray, clip_len: int) -> np.ndarray:
-    """(..., clip_len) frame indices of clips from `starts` (rows follow `frames`); a video shorter than the clip
-    is looped."""
+def clip_frames(frames: np.ndarray, starts: np.ndarray, clip_len: int, stride: int = 1) -> np.ndarray:
+    """(..., clip_len) frame indices of clips from `starts` (rows follow `frames`), every `stride`-th frame; a
+    video shorter than the clip is looped."""
     frames = frames.reshape(-1, *[1] * starts.ndim)
-    return (starts[..., None] + np.arange(clip_len)) % frames
+    return (starts[..., None] + stride * np.arange(clip_len)) % frames
 
 
-def strip_slots(clip_len: int, frames_per_jpeg: int) -> int:
+def strip_slots(clip_len: int, frames_per_jpeg: int, stride: int = 1) -> int:
     """The most strips one clip can touch: the pipeline has this many decoder inputs per view."""
-    return min(clip_len, -(-(clip_len - 1) // frames_per_jpeg) + 1)
+    return min(clip_len, -(-(clip_span(clip_len, stride) - 1) // frames_per_jpeg) + 1)
 
 
 @dataclass(frozen=True)

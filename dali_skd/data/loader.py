@@ -24,7 +24,7 @@ import torch
 from dali_skd.config import AugmentConfig, LoaderConfig
 from dali_skd.data.pipeline import DecoderOptions, clip_pipeline
 from dali_skd.data.shards import PartReader, SourceStats, load_manifest, rank_part, split_urls
-from dali_skd.data.source import BackgroundBatches, Batch, InputLayout, eval_batches, train_batches
+from dali_skd.data.source import SPATIAL_CROPS, BackgroundBatches, Batch, InputLayout, eval_batches, train_batches
 from dali_skd.format import FormatError
 from dali_skd.runtime import TORCH_DTYPES, local_cpu_share, resolve_device
 
@@ -95,13 +95,16 @@ class ClipLoader:
                 f"{cfg.crop}-pixel crop: re-run preprocess with a larger --short-side, or lower --crop"
             )
         self.part = rank_part(split_urls(cfg.data, self.manifest, split, shards), rank, world)
+        if cfg.frame_stride < 1:
+            raise ValueError(f"--frame-stride must be 1 or more, not {cfg.frame_stride}")
         self.layout = InputLayout(
             self.manifest.format,
             num_views,
             cfg.clip_len,
             self.manifest.frames_per_jpeg,
-            augment is not None,
-            with_video_id,
+            augmented=augment is not None,
+            with_video_id=with_video_id,
+            frame_stride=cfg.frame_stride,
         )
         self.stats = SourceStats()
         self.reader = PartReader(self.part, self.stats, self.layout.media_ext, self.layout.admit)
@@ -120,6 +123,7 @@ class ClipLoader:
                 dtype="fp32" if self.dtype == "fp32" else "fp16",  # DALI has no bf16: converted on the device
                 gpu=gpu,
                 in_flight=self.cfg.prefetch + 2,
+                input_norm=self.cfg.input_norm,
                 decoder_options=self._decoder_options(),
                 batch_size=self.batch_size,
                 num_threads=dali_threads(self.cfg.threads),
@@ -245,8 +249,9 @@ class TrainLoader(ClipLoader):
 
 
 class EvalLoader(ClipLoader):
-    """Evaluation batches: each video of the split exactly once over all ranks, as `clips_per_video` clips with a
-    centred window; the last batch may be short."""
+    """Evaluation batches: each video of the split exactly once over all ranks, as `clips_per_video` clips, each
+    through `spatial_crops` windows (1: the centre; 3: both ends and the centre of the long side); the last batch
+    may be short."""
 
     def __init__(
         self,
@@ -255,20 +260,26 @@ class EvalLoader(ClipLoader):
         *,
         batch_size: int,
         clips_per_video: int | None = None,
+        spatial_crops: int = 1,
         dtype: str = "fp32",
         device: torch.device | None = None,
         rank: int = 0,
         world: int = 1,
     ) -> None:
+        if spatial_crops not in SPATIAL_CROPS:
+            raise ValueError(f"--spatial-crops takes {' or '.join(map(str, SPATIAL_CROPS))}, not {spatial_crops}")
         super().__init__(
             cfg, split, shards=cfg.eval_shards, batch_size=batch_size, num_views=1, augment=None,
             with_video_id=True, dtype=dtype, device=device, rank=rank, world=world,
         )  # fmt: skip
         self.clips_per_video = clips_per_video or cfg.clips_per_video
+        self.spatial_crops = spatial_crops
 
     def epoch(self) -> Iterator[EvalBatch]:
         def make() -> Iterator[Batch]:
-            return eval_batches(self.reader, self.layout, self.batch_size, self.clips_per_video, self.stats)
+            return eval_batches(
+                self.reader, self.layout, self.batch_size, self.clips_per_video, self.stats, self.spatial_crops
+            )
 
         for out in self._run(make):
             yield EvalBatch(out["view0"], out["label"], out["video_id"])

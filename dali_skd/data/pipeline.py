@@ -17,7 +17,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import DataNode
 
 from dali_skd.config import AugmentConfig
-from dali_skd.data.source import CHOICES, COINS, VALUES, Batch, InputLayout
+from dali_skd.data.source import CHOICES, COINS, INPUT_NORMS, VALUES, Batch, InputLayout
 
 OUTPUT_DTYPES = {"fp32": types.FLOAT, "fp16": types.FLOAT16}
 
@@ -130,10 +130,11 @@ def _applies(p: float, draws: Draws, name: str) -> DataNode | bool:
     return draws.coin(name)
 
 
-def to_network_input(clip: DataNode, flip: DataNode | int, dtype: str) -> DataNode:
-    """Optional mirror, values to [-1, 1], FHWC -> CFHW, in one pass."""
+def to_network_input(clip: DataNode, flip: DataNode | int, dtype: str, norm: str) -> DataNode:
+    """Optional mirror, values normalised (`INPUT_NORMS`), FHWC -> CFHW, in one pass."""
+    mean, std = INPUT_NORMS[norm]
     return fn.crop_mirror_normalize(
-        clip, mirror=flip, mean=[127.5] * 3, std=[127.5] * 3, dtype=OUTPUT_DTYPES[dtype], output_layout="CFHW"
+        clip, mirror=flip, mean=mean, std=std, dtype=OUTPUT_DTYPES[dtype], output_layout="CFHW"
     )
 
 
@@ -146,11 +147,13 @@ def clip_pipeline(
     dtype: str,
     gpu: bool,
     in_flight: int,
+    input_norm: str = "paper",
     decoder_options: DecoderOptions = DecoderOptions(),
 ):
     """Outputs (`layout.outputs`): one N x 3 x T x crop x crop tensor per view, then the labels (and the video ids,
     for evaluation). `augment`: the paper's augmentations, as drawn by the host side; None: crop only.
-    `in_flight`: batches to keep alive for DALI (`named_inputs`): the prefetch depth + 1 at least."""
+    `in_flight`: batches to keep alive for DALI (`named_inputs`): the prefetch depth + 1 at least.
+    `input_norm`: the pixel values the network sees (`INPUT_NORMS`)."""
     if (augment is not None) != layout.augmented:
         raise ValueError("the layout must carry the augmentations' draws exactly when the pipeline augments")
     inputs = named_inputs(source, layout, in_flight)
@@ -160,7 +163,7 @@ def clip_pipeline(
         if augment is not None:
             clip = augment_clip(clip, augment, draws)
         flip = draws.choice("flip") if augment is not None and augment.p_flip > 0 else 0
-        views.append(to_network_input(clip, flip, dtype))
+        views.append(to_network_input(clip, flip, dtype, input_norm))
     extras = [inputs["label"]] + ([inputs["video_id"]] if layout.with_video_id else [])
     return (*views, *extras)
 

@@ -31,6 +31,13 @@ COINS = ("contrast", "brightness", "hue", "blur", "split")  # apply the augmenta
 VALUES = ("crop_x", "crop_y", "contrast", "brightness", "hue", "blur_sigma")  # crop window in [0, 1], factors
 CHOICES = ("flip", "channel")  # mirror (0/1); the channel a split copies
 
+# (x - mean) / std of 0-255 pixels: the paper's [-1, 1], or the Kinetics statistics Hara et al.'s models were
+# trained with (3D-ResNets-PyTorch, 2020: mean 0.4345 0.4051 0.3775, std 0.2768 0.2713 0.2737 of [0, 1] values)
+INPUT_NORMS = {
+    "paper": ([127.5] * 3, [127.5] * 3),
+    "kinetics": ([255 * m for m in (0.4345, 0.4051, 0.3775)], [255 * s for s in (0.2768, 0.2713, 0.2737)]),
+}
+
 
 @dataclass(frozen=True)
 class Input:
@@ -52,10 +59,11 @@ class InputLayout:
     frames_per_jpeg: int
     augmented: bool = False  # with the augmentations' draws (else only the crop window's place)
     with_video_id: bool = False
+    frame_stride: int = 1  # a clip takes every frame_stride-th frame
 
     @property
     def slots(self) -> int:
-        return strip_slots(self.clip_len, self.frames_per_jpeg) if self.format == "jpeg" else 0
+        return strip_slots(self.clip_len, self.frames_per_jpeg, self.frame_stride) if self.format == "jpeg" else 0
 
     @cached_property
     def inputs(self) -> dict[str, Input]:
@@ -141,7 +149,7 @@ def clip_columns(
     `starts[r, v]`; and which rows are usable (False where a strip or webm is broken: its record then holds
     the reason)."""
     frames = np.fromiter((r.meta.frames for r in records), np.int64, len(records))
-    indices = clip_frames(frames, starts, layout.clip_len)  # (R, V, T)
+    indices = clip_frames(frames, starts, layout.clip_len, layout.frame_stride)  # (R, V, T)
     batch = _strip_columns(layout, records, indices) if layout.format == "jpeg" else _video_columns(records, indices)
     ok = np.fromiter((r.problem is None for r in records), bool, len(records))
     if layout.format == "jpeg":
@@ -211,22 +219,18 @@ def _video_columns(records: Sequence[VideoRecord], indices: np.ndarray) -> Batch
     }
 
 
-def augment_draws(
-    rng: np.random.Generator | None, n: int, num_views: int, augment: AugmentConfig | None, random_crop: bool
-) -> Batch:
-    """Every random choice for n samples: per view, the crop window's place (without `rng`: the centre) and, with
-    `augment`, whether each augmentation applies and its factor, the flip and the channel a split copies."""
+def augment_draws(rng: np.random.Generator, n: int, num_views: int, augment: AugmentConfig | None) -> Batch:
+    """Every random choice for n training samples: per view, the crop window's place and, with `augment`, whether
+    each augmentation applies and its factor, the flip and the channel a split copies."""
     out: Batch = {}
     for v in range(num_views):
-        value = np.full((n, len(VALUES)), 0.5, np.float32)
-        u = rng.random((n, len(VALUES) + len(COINS) + len(CHOICES)), np.float32) if rng is not None else None
-        if u is not None and random_crop:
-            value[:, :2] = u[:, :2]
+        u = rng.random((n, len(VALUES) + len(COINS) + len(CHOICES)), np.float32)
+        value = np.empty((n, len(VALUES)), np.float32)
+        value[:, :2] = u[:, :2]  # crop_x, crop_y
         out[f"v{v}_value"] = value
         if augment is None:
+            value[:, 2:] = 0.5  # not read
             continue
-        if u is None:
-            raise ValueError("augmentations need random draws")
         ranges = np.array([augment.contrast, augment.brightness, augment.hue, augment.blur_sigma], np.float32)
         value[:, 2:] = ranges[:, 0] + u[:, 2:6] * (ranges[:, 1] - ranges[:, 0])
         p = [augment.p_contrast, augment.p_brightness, augment.p_hue, augment.p_blur, augment.p_channel_split]
@@ -294,7 +298,8 @@ def train_batches(
         while missing:
             chosen = [next(records) for _ in range(missing)]
             frames = np.fromiter((r.meta.frames for r in chosen), np.int64, missing)
-            starts = random_starts(frames, layout.clip_len, rng.random((missing, 1 if same_clip else views)))
+            draws = rng.random((missing, 1 if same_clip else views))
+            starts = random_starts(frames, layout.clip_len, draws, layout.frame_stride)
             columns, ok = clip_columns(layout, chosen, np.repeat(starts, views, axis=1) if same_clip else starts, stats)
             if not ok.all():
                 _skip_broken(chosen, ok, stats)
@@ -302,45 +307,60 @@ def train_batches(
             parts.append(columns)
             missing -= int(ok.sum())
         batch = _concat(parts)
-        batch.update(augment_draws(rng, batch_size, views, augment, random_crop=True))
+        batch.update(augment_draws(rng, batch_size, views, augment))
         yield batch
 
 
+SPATIAL_CROPS = {1: (0.5,), 3: (0.0, 0.5, 1.0)}  # crop window places along a frame's long side
+
+
 def eval_batches(
-    reader: PartReader, layout: InputLayout, batch_size: int, clips_per_video: int, stats: SourceStats
+    reader: PartReader,
+    layout: InputLayout,
+    batch_size: int,
+    clips_per_video: int,
+    stats: SourceStats,
+    spatial_crops: int = 1,
 ) -> Iterator[Batch]:
-    """Every video of the rank's part once, in order, as `clips_per_video` uniformly spaced clips with a centred
-    window; the last batch may be short. A broken video is skipped whole."""
-    k = clips_per_video
+    """Every video of the rank's part once, in order, as `clips_per_video` uniformly spaced clips, each seen
+    through `spatial_crops` windows: the centre, or (3) both ends and the centre of the frame's long side, the
+    Kinetics protocol. The last batch may be short; a broken video is skipped whole."""
+    places = np.array(SPATIAL_CROPS[spatial_crops], np.float32)
+    per_video = clips_per_video * len(places)
 
     def groups() -> Iterator[list[VideoRecord]]:  # enough videos for a batch of clips
         group: list[VideoRecord] = []
         for record in reader.records():
             group.append(record)
-            if len(group) * k >= batch_size:
+            if len(group) * per_video >= batch_size:
                 yield group
                 group = []
         if group:
             yield group
 
-    def finish(rows: Batch) -> Batch:
-        return {**rows, **augment_draws(None, len(rows["label"]), layout.num_views, None, random_crop=False)}
-
     rest: Batch | None = None
     for group in groups():
-        clips = [r for r in group for _ in range(k)]
-        starts = np.concatenate([spaced_starts(r.meta.frames, layout.clip_len, k) for r in group])
-        columns, ok = clip_columns(layout, clips, starts[:, None], stats)
+        clips = [r for r in group for _ in range(per_video)]
+        starts = np.concatenate(
+            [spaced_starts(r.meta.frames, layout.clip_len, clips_per_video, layout.frame_stride) for r in group]
+        )
+        columns, ok = clip_columns(layout, clips, np.repeat(starts, len(places))[:, None], stats)
+        value = np.full((len(clips), len(VALUES)), 0.5, np.float32)
+        landscape = np.fromiter((r.meta.width >= r.meta.height for r in clips), bool, len(clips))
+        along = np.tile(places, len(starts))
+        value[:, 0] = np.where(landscape, along, 0.5)  # crop_x
+        value[:, 1] = np.where(landscape, 0.5, along)  # crop_y
+        columns["v0_value"] = value
         if not ok.all():
-            _skip_broken(group, ok[::k], stats)
+            _skip_broken(group, ok[::per_video], stats)
             columns = _rows(columns, ok)
         batch = columns if rest is None else _concat([rest, columns])
         n = len(batch["label"])
         for first in range(0, n - batch_size + 1, batch_size):
-            yield finish(_rows(batch, slice(first, first + batch_size)))
+            yield _rows(batch, slice(first, first + batch_size))
         rest = _rows(batch, slice(n - n % batch_size, n))
     if rest is not None and len(rest["label"]):
-        yield finish(rest)
+        yield rest
 
 
 def _skip_broken(records: Sequence[VideoRecord], ok: np.ndarray, stats: SourceStats) -> None:

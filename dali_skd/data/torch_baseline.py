@@ -20,6 +20,7 @@ from PIL import Image
 from dali_skd.config import AugmentConfig, LoaderConfig
 from dali_skd.data.clips import clip_frames, random_starts
 from dali_skd.data.shards import load_manifest, split_urls
+from dali_skd.data.source import INPUT_NORMS
 from dali_skd.format import SampleMeta
 
 # RGB <-> YIQ: a hue rotation is a rotation of the I/Q plane (what DALI's hue operator does)
@@ -41,9 +42,15 @@ def decode_clip(meta: SampleMeta, strips: bytes, frames: list[int]) -> torch.Ten
     return torch.from_numpy(np.stack(out))
 
 
-def augment(clip: torch.Tensor, aug: AugmentConfig | None, crop: int, rng: np.random.Generator) -> torch.Tensor:
+def augment(
+    clip: torch.Tensor,
+    aug: AugmentConfig | None,
+    crop: int,
+    rng: np.random.Generator,
+    norm: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
     """One view: random crop window, then each augmentation with its probability, one draw for the clip.
-    In: T x H x W x 3 uint8; out: 3 x T x crop x crop float in [-1, 1]."""
+    In: T x H x W x 3 uint8; out: 3 x T x crop x crop float, (x - mean) / std with `norm` = (mean, std)."""
     _, h, w, _ = clip.shape
     y, x = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
     v = clip[:, y : y + crop, x : x + crop].permute(3, 0, 1, 2).float()  # C T H W, 0..255
@@ -63,7 +70,8 @@ def augment(clip: torch.Tensor, aug: AugmentConfig | None, crop: int, rng: np.ra
             v = v[int(rng.integers(3))].expand(3, -1, -1, -1)
         if rng.random() < aug.p_flip:
             v = v.flip(-1)
-    return (v.clamp(0, 255) / 127.5 - 1).contiguous()
+    mean, std = norm
+    return ((v.clamp(0, 255) - mean) / std).contiguous()
 
 
 def gaussian_blur(v: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -82,6 +90,7 @@ class TwoViewSamples:
 
     def __init__(self, cfg: LoaderConfig, aug: AugmentConfig | None, seed: int) -> None:
         self.cfg, self.aug, self.seed = cfg, aug, seed
+        self.norm = tuple(torch.tensor(x).view(3, 1, 1, 1) for x in INPUT_NORMS[cfg.input_norm])
 
     def __call__(self, samples: Iterator[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         info = torch.utils.data.get_worker_info()
@@ -89,10 +98,10 @@ class TwoViewSamples:
         for sample in samples:
             meta = SampleMeta.from_json(sample["json"], sample["__key__"])
             frames = np.array([meta.frames])
-            starts = random_starts(frames, self.cfg.clip_len, rng.random((1, 2)))
+            starts = random_starts(frames, self.cfg.clip_len, rng.random((1, 2)), self.cfg.frame_stride)
             views = [
-                augment(decode_clip(meta, sample["jpgs"], clip.tolist()), self.aug, self.cfg.crop, rng)
-                for clip in clip_frames(frames, starts, self.cfg.clip_len)[0]
+                augment(decode_clip(meta, sample["jpgs"], clip.tolist()), self.aug, self.cfg.crop, rng, self.norm)
+                for clip in clip_frames(frames, starts, self.cfg.clip_len, self.cfg.frame_stride)[0]
             ]
             yield views[0], views[1], meta.label
 
