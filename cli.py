@@ -105,15 +105,18 @@ def evaluate(**options) -> None:
 
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, help="where the data, runs and results go")
-@click.option("--compare", is_flag=True, help="also train the plain cross-entropy baseline and print both rows")
+@click.option(
+    "--minutes", type=float, default=6.0, show_default=True, help="time budget for the whole demo on this machine"
+)
+@click.option("--compare", is_flag=True, help="also train the plain cross-entropy baseline, within the same budget")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="also write the results to this file")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @user_errors
-def demo(out: str, compare: bool, json_path: str | None, device: str) -> None:
-    """Synthetic dataset -> shards -> SKD-SRL training -> evaluation, on whatever device there is."""
+def demo(out: str, minutes: float, compare: bool, json_path: str | None, device: str) -> None:
+    """Synthetic dataset -> shards -> SKD-SRL training -> evaluation, planned to end within --minutes."""
     from dali_skd.demo import run_demo
 
-    run_demo(out, compare, json_path, device)
+    run_demo(out, compare, json_path, device, minutes)
 
 
 @main.command()

@@ -8,22 +8,44 @@ from pathlib import Path
 from clickit import invoke
 from clipdata import noise_frames, write_dataset
 
-from dali_skd.demo import DemoPreset, run_demo
+from dali_skd.demo import DemoPreset, plan_epochs, run_demo
 
 
 def test_demo_runs_end_to_end_and_reports_against_chance(tmp_path: Path, capsys) -> None:
-    preset = DemoPreset(classes=2, videos_per_class=3, epochs=1, batch_size=2, eval_clips=2)
-    report = run_demo(str(tmp_path / "demo"), compare=True, json_path=str(tmp_path / "demo.json"), preset=preset)
+    preset = DemoPreset(classes=2, videos_per_class=(3, 3), epochs=(1, 2), batch_size=2, eval_clips=2)
+    report = run_demo(
+        str(tmp_path / "demo"), compare=True, json_path=str(tmp_path / "demo.json"), minutes=1, preset=preset
+    )
     saved = json.loads((tmp_path / "demo.json").read_text())
     assert saved == json.loads(json.dumps(report))
-    assert {"device", "method", "test_top1", "chance", "seconds", "rows"} <= set(saved)
+    assert {"device", "method", "test_top1", "chance", "seconds", "rows", "plan"} <= set(saved)
     assert saved["method"] == "skd-srl" and saved["chance"] == 0.5 and saved["device"] == "cpu"
     assert [row["method"] for row in saved["rows"]] == ["skd-srl", "baseline"]
-    assert all(0 <= row["test_top1"] <= 1 for row in saved["rows"])
-    assert "chance 50.0%" in capsys.readouterr().out
-    # a second run continues from what is there: nothing is generated, preprocessed or trained again
-    again = run_demo(str(tmp_path / "demo"), preset=preset)
-    assert again["rows"][0]["test_top1"] == saved["rows"][0]["test_top1"]
+    plan = saved["plan"]
+    assert (
+        plan["videos_per_class"] == 3
+        and plan["epochs"] in (1, 2)
+        and set(plan["epoch_seconds"])
+        == {
+            "skd-srl",
+            "baseline",
+        }
+    )
+    out = capsys.readouterr().out
+    assert "chance 50.0%" in out and f"measured {plan['step_seconds']:.2f} s/step" in out
+    assert f"training {plan['epochs']} epochs to fit 1 minutes" in out
+    # a second run continues from what is there: same plan, nothing generated, preprocessed or trained again
+    again = run_demo(str(tmp_path / "demo"), minutes=1, preset=preset)
+    assert again["plan"] == plan and again["rows"][0]["test_top1"] == saved["rows"][0]["test_top1"]
+
+
+def test_demo_plans_epochs_to_fill_the_budget(capsys) -> None:
+    preset = DemoPreset(epochs=(8, 16), eval_clips=5)
+    # 20 s + 10 s an epoch; evaluations take 0.05 x 5 x 30 = 7.5 s
+    assert plan_epochs({"skd-srl": 20.0, "baseline": 10.0}, 307.5, preset) == 1 + 10
+    assert plan_epochs({"skd-srl": 20.0}, 10_000.0, preset) == 16  # no more than worth training
+    assert plan_epochs({"skd-srl": 20.0}, 60.0, preset) == 8  # no fewer than learn the classes well
+    assert "do not fit the budget here" in capsys.readouterr().out
 
 
 def test_bench_measures_both_loaders_and_training(tmp_path: Path) -> None:
