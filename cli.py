@@ -3,7 +3,7 @@
 python cli.py demo                      the built-in synthetic dataset, end to end
 python cli.py preprocess --dataset ucf101 --root UCF-101 --splits-dir ucfTrainTestlist --out data/ucf101
 python cli.py train --data data/ucf101 --out runs/ucf101-skd
-python cli.py eval --data data/ucf101 --checkpoint runs/ucf101-skd/best.pt
+python cli.py eval --data data/ucf101 --checkpoint runs/ucf101-skd/best.pt --spatial-crops 3 --json eval.json
 python cli.py bench --data data/ucf101
 torchrun --nproc-per-node 8 cli.py train ...
 """
@@ -97,7 +97,8 @@ def train(config_file: str | None, **options) -> None:
 @config_options(EvalConfig)
 @user_errors
 def evaluate(**options) -> None:
-    """Clip- and video-level top-1/top-5 of a checkpoint on the held-out split."""
+    """Clip- and video-level top-1/top-5, per-class top-1 and the confusion matrix of a checkpoint on the held-out
+    split; --json also writes the per-video predictions and the confusion matrix as a PNG."""
     from dali_skd.evaluate import run_eval
 
     run_eval(build_config(EvalConfig, options))

@@ -164,7 +164,14 @@ class EvalConfig:
     split: str | None = _opt(None, "split to evaluate (default: test, or val for Kinetics)")
     batch_size: int = _opt(32, "clips per batch")
     amp: Amp = _opt("auto", "mixed precision (auto: fp16 on CUDA, off on CPU)")
-    json: str | None = _opt(None, "also write the results to this JSON file")
+    spatial_crops: Literal[1, 3] = _opt(
+        1, "windows per clip: 1 (the centre) or 3 (both ends and the centre of the long side, the Kinetics protocol)"
+    )
+    json: str | None = _opt(
+        None,
+        "also write the results to this JSON file, the per-video predictions to <stem>.predictions.jsonl and the "
+        "confusion matrix to <stem>.confusion.png beside it",
+    )
     loader: LoaderConfig = _opt(LoaderConfig(), "data loading")
 
 
