@@ -3,7 +3,9 @@
 python cli.py demo                      the built-in synthetic dataset, end to end
 python cli.py preprocess --dataset ucf101 --root UCF-101 --splits-dir ucfTrainTestlist --out data/ucf101
 python cli.py train --data data/ucf101 --out runs/ucf101-skd
-python cli.py eval --data data/ucf101 --checkpoint runs/ucf101-skd/best.pt
+python cli.py eval --data data/ucf101 --checkpoint runs/ucf101-skd/best.pt --spatial-crops 3 --json eval.json
+python cli.py predict video.mp4 other.avi --checkpoint runs/ucf101-skd/best.pt
+python cli.py features --data data/ucf101 --checkpoint runs/ucf101-skd/best.pt --out features/ucf101
 python cli.py bench --data data/ucf101
 torchrun --nproc-per-node 8 cli.py train ...
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 import click
 
 from dali_skd.cli_options import build_config, config_options
-from dali_skd.config import BenchConfig, EvalConfig, PreprocessConfig, TrainConfig
+from dali_skd.config import BenchConfig, EvalConfig, FeaturesConfig, PredictConfig, PreprocessConfig, TrainConfig
 
 
 def user_errors(command):
@@ -97,10 +99,40 @@ def train(config_file: str | None, **options) -> None:
 @config_options(EvalConfig)
 @user_errors
 def evaluate(**options) -> None:
-    """Clip- and video-level top-1/top-5 of a checkpoint on the held-out split."""
+    """Clip- and video-level top-1/top-5, per-class top-1 and the confusion matrix of a checkpoint on the held-out
+    split; --json also writes the per-video predictions and the confusion matrix as a PNG."""
     from dali_skd.evaluate import run_eval
 
     run_eval(build_config(EvalConfig, options))
+
+
+@main.command()
+@click.argument("videos", nargs=-1, required=True)
+@config_options(PredictConfig)
+@user_errors
+def predict(videos: tuple[str, ...], **options) -> None:
+    """The most probable classes of each video file (any format ffmpeg reads): transcoded as the checkpoint's
+    training data was, scored with eval's clips and crops (clip settings from the checkpoint unless given)."""
+    from dali_skd.predict import run_predict
+
+    result = run_predict(list(videos), build_config(PredictConfig, options))
+    for line in result.errors():
+        click.echo(line, err=True)
+    if len(result.failed) < len(result.videos):
+        click.echo(result.format())
+    if result.failed:
+        raise click.ClickException(f"{len(result.failed)} of {len(result.videos)} videos could not be predicted")
+
+
+@main.command()
+@config_options(FeaturesConfig)
+@user_errors
+def features(**options) -> None:
+    """The encoder's pooled features of every video of every split, averaged over eval's clips:
+    OUT/<split>.npy (float16, videos x channels) and OUT/<split>.jsonl (key, label, source) row for row."""
+    from dali_skd.features import run_features
+
+    run_features(build_config(FeaturesConfig, options))
 
 
 @main.command()

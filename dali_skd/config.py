@@ -164,8 +164,72 @@ class EvalConfig:
     split: str | None = _opt(None, "split to evaluate (default: test, or val for Kinetics)")
     batch_size: int = _opt(32, "clips per batch")
     amp: Amp = _opt("auto", "mixed precision (auto: fp16 on CUDA, off on CPU)")
-    json: str | None = _opt(None, "also write the results to this JSON file")
+    spatial_crops: Literal[1, 3] = _opt(
+        1, "windows per clip: 1 (the centre) or 3 (both ends and the centre of the long side, the Kinetics protocol)"
+    )
+    json: str | None = _opt(
+        None,
+        "also write the results to this JSON file, the per-video predictions to <stem>.predictions.jsonl and the "
+        "confusion matrix to <stem>.confusion.png beside it",
+    )
     loader: LoaderConfig = _opt(LoaderConfig(), "data loading")
+
+
+@dataclass
+class ClipsConfig:
+    """How `predict` and `features` cut videos into clips for a checkpoint: an unset field takes the value the
+    checkpoint was trained with (its config's loader settings), so the model sees the clips it learned on."""
+
+    clips_per_video: int | None = _opt(None, "clips per video, uniformly spaced (default: the checkpoint's)")
+    spatial_crops: Literal[1, 3] = _opt(
+        1, "windows per clip: 1 (the centre) or 3 (both ends and the centre of the long side, the Kinetics protocol)"
+    )
+    clip_len: int | None = _opt(None, "frames per clip (default: the checkpoint's)")
+    frame_stride: int | None = _opt(None, "take every S-th frame (default: the checkpoint's)")
+    crop: int | None = _opt(None, "side of the square window cropped from every frame (default: the checkpoint's)")
+    input_norm: Literal["paper", "kinetics"] | None = _opt(
+        None, "pixel values the network sees: paper or kinetics (default: the checkpoint's)"
+    )
+    batch_size: int = _opt(32, "clips per batch")
+    amp: Amp = _opt("auto", "mixed precision (auto: fp16 on CUDA, off on CPU)")
+    device: Device = _opt("auto", "auto: the GPU when CUDA is available, else the CPU")
+    threads: int = _opt(0, "DALI CPU threads (0: one per core, at most 16)")
+
+    def loader_config(self, trained: LoaderConfig, data: str) -> LoaderConfig:
+        """The checkpoint's loader settings `trained`, reading `data`, with the fields set here replacing its own."""
+        chosen = {
+            name: getattr(self, name)
+            for name in ("clips_per_video", "clip_len", "frame_stride", "crop", "input_norm")
+            if getattr(self, name) is not None
+        }
+        return dataclasses.replace(
+            trained, data=data, train_shards=None, eval_shards=None, device=self.device, threads=self.threads, **chosen
+        )
+
+
+@dataclass
+class PredictConfig:
+    checkpoint: str = _opt("runs/run/best.pt", "checkpoint to apply (best.pt or last.pt of a run)")
+    top_k: int = _opt(5, "classes listed per video, most probable first")
+    json: str | None = _opt(None, "also write the predictions to this JSON file")
+    short_side: int | None = _opt(
+        None, "transcode to this short side (default: the checkpoint's, from its dataset's manifest)"
+    )
+    fps: float | None = _opt(
+        None, "transcode to this frame rate (default: the checkpoint's, from its dataset's manifest)"
+    )
+    workers: int = _opt(os.cpu_count() or 1, "videos transcoded at once")
+    clips: ClipsConfig = _opt(ClipsConfig(), "clips")
+
+
+@dataclass
+class FeaturesConfig:
+    data: str = _opt(
+        "data/synthetic", "dataset directory holding manifest.json, or an http(s):// URL prefix, or a pipe: command"
+    )
+    checkpoint: str = _opt("runs/run/best.pt", "checkpoint whose encoder gives the features")
+    out: str = _opt("features", "output directory: <split>.npy (float16, videos x channels) and <split>.jsonl")
+    clips: ClipsConfig = _opt(ClipsConfig(), "clips")
 
 
 @dataclass

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from dali_skd.runtime import resolve_device
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,15 @@ class DistContext:
         t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
         dist.all_reduce(t)
         return t.tolist()
+
+    def gather(self, value: T) -> list[T]:
+        """Every rank's `value`, in rank order, on every rank. Pickled on the wire: for per-video results gathered
+        once at the end of an evaluation, not for anything in the training loop."""
+        if not self.distributed:
+            return [value]
+        values: list[T] = [value] * self.world  # placeholders, replaced by what each rank sent
+        dist.all_gather_object(values, value)
+        return values
 
     def max(self, value: float) -> float:
         if not self.distributed:

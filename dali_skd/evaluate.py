@@ -1,21 +1,32 @@
-"""Evaluation: clip-level and video-level (clip scores averaged per video) top-1 and top-5 accuracy, each video
-counted exactly once over all ranks."""
+"""Evaluation: clip-level and video-level (the mean softmax over a video's clips and crops) top-1 and top-5
+accuracy, per-class top-1, mean-class accuracy and the video-level confusion matrix, each video counted exactly
+once over all ranks.
+
+The scoring (`clip_outputs`, `VideoMeans`) also serves `cli.py predict` (class probabilities of new videos) and
+`cli.py features` (the encoder's pooled features): the same loader, the same clips, the same averaging.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from dali_skd.checkpoint import load_classifier
 from dali_skd.config import EvalConfig
-from dali_skd.data.loader import EvalLoader
+from dali_skd.data.loader import EvalBatch, EvalLoader
 from dali_skd.data.shards import load_manifest
+from dali_skd.data.source import video_id
 from dali_skd.distributed import DistContext, init_distributed, shutdown
+from dali_skd.format import sample_key
+from dali_skd.plot import plot_confusion
 from dali_skd.runtime import autocast, resolve_precision
 
 
@@ -31,6 +42,122 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
     return topk_hits(logits, labels, ks).tolist()
 
 
+# -- scoring: clips in, one row per video out ----------------------------------------------------------------------
+
+
+def clip_outputs(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    loader: EvalLoader,
+    device: torch.device,
+    precision: str,
+    channels_last: bool = False,
+    progress: bool = False,
+) -> Iterator[tuple[torch.Tensor, EvalBatch]]:
+    """`forward`'s output (fp32) for every clip of the loader's videos, batch by batch, with the batch."""
+    bar = tqdm(desc=loader.split, unit="clip", disable=not progress, leave=False)
+    try:
+        for batch in loader.epoch():
+            x = batch.clips.to(memory_format=torch.channels_last_3d) if channels_last else batch.clips
+            with torch.inference_mode(), autocast(precision, device):
+                out = forward(x).float()
+            bar.update(len(out))
+            yield out, batch
+    finally:
+        bar.close()
+
+
+@dataclass
+class VideoOutputs:
+    """One row per video, sorted by video id (the video's index in its split): the mean of its clips' outputs."""
+
+    ids: np.ndarray  # int64
+    labels: np.ndarray  # int64
+    values: np.ndarray  # float32, videos x width
+
+    @classmethod
+    def concat(cls, parts: list[VideoOutputs]) -> VideoOutputs:
+        """The rows of several ranks' parts, in video order."""
+        ids = np.concatenate([p.ids for p in parts])
+        order = np.argsort(ids, kind="stable")
+        return cls(
+            ids[order],
+            np.concatenate([p.labels for p in parts])[order],
+            np.concatenate([p.values for p in parts])[order],
+        )
+
+
+class VideoMeans:
+    """The sum and count of each video's clip outputs, for the videos this rank reads."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self._sums: dict[int, np.ndarray] = {}
+        self._counts: dict[int, int] = {}
+        self._labels: dict[int, int] = {}
+
+    def add(self, batch: EvalBatch, outputs: torch.Tensor) -> None:
+        values = outputs.cpu().double().numpy()
+        for vid, label, row in zip(batch.video_ids.tolist(), batch.labels.tolist(), values, strict=True):
+            if vid in self._sums:
+                self._sums[vid] += row
+                self._counts[vid] += 1
+            else:
+                self._sums[vid], self._counts[vid], self._labels[vid] = row.copy(), 1, label
+
+    def local(self) -> VideoOutputs:
+        """This rank's videos."""
+        ids = sorted(self._sums)
+        means = [self._sums[i] / self._counts[i] for i in ids]
+        return VideoOutputs(
+            np.array(ids, np.int64),
+            np.array([self._labels[i] for i in ids], np.int64),
+            np.array(means, np.float32).reshape(len(ids), self.width),
+        )
+
+    def gathered(self, ctx: DistContext) -> VideoOutputs:
+        """Every rank's videos, on every rank."""
+        return VideoOutputs.concat(ctx.gather(self.local()))
+
+
+def video_means(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    width: int,
+    loader: EvalLoader,
+    ctx: DistContext,
+    precision: str,
+    channels_last: bool = False,
+    progress: bool = False,
+) -> VideoOutputs:
+    """`forward`'s output averaged over each video's clips and crops, for every video of every rank."""
+    means = VideoMeans(width)
+    for out, batch in clip_outputs(forward, loader, ctx.device, precision, channels_last, progress and ctx.is_main):
+        means.add(batch, out)
+    return means.gathered(ctx)
+
+
+def video_sources(loader: EvalLoader, ctx: DistContext) -> dict[int, str]:
+    """Each video's source (its path in the original dataset) by video id, over all ranks, from the metadata of
+    the shard records: the epoch just run indexed local shards; streamed ones are read again."""
+    local = {video_id(r.key): r.meta.source for r in loader.reader.records()}
+    return {vid: source for part in ctx.gather(local) for vid, source in part.items()}
+
+
+def top_classes(probabilities: np.ndarray, classes: list[str], k: int) -> list[dict[str, Any]]:
+    """The k most probable classes, best first (ties: the lower label first, as the confusion matrix counts)."""
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [{"class": classes[i], "probability": round(float(probabilities[i]), 6)} for i in order]
+
+
+# -- metrics ---------------------------------------------------------------------------------------------------------
+
+
+def confusion_matrix(scores: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Videos counted by true class (row) and top-scoring class (column; ties: the lower label)."""
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (labels, scores.argmax(axis=1)), 1)
+    return matrix
+
+
 @dataclass
 class EvalResult:
     clip_top1: float
@@ -40,13 +167,60 @@ class EvalResult:
     clips: int
     videos: int
     skipped: int
+    classes: list[str] = field(default_factory=list)
+    confusion: list[list[int]] = field(default_factory=list)  # videos by true class (row) and predicted (column)
+    scores: VideoOutputs | None = field(default=None, repr=False)  # every video's mean softmax, when asked for
 
-    def format(self) -> str:
-        return (
-            f"video-level top-1 {self.video_top1:.2%}  top-5 {self.video_top5:.2%}  ({self.videos} videos)\n"
-            f"clip-level  top-1 {self.clip_top1:.2%}  top-5 {self.clip_top5:.2%}  ({self.clips} clips)"
-            + (f"\nskipped {self.skipped} unreadable videos" if self.skipped else "")
+    @property
+    def class_videos(self) -> list[int]:
+        return [sum(row) for row in self.confusion]
+
+    @property
+    def per_class_top1(self) -> list[float | None]:
+        """Video-level top-1 of each class; None for a class without videos."""
+        return [row[c] / sum(row) if sum(row) else None for c, row in enumerate(self.confusion)]
+
+    @property
+    def mean_class_top1(self) -> float:
+        """The mean of the per-class top-1 over the classes that have videos."""
+        present = [a for a in self.per_class_top1 if a is not None]
+        return sum(present) / len(present) if present else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "video_top1": self.video_top1,
+            "video_top5": self.video_top5,
+            "mean_class_top1": self.mean_class_top1,
+            "clip_top1": self.clip_top1,
+            "clip_top5": self.clip_top5,
+            "videos": self.videos,
+            "clips": self.clips,
+            "skipped": self.skipped,
+            "per_class": [
+                {"class": name, "videos": n, "top1": top1}
+                for name, n, top1 in zip(self.classes, self.class_videos, self.per_class_top1, strict=True)
+            ],
+            "classes": self.classes,
+            "confusion": self.confusion,
+        }
+
+    def format(self, worst: int = 5) -> str:
+        lines = [
+            f"video-level top-1 {self.video_top1:.2%}  top-5 {self.video_top5:.2%}  "
+            f"mean-class top-1 {self.mean_class_top1:.2%}  ({self.videos} videos)",
+            f"clip-level  top-1 {self.clip_top1:.2%}  top-5 {self.clip_top5:.2%}  ({self.clips} clips)",
+        ]
+        ranked = sorted(
+            (top1, name, n)
+            for name, n, top1 in zip(self.classes, self.class_videos, self.per_class_top1, strict=True)
+            if top1 is not None
         )
+        if len(ranked) > 1:
+            lines.append(f"worst classes (video-level top-1 of {len(ranked)}):")
+            lines += [f"  {top1:>7.2%}  {name} ({n} videos)" for top1, name, n in ranked[:worst]]
+        if self.skipped:
+            lines.append(f"skipped {self.skipped} unreadable videos")
+        return "\n".join(lines)
 
 
 def evaluate(
@@ -56,43 +230,38 @@ def evaluate(
     precision: str,
     channels_last: bool = False,
     progress: bool = False,
+    keep_scores: bool = False,
 ) -> EvalResult:
-    """Scores every clip of the loader's videos; a video's score is the mean softmax of its clips."""
+    """Scores every clip (and crop) of the loader's videos; a video's score is the mean softmax of its clips. The
+    counts are summed over ranks; with `keep_scores` every video's score is gathered too (for a predictions file)."""
     model.eval()
-    video_sum: dict[int, torch.Tensor] = {}
-    video_label: dict[int, int] = {}
-    clip_hits = [0, 0]
+    classes = loader.manifest.classes
+    means = VideoMeans(len(classes))
+    clip_hits = torch.zeros(2, dtype=torch.int64)
     clips = 0
     skipped_before = loader.stats.skipped
-    bar = tqdm(desc="eval", unit="clip", disable=not (progress and ctx.is_main), leave=False)
-    with torch.inference_mode(), autocast(precision, ctx.device):
-        for batch in loader.epoch():
-            x = batch.clips.to(memory_format=torch.channels_last_3d) if channels_last else batch.clips
-            logits = model(x).float()
-            clip_hits = [a + b for a, b in zip(clip_hits, topk_correct(logits, batch.labels), strict=True)]
-            clips += len(logits)
-            probs = logits.softmax(dim=1).cpu()
-            for vid, p, y in zip(batch.video_ids.tolist(), probs, batch.labels.tolist(), strict=True):
-                video_sum[vid] = video_sum[vid] + p if vid in video_sum else p.clone()
-                video_label[vid] = y
-            bar.update(len(logits))
-    bar.close()
-    video_hits = [0, 0]
-    if video_sum:
-        ids = sorted(video_sum)
-        scores = torch.stack([video_sum[i] for i in ids])
-        video_hits = topk_correct(scores, torch.tensor([video_label[i] for i in ids]))
-    c1, c5, n_clips, v1, v5, n_videos, skipped = ctx.sum(
-        [*clip_hits, clips, *video_hits, len(video_sum), loader.stats.skipped - skipped_before]
-    )
+    for logits, batch in clip_outputs(model, loader, ctx.device, precision, channels_last, progress and ctx.is_main):
+        clip_hits += topk_hits(logits, batch.labels).cpu()
+        clips += len(logits)
+        means.add(batch, logits.softmax(dim=1))
+    videos = means.local()
+    confusion = confusion_matrix(videos.values, videos.labels, len(classes))
+    (top5,) = topk_correct(torch.from_numpy(videos.values), torch.from_numpy(videos.labels), (5,))
+    unreadable = loader.stats.skipped - skipped_before
+    c1, c5, n_clips, v5, skipped, *cells = ctx.sum([*clip_hits.tolist(), clips, top5, unreadable, *confusion.ravel()])
+    confusion = np.rint(cells).astype(np.int64).reshape(confusion.shape)
+    n_videos = int(confusion.sum())
     return EvalResult(
         clip_top1=c1 / max(n_clips, 1),
         clip_top5=c5 / max(n_clips, 1),
-        video_top1=v1 / max(n_videos, 1),
+        video_top1=int(np.trace(confusion)) / max(n_videos, 1),
         video_top5=v5 / max(n_videos, 1),
         clips=int(n_clips),
-        videos=int(n_videos),
+        videos=n_videos,
         skipped=int(skipped),
+        classes=list(classes),
+        confusion=confusion.tolist(),
+        scores=VideoOutputs.concat(ctx.gather(videos)) if keep_scores else None,
     )
 
 
@@ -107,7 +276,8 @@ def eval_split(manifest_splits: list[str], split: str | None) -> str:
 
 
 def run_eval(cfg: EvalConfig) -> EvalResult:
-    """`cli.py eval`: a checkpoint on the held-out split, printed and optionally written as JSON."""
+    """`cli.py eval`: a checkpoint on the held-out split, printed; with --json also written, with the per-video
+    predictions (`<stem>.predictions.jsonl`) and the confusion matrix (`<stem>.confusion.png`) beside it."""
     ctx = init_distributed(cfg.loader.device)
     try:
         manifest = load_manifest(cfg.loader.data)
@@ -118,17 +288,56 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
             eval_split(list(manifest.splits), cfg.split),
             batch_size=cfg.batch_size,
             clips_per_video=cfg.loader.clips_per_video,
+            spatial_crops=cfg.spatial_crops,
             dtype=precision,
             device=ctx.device,
             rank=ctx.rank,
             world=ctx.world,
         )
-        result = evaluate(model, loader, ctx, precision, progress=True)
+        result = evaluate(model, loader, ctx, precision, progress=True, keep_scores=cfg.json is not None)
+        sources = video_sources(loader, ctx) if cfg.json else {}
         if ctx.is_main:
-            print(f"{cfg.checkpoint} on {loader.split} ({cfg.loader.clips_per_video} clips per video):")
+            print(
+                f"{cfg.checkpoint} on {loader.split} ({loader.clips_per_video} clips x {loader.spatial_crops} "
+                "crops per video):"
+            )
             print(result.format())
             if cfg.json:
-                Path(cfg.json).write_text(json.dumps({"checkpoint": cfg.checkpoint, **asdict(result)}, indent=2))
+                written = write_eval_files(Path(cfg.json), result, cfg, loader.split, sources)
+                print("wrote " + ", ".join(map(str, written)))
         return result
     finally:
         shutdown(ctx)
+
+
+def write_eval_files(
+    path: Path, result: EvalResult, cfg: EvalConfig, split: str, sources: dict[int, str]
+) -> list[Path]:
+    """`path` (the figures), `<stem>.predictions.jsonl` (a line per video: key, source, label, top-5 classes with
+    their probabilities) and `<stem>.confusion.png`."""
+    predictions, png = path.with_suffix(".predictions.jsonl"), path.with_suffix(".confusion.png")
+    scores = result.scores
+    assert scores is not None, "evaluate(keep_scores=True) keeps the scores the predictions file needs"
+    with open(predictions, "w") as f:
+        for vid, label, probabilities in zip(scores.ids, scores.labels, scores.values, strict=True):
+            row = {
+                "key": sample_key(split, int(vid)),
+                "source": sources[int(vid)],
+                "label": int(label),
+                "label_name": result.classes[label],
+                "top": top_classes(probabilities, result.classes, 5),
+            }
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    title = f"{Path(cfg.checkpoint).name} on {split}: video-level top-1 {result.video_top1:.1%}"
+    plot_confusion(result.confusion, result.classes, png, title)
+    figures = {
+        "checkpoint": cfg.checkpoint,
+        "split": split,
+        "clips_per_video": cfg.loader.clips_per_video,
+        "spatial_crops": cfg.spatial_crops,
+        **result.to_json(),
+        "predictions": str(predictions),
+        "confusion_png": str(png),
+    }
+    path.write_text(json.dumps(figures, indent=2, ensure_ascii=False) + "\n")
+    return [path, predictions, png]

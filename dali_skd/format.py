@@ -30,6 +30,7 @@ MANIFEST_NAME = "manifest.json"
 FAILED_NAME = "failed.jsonl"
 SHARD_FORMATS = ("jpeg", "vp9")
 ShardFormat = Literal["jpeg", "vp9"]
+PREPROCESSING_SETTINGS = ("format", "short_side", "fps", "frames_per_jpeg", "quality")  # manifest fields
 SHORT_VIDEO_FRAMES = 16  # the paper's clip length: shorter videos are counted (SplitInfo.short_videos) and looped
 
 STRIPS_EXT = "jpgs"
@@ -155,6 +156,11 @@ class ShardManifest:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The settings that shaped the stored frames: a model trained on them expects new videos made the same way
+        (`cli.py predict` transcodes with them)."""
+        return {name: getattr(self, name) for name in PREPROCESSING_SETTINGS}
 
     def split(self, name: str, where: str | Path = "") -> SplitInfo:
         if name not in self.splits:

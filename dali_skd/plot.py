@@ -1,4 +1,5 @@
-"""`curves.png` of a run directory, drawn from its metrics.jsonl: losses by term, accuracy, learning rate."""
+"""`curves.png` of a run directory, drawn from its metrics.jsonl: losses by term, accuracy, learning rate; and the
+confusion matrix `cli.py eval --json` draws."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only: runs have no display
 import matplotlib.pyplot as plt
@@ -39,3 +41,23 @@ def plot_curves(run_dir: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_confusion(confusion: list[list[int]], classes: list[str], path: str | Path, title: str) -> Path:
+    """The confusion matrix with each row normalised (row: where the videos of one true class went), every class
+    named on both axes. The figure grows with the class count, so 101 names stay legible in a small font."""
+    counts = np.asarray(confusion, np.float64)
+    videos = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, videos, out=np.zeros_like(counts), where=videos > 0)
+    n = len(classes)
+    side = max(5.0, 2.5 + 0.16 * n)  # inches: 0.16 per class leaves room for a 6-point name
+    font = 9 if n <= 30 else 6
+    fig, ax = plt.subplots(figsize=(side + 1.0, side), constrained_layout=True)
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks(range(n), classes, rotation=90, fontsize=font)
+    ax.set_yticks(range(n), classes, fontsize=font)
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    fig.colorbar(image, ax=ax, shrink=0.5, label="share of the true class's videos")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -67,6 +67,7 @@ class Trainer:
         self.channels_last = cfg.channels_last and ctx.device.type == "cuda"
         manifest = load_manifest(cfg.loader.data)
         self.classes = manifest.classes
+        self.preprocessing = manifest.preprocessing()  # saved with the model, for `cli.py predict`
         resume = self._resume_state() if cfg.resume else None
         if resume is None and (self.out / "last.pt").exists():
             raise FileExistsError(f"{self.out} already holds a run: add --resume to continue it, or pass a new --out")
@@ -256,6 +257,7 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "config": to_dict(self.cfg),
             "classes": self.classes,
+            "preprocessing": self.preprocessing,
             "metrics": record,
             "rng": {
                 "torch": torch.get_rng_state(),

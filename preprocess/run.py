@@ -97,9 +97,12 @@ class _Task:
     video: Video
 
 
-def run_preprocess(cfg: PreprocessConfig, progress: bool = True) -> PreprocessSummary:
+def run_preprocess(
+    cfg: PreprocessConfig, progress: bool = True, listing: DatasetListing | None = None
+) -> PreprocessSummary:
     """Preprocess `cfg.dataset` into `cfg.out` (see the module docstring), showing a progress bar; return the
-    summary for the CLI to print. Raises PreprocessError for input or flags it cannot work with."""
+    summary for the CLI to print. Raises PreprocessError for input or flags it cannot work with. `listing` gives
+    the videos (under `cfg.root`) instead of the dataset adapter: `cli.py predict` transcodes its files this way."""
     started = time.perf_counter()
     part = Part.parse(cfg.part)
     settings = transcode_settings(cfg)
@@ -107,7 +110,7 @@ def run_preprocess(cfg: PreprocessConfig, progress: bool = True) -> PreprocessSu
     root = dataset_root(cfg)
     if not cfg.resume:
         _check_fresh_out(out, part, root)
-    listing = list_dataset(cfg, root)
+    listing = listing if listing is not None else list_dataset(cfg, root)
     orders = {split: shuffled(videos, split, cfg.seed) for split, videos in listing.splits.items()}
     ranges = {split: part.range(len(order)) if part else (0, len(order)) for split, order in orders.items()}
     check_settings(out, part, _run_settings(cfg, settings, listing, orders))

@@ -1,6 +1,7 @@
-"""Tiny shard datasets with frames whose pixels say where they came from, for the loader's tests.
+"""Tiny shard datasets with frames whose pixels say where they came from, for the loader's and evaluator's tests.
 
-Frame t of a video: red rises from left to right, green from top to bottom, blue encodes t. Written with the
+Frame t of a gradient video: red rises from left to right, green from top to bottom, blue encodes t. Flat videos
+say their video and frame in their colour, for a stub model with known outputs. Written with the
 preprocess stage's own shard writer and JPEG encoder, so the bytes are those a real run writes.
 """
 
@@ -10,6 +11,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
 from dali_skd.format import SampleMeta, ShardInfo, ShardManifest, SplitInfo, pack_strips, sample_key, sample_members
 from preprocess.shards import ShardWriter
@@ -34,6 +37,34 @@ def noise_frames(frames: int, seed: int, height: int = 48, width: int = 64, tint
     if tint is not None:
         blocks[..., tint] = np.maximum(blocks[..., tint], 200)
     return blocks.repeat(4, axis=1).repeat(4, axis=2)
+
+
+RED_BASE, RED_STEP, GREEN_BASE, GREEN_STEP = 30, 20, 30, 15  # flat_frames: red says the video, green the frame
+
+
+def flat_frames(video: int, frames: int, height: int = 48, width: int = 64) -> np.ndarray:
+    """Frames of one flat colour each: red says the video (0-9), green the frame (0-13), for `LookupModel`."""
+    out = np.full((frames, height, width, 3), 128, np.uint8)
+    out[..., 0] = RED_BASE + RED_STEP * video
+    out[..., 1] = (GREEN_BASE + GREEN_STEP * np.arange(frames))[:, None, None]
+    return out
+
+
+class LookupModel(nn.Module):
+    """A stub classifier with known outputs: the logits `table[(video, start)]` for the clip of `flat_frames` video
+    `video` that starts at frame `start` (clips in [-1, 1], the paper's input norm)."""
+
+    def __init__(self, table: dict[tuple[int, int], list[float]]) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        levels = (clips.float() + 1) * 127.5
+        red, green = levels[:, 0].mean(dim=(1, 2, 3)), levels[:, 1].mean(dim=(1, 2, 3))
+        videos = ((red - RED_BASE) / RED_STEP).round().int().tolist()
+        middle = (clips.shape[2] - 1) / 2  # a clip's mean green is that of its middle frame
+        starts = ((green - GREEN_BASE) / GREEN_STEP - middle).round().int().tolist()
+        return torch.tensor([self.table[key] for key in zip(videos, starts, strict=True)])
 
 
 def frame_index(view: np.ndarray) -> np.ndarray:

@@ -1,0 +1,157 @@
+"""eval's full report, predict and features after a tiny training run: real videos (ffmpeg), preprocess, training,
+the CLI as a user types it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from clickit import invoke
+from conftest import make_test_video
+
+from dali_skd.config import LoaderConfig, PreprocessConfig, TrainConfig
+from dali_skd.train import train
+from preprocess.run import run_preprocess
+
+PATTERNS = ("testsrc2", "smptebars", "rgbtestsrc")  # a class each
+SIZES = ((64, 48), (80, 48), (72, 56))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """Six videos of each of three test patterns (4 training, 2 test; sizes, lengths and hues vary), preprocessed at
+    short side 40; a tiny model trained on clips of 8 frames taken every 2nd frame, cropped to 32 pixels."""
+    root = tmp_path_factory.mktemp("predict")
+    for pattern in PATTERNS:
+        for i in range(6):
+            hue = ("-vf", f"hue=h={40 * i}")
+            path = root / "videos" / pattern / f"{pattern}_{i}.avi"
+            make_test_video(path, SIZES[i % 3], seconds=0.8 + 0.1 * (i % 3), pattern=pattern, extra=hue)
+    data = root / "data"
+    prep = PreprocessConfig(
+        dataset="folder", root=str(root / "videos"), out=str(data), short_side=40, val_fraction=0.34, workers=2
+    )
+    run_preprocess(prep, progress=False)
+    loader = LoaderConfig(
+        data=str(data),
+        clip_len=8,
+        frame_stride=2,
+        crop=32,
+        clips_per_video=2,
+        shuffle_buffer=2,
+        threads=2,
+        device="cpu",
+    )
+    run = root / "run"
+    train(TrainConfig(method="baseline", arch="r3d10-tiny", out=str(run), epochs=2, batch_size=4, loader=loader))
+    return {"videos": root / "videos", "data": data, "checkpoint": run / "best.pt", "root": root}
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained: dict[str, Path]) -> Path:
+    """eval with eval's flags for the clips the model was trained on, three crops a clip."""
+    out = trained["root"] / "eval.json"
+    result = invoke(
+        "eval", "--data", str(trained["data"]), "--checkpoint", str(trained["checkpoint"]), "--clip-len", "8",
+        "--frame-stride", "2", "--crop", "32", "--clips-per-video", "2", "--spatial-crops", "3", "--device", "cpu",
+        "--json", str(out),
+    )  # fmt: skip
+    assert "mean-class top-1" in result.output and "worst classes" in result.output
+    return out
+
+
+def test_eval_reports_per_class_accuracy_and_the_confusion_matrix(evaluated: Path) -> None:
+    figures = json.loads(evaluated.read_text())
+    confusion = np.array(figures["confusion"])
+    assert confusion.shape == (3, 3) and confusion.sum() == figures["videos"] == 6
+    assert np.trace(confusion) / confusion.sum() == pytest.approx(figures["video_top1"])
+    assert figures["clips"] == 6 * 2 * 3 and figures["spatial_crops"] == 3
+    per_class = figures["per_class"]
+    assert [c["class"] for c in per_class] == figures["classes"] == sorted(PATTERNS)
+    assert [c["videos"] for c in per_class] == confusion.sum(axis=1).tolist() == [2, 2, 2]
+    assert [c["top1"] for c in per_class] == pytest.approx((np.diag(confusion) / 2).tolist())
+    assert figures["mean_class_top1"] == pytest.approx(np.mean(np.diag(confusion) / 2))
+    rows = [json.loads(line) for line in Path(figures["predictions"]).read_text().splitlines()]
+    assert [r["key"] for r in rows] == [f"test-{i:07d}" for i in range(6)]
+    for row in rows:
+        assert row["source"].split("/")[0] == row["label_name"] == figures["classes"][row["label"]]
+        assert len(row["top"]) == 3 and sum(c["probability"] for c in row["top"]) == pytest.approx(1, abs=1e-5)
+        assert row["top"][0]["probability"] >= row["top"][1]["probability"] >= row["top"][2]["probability"]
+    predicted = [figures["classes"].index(r["top"][0]["class"]) for r in rows]
+    assert np.trace(confusion) == sum(p == r["label"] for p, r in zip(predicted, rows, strict=True))
+    assert Path(figures["confusion_png"]).stat().st_size > 5000
+
+
+def test_predict_agrees_with_eval_and_reports_a_bad_file(
+    trained: dict[str, Path], evaluated: Path, tmp_path: Path
+) -> None:
+    rows = [json.loads(line) for line in evaluated.with_suffix(".predictions.jsonl").read_text().splitlines()]
+    videos = [str(trained["videos"] / row["source"]) for row in rows]
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(bytes(range(256)) * 40)
+    out = tmp_path / "predict.json"
+    result = invoke(
+        "predict", videos[0], str(bad), *videos[1:], "--checkpoint", str(trained["checkpoint"]), "--spatial-crops",
+        "3", "--device", "cpu", "--json", str(out), expect_error=True,
+    )  # fmt: skip
+    assert f"{bad}: ffmpeg:" in result.stderr and "1 of 7 videos could not be predicted" in result.stderr
+    predicted = json.loads(out.read_text())["videos"]
+    assert predicted[1] == {"video": str(bad), "error": predicted[1]["error"]} and predicted[1]["error"]
+    del predicted[1]
+    assert [p["video"] for p in predicted] == videos
+    for row, prediction in zip(rows, predicted, strict=True):
+        assert [c["class"] for c in prediction["top"]] == [c["class"] for c in row["top"]]
+        np.testing.assert_allclose(
+            [c["probability"] for c in prediction["top"]], [c["probability"] for c in row["top"]], atol=1e-4
+        )
+        assert f"{prediction['video']}: {row['top'][0]['class']} " in result.stdout
+
+
+def test_predict_with_a_checkpoint_that_lacks_the_preprocessing(trained: dict[str, Path], tmp_path: Path) -> None:
+    state = torch.load(trained["checkpoint"], weights_only=True)
+    assert state["preprocessing"] == {
+        "format": "jpeg",
+        "short_side": 40,
+        "fps": None,
+        "frames_per_jpeg": 8,
+        "quality": 90,
+    }
+    del state["preprocessing"]
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    video = str(next(trained["videos"].glob("smptebars/*.avi")))
+    result = invoke("predict", video, "--checkpoint", str(old), "--device", "cpu", expect_error=True)
+    assert f"{old} does not record how its training videos were preprocessed" in result.output
+    assert "pass --short-side" in result.output
+    args = ("--device", "cpu", "--top-k", "2")
+    given = invoke("predict", video, "--checkpoint", str(old), "--short-side", "40", *args).stdout
+    assert given == invoke("predict", video, "--checkpoint", str(trained["checkpoint"]), *args).stdout
+    assert given.startswith(f"{video}: ") and given.count("%") == 2
+
+
+def test_features_match_their_rows_and_a_linear_probe_beats_chance(trained: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "features"
+    invoke("features", "--data", str(trained["data"]), "--checkpoint", str(trained["checkpoint"]), "--out", str(out),
+           "--device", "cpu")  # fmt: skip
+    manifest = json.loads((trained["data"] / "manifest.json").read_text())
+    split = {}
+    for name in ("train", "test"):
+        x = np.load(out / f"{name}.npy")
+        rows = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+        assert x.dtype == np.float16 and x.shape[0] == len(rows) == manifest["splits"][name]["samples"]
+        assert [r["key"] for r in rows] == [f"{name}-{i:07d}" for i in range(len(rows))]
+        assert all(manifest["classes"][r["label"]] == r["source"].split("/")[0] for r in rows)
+        split[name] = (x.astype(np.float64), np.array([r["label"] for r in rows]))
+    (x_train, y_train), (x_test, y_test) = split["train"], split["test"]
+    assert x_train.shape == (12, x_test.shape[1]) and np.isfinite(x_train).all() and x_train.std(axis=0).max() > 0
+    mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
+    design = np.hstack([(x_train - mean) / std, np.ones((12, 1))])
+    ridge = np.vstack([design, 1.0 * np.eye(design.shape[1])])  # least squares onto one-hot labels, ridge 1
+    targets = np.vstack([np.eye(3)[y_train], np.zeros((design.shape[1], 3))])
+    weights = np.linalg.lstsq(ridge, targets, rcond=None)[0]
+    scores = np.hstack([(x_test - mean) / std, np.ones((len(x_test), 1))]) @ weights
+    accuracy = (scores.argmax(axis=1) == y_test).mean()
+    assert accuracy >= 5 / 6, accuracy  # chance: 1/3
