@@ -1,26 +1,25 @@
 """One checkpoint dict for everything (torchvision's reference recipe): the classifier, the method's heads,
 optimizer, lr scheduler, grad scaler, finished epochs, RNG state and the run's config, so resuming is one code
-path. Written atomically; read with `weights_only=True` (tensors and plain containers only)."""
+path. Written atomically (`files.open_atomic`); read with `weights_only=True` (tensors and plain containers only)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dali_skd.config import TrainConfig, from_dict
+from dali_skd.files import open_atomic
 from dali_skd.models import ResNet3d, build_model
 
 CHECKPOINT_VERSION = 1
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write-then-rename: a run killed while saving leaves the previous checkpoint intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({**state, "checkpoint_version": CHECKPOINT_VERSION}, tmp)
-    os.replace(tmp, path)
+    """Written atomically: a run killed while saving leaves the previous checkpoint intact."""
+    with open_atomic(path) as f:
+        torch.save({**state, "checkpoint_version": CHECKPOINT_VERSION}, f)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from dali_skd.files import write_atomic
+
 Device = Literal["auto", "cuda", "cpu"]  # auto: the GPU when CUDA is available, else the CPU
 Amp = Literal["auto", "fp16", "bf16", "off"]  # auto: fp16 on CUDA, off (fp32) on the CPU
 
@@ -216,7 +218,7 @@ def _nested_type(cls: type, name: str) -> type | None:
 
 
 def save_json(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    write_atomic(path, json.dumps(to_dict(cfg), indent=2) + "\n")
 
 
 def load_json(cls: type[T], path: str | Path) -> T:

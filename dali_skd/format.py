@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from dali_skd.files import write_atomic
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FAILED_NAME = "failed.jsonl"
@@ -167,9 +169,7 @@ class ShardManifest:
     def save(self, directory: str | Path, name: str = MANIFEST_NAME) -> Path:
         """Write `name` (a `--part` run writes `manifest.part-I-of-N.json`) atomically: readers never see half of it."""
         path = Path(directory) / name
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
-        tmp.replace(path)
+        write_atomic(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
         return path
 
     @classmethod

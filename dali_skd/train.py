@@ -23,6 +23,7 @@ from dali_skd.data.loader import EvalLoader, TrainLoader
 from dali_skd.data.shards import load_manifest
 from dali_skd.distributed import DistContext, init_distributed, shutdown
 from dali_skd.evaluate import EvalResult, eval_split, evaluate, topk_hits
+from dali_skd.files import write_atomic
 from dali_skd.methods import Method, build_method
 from dali_skd.models import build_model
 from dali_skd.plot import plot_curves
@@ -284,4 +285,4 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
         return
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     kept = [line for line in lines if json.loads(line)["epoch"] <= epochs_done]
-    path.write_text("".join(line + "\n" for line in kept))
+    write_atomic(path, "".join(line + "\n" for line in kept))
