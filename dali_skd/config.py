@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -227,3 +228,29 @@ def load_json(cls: type[T], path: str | Path) -> T:
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read config {path}: {e}") from e
     return from_dict(cls, raw, str(path))
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "(not set)"
+
+
+ABSENT: Any = _Absent()  # the value of a setting one of two compared settings dicts does not hold
+
+
+def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The settings that differ between two nested dicts (a saved config and the current one), by dotted name
+    (`lr`, `loader.crop`), sorted, each with its saved and its current value; a setting only one holds differs."""
+    changes: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(saved.keys() | current.keys()):
+        then, now = saved.get(key, ABSENT), current.get(key, ABSENT)
+        if isinstance(then, Mapping) and isinstance(now, Mapping):
+            changes.update({f"{key}.{name}": values for name, values in changed_settings(then, now).items()})
+        elif then != now:
+            changes[key] = (then, now)
+    return changes
+
+
+def format_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    """`lr: 0.01 then, 0.5 now; loader.crop: 112 then, 64 now`."""
+    return "; ".join(f"{name}: {then!r} then, {now!r} now" for name, (then, now) in changes.items())

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from dali_skd.checkpoint import load_checkpoint, load_classifier, save_checkpoint
-from dali_skd.config import TrainConfig, from_dict, save_json, to_dict
+from dali_skd.config import TrainConfig, changed_settings, format_changes, from_dict, save_json, to_dict
 from dali_skd.data.loader import EvalLoader, TrainLoader
 from dali_skd.data.shards import load_manifest
 from dali_skd.distributed import DistContext, init_distributed, shutdown
@@ -30,8 +30,23 @@ from dali_skd.plot import plot_curves
 from dali_skd.pretrained import init_from_pretrained, param_groups
 from dali_skd.runtime import autocast, resolve_precision
 
-# settings that may change when a run is resumed; any other difference is refused
-RESUMABLE_CHANGES = {"epochs", "resume", "log_every"}
+# settings that may change when a run is resumed, as they leave the result as it was: where the shards and the run
+# are (moved to another disk), how the loader runs, logging and the number of epochs; any other change is refused
+RESUMABLE_CHANGES = {
+    "out",
+    "epochs",
+    "resume",
+    "log_every",
+    "loader.data",
+    "loader.train_shards",
+    "loader.eval_shards",
+    "loader.threads",
+    "loader.prefetch",
+    "loader.device",
+    "loader.hw_decoder_load",
+    "loader.preallocate_width_hint",
+    "loader.preallocate_height_hint",
+}
 
 
 @dataclass
@@ -134,11 +149,13 @@ class Trainer:
             return None
         state = load_checkpoint(path)
         saved = from_dict(TrainConfig, state["config"], f"{path} config")
-        changed = [k for k, v in to_dict(self.cfg).items() if k not in RESUMABLE_CHANGES and to_dict(saved)[k] != v]
-        if changed:
+        changes = changed_settings(to_dict(saved), to_dict(self.cfg))
+        refused = {name: values for name, values in changes.items() if name not in RESUMABLE_CHANGES}
+        if refused:
             raise ValueError(
-                f"{path} was trained with different settings ({', '.join(changed)}): resume with the same "
-                "settings (only --epochs may change), or pass a new --out"
+                f"{path} was trained with other settings ({format_changes(refused)}): resume with the run's "
+                "settings (only where the data and the run are, how the loader runs, --log-every and --epochs may "
+                "change), or pass a new --out"
             )
         return state
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dali_skd.config import changed_settings, format_changes
 from dali_skd.files import AtomicFile, write_atomic
 from dali_skd.format import FAILED_NAME, MANIFEST_NAME, ShardInfo, ShardManifest, SplitInfo
 from preprocess.datasets import PreprocessError
@@ -237,13 +238,11 @@ def check_settings(out: Path, part: Part | None, settings: dict[str, Any]) -> No
     if not path.is_file():
         write_atomic(path, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
         return
-    recorded = json.loads(path.read_text(encoding="utf-8"))
-    differ = [key for key in sorted(settings.keys() | recorded.keys()) if settings.get(key) != recorded.get(key)]
-    if differ:
-        changes = "; ".join(f"{key}: {recorded.get(key)!r} then, {settings.get(key)!r} now" for key in differ)
+    changes = changed_settings(json.loads(path.read_text(encoding="utf-8")), settings)
+    if changes:
         raise PreprocessError(
-            f"{out} was written with other settings or videos ({changes}): resume with the flags and videos of the "
-            "interrupted run, or start again into a new --out"
+            f"{out} was written with other settings or videos ({format_changes(changes)}): resume with the flags "
+            "and videos of the interrupted run, or start again into a new --out"
         )
 
 
@@ -309,13 +308,9 @@ def _check_parts_agree(out: Path, parts: list[Part]) -> None:
         path = out / JOURNAL_DIR / run_file(SETTINGS_NAME, part)
         if not path.is_file():
             raise PreprocessError(f"{path} is missing: merge needs every part's {JOURNAL_DIR}/ folder in {out}")
-        recorded.append(
-            {key: value for key, value in json.loads(path.read_text(encoding="utf-8")).items() if key != "part"}
-        )
+        recorded.append(json.loads(path.read_text(encoding="utf-8")))
     for part, settings in zip(parts[1:], recorded[1:], strict=True):
-        differ = sorted(
-            key for key in settings.keys() | recorded[0].keys() if settings.get(key) != recorded[0].get(key)
-        )
+        differ = [name for name in changed_settings(recorded[0], settings) if name != "part"]
         if differ:
             raise PreprocessError(
                 f"part {part.index}/{part.count} differs from part 1/{part.count} in {', '.join(differ)}: "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,24 +58,32 @@ def test_skd_srl_logs_every_loss_term(data: Path, tmp_path: Path) -> None:
     assert {"loss_ce", "loss_kl", "loss_sim"} <= set(metrics(tmp_path / "run")[0])
 
 
-def test_resume_gives_the_same_weights(data: Path, tmp_path: Path) -> None:
+def test_resume_gives_the_same_weights_after_moving_the_shards_and_the_run(data: Path, tmp_path: Path) -> None:
     train(tiny(data, tmp_path / "straight"))
-    train(tiny(data, tmp_path / "resumed", epochs=1))
-    train(tiny(data, tmp_path / "resumed", resume=True))
+    shutil.copytree(data, tmp_path / "shards")
+    train(tiny(tmp_path / "shards", tmp_path / "resumed", epochs=1))
+    # both folders moved to another disk; the loader set up otherwise: none of it changes the result
+    (tmp_path / "shards").rename(tmp_path / "moved-shards")
+    (tmp_path / "resumed").rename(tmp_path / "moved-run")
+    cfg = tiny(tmp_path / "moved-shards", tmp_path / "moved-run", resume=True, log_every=1)
+    cfg.loader.threads, cfg.loader.prefetch = 1, 3
+    train(cfg)
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "moved-run" / "last.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 2
     for key, value in a["method"].items():
         assert torch.equal(value, b["method"][key]), key
-    assert [r["epoch"] for r in metrics(tmp_path / "resumed")] == [1, 2]
+    assert [r["epoch"] for r in metrics(tmp_path / "moved-run")] == [1, 2]
 
 
 def test_resume_refuses_changed_settings_and_fresh_runs_refuse_old_dirs(data: Path, tmp_path: Path) -> None:
     train(tiny(data, tmp_path / "run", epochs=1))
     with pytest.raises(FileExistsError, match="add --resume"):
         train(tiny(data, tmp_path / "run", epochs=1))
-    with pytest.raises(ValueError, match=r"different settings \(lr\)"):
-        train(tiny(data, tmp_path / "run", epochs=2, lr=0.5, resume=True))
+    cfg = tiny(data, tmp_path / "run", epochs=2, lr=0.5, resume=True)
+    cfg.loader.crop = 48
+    with pytest.raises(ValueError, match=r"other settings \(loader.crop: 32 then, 48 now; lr: 0.01 then, 0.5 now\)"):
+        train(cfg)
 
 
 RANK_SCRIPT = """
