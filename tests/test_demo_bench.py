@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+import torch
 from clickit import invoke
 from clipdata import noise_frames, write_dataset
 
 from dali_skd.demo import DemoPreset, run_demo
+from dali_skd.methods import MethodOutput
+from dali_skd.step import TrainStep
 
 
 def test_demo_runs_end_to_end_and_reports_against_chance(tmp_path: Path, capsys) -> None:
@@ -26,7 +30,15 @@ def test_demo_runs_end_to_end_and_reports_against_chance(tmp_path: Path, capsys)
     assert again["rows"][0]["test_top1"] == saved["rows"][0]["test_top1"]
 
 
-def test_bench_measures_both_loaders_and_training(tmp_path: Path) -> None:
+def test_bench_measures_both_loaders_and_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    steps: list[int] = []  # the benchmark times the trainer's own step
+    trainer_step = TrainStep.__call__
+
+    def counted(self: TrainStep, views: list[torch.Tensor], labels: torch.Tensor) -> MethodOutput:
+        steps.append(len(labels))
+        return trainer_step(self, views, labels)
+
+    monkeypatch.setattr(TrainStep, "__call__", counted)
     videos = [(noise_frames(12, seed=i), i % 2) for i in range(6)]
     data = write_dataset(tmp_path / "data", {"train": videos}, ["a", "b"], per_shard=2)
     out = tmp_path / "bench.json"
@@ -47,6 +59,7 @@ def test_bench_measures_both_loaders_and_training(tmp_path: Path) -> None:
         report["loaders"]["dali"]["samples_per_s"] / report["loaders"]["dataloader"]["samples_per_s"]
     )
     train = report["train"]
+    assert len(steps) >= 8 and set(steps) == {2}  # a warm-up of 2 and 2 windows, on synthetic and on real batches
     assert train["arch"] == "r3d10-tiny" and train["synthetic_samples_per_s"] > 0 and 0 <= train["data_wait"] <= 1
     assert "dali / dataloader" in result.output and "training r3d10-tiny" in result.output
 
