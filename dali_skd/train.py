@@ -237,8 +237,7 @@ class Trainer:
                 self.writer.add_scalar(f"epoch/{key}", value, epoch + 1)
         self.writer.flush()
         state = {
-            "model": self.method.model.state_dict(),
-            "method": self.method.state_dict(),
+            "method": self.method.state_dict(),  # the classifier is its "model." entries
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
