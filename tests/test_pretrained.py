@@ -155,6 +155,7 @@ def test_a_partial_file_is_refused(tmp_path: Path) -> None:
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing loaded
 
 
+@pytest.mark.slow
 def test_a_file_weights_only_refuses_says_how_to_keep_its_weights(tmp_path: Path) -> None:
     source = kinetics_model("r3d10-tiny", 400, "A", seed=4)
     path = tmp_path / "resnet-10-kinetics.pth"
@@ -254,6 +255,7 @@ def test_init_and_freeze_through_train(data: Path, tmp_path: Path, capsys: pytes
             assert not torch.equal(trained[key], value), key
 
 
+@pytest.mark.slow
 def test_lr_backbone_scales_the_encoder_lr_only(data: Path, tmp_path: Path) -> None:
     source = kinetics_model("r3d10-tiny", 2, "A", seed=6)
     path = save_2018_file(source, tmp_path / "k400.pth")
