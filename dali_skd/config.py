@@ -30,7 +30,7 @@ class PreprocessConfig:
     dataset: Literal["ucf101", "hmdb51", "kinetics400", "folder", "synthetic"] = _opt(
         "synthetic", "dataset adapter (its official file names and split files)"
     )
-    out: str = _opt("data/synthetic", "output directory: manifest.json, failed.jsonl, <split>/shard-*.tar")
+    out: str = _opt("data/synthetic", "output directory (its layout: docs/format.md, 'The output folder')")
     root: str | None = _opt(
         None, "dataset root holding the videos (synthetic: where to write them; default OUT/videos)"
     )

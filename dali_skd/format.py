@@ -1,6 +1,6 @@
-"""The shard format: what `preprocess` writes and the loader reads (documented in docs/format.md).
+"""The shard format: what `preprocess` writes and the loader reads. docs/format.md documents it, the layout of a
+dataset folder included (its one description).
 
-A dataset directory holds `manifest.json`, `failed.jsonl` and one folder of WebDataset tars per split.
 One tar member group (one "sample") is one video:
 
     <key>.json           metadata (SampleMeta)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,20 @@ CONFIGS = [c for c in vars(config).values() if isinstance(c, type) and dataclass
 
 
 @pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
-def test_no_two_nested_fields_share_a_flag(cls: type) -> None:
-    """Every leaf field of a command's config is the flag of its name: two of one name would collide."""
+def test_no_two_nested_fields_share_a_flag_and_choices_are_text(cls: type) -> None:
+    """Every leaf field of a command's config is the flag of its name: two of one name would collide. A Literal
+    field is a click.Choice, whose values are strings: a Literal of numbers would reach the config as text."""
     names = [path[-1] for path, _, _ in _leaves(cls)]
     assert sorted(name for name in set(names) if names.count(name) > 1) == []
+    for path, _, kind in _leaves(cls):
+        assert all(isinstance(value, str) for value in literal_values(kind)), ".".join(path)
+
+
+def literal_values(kind: Any) -> list[Any]:
+    """The values of a Literal annotation, or of the Literals inside one (`Literal["A", "B"] | None`)."""
+    if typing.get_origin(kind) is typing.Literal:
+        return list(typing.get_args(kind))
+    return [value for arg in typing.get_args(kind) for value in literal_values(arg)]
 
 
 def test_changed_settings_names_each_nested_difference_by_its_dotted_path() -> None:
