@@ -23,16 +23,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from dali_skd.config import BenchConfig, LoaderConfig, ObjectiveConfig, to_dict
+from dali_skd.config import BenchConfig, LoaderConfig, TrainConfig, to_dict
 from dali_skd.data.clips import clip_frames, spaced_starts
 from dali_skd.data.loader import EvalLoader, TrainLoader, dali_threads
 from dali_skd.data.pipeline import passthrough_pipeline
 from dali_skd.data.shards import load_manifest
 from dali_skd.data.source import BackgroundBatches
 from dali_skd.data.torch_baseline import dataloader_baseline, decode_clip
-from dali_skd.methods import build_method
+from dali_skd.methods import MethodOutput
 from dali_skd.models import build_model
-from dali_skd.runtime import TORCH_DTYPES, autocast, resolve_device, resolve_precision
+from dali_skd.runtime import TORCH_DTYPES, resolve_device, resolve_precision
+from dali_skd.step import build_train_step
 
 LOADERS = ("host", "dali", "dataloader")
 
@@ -184,33 +185,18 @@ def bench_dataloader(cfg: BenchConfig, device: torch.device, precision: str) -> 
 
 
 def bench_train(cfg: BenchConfig, device: torch.device, precision: str) -> dict[str, float]:
-    """SKD-SRL training steps: on one synthetic batch already on the device, then fed by the DALI loader."""
+    """The trainer's step (`step.TrainStep`) with the paper's SKD-SRL and SGD settings: on one synthetic batch
+    already on the device, then fed by the DALI loader."""
     num_classes = load_manifest(cfg.loader.data).num_classes
-    channels_last = cfg.channels_last and device.type == "cuda"
-    model = build_model(cfg.train_arch, num_classes)
-    method = build_method("skd-srl", model, num_classes, ObjectiveConfig()).to(device)
-    if channels_last:
-        method.to(memory_format=torch.channels_last_3d)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    optimizer = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
-
-    def step(views: list[torch.Tensor], labels: torch.Tensor) -> None:
-        with autocast(precision, device):
-            loss = method([v.to(memory_format=memory_format) for v in views], labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
+    train_cfg = TrainConfig(arch=cfg.train_arch, amp=cfg.amp, channels_last=cfg.channels_last)
+    model = build_model(train_cfg.arch, num_classes, shortcut=train_cfg.shortcut)
+    step = build_train_step(train_cfg, model, num_classes, device)
     b, crop = cfg.train_batch_size, cfg.loader.crop
     dtype = TORCH_DTYPES[precision]
     views = [torch.rand(b, 3, cfg.loader.clip_len, crop, crop, device=device, dtype=dtype) * 2 - 1 for _ in range(2)]
     labels = torch.randint(0, num_classes, (b,), device=device)
 
-    def synthetic() -> Iterator[None]:
+    def synthetic() -> Iterator[MethodOutput]:
         while True:
             yield step(views, labels)
 
@@ -220,7 +206,7 @@ def bench_train(cfg: BenchConfig, device: torch.device, precision: str) -> dict[
     loader = _train_loader(cfg, device, precision, b)
     waited = [0.0]
 
-    def real() -> Iterator[None]:
+    def real() -> Iterator[MethodOutput]:
         batches = loader.stream()
         while True:
             before = time.perf_counter()
@@ -233,7 +219,7 @@ def bench_train(cfg: BenchConfig, device: torch.device, precision: str) -> dict[
         "arch": cfg.train_arch,
         "batch_size": b,
         "precision": precision,
-        "channels_last": channels_last,
+        "channels_last": step.channels_last,
         "synthetic_samples_per_s": synthetic_rate.samples_per_s,
         "loader_samples_per_s": real_rate.samples_per_s,
         "loader_over_synthetic": real_rate.samples_per_s / synthetic_rate.samples_per_s,

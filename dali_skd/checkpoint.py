@@ -1,26 +1,27 @@
-"""One checkpoint dict for everything (torchvision's reference recipe): the classifier, the method's heads,
-optimizer, lr scheduler, grad scaler, finished epochs, RNG state and the run's config, so resuming is one code
-path. Written atomically; read with `weights_only=True` (tensors and plain containers only)."""
+"""One checkpoint dict for everything (torchvision's reference recipe): the method's state dict (the classifier
+under `model.`, then the method's heads), optimizer, lr scheduler, grad scaler, finished epochs, RNG state and the
+run's config, so resuming is one code path. Written atomically (`files.open_atomic`); read with
+`weights_only=True` (tensors and plain containers only). Older checkpoints also hold the classifier on its own,
+under "model"; they still load."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dali_skd.config import TrainConfig, from_dict
+from dali_skd.files import open_atomic
 from dali_skd.models import ResNet3d, build_model
 
 CHECKPOINT_VERSION = 1
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write-then-rename: a run killed while saving leaves the previous checkpoint intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({**state, "checkpoint_version": CHECKPOINT_VERSION}, tmp)
-    os.replace(tmp, path)
+    """Written atomically: a run killed while saving leaves the previous checkpoint intact."""
+    with open_atomic(path) as f:
+        torch.save({**state, "checkpoint_version": CHECKPOINT_VERSION}, f)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -42,8 +43,8 @@ def check_version(state: object, path: str | Path) -> dict[str, Any]:
 
 
 def classifier_state(state: dict[str, Any], path: str | Path) -> dict[str, torch.Tensor]:
-    """The classifier's (encoder + `fc`) state dict in a checkpoint: its "model", or else the "model." entries
-    of the method's state dict, which holds the same tensors."""
+    """The classifier's (encoder + `fc`) state dict in a checkpoint: the "model." entries of the method's state
+    dict, or the "model" an older checkpoint holds beside it (the same tensors)."""
     if "model" in state:
         return state["model"]
     weights = {k.removeprefix("model."): v for k, v in state.get("method", {}).items() if k.startswith("model.")}

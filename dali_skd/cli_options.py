@@ -70,12 +70,10 @@ def _show(value: Any) -> str:
 def build_config(cls: type[T], options: dict[str, Any], config_file: str | None = None) -> T:
     """Defaults, then `config_file` (a saved config.json), then the flags that were given."""
     base = to_dict(load_json(cls, config_file) if config_file else cls())
-    for path, _, kind in _leaves(cls):
+    for path, _, _ in _leaves(cls):
         value = options.get(path[-1])
         if value is None:
             continue
-        if typing.get_origin(kind) is Literal and all(isinstance(a, int) for a in typing.get_args(kind)):
-            value = int(value)
         node = base
         for key in path[:-1]:
             node = node[key]

@@ -7,9 +7,12 @@ import copy
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+from dali_skd.files import write_atomic
 
 Device = Literal["auto", "cuda", "cpu"]  # auto: the GPU when CUDA is available, else the CPU
 Amp = Literal["auto", "fp16", "bf16", "off"]  # auto: fp16 on CUDA, off (fp32) on the CPU
@@ -27,7 +30,7 @@ class PreprocessConfig:
     dataset: Literal["ucf101", "hmdb51", "kinetics400", "folder", "synthetic"] = _opt(
         "synthetic", "dataset adapter (its official file names and split files)"
     )
-    out: str = _opt("data/synthetic", "output directory: manifest.json, failed.jsonl, <split>/shard-*.tar")
+    out: str = _opt("data/synthetic", "output directory (its layout: docs/format.md, 'The output folder')")
     root: str | None = _opt(
         None, "dataset root holding the videos (synthetic: where to write them; default OUT/videos)"
     )
@@ -164,7 +167,7 @@ class EvalConfig:
     split: str | None = _opt(None, "split to evaluate (default: test, or val for Kinetics)")
     batch_size: int = _opt(32, "clips per batch")
     amp: Amp = _opt("auto", "mixed precision (auto: fp16 on CUDA, off on CPU)")
-    spatial_crops: Literal[1, 3] = _opt(
+    spatial_crops: int = _opt(
         1, "windows per clip: 1 (the centre) or 3 (both ends and the centre of the long side, the Kinetics protocol)"
     )
     json: str | None = _opt(
@@ -181,7 +184,7 @@ class ClipsConfig:
     checkpoint was trained with (its config's loader settings), so the model sees the clips it learned on."""
 
     clips_per_video: int | None = _opt(None, "clips per video, uniformly spaced (default: the checkpoint's)")
-    spatial_crops: Literal[1, 3] = _opt(
+    spatial_crops: int = _opt(
         1, "windows per clip: 1 (the centre) or 3 (both ends and the centre of the long side, the Kinetics protocol)"
     )
     clip_len: int | None = _opt(None, "frames per clip (default: the checkpoint's)")
@@ -280,7 +283,7 @@ def _nested_type(cls: type, name: str) -> type | None:
 
 
 def save_json(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    write_atomic(path, json.dumps(to_dict(cfg), indent=2) + "\n")
 
 
 def load_json(cls: type[T], path: str | Path) -> T:
@@ -289,3 +292,29 @@ def load_json(cls: type[T], path: str | Path) -> T:
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read config {path}: {e}") from e
     return from_dict(cls, raw, str(path))
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "(not set)"
+
+
+ABSENT: Any = _Absent()  # the value of a setting one of two compared settings dicts does not hold
+
+
+def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The settings that differ between two nested dicts (a saved config and the current one), by dotted name
+    (`lr`, `loader.crop`), sorted, each with its saved and its current value; a setting only one holds differs."""
+    changes: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(saved.keys() | current.keys()):
+        then, now = saved.get(key, ABSENT), current.get(key, ABSENT)
+        if isinstance(then, Mapping) and isinstance(now, Mapping):
+            changes.update({f"{key}.{name}": values for name, values in changed_settings(then, now).items()})
+        elif then != now:
+            changes[key] = (then, now)
+    return changes
+
+
+def format_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    """`lr: 0.01 then, 0.5 now; loader.crop: 112 then, 64 now`."""
+    return "; ".join(f"{name}: {then!r} then, {now!r} now" for name, (then, now) in changes.items())

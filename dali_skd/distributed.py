@@ -64,10 +64,6 @@ class DistContext:
                 dist.all_reduce(buffer)
                 buffer /= self.world
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
 
 def init_distributed(device: str) -> DistContext:
     """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK; joins the process group (NCCL on GPUs, gloo on CPUs)."""

@@ -1,6 +1,6 @@
-"""The shard format: what `preprocess` writes and the loader reads (documented in docs/format.md).
+"""The shard format: what `preprocess` writes and the loader reads. docs/format.md documents it, the layout of a
+dataset folder included (its one description).
 
-A dataset directory holds `manifest.json`, `failed.jsonl` and one folder of WebDataset tars per split.
 One tar member group (one "sample") is one video:
 
     <key>.json           metadata (SampleMeta)
@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from dali_skd.files import write_atomic
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -173,9 +175,7 @@ class ShardManifest:
     def save(self, directory: str | Path, name: str = MANIFEST_NAME) -> Path:
         """Write `name` (a `--part` run writes `manifest.part-I-of-N.json`) atomically: readers never see half of it."""
         path = Path(directory) / name
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
-        tmp.replace(path)
+        write_atomic(path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
         return path
 
     @classmethod

@@ -8,9 +8,9 @@
 | `kd`           | 1     | yes             | (1 - a) CE + a tau^2 KL(teacher || student)    |
 | `skd-srl`      | 2     | yes             | Eq. 5: CE + CE + alpha L_KL + beta L_sim       |
 
-A method holds `model` (encoder + `fc`: what evaluation uses and the checkpoint's "model" holds) and its own
-heads. Train with `torch.optim.SGD(method.parameters(), ...)` and save `method.state_dict()` to resume: the kd
-teacher is kept outside the module tree, so it is in neither.
+A method holds `model` (encoder + `fc`: what evaluation uses, the "model." entries of a checkpoint's "method")
+and its own heads. Train `method.parameters()` (`step.build_train_step`) and save `method.state_dict()` to resume:
+the kd teacher is kept outside the module tree, so it is in neither.
 """
 
 from __future__ import annotations

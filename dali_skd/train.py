@@ -14,23 +14,37 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from dali_skd.checkpoint import load_checkpoint, load_classifier, save_checkpoint
-from dali_skd.config import TrainConfig, from_dict, save_json, to_dict
+from dali_skd.config import TrainConfig, changed_settings, format_changes, from_dict, save_json, to_dict
 from dali_skd.data.loader import EvalLoader, TrainLoader
 from dali_skd.data.shards import load_manifest
 from dali_skd.distributed import DistContext, init_distributed, shutdown
 from dali_skd.evaluate import EvalResult, eval_split, evaluate, topk_hits
-from dali_skd.methods import Method, build_method
+from dali_skd.files import write_atomic
 from dali_skd.models import build_model
 from dali_skd.plot import plot_curves
-from dali_skd.pretrained import init_from_pretrained, param_groups
-from dali_skd.runtime import autocast, resolve_precision
+from dali_skd.pretrained import init_from_pretrained
+from dali_skd.step import build_train_step
 
-# settings that may change when a run is resumed; any other difference is refused
-RESUMABLE_CHANGES = {"epochs", "resume", "log_every"}
+# settings that may change when a run is resumed, as they leave the result as it was: where the shards and the run
+# are (moved to another disk), how the loader runs, logging and the number of epochs; any other change is refused
+RESUMABLE_CHANGES = {
+    "out",
+    "epochs",
+    "resume",
+    "log_every",
+    "loader.data",
+    "loader.train_shards",
+    "loader.eval_shards",
+    "loader.threads",
+    "loader.prefetch",
+    "loader.device",
+    "loader.hw_decoder_load",
+    "loader.preallocate_width_hint",
+    "loader.preallocate_height_hint",
+}
 
 
 @dataclass
@@ -63,8 +77,6 @@ def train(cfg: TrainConfig) -> TrainSummary:
 class Trainer:
     def __init__(self, cfg: TrainConfig, ctx: DistContext) -> None:
         self.cfg, self.ctx, self.out = cfg, ctx, Path(cfg.out)
-        self.precision = resolve_precision(cfg.amp, ctx.device)
-        self.channels_last = cfg.channels_last and ctx.device.type == "cuda"
         manifest = load_manifest(cfg.loader.data)
         self.classes = manifest.classes
         self.preprocessing = manifest.preprocessing()  # saved with the model, for `cli.py predict`
@@ -82,27 +94,13 @@ class Trainer:
             if ctx.is_main:
                 print(report.format())
         model.freeze(cfg.freeze)
-        self.method: Method = build_method(cfg.method, model, manifest.num_classes, cfg.objective, teacher)
-        self.method.to(ctx.device)
-        if self.channels_last:
-            self.method.to(memory_format=torch.channels_last_3d)
-        if ctx.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        self.net = (
-            DistributedDataParallel(self.method, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-            if ctx.distributed
-            else self.method
-        )
-        self.optimizer = torch.optim.SGD(
-            param_groups(self.method, cfg.lr, cfg.lr_backbone),
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-        )
+        step = build_train_step(cfg, model, manifest.num_classes, ctx.device, teacher, ctx.distributed)
+        self.train_step = step
+        self.method, self.optimizer, self.scaler = step.method, step.optimizer, step.scaler
+        self.precision, self.channels_last = step.precision, step.channels_last
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience
         )
-        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.precision == "fp16")
         self.start_epoch, self.best_top1, self.best_epoch = 0, -1.0, 0
         self.writer = None  # TensorBoard, rank 0 only
         if resume is not None:
@@ -134,11 +132,13 @@ class Trainer:
             return None
         state = load_checkpoint(path)
         saved = from_dict(TrainConfig, state["config"], f"{path} config")
-        changed = [k for k, v in to_dict(self.cfg).items() if k not in RESUMABLE_CHANGES and to_dict(saved)[k] != v]
-        if changed:
+        changes = changed_settings(to_dict(saved), to_dict(self.cfg))
+        refused = {name: values for name, values in changes.items() if name not in RESUMABLE_CHANGES}
+        if refused:
             raise ValueError(
-                f"{path} was trained with different settings ({', '.join(changed)}): resume with the same "
-                "settings (only --epochs may change), or pass a new --out"
+                f"{path} was trained with other settings ({format_changes(refused)}): resume with the run's "
+                "settings (only where the data and the run are, how the loader runs, --log-every and --epochs may "
+                "change), or pass a new --out"
             )
         return state
 
@@ -189,7 +189,7 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         cfg, ctx, loader = self.cfg, self.ctx, self.train_loader
-        self.net.train()
+        self.train_step.net.train()
         steps = loader.steps_per_epoch
         terms: dict[str, torch.Tensor] = {}
         hits = torch.zeros(2, dtype=torch.float64, device=ctx.device)
@@ -199,16 +199,7 @@ class Trainer:
         started = before = time.perf_counter()
         for step, batch in enumerate(loader.epoch(epoch)):
             waited += time.perf_counter() - before
-            views = batch.views
-            if self.channels_last:
-                views = [v.to(memory_format=torch.channels_last_3d) for v in views]
-            with autocast(self.precision, ctx.device):
-                output = self.net(views, batch.labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(output.loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-
+            output = self.train_step(batch.views, batch.labels)
             n = len(batch.labels)
             samples += n
             for name, value in {"loss": output.loss.detach(), **output.terms}.items():
@@ -247,8 +238,7 @@ class Trainer:
                 self.writer.add_scalar(f"epoch/{key}", value, epoch + 1)
         self.writer.flush()
         state = {
-            "model": self.method.model.state_dict(),
-            "method": self.method.state_dict(),
+            "method": self.method.state_dict(),  # the classifier is its "model." entries
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -286,4 +276,4 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
         return
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     kept = [line for line in lines if json.loads(line)["epoch"] <= epochs_done]
-    path.write_text("".join(line + "\n" for line in kept))
+    write_atomic(path, "".join(line + "\n" for line in kept))

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dali_skd.config import changed_settings, format_changes
+from dali_skd.files import AtomicFile, write_atomic
 from dali_skd.format import FAILED_NAME, MANIFEST_NAME, ShardInfo, ShardManifest, SplitInfo
 from preprocess.datasets import PreprocessError
 
@@ -93,9 +95,8 @@ class ShardWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
-        self._file = self.tmp.open("wb")
-        self._tar = tarfile.TarFile(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._file = AtomicFile(path)
+        self._tar = tarfile.TarFile(fileobj=self._file.file, mode="w", format=tarfile.USTAR_FORMAT)
         self.samples = 0
         self.members_bytes = 0
 
@@ -107,11 +108,7 @@ class ShardWriter:
 
     def finish(self) -> int:
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
+        self._file.commit()
         return self.path.stat().st_size
 
 
@@ -239,22 +236,20 @@ def check_settings(out: Path, part: Part | None, settings: dict[str, Any]) -> No
     path = out / JOURNAL_DIR / run_file(SETTINGS_NAME, part)
     settings = json.loads(json.dumps(settings))  # compare as they read back
     if not path.is_file():
-        write_atomic(path, (json.dumps(settings, indent=2, ensure_ascii=False) + "\n").encode())
+        write_atomic(path, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
         return
-    recorded = json.loads(path.read_text(encoding="utf-8"))
-    differ = [key for key in sorted(settings.keys() | recorded.keys()) if settings.get(key) != recorded.get(key)]
-    if differ:
-        changes = "; ".join(f"{key}: {recorded.get(key)!r} then, {settings.get(key)!r} now" for key in differ)
+    changes = changed_settings(json.loads(path.read_text(encoding="utf-8")), settings)
+    if changes:
         raise PreprocessError(
-            f"{out} was written with other settings or videos ({changes}): resume with the flags and videos of the "
-            "interrupted run, or start again into a new --out"
+            f"{out} was written with other settings or videos ({format_changes(changes)}): resume with the flags "
+            "and videos of the interrupted run, or start again into a new --out"
         )
 
 
 def write_results(out: Path, part: Part | None, manifest: ShardManifest, failures: list[dict[str, str]]) -> Path:
     """Write the failed list, then the manifest (its presence says the run finished); return the manifest's path."""
     lines = "".join(json.dumps(failure, ensure_ascii=False) + "\n" for failure in failures)
-    write_atomic(out / run_file(FAILED_NAME, part), lines.encode())
+    write_atomic(out / run_file(FAILED_NAME, part), lines)
     return manifest.save(out, run_file(MANIFEST_NAME, part))
 
 
@@ -313,13 +308,9 @@ def _check_parts_agree(out: Path, parts: list[Part]) -> None:
         path = out / JOURNAL_DIR / run_file(SETTINGS_NAME, part)
         if not path.is_file():
             raise PreprocessError(f"{path} is missing: merge needs every part's {JOURNAL_DIR}/ folder in {out}")
-        recorded.append(
-            {key: value for key, value in json.loads(path.read_text(encoding="utf-8")).items() if key != "part"}
-        )
+        recorded.append(json.loads(path.read_text(encoding="utf-8")))
     for part, settings in zip(parts[1:], recorded[1:], strict=True):
-        differ = sorted(
-            key for key in settings.keys() | recorded[0].keys() if settings.get(key) != recorded[0].get(key)
-        )
+        differ = [name for name in changed_settings(recorded[0], settings) if name != "part"]
         if differ:
             raise PreprocessError(
                 f"part {part.index}/{part.count} differs from part 1/{part.count} in {', '.join(differ)}: "
@@ -331,22 +322,3 @@ def _read_failures(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise PreprocessError(f"{path} is missing: that part did not finish; --resume it, then merge again")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable: a crash after it must not bring the `.tmp` name back."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -33,6 +33,8 @@ import imageio_ffmpeg
 import numpy as np
 from tqdm import tqdm
 
+from dali_skd.files import write_atomic
+
 SYNTHETIC_VERSION = 1  # bump whenever the same parameters would render other videos
 WIDTH, HEIGHT = 224, 168  # 4:3, not the training size: the transcode rescales it like a real dataset
 CRF = 20
@@ -380,15 +382,9 @@ def _claim(root: Path, params: dict[str, Any]) -> None:
         raise FileExistsError(f"{root} is not empty and holds no synthetic.json; delete it or pick another folder")
     else:
         root.mkdir(parents=True, exist_ok=True)
-        _write_atomic(meta, json.dumps(params, indent=2) + "\n")
+        write_atomic(meta, json.dumps(params, indent=2) + "\n")
     if not (root / "classes.txt").exists():
-        _write_atomic(root / "classes.txt", "".join(f"{name}\n" for name in SYNTHETIC_CLASSES[: params["classes"]]))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+        write_atomic(root / "classes.txt", "".join(f"{name}\n" for name in SYNTHETIC_CLASSES[: params["classes"]]))
 
 
 def _write_video(video: _Video) -> None:

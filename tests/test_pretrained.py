@@ -4,6 +4,7 @@ releases and of this project, written with torch.save as they were, give the mod
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import typing
@@ -16,12 +17,13 @@ from clipdata import noise_frames, write_dataset
 from test_train import tiny
 from torch import Tensor, nn
 
-from dali_skd.checkpoint import load_checkpoint, load_classifier, save_checkpoint
+from dali_skd.checkpoint import classifier_state, load_checkpoint, load_classifier
 from dali_skd.config import ObjectiveConfig, TrainConfig
+from dali_skd.distributed import init_distributed
 from dali_skd.methods import build_method
 from dali_skd.models import FREEZE_POINTS, ResNet3d, Shortcut, build_model
 from dali_skd.pretrained import init_from_pretrained, param_groups
-from dali_skd.train import train
+from dali_skd.train import Trainer, train
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +155,7 @@ def test_a_partial_file_is_refused(tmp_path: Path) -> None:
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing loaded
 
 
+@pytest.mark.slow
 def test_a_file_weights_only_refuses_says_how_to_keep_its_weights(tmp_path: Path) -> None:
     source = kinetics_model("r3d10-tiny", 400, "A", seed=4)
     path = tmp_path / "resnet-10-kinetics.pth"
@@ -184,32 +187,53 @@ def test_other_files_are_refused_with_their_name(tmp_path: Path) -> None:
         init_from_pretrained(build_model("r3d10-tiny", 2), tmp_path / "epoch.pth")
 
 
+@pytest.mark.slow
 def test_own_checkpoint_loads_with_init_and_keeps_its_shortcut(data: Path, tmp_path: Path) -> None:
     train(tiny(data, tmp_path / "run", method="baseline", epochs=1, shortcut="B"))
     best = tmp_path / "run" / "best.pt"
     state = load_checkpoint(best)
     assert state["config"]["shortcut"] == "B"
+    assert "model" not in state  # the classifier is held once, as the "model." entries of "method"
     trained, _ = load_classifier(best, torch.device("cpu"), 2)  # rebuilt with the stored shortcut B
     assert "layer2.0.shortcut.0.weight" in trained.state_dict()
     expected = trained.eval()(clips())
 
     model = build_model("r3d10-tiny", 2, shortcut="B")
     report = init_from_pretrained(model, best)
-    assert report.source == "dali-skd checkpoint" and len(report.loaded) == len(state["model"])
+    assert report.source == "dali-skd checkpoint" and len(report.loaded) == len(trained.state_dict())
     torch.testing.assert_close(model.eval()(clips()), expected)
-
-    # a checkpoint that keeps the classifier only inside the method's state dict
-    del state["model"]
-    save_checkpoint(tmp_path / "method-only.pt", state)
-    model = build_model("r3d10-tiny", 2, shortcut="B")
-    init_from_pretrained(model, tmp_path / "method-only.pt")
-    torch.testing.assert_close(model.eval()(clips()), expected)
-    torch.testing.assert_close(
-        load_classifier(tmp_path / "method-only.pt", torch.device("cpu"))[0].eval()(clips()), expected
-    )
 
     with pytest.raises(ValueError, match="pass --arch r3d10-tiny --shortcut B"):
         init_from_pretrained(build_model("r3d10-tiny", 2), best)
+
+
+@pytest.mark.slow
+def test_an_old_checkpoint_holding_model_still_loads_everywhere(data: Path, tmp_path: Path) -> None:
+    """Checkpoints written before the classifier was held once also hold it under "model", beside "method"."""
+    train(tiny(data, tmp_path / "run", method="baseline", epochs=1))
+    best = tmp_path / "run" / "best.pt"
+    trained = load_classifier(best, torch.device("cpu"), 2)[0].eval()
+    expected = trained(clips())
+    old = tmp_path / "old.pt"
+    torch.save({**load_checkpoint(best), "model": trained.state_dict(), "checkpoint_version": 1}, old)
+
+    torch.testing.assert_close(load_classifier(old, torch.device("cpu"), 2)[0].eval()(clips()), expected)
+    model = build_model("r3d10-tiny", 2)
+    assert init_from_pretrained(model, old).source == "dali-skd checkpoint"  # pretrained.read_weights
+    torch.testing.assert_close(model.eval()(clips()), expected)
+    student = Trainer(tiny(data, tmp_path / "student", method="kd", teacher=str(old)), init_distributed("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(student.method.teacher(clips()), expected)
+    figures = {}
+    for name, path in (("new", best), ("old", old)):
+        invoke(
+            "eval", "--data", str(data), "--checkpoint", str(path), "--clips-per-video", "1",
+            "--clip-len", "8", "--crop", "32", "--device", "cpu", "--json", str(tmp_path / f"{name}.json"),
+        )  # fmt: skip
+        figures[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert [figures["old"][k] for k in ("clip_top1", "video_top1", "clips")] == [
+        figures["new"][k] for k in ("clip_top1", "video_top1", "clips")
+    ]
 
 
 def test_init_and_freeze_through_train(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -221,7 +245,8 @@ def test_init_and_freeze_through_train(data: Path, tmp_path: Path, capsys: pytes
     assert f"--init {path} (3D-ResNets-PyTorch checkpoint, saved from DataParallel): loaded {loaded} tensors" in printed
     assert "re-initialised 2 (the classifier does not fit this dataset): fc.weight ((400, 128) in the file" in printed
 
-    trained = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    last = tmp_path / "run" / "last.pt"
+    trained = classifier_state(load_checkpoint(last), last)
     frozen = ("conv1.", "bn1.", "layer1.", "layer2.")
     for key, value in source.state_dict().items():
         if key.startswith(frozen):  # weights and BatchNorm statistics as in the file
@@ -230,13 +255,15 @@ def test_init_and_freeze_through_train(data: Path, tmp_path: Path, capsys: pytes
             assert not torch.equal(trained[key], value), key
 
 
+@pytest.mark.slow
 def test_lr_backbone_scales_the_encoder_lr_only(data: Path, tmp_path: Path) -> None:
     source = kinetics_model("r3d10-tiny", 2, "A", seed=6)
     path = save_2018_file(source, tmp_path / "k400.pth")
     train(tiny(data, tmp_path / "run", method="baseline", epochs=1, init=str(path), lr=0.05, lr_backbone=0.0))
-    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    last = tmp_path / "run" / "last.pt"
+    state = load_checkpoint(last)
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [0.05, 0.0]
-    trained = state["model"]
+    trained = classifier_state(state, last)
     for key, _ in source.named_parameters():
         assert torch.equal(trained[key], source.state_dict()[key]) != key.startswith("fc."), key
     assert not torch.equal(trained["layer1.0.bn1.running_mean"], source.layer1[0].bn1.running_mean)  # not frozen

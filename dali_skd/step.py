@@ -1,0 +1,72 @@
+"""One training step, the trainer's and the benchmark's (`bench --train-arch` times this very step): the method's
+loss under autocast, backward through the grad scaler, the SGD step. `build_train_step` sets up what it needs
+from a `TrainConfig`: the method around a model, SGD with `pretrained.param_groups`, the scaler."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from dali_skd.config import TrainConfig
+from dali_skd.methods import Method, MethodOutput, build_method
+from dali_skd.models import ResNet3d
+from dali_skd.pretrained import param_groups
+from dali_skd.runtime import Precision, autocast, resolve_precision
+
+
+@dataclass
+class TrainStep:
+    method: Method
+    net: nn.Module  # `method`, or DistributedDataParallel around it
+    optimizer: torch.optim.SGD
+    scaler: torch.amp.GradScaler
+    precision: Precision
+    channels_last: bool  # the method's weights and the views are channels_last_3d
+    device: torch.device
+
+    def __call__(self, views: Sequence[Tensor], labels: Tensor) -> MethodOutput:
+        """One optimizer step on a batch; the method's output (loss, its terms, view 1's logits)."""
+        if self.channels_last:
+            views = [v.to(memory_format=torch.channels_last_3d) for v in views]
+        with autocast(self.precision, self.device):
+            output = self.net(views, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(output.loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return output
+
+
+def build_train_step(
+    cfg: TrainConfig,
+    model: ResNet3d,
+    num_classes: int,
+    device: torch.device,
+    teacher: nn.Module | None = None,
+    distributed: bool = False,
+) -> TrainStep:
+    """`cfg.method` around `model` on `device` (channels_last_3d on CUDA with `cfg.channels_last`), inside
+    DistributedDataParallel when `distributed`; SGD with `cfg`'s lr, `lr_backbone`, momentum and weight decay; a
+    grad scaler, on for fp16."""
+    precision = resolve_precision(cfg.amp, device)
+    channels_last = cfg.channels_last and device.type == "cuda"
+    method = build_method(cfg.method, model, num_classes, cfg.objective, teacher)
+    method.to(device)
+    if channels_last:
+        method.to(memory_format=torch.channels_last_3d)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    net = (
+        DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
+        if distributed
+        else method
+    )
+    optimizer = torch.optim.SGD(
+        param_groups(method, cfg.lr, cfg.lr_backbone), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    return TrainStep(method, net, optimizer, scaler, precision, channels_last, device)
