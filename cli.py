@@ -100,10 +100,13 @@ def train(config_file: str | None, **options) -> None:
 @user_errors
 def evaluate(**options) -> None:
     """Clip- and video-level top-1/top-5, per-class top-1 and the confusion matrix of a checkpoint on the held-out
-    split; --json also writes the per-video predictions and the confusion matrix as a PNG."""
+    split; --json also writes the per-video predictions and the confusion matrix as a PNG. The clips are cut as
+    the model was trained (--clip-len, --frame-stride, --crop, --input-norm default to the checkpoint's)."""
+    from dali_skd.checkpoint import trained_clip_settings
     from dali_skd.evaluate import run_eval
 
-    run_eval(build_config(EvalConfig, options))
+    trained = trained_clip_settings(options["checkpoint"] or EvalConfig().checkpoint)
+    run_eval(build_config(EvalConfig, options, defaults={"loader": trained}))
 
 
 @main.command()

@@ -66,3 +66,17 @@ def load_classifier(path: str | Path, device: torch.device, num_classes: int | N
     model = build_model(cfg.arch, len(classes), shortcut=cfg.shortcut)
     model.load_state_dict(classifier_state(state, path))
     return model.to(device), state
+
+
+CLIP_SETTINGS = ("clip_len", "frame_stride", "crop", "input_norm")  # what the model saw, which evaluation repeats
+
+
+def trained_clip_settings(path: str | Path) -> dict[str, Any]:
+    """The loader's clip settings a checkpoint was trained with (`CLIP_SETTINGS`); none for a file that is not a
+    readable checkpoint (loading it properly then says why)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        loader = state["config"]["loader"]
+    except Exception:
+        return {}
+    return {name: loader[name] for name in CLIP_SETTINGS if name in loader}

@@ -67,9 +67,15 @@ def _show(value: Any) -> str:
     return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-def build_config(cls: type[T], options: dict[str, Any], config_file: str | None = None) -> T:
-    """Defaults, then `config_file` (a saved config.json), then the flags that were given."""
-    base = to_dict(load_json(cls, config_file) if config_file else cls())
+def build_config(
+    cls: type[T], options: dict[str, Any], config_file: str | None = None, defaults: dict[str, Any] | None = None
+) -> T:
+    """Defaults, then `defaults` (a partial nested dict, e.g. the clip settings a checkpoint was trained with), then
+    `config_file` (a saved config.json), then the flags that were given."""
+    base = to_dict(cls())
+    _merge(base, defaults or {})
+    if config_file:
+        base = to_dict(load_json(cls, config_file))
     for path, _, _ in _leaves(cls):
         value = options.get(path[-1])
         if value is None:
@@ -79,3 +85,11 @@ def build_config(cls: type[T], options: dict[str, Any], config_file: str | None 
             node = node[key]
         node[path[-1]] = value
     return from_dict(cls, base)
+
+
+def _merge(base: dict[str, Any], partial: dict[str, Any]) -> None:
+    for key, value in partial.items():
+        if isinstance(value, dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value

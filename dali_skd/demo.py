@@ -17,17 +17,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from dali_skd.config import EvalConfig, LoaderConfig, ObjectiveConfig, PreprocessConfig, TrainConfig
+from dali_skd.config import EvalConfig, LoaderConfig, PreprocessConfig, TrainConfig
 from dali_skd.evaluate import run_eval
-from dali_skd.methods import build_method
 from dali_skd.models import build_model
 from dali_skd.runtime import resolve_device
+from dali_skd.step import build_train_step
 from dali_skd.train import train
 
 
@@ -186,24 +187,22 @@ def _plan_videos(preset: DemoPreset, minutes: float, device: torch.device, metho
 
 
 def measure_step(preset: DemoPreset, device: torch.device, steps: int = 3) -> float:
-    """Seconds per SKD-SRL training step of the preset's model and batch on random clips (after one warm-up)."""
+    """Seconds per SKD-SRL training step (the trainer's own) of the preset's model and batch on random clips:
+    the median of `steps`, after one warm-up."""
     torch.manual_seed(0)
-    method = build_method("skd-srl", build_model(preset.arch, preset.classes), preset.classes, ObjectiveConfig())
-    method.to(device)
-    optimizer = torch.optim.SGD(method.parameters(), lr=preset.lr)
-    views = [torch.rand(preset.batch_size, 3, 16, 112, 112, device=device) * 2 - 1 for _ in range(2)]
+    cfg = TrainConfig(arch=preset.arch, batch_size=preset.batch_size, lr=preset.lr)
+    step = build_train_step(cfg, build_model(preset.arch, preset.classes), preset.classes, device)
+    shape = (preset.batch_size, 3, cfg.loader.clip_len, cfg.loader.crop, cfg.loader.crop)
+    views = [torch.rand(shape, device=device) * 2 - 1 for _ in range(2)]
     labels = torch.randint(0, preset.classes, (preset.batch_size,), device=device)
     times = []
     for _ in range(steps + 1):
         begin = time.perf_counter()
-        loss = method(views, labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        step(views, labels)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - begin)
-    return sorted(times[1:])[len(times[1:]) // 2]
+    return statistics.median(times[1:])
 
 
 def format_demo(report: dict) -> str:

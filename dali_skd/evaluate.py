@@ -275,26 +275,31 @@ def eval_split(manifest_splits: list[str], split: str | None) -> str:
     return held_out[0]
 
 
+def evaluate_checkpoint(cfg: EvalConfig, ctx: DistContext, progress: bool = False) -> tuple[EvalResult, EvalLoader]:
+    """A checkpoint's figures on the held-out split (or `cfg.split`), and the loader that read it."""
+    manifest = load_manifest(cfg.loader.data)
+    model, _ = load_classifier(cfg.checkpoint, ctx.device, manifest.num_classes)
+    precision = resolve_precision(cfg.amp, ctx.device)
+    loader = EvalLoader(
+        cfg.loader,
+        eval_split(list(manifest.splits), cfg.split),
+        batch_size=cfg.batch_size,
+        clips_per_video=cfg.loader.clips_per_video,
+        spatial_crops=cfg.spatial_crops,
+        dtype=precision,
+        device=ctx.device,
+        rank=ctx.rank,
+        world=ctx.world,
+    )
+    return evaluate(model, loader, ctx, precision, progress=progress, keep_scores=cfg.json is not None), loader
+
+
 def run_eval(cfg: EvalConfig) -> EvalResult:
     """`cli.py eval`: a checkpoint on the held-out split, printed; with --json also written, with the per-video
     predictions (`<stem>.predictions.jsonl`) and the confusion matrix (`<stem>.confusion.png`) beside it."""
     ctx = init_distributed(cfg.loader.device)
     try:
-        manifest = load_manifest(cfg.loader.data)
-        model, _ = load_classifier(cfg.checkpoint, ctx.device, manifest.num_classes)
-        precision = resolve_precision(cfg.amp, ctx.device)
-        loader = EvalLoader(
-            cfg.loader,
-            eval_split(list(manifest.splits), cfg.split),
-            batch_size=cfg.batch_size,
-            clips_per_video=cfg.loader.clips_per_video,
-            spatial_crops=cfg.spatial_crops,
-            dtype=precision,
-            device=ctx.device,
-            rank=ctx.rank,
-            world=ctx.world,
-        )
-        result = evaluate(model, loader, ctx, precision, progress=True, keep_scores=cfg.json is not None)
+        result, loader = evaluate_checkpoint(cfg, ctx, progress=True)
         sources = video_sources(loader, ctx) if cfg.json else {}
         if ctx.is_main:
             print(

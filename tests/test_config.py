@@ -39,6 +39,24 @@ def test_a_saved_config_then_the_flags_given(tmp_path: Path) -> None:
     assert cfg.loader.clip_len == LoaderConfig().clip_len  # neither in the file nor given: the default
 
 
+def test_eval_cuts_clips_as_the_checkpoint_was_trained_unless_a_flag_says_otherwise(tmp_path: Path) -> None:
+    """`eval`'s clip flags default to the checkpoint's (`build_config(defaults=...)`), a flag given wins."""
+    from dali_skd.checkpoint import save_checkpoint, trained_clip_settings
+    from dali_skd.config import EvalConfig
+
+    trained = TrainConfig(loader=LoaderConfig(clip_len=8, frame_stride=2, crop=96, input_norm="kinetics"))
+    save_checkpoint(tmp_path / "best.pt", {"config": to_dict(trained)})
+    defaults = {"loader": trained_clip_settings(tmp_path / "best.pt")}
+    assert defaults == {"loader": {"clip_len": 8, "frame_stride": 2, "crop": 96, "input_norm": "kinetics"}}
+    options: dict[str, Any] = cli.evaluate.make_context("eval", ["--crop", "64", "--batch-size", "4"]).params
+    cfg = build_config(EvalConfig, options, defaults=defaults)
+    assert (cfg.loader.clip_len, cfg.loader.frame_stride, cfg.loader.crop, cfg.loader.input_norm) == (
+        8, 2, 64, "kinetics"
+    )  # fmt: skip
+    assert cfg.batch_size == 4 and cfg.loader.clips_per_video == LoaderConfig().clips_per_video
+    assert trained_clip_settings(tmp_path / "missing.pt") == {}  # loading it then says what is wrong
+
+
 CONFIGS = [c for c in vars(config).values() if isinstance(c, type) and dataclasses.is_dataclass(c)]
 
 
