@@ -19,8 +19,16 @@ from pathlib import Path
 
 import click
 
-from dali_skd.cli_options import build_config, config_options
-from dali_skd.config import BenchConfig, EvalConfig, FeaturesConfig, PredictConfig, PreprocessConfig, TrainConfig
+from dali_skd.cli_options import build_config, command_line, config_options
+from dali_skd.config import (
+    BenchConfig,
+    CompareConfig,
+    EvalConfig,
+    FeaturesConfig,
+    PredictConfig,
+    PreprocessConfig,
+    TrainConfig,
+)
 
 
 def user_errors(command):
@@ -152,6 +160,18 @@ def demo(out: str, minutes: float, compare: bool, json_path: str | None, device:
     from dali_skd.demo import run_demo
 
     run_demo(out, compare, json_path, device, minutes)
+
+
+@main.command()
+@config_options(CompareConfig, exclude=("method", "seed", "resume"))
+@user_errors
+def compare(**options) -> None:
+    """The paper's Table II: train every method x seed with the same settings (any train flag), evaluate each
+    best checkpoint as eval does, and write OUT/table.md, table.json and compare.png. An interrupted comparison
+    started again trains only what is missing."""
+    from dali_skd.compare import run_compare
+
+    run_compare(build_config(CompareConfig, options), command_line("compare", options))
 
 
 @main.command()

@@ -4,6 +4,8 @@ flattened: `TrainConfig.loader.crop` is `--crop`), so the CLI, the code and the 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import shlex
 import types
 import typing
 from collections.abc import Callable
@@ -44,13 +46,15 @@ def _click_type(kind: Any) -> tuple[Any, dict[str, Any]]:
 def config_options(cls: type, exclude: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
     """Adds a `--flag` for each field of `cls` (and of its nested configs), defaulting to "not given"."""
 
+    defaults = to_dict(cls())  # a nested config's own defaults may differ from its class's (compare's --out)
+
     def decorate(command: Callable) -> Callable:
         for path, f, kind in reversed(_leaves(cls)):
             name = path[-1]
             if name in exclude:
                 continue
             flag = "--" + name.replace("_", "-")
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = functools.reduce(lambda node, key: node[key], path, defaults)
             help_text = f"{f.metadata.get('help', '')}  [default: {_show(default)}]"
             if kind is bool:
                 decl = [f"{flag}/--no-{flag[2:]}"]
@@ -93,3 +97,18 @@ def _merge(base: dict[str, Any], partial: dict[str, Any]) -> None:
             _merge(base[key], value)
         else:
             base[key] = value
+
+
+def command_line(command: str, options: dict[str, Any]) -> str:
+    """`python cli.py COMMAND` with the flags that were given (`options` as click passes them): the command that
+    reproduces a run however it was started."""
+    words = ["python", "cli.py", *command.split()]
+    for name, value in options.items():
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            words += [flag, *map(str, value if isinstance(value, tuple) else (value,))]
+    return shlex.join(words)

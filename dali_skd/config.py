@@ -236,6 +236,21 @@ class FeaturesConfig:
 
 
 @dataclass
+class CompareConfig:
+    """`cli.py compare`: the same training settings for every method x seed."""
+
+    methods: str = _opt("baseline,baseline-aug,kd,self-kd,skd-srl", "methods to compare, comma-separated")
+    seeds: int = _opt(3, "runs per method, with seeds 0, 1, ...")
+    teacher_arch: str | None = _opt(
+        None, "kd without --teacher: the teacher compare trains first (default r3d50; r3d50-tiny for -tiny students)"
+    )
+    train: TrainConfig = _opt(
+        TrainConfig(out="runs/compare"),
+        "every run's settings; --out is the comparison's folder, --teacher a trained kd teacher",
+    )
+
+
+@dataclass
 class BenchConfig:
     loaders: str = _opt(
         "dali,dataloader", "loaders to measure, comma-separated: host (the host side alone), dali, dataloader"

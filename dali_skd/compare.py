@@ -1,0 +1,238 @@
+"""`cli.py compare`: the paper's Table II as one command.
+
+Every method x seed is trained with the same settings (any `train` flag applies to all), its best checkpoint
+evaluated with `eval`'s protocol, and the table written: mean +- std of video-level top-1 and top-5 per method,
+each run's figures and wall time, and the exact command. The `kd` baseline needs a teacher: unless `--teacher`
+names one, a `--teacher-arch` model is trained first (with cross-entropy and the augmentations), and its own
+accuracy goes into the table too.
+
+DIR after a comparison:
+
+    DIR/table.md, DIR/table.json    the table
+    DIR/compare.png                 validation top-1 per epoch: one colour per method, a thin line per seed
+    DIR/runs/<method>-seed<k>/      each run's directory (`cli.py train`'s), plus result.json once evaluated
+    DIR/runs/teacher/               the kd teacher, when compare trained it
+
+A run whose result.json exists is reused, and an interrupted run resumes from its last.pt: a killed comparison
+started again trains only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only
+import matplotlib.pyplot as plt
+
+from dali_skd.config import (
+    CompareConfig,
+    EvalConfig,
+    TrainConfig,
+    changed_settings,
+    format_changes,
+    load_json,
+    to_dict,
+)
+from dali_skd.distributed import DistContext, init_distributed, shutdown
+from dali_skd.evaluate import evaluate_checkpoint
+from dali_skd.files import write_atomic
+from dali_skd.methods import METHODS
+from dali_skd.plot import read_metrics
+from dali_skd.train import RESUMABLE_CHANGES, Trainer
+
+TEACHER_METHOD = "baseline-aug"  # how compare trains a kd teacher: cross-entropy with the paper's augmentations
+
+
+@dataclass
+class RunResult:
+    name: str
+    method: str
+    seed: int
+    test_top1: float
+    test_top5: float
+    clip_top1: float
+    best_epoch: int
+    epochs: int
+    seconds: float  # training and evaluation
+
+
+@dataclass
+class CompareReport:
+    command: str
+    data: str
+    arch: str
+    epochs: int
+    runs: list[RunResult]
+    teacher: RunResult | None
+    rows: list[dict[str, Any]] = field(default_factory=list)  # per method: mean and std over seeds
+    seconds: float = 0.0
+
+
+def run_compare(cfg: CompareConfig, command: str) -> CompareReport:
+    """Trains and evaluates every method x seed of `cfg` with the settings of `cfg.train` (one process per GPU under
+    torchrun, the runs one after another), then writes the table and the plot (rank 0)."""
+    base, out = cfg.train, Path(cfg.train.out)
+    methods = tuple(m.strip() for m in cfg.methods.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(
+            f"compare: unknown method(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(METHODS)}"
+        )
+    if cfg.seeds < 1:
+        raise ValueError(f"compare: --seeds must be 1 or more, not {cfg.seeds}")
+    started = time.perf_counter()
+    ctx = init_distributed(base.loader.device)
+    try:
+        teacher_path, teacher = base.teacher, None
+        if "kd" in methods and teacher_path is None:
+            arch = cfg.teacher_arch or ("r3d50-tiny" if base.arch.endswith("-tiny") else "r3d50")
+            teacher_cfg = replace(
+                base, method=TEACHER_METHOD, arch=arch, seed=0, shortcut=None, init=None, freeze="none", lr_backbone=1.0
+            )
+            teacher = _run(teacher_cfg, out / "runs" / "teacher", "teacher", ctx)
+            teacher_path = str(out / "runs" / "teacher" / "best.pt")
+        runs = []
+        for method in methods:
+            for seed in range(cfg.seeds):
+                name = f"{method}-seed{seed}"
+                run_cfg = replace(base, method=method, seed=seed, teacher=teacher_path if method == "kd" else None)
+                runs.append(_run(run_cfg, out / "runs" / name, name, ctx))
+        report = CompareReport(command, base.loader.data, base.arch, base.epochs, runs, teacher)
+        report.rows = summarise(runs, methods)
+        report.seconds = time.perf_counter() - started
+        if ctx.is_main:
+            write_report(report, out)
+            print(format_table(report))
+        return report
+    finally:
+        shutdown(ctx)
+
+
+def _run(train_cfg: TrainConfig, run_dir: Path, name: str, ctx: DistContext) -> RunResult:
+    """One run: reused if it has its result.json (and was made with these settings), resumed if it has a
+    last.pt, else trained from the start; then its best checkpoint evaluated with `eval`'s protocol."""
+    train_cfg = replace(train_cfg, out=str(run_dir), resume=True)
+    result_path = run_dir / "result.json"
+    ctx.sum([0.0])  # every rank decides from the same files
+    if result_path.exists():
+        _check_same_settings(run_dir, train_cfg)
+        if ctx.is_main:
+            print(f"compare: {name} done before, reusing {result_path}")
+        return RunResult(**json.loads(result_path.read_text()))
+    if ctx.is_main:
+        print(f"compare: training {name} -> {run_dir}", flush=True)
+    started = time.perf_counter()
+    summary = Trainer(train_cfg, ctx).run()
+    evaluation = EvalConfig(
+        checkpoint=str(run_dir / "best.pt"), batch_size=train_cfg.batch_size, amp=train_cfg.amp, loader=train_cfg.loader
+    )
+    result, _ = evaluate_checkpoint(evaluation, ctx)
+    run = RunResult(
+        name=name,
+        method=train_cfg.method,
+        seed=train_cfg.seed,
+        test_top1=result.video_top1,
+        test_top5=result.video_top5,
+        clip_top1=result.clip_top1,
+        best_epoch=summary.best_epoch,
+        epochs=train_cfg.epochs,
+        seconds=time.perf_counter() - started,
+    )
+    if ctx.is_main:
+        write_atomic(result_path, json.dumps(asdict(run), indent=2) + "\n")
+    return run
+
+
+def _check_same_settings(run_dir: Path, cfg: TrainConfig) -> None:
+    """A finished run is reused only if it was trained with `cfg` (up to what a resume may change)."""
+    saved = to_dict(load_json(TrainConfig, run_dir / "config.json"))
+    refused = {k: v for k, v in changed_settings(saved, to_dict(cfg)).items() if k not in RESUMABLE_CHANGES}
+    if refused:
+        raise ValueError(
+            f"{run_dir} was trained with other settings ({format_changes(refused)}): compare with the same "
+            "settings to reuse it, or pass a new --out"
+        )
+
+
+def summarise(runs: list[RunResult], methods: Sequence[str]) -> list[dict[str, Any]]:
+    """Per method: mean and (sample) standard deviation over its seeds of test top-1 and top-5."""
+    rows = []
+    for method in methods:
+        mine = [r for r in runs if r.method == method]
+        top1, top5 = [r.test_top1 for r in mine], [r.test_top5 for r in mine]
+        rows.append(
+            {
+                "method": method,
+                "runs": len(mine),
+                "top1_mean": statistics.mean(top1),
+                "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+                "top5_mean": statistics.mean(top5),
+                "top5_std": statistics.stdev(top5) if len(top5) > 1 else 0.0,
+                "minutes": sum(r.seconds for r in mine) / 60,
+            }
+        )
+    return rows
+
+
+def format_table(report: CompareReport) -> str:
+    lines = [
+        f"Video-level test accuracy, {report.arch}, {report.epochs} epochs, data {report.data}; "
+        f"mean +- std over {max((r['runs'] for r in report.rows), default=0)} seed(s)",
+        "",
+        "| method | top-1 (%) | top-5 (%) | runs | minutes |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in report.rows:
+        lines.append(
+            f"| {row['method']} | {100 * row['top1_mean']:.1f} +- {100 * row['top1_std']:.1f} | "
+            f"{100 * row['top5_mean']:.1f} +- {100 * row['top5_std']:.1f} | {row['runs']} | {row['minutes']:.1f} |"
+        )
+    if report.teacher is not None:
+        t = report.teacher
+        lines.append(f"| (kd teacher: {TEACHER_METHOD}) | {100 * t.test_top1:.1f} | {100 * t.test_top5:.1f} | 1 | "
+                     f"{t.seconds / 60:.1f} |")  # fmt: skip
+    lines += ["", "| run | top-1 (%) | top-5 (%) | clip top-1 (%) | best epoch | minutes |", "|---" * 6 + "|"]
+    for r in report.runs:
+        lines.append(
+            f"| {r.name} | {100 * r.test_top1:.1f} | {100 * r.test_top5:.1f} | {100 * r.clip_top1:.1f} | "
+            f"{r.best_epoch} | {r.seconds / 60:.1f} |"
+        )
+    lines += ["", f"Total {report.seconds / 60:.1f} minutes. Command:", "", f"    {report.command}"]
+    return "\n".join(lines)
+
+
+def write_report(report: CompareReport, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "table.md", format_table(report) + "\n")
+    write_atomic(out / "table.json", json.dumps(asdict(report), indent=2) + "\n")
+    plot_comparison(report, out / "compare.png", out / "runs")
+
+
+def plot_comparison(report: CompareReport, path: Path, runs_dir: Path) -> Path:
+    """Validation top-1 per epoch: one colour per method, a thin line per seed, a thick one for their mean."""
+    fig, ax = plt.subplots(figsize=(9, 5), constrained_layout=True)
+    colours = plt.get_cmap("tab10")
+    for i, row in enumerate(report.rows):
+        curves = []
+        for run in (r for r in report.runs if r.method == row["method"]):
+            metrics = read_metrics(runs_dir / run.name)
+            curves.append([100 * m["val_top1"] for m in metrics])
+            ax.plot([m["epoch"] for m in metrics], curves[-1], color=colours(i), lw=0.8, alpha=0.5)
+        length = min(len(c) for c in curves)
+        mean = [statistics.mean(c[e] for c in curves) for e in range(length)]
+        label = f"{row['method']} ({100 * row['top1_mean']:.1f}% test)"
+        ax.plot(range(1, length + 1), mean, color=colours(i), lw=2.2, label=label)
+    ax.set(xlabel="epoch", ylabel="validation top-1 (%)", title=f"{report.arch} on {report.data}", ylim=(0, 100))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,85 @@
+"""`cli.py compare` on the built-in synthetic set at toy sizes: the table, resuming a killed comparison, kd's
+teacher, and runs that do not match the settings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from clickit import invoke
+
+from dali_skd.config import PreprocessConfig
+from preprocess.run import run_preprocess
+
+TINY = ["--arch", "r3d10-tiny", "--epochs", "1", "--batch-size", "2", "--clip-len", "8", "--crop", "32",
+        "--clips-per-video", "2", "--shuffle-buffer", "2", "--threads", "2", "--device", "cpu"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """The normal synthetic set: 2 classes of 5 videos (4 for training, 1 for testing)."""
+    root = tmp_path_factory.mktemp("synthetic")
+    cfg = PreprocessConfig(
+        dataset="synthetic", root=str(root / "videos"), out=str(root / "data"), classes=2, videos_per_class=5,
+        workers=2,
+    )  # fmt: skip
+    run_preprocess(cfg, progress=False)
+    return root / "data"
+
+
+def compare(data: Path, out: Path, *args: str, expect_error: bool = False) -> str:
+    return invoke("compare", "--data", str(data), "--out", str(out), *TINY, *args, expect_error=expect_error).output
+
+
+@pytest.mark.slow
+def test_compare_writes_the_table_and_a_killed_comparison_trains_only_what_is_missing(
+    data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "cmp"
+    compare(data, out, "--methods", "baseline,skd-srl", "--seeds", "2")
+    table = json.loads((out / "table.json").read_text())
+    assert [r["name"] for r in table["runs"]] == ["baseline-seed0", "baseline-seed1", "skd-srl-seed0", "skd-srl-seed1"]
+    assert [(row["method"], row["runs"]) for row in table["rows"]] == [("baseline", 2), ("skd-srl", 2)]
+    for row in table["rows"]:
+        mine = [r["test_top1"] for r in table["runs"] if r["method"] == row["method"]]
+        assert row["top1_mean"] == pytest.approx(sum(mine) / 2)
+        assert row["top1_std"] == pytest.approx(abs(mine[0] - mine[1]) / 2**0.5)
+    assert "--methods baseline,skd-srl" in table["command"] and table["teacher"] is None
+    markdown = (out / "table.md").read_text()
+    assert "| skd-srl |" in markdown and "| baseline-seed1 |" in markdown and "--seeds 2" in markdown
+    assert (out / "compare.png").stat().st_size > 10_000
+
+    # killed after baseline-seed1 was trained but before it was evaluated, and before skd-srl-seed1 started
+    (out / "runs" / "baseline-seed1" / "result.json").unlink()
+    shutil.rmtree(out / "runs" / "skd-srl-seed1")
+    kept = {name: (out / "runs" / name / "last.pt").stat().st_mtime_ns for name in ("baseline-seed0", "baseline-seed1")}
+    output = compare(data, out, "--methods", "baseline,skd-srl", "--seeds", "2")
+    assert output.count("done before, reusing") == 2  # baseline-seed0, skd-srl-seed0
+    assert "training baseline-seed1" in output and "training skd-srl-seed1" in output
+    for name, mtime in kept.items():  # baseline-seed1 was only evaluated: its weights are those of the first run
+        assert (out / "runs" / name / "last.pt").stat().st_mtime_ns == mtime
+    assert (out / "runs" / "skd-srl-seed1" / "result.json").exists()
+    again = json.loads((out / "table.json").read_text())
+    assert [r["test_top1"] for r in again["runs"]][:3] == [r["test_top1"] for r in table["runs"]][:3]
+
+    refused = compare(data, out, "--methods", "baseline", "--seeds", "1", "--lr", "0.5", expect_error=True)
+    assert "baseline-seed0 was trained with other settings (lr: 0.01 then, 0.5 now)" in refused
+
+
+@pytest.mark.slow
+def test_kd_gets_a_teacher_trained_first(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "kd"
+    output = compare(data, out, "--methods", "kd", "--seeds", "1", "--teacher-arch", "r3d10-tiny")
+    assert output.index("training teacher") < output.index("training kd-seed0")
+    table = json.loads((out / "table.json").read_text())
+    assert table["teacher"]["method"] == "baseline-aug" and 0 <= table["teacher"]["test_top1"] <= 1
+    saved = json.loads((out / "runs" / "kd-seed0" / "config.json").read_text())
+    assert saved["teacher"] == str(out / "runs" / "teacher" / "best.pt")
+    assert "(kd teacher: baseline-aug)" in (out / "table.md").read_text()
+
+
+def test_unknown_methods_are_refused(data: Path, tmp_path: Path) -> None:
+    output = compare(data, tmp_path / "x", "--methods", "baseline,mine", expect_error=True)
+    assert "unknown method(s) mine" in output
