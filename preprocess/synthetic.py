@@ -71,15 +71,15 @@ SYNTHETIC_MOTIONS = (
 SYNTHETIC_CLASSES = [motion.name for motion in SYNTHETIC_MOTIONS]
 
 HARD_MOTIONS = (
-    MotionClass("up_slow", "rise", (40.0, 55.0)),
-    MotionClass("down_slow", "rise", (40.0, 55.0), reverse=True),
-    MotionClass("up_fast", "rise", (70.0, 90.0)),
-    MotionClass("down_fast", "rise", (70.0, 90.0), reverse=True),
-    MotionClass("sideways_slow", "pan", (40.0, 55.0)),
-    MotionClass("sideways_fast", "pan", (70.0, 90.0)),
+    MotionClass("up_slow", "rise", (35.0, 50.0)),
+    MotionClass("down_slow", "rise", (35.0, 50.0), reverse=True),
+    MotionClass("up_fast", "rise", (75.0, 100.0)),
+    MotionClass("down_fast", "rise", (75.0, 100.0), reverse=True),
+    MotionClass("sideways_slow", "pan", (35.0, 50.0)),
+    MotionClass("sideways_fast", "pan", (75.0, 100.0)),
     MotionClass("expand", "zoom", (0.5, 0.8)),
     MotionClass("contract", "zoom", (0.5, 0.8), reverse=True),
-    MotionClass("rotate_slow", "rotate", (0.4, 0.6)),
+    MotionClass("rotate_slow", "rotate", (0.35, 0.5)),
     MotionClass("rotate_fast", "rotate", (0.8, 1.1)),
     MotionClass("bob_slow", "bob", (60.0, 80.0), hz=1.0),
     MotionClass("bob_fast", "bob", (60.0, 80.0), hz=2.0),
@@ -99,11 +99,13 @@ class Difficulty:
     pace_spread: float  # each target (and decoy) moves at the video's rate times 1 +- this
     shake: float  # px at 168 pixels of height: the largest camera-shake offset on each axis
     background_speed: float  # px/s, the most; direction uniform
+    scene_videos: int  # consecutive videos of a class (in one split) that share a background, as UCF101's groups
+    # share a setting
 
 
 DIFFICULTIES = {
-    "normal": Difficulty(SYNTHETIC_MOTIONS, 8, 60, 5, 16.0, 0.0, 0.0, 0.0, 50.0),
-    "hard": Difficulty(HARD_MOTIONS, len(HARD_MOTIONS), 24, 2, 14.0, 6.0, 0.15, 3.0, 60.0),
+    "normal": Difficulty(SYNTHETIC_MOTIONS, 8, 60, 5, 16.0, 0.0, 0.0, 0.0, 50.0, 1),
+    "hard": Difficulty(HARD_MOTIONS, len(HARD_MOTIONS), 24, 3, 14.0, 4.0, 0.15, 2.0, 60.0, 4),
 }
 
 LIFETIME_S = 1.0
@@ -124,9 +126,11 @@ def render_video(
     width: int = WIDTH,
     height: int = HEIGHT,
     difficulty: str = "normal",
+    scene_seed: int | None = None,
 ) -> np.ndarray:
     """The frames (T, H, W, 3) uint8 of one video of class `class_index`; the same seed gives the same frames.
-    Lengths scale with `height`: an 84-pixel-high video is the 168-pixel one at half size."""
+    Lengths scale with `height`: an 84-pixel-high video is the 168-pixel one at half size. Videos of the same
+    `scene_seed` share their background texture (default: the video's own)."""
     spec = _difficulty(difficulty)
     if not 0 <= class_index < len(spec.motions):
         raise ValueError(f"class index {class_index} is not one of 0..{len(spec.motions) - 1} ({difficulty})")
@@ -139,7 +143,8 @@ def render_video(
     objects = _objects(motion, spec, rng, extra, frames, fps, width, height, unit)
     objects["x"] += shake[:, :1]
     objects["y"] += shake[:, 1:]
-    video = _draw(objects, rng, shake, spec.background_speed, frames, fps, width, height, unit)
+    background = _background(rng if scene_seed is None else np.random.default_rng(scene_seed), width, height, unit)
+    video = _draw(objects, background, rng, shake, spec.background_speed, frames, fps, width, height, unit)
     return np.ascontiguousarray(video[::-1]) if motion.reverse else video
 
 
@@ -220,6 +225,7 @@ def _shake(rng: np.random.Generator, amplitude: float, frames: int, fps: float) 
 
 def _draw(
     objects: dict[str, np.ndarray],
+    background: np.ndarray,
     rng: np.random.Generator,
     shake: np.ndarray,
     background_speed: float,
@@ -229,8 +235,8 @@ def _draw(
     height: int,
     unit: float,
 ) -> np.ndarray:
-    """Paint the objects over a drifting (and shaking, by `shake` (T, 2) px) background texture with fresh grain
-    in every frame: (T, H, W, 3) uint8."""
+    """Paint the objects over the background texture (H, W, 3), drifting and shaking (by `shake` (T, 2) px), with
+    fresh grain in every frame: (T, H, W, 3) uint8."""
     x, y, radius = objects["x"], objects["y"], objects["radius"]
     frame_of, index = np.nonzero((x > -radius) & (x < width + radius) & (y > -radius) & (y < height + radius))
     size = 2 * math.ceil(RADIUS[1] * unit) + 3
@@ -243,7 +249,7 @@ def _draw(
 
     grain_reach = NOISE_SIGMA * 3**0.5  # uniform grain of standard deviation NOISE_SIGMA reaches this far
     # the background stays clear of 0 and 255 by the grain's reach, as the objects' colours do: no clipping per frame
-    background = np.clip(_background(rng, width, height, unit), grain_reach, 255 - grain_reach)
+    background = np.clip(background, grain_reach, 255 - grain_reach)
     background = np.tile(background, (2, 2, 1))  # it tiles: any shift is one slice
     heading = rng.uniform(0, 2 * np.pi)
     drift = rng.uniform(0, background_speed * unit) * np.array([np.cos(heading), np.sin(heading)])
@@ -395,12 +401,13 @@ def _smooth_noise(rng: np.random.Generator, height: int, width: int, sigma: floa
 
 @dataclass(frozen=True)
 class _Video:
-    """One video to make: where it goes, its difficulty, class, seed and length."""
+    """One video to make: where it goes, its difficulty, class, seeds and length."""
 
     path: Path
     difficulty: str
     class_index: int
     seed: int
+    scene_seed: int | None  # None: a scene of its own
     frames: int
     fps: int
 
@@ -470,21 +477,32 @@ def _videos(
     seconds: float,
     difficulty: str = "normal",
 ) -> list[_Video]:
-    """Every video of the dataset: the last of each class (one in `test_every`, at least one) are its test split."""
+    """Every video of the dataset: the last of each class (one in `test_every`, at least one) are its test split.
+    Where scenes are shared, runs of `scene_videos` videos share one, counted from the start of each split, so
+    that no scene is in both."""
     spec = _difficulty(difficulty)
     tests = max(1, videos_per_class // spec.test_every)
-    return [
-        _Video(
-            path=root / ("test" if index >= videos_per_class - tests else "train") / name / f"{name}_{index:04d}.mp4",
-            difficulty=difficulty,
-            class_index=label,
-            seed=int(np.random.SeedSequence([seed, label, index]).generate_state(1)[0]),
-            frames=round(seconds * fps),
-            fps=fps,
-        )
-        for label, name in enumerate(motion.name for motion in spec.motions[:classes])
-        for index in range(videos_per_class)
-    ]
+    videos = []
+    for label, motion in enumerate(spec.motions[:classes]):
+        for index in range(videos_per_class):
+            test = index >= videos_per_class - tests
+            scene = (index - (videos_per_class - tests if test else 0)) // spec.scene_videos
+            videos.append(
+                _Video(
+                    path=root / ("test" if test else "train") / motion.name / f"{motion.name}_{index:04d}.mp4",
+                    difficulty=difficulty,
+                    class_index=label,
+                    seed=_seed(seed, label, index),
+                    scene_seed=None if spec.scene_videos == 1 else _seed(seed, label, int(test), scene, 1),
+                    frames=round(seconds * fps),
+                    fps=fps,
+                )
+            )
+    return videos
+
+
+def _seed(*key: int) -> int:
+    return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
 
 
 def _claim(root: Path, params: dict[str, Any]) -> None:
@@ -523,7 +541,9 @@ def _write_video(video: _Video) -> None:
     """Render and encode one video under a temporary name, then rename it: a file that exists is complete."""
     video.path.parent.mkdir(parents=True, exist_ok=True)
     partial = video.path.with_name(f".{video.path.name}.partial")
-    frames = render_video(video.class_index, video.seed, video.frames, video.fps, difficulty=video.difficulty)
+    frames = render_video(
+        video.class_index, video.seed, video.frames, video.fps, difficulty=video.difficulty, scene_seed=video.scene_seed
+    )
     # one thread and bitexact flags: the same frames give the same bytes on any machine with this ffmpeg
     stream = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{WIDTH}x{HEIGHT}", framerate=video.fps)
     stream = ffmpeg.output(
