@@ -45,11 +45,11 @@ class PreprocessConfig:
     resume: bool = _opt(False, "continue an interrupted run in OUT; finished shards are kept")
     val_fraction: float = _opt(0.1, "folder: fraction of each class held out as the test split")
     difficulty: Literal["normal", "hard"] = _opt(
-        "normal", "synthetic: normal (8 easy motion classes) or hard (12 subtler ones, few videos, more clutter)"
+        "normal", "synthetic: normal, or hard (subtler motions, clutter, few videos in groups; for comparing methods)"
     )
     classes: int | None = _opt(None, "synthetic: number of classes (default: normal 8, hard 12)")
     videos_per_class: int | None = _opt(
-        None, "synthetic: videos per class, train and test together (default: normal 60, hard 25)"
+        None, "synthetic: videos per class, train and test together (default: normal 60, hard 24)"
     )
     seed: int = _opt(0, "seed for the synthetic videos and the order of samples in the shards")
     ffmpeg: str | None = _opt(None, "ffmpeg binary (default: `ffmpeg` on PATH, else the one imageio-ffmpeg ships)")
