@@ -48,8 +48,13 @@ class PreprocessConfig:
     part: str | None = _opt(None, "I/N: do the I-th of N deterministic parts (I from 1), e.g. one array job")
     resume: bool = _opt(False, "continue an interrupted run in OUT; finished shards are kept")
     val_fraction: float = _opt(0.1, "folder: fraction of each class held out as the test split")
-    classes: int = _opt(8, "synthetic: number of classes")
-    videos_per_class: int = _opt(60, "synthetic: videos per class (train and test together)")
+    difficulty: Literal["normal", "hard"] = _opt(
+        "normal", "synthetic: normal, or hard (subtler motions, clutter, few videos in groups; for comparing methods)"
+    )
+    classes: int | None = _opt(None, "synthetic: number of classes (default: normal 8, hard 12)")
+    videos_per_class: int | None = _opt(
+        None, "synthetic: videos per class, train and test together (default: normal 60, hard 24)"
+    )
     seed: int = _opt(0, "seed for the synthetic videos and the order of samples in the shards")
     ffmpeg: str | None = _opt(None, "ffmpeg binary (default: `ffmpeg` on PATH, else the one imageio-ffmpeg ships)")
 

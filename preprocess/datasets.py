@@ -175,7 +175,9 @@ def list_synthetic(cfg: PreprocessConfig, root: Path) -> DatasetListing:
 
     try:
         with _exclusive(root.with_name(f"{root.name}.lock")):  # --part runs sharing ROOT generate it once
-            generate_synthetic(root, cfg.classes, cfg.videos_per_class, cfg.seed, cfg.workers)
+            generate_synthetic(
+                root, cfg.classes, cfg.videos_per_class, cfg.seed, cfg.workers, difficulty=cfg.difficulty
+            )
     except (FileExistsError, ValueError) as e:  # another set in ROOT, or parameters it cannot make
         raise PreprocessError(str(e)) from e
     classes = [name.strip() for name in (root / "classes.txt").read_text(encoding="utf-8").splitlines() if name.strip()]

@@ -14,7 +14,16 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
-from preprocess.synthetic import HEIGHT, SYNTHETIC_CLASSES, WIDTH, _videos, generate_synthetic, render_video
+from preprocess.synthetic import (
+    DIFFICULTIES,
+    HARD_MOTIONS,
+    HEIGHT,
+    SYNTHETIC_CLASSES,
+    WIDTH,
+    _videos,
+    generate_synthetic,
+    render_video,
+)
 
 TINY = {"classes": 3, "videos_per_class": 5, "seed": 0, "fps": 10, "seconds": 0.6}  # 6 frames a video
 
@@ -70,6 +79,25 @@ def test_single_frames_look_alike_in_every_class() -> None:
                 [_frame_statistics(render_video(label, 100 * label + seed, 1, 25, 112, 84)) for seed in range(12)]
             )
             for label in range(len(SYNTHETIC_CLASSES))
+        ]
+    )  # (classes, frames, statistics)
+    spread_between = per_class.mean(axis=1).std(axis=0)
+    spread_within = per_class.std(axis=1).mean(axis=0)
+    assert np.all(spread_between < 0.5 * spread_within), (spread_between, spread_within)
+
+
+def test_single_frames_look_alike_in_every_hard_class() -> None:
+    """As in the normal set: decoys, shake and each video's own scene change no single frame's statistics
+    by class."""
+    per_class = np.stack(
+        [
+            np.concatenate(
+                [
+                    _frame_statistics(render_video(label, 100 * label + seed, 1, 25, 112, 84, difficulty="hard"))
+                    for seed in range(12)
+                ]
+            )
+            for label in range(len(HARD_MOTIONS))
         ]
     )  # (classes, frames, statistics)
     spread_between = per_class.mean(axis=1).std(axis=0)
@@ -157,3 +185,25 @@ def test_rejects_class_counts_it_cannot_make(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least 2"):
         generate_synthetic(tmp_path / "b", videos_per_class=1, progress=False)
     assert not os.listdir(tmp_path)
+
+
+def test_hard_set_tree_split_and_defaults(tmp_path: Path) -> None:
+    """The hard set writes its own classes and holds out its own share of each class; its folder refuses the
+    normal set, and the defaults it did not get name what they would have been."""
+    hard = DIFFICULTIES["hard"]
+    tiny = {**TINY, "videos_per_class": 2 * hard.test_every, "difficulty": "hard"}
+    root = generate_synthetic(tmp_path / "hard", workers=2, progress=False, **tiny)
+    names = [motion.name for motion in HARD_MOTIONS[: TINY["classes"]]]
+    assert (root / "classes.txt").read_text().splitlines() == names
+    assert json.loads((root / "synthetic.json").read_text())["difficulty"] == "hard"
+    for name in names:
+        assert len(list((root / "test" / name).iterdir())) == 2
+        assert len(list((root / "train" / name).iterdir())) == 2 * hard.test_every - 2
+    with pytest.raises(FileExistsError, match=r"difficulty 'hard' \(asked 'normal'\)"):
+        generate_synthetic(root, progress=False, **{**tiny, "difficulty": "normal"})
+    with pytest.raises(
+        FileExistsError, match=rf"classes 3 \(asked {hard.classes}\).*per_class \d+ \(asked {hard.videos_per_class}\)"
+    ):
+        generate_synthetic(root, progress=False, fps=10, seconds=0.6, difficulty="hard")
+    with pytest.raises(ValueError, match=f"13 classes asked for, but there are 2 to {len(HARD_MOTIONS)} in the hard"):
+        generate_synthetic(tmp_path / "none", classes=13, progress=False, difficulty="hard")
