@@ -158,7 +158,7 @@ def run_pipeline(layout: InputLayout, batches: list, augment: AugmentConfig | No
     layout = replace(layout, augmented=augment is not None)
     drawn = []
     for batch in batches:
-        columns = {k: v for k, v in batch.items() if not k.endswith(("_value", "_coin", "_choice"))}
+        columns = {k: v for k, v in batch.items() if k not in ("value", "coin", "choice")}
         columns.update(augment_draws(rng, len(batch["label"]), 1, augment))
         drawn.append(columns)
     cycle = itertools.cycle(drawn)
@@ -409,13 +409,13 @@ def test_inputs_are_keyed_by_name_and_checked(noise_batches) -> None:
     layout, batches = noise_batches
     batch = batches[0]
     assert len(layout.arrange(batch)) == len(layout.names)
-    with pytest.raises(ValueError, match=r"missing \['v0_order'\]"):
-        layout.arrange({k: v for k, v in batch.items() if k != "v0_order"})
-    with pytest.raises(ValueError, match=r"unknown \['v0_flip'\]"):
-        layout.arrange({**batch, "v0_flip": batch["label"]})
+    with pytest.raises(ValueError, match=r"missing \['order'\]"):
+        layout.arrange({k: v for k, v in batch.items() if k != "order"})
+    with pytest.raises(ValueError, match=r"unknown \['flip'\]"):
+        layout.arrange({**batch, "flip": batch["label"]})
     # two columns swapped by mistake: each is refused under the name it was given, naming what was expected
-    swapped = {**batch, "v0_cut": batch["v0_shape"], "v0_shape": batch["v0_cut"]}
-    with pytest.raises(ValueError, match=r"'v0_cut': expected int32 \(\d+, 2\)"):
+    swapped = {**batch, "slots": batch["order"], "order": batch["slots"]}
+    with pytest.raises(ValueError, match=r"'slots': expected int32 \(1, \d+, 6\)"):
         layout.arrange(swapped)
     with pytest.raises(ValueError, match=r"'label': expected int64"):
         layout.arrange({**batch, "label": batch["label"].astype(np.int32)})

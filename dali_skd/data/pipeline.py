@@ -47,17 +47,16 @@ class Draws:
     """One view's random draws (from its `coin`, `value` and `choice` inputs), by name."""
 
     def __init__(self, inputs: dict[str, DataNode], view: int) -> None:
-        self._value = inputs[f"v{view}_value"]
-        self._coin, self._choice = inputs.get(f"v{view}_coin"), inputs.get(f"v{view}_choice")  # augmented only
+        self._inputs, self._view = inputs, view
 
     def coin(self, name: str) -> DataNode:
-        return self._coin[COINS.index(name)]
+        return self._inputs["coin"][self._view, COINS.index(name)]
 
     def value(self, name: str) -> DataNode:
-        return self._value[VALUES.index(name)]
+        return self._inputs["value"][self._view, VALUES.index(name)]
 
     def choice(self, name: str) -> DataNode:
-        return self._choice[CHOICES.index(name)]
+        return self._inputs["choice"][self._view, CHOICES.index(name)]
 
 
 def decode_clips(
@@ -72,23 +71,23 @@ def decode_clips(
         return [windows[v](frames[v * layout.clip_len : (v + 1) * layout.clip_len]) for v in range(layout.num_views)]
     clips = []
     for v in range(layout.num_views):
-        cut, shape = inputs[f"v{v}_cut"], inputs[f"v{v}_shape"]
         pieces = []
         for k in range(layout.slots):
-            jpeg = fn.slice(inputs["strips"], cut[k, 0:1], cut[k, 1:2], axes=[0])  # one strip of the video's
+            slot = inputs["slots"][v, k]  # byte start, byte length, then the FHWC shape of the decoded frames
+            jpeg = fn.slice(inputs["strips"], slot[0:1], slot[1:2], axes=[0])  # one strip of the video's
             top = fn.decoders.image_slice(
                 jpeg,
                 np.array([0], np.int32),
-                shape[k, 0:1] * shape[k, 1:2],  # pixel rows: frames x frame height
+                slot[2:3] * slot[3:4],  # pixel rows: frames x frame height
                 axes=[0],
                 normalized_anchor=False,
                 normalized_shape=False,
                 device=decoder,
                 **options.arguments(decoder == "mixed"),
             )
-            pieces.append(windows[v](fn.reshape(top, shape=shape[k], layout="FHWC")))
+            pieces.append(windows[v](fn.reshape(top, shape=slot[2:6], layout="FHWC")))
         frames = fn.cat(*pieces, axis=0) if len(pieces) > 1 else pieces[0]
-        clips.append(fn.sequence_rearrange(frames, new_order=inputs[f"v{v}_order"]))
+        clips.append(fn.sequence_rearrange(frames, new_order=inputs["order"][v]))
     return clips
 
 

@@ -67,21 +67,20 @@ class InputLayout:
 
     @cached_property
     def inputs(self) -> dict[str, Input]:
-        out: list[Input] = []
+        """Every column holds all views of a sample, view v at index v: few arrays per batch."""
+        views, out = self.num_views, []
         if self.format == "jpeg":
-            out.append(Input("strips", np.uint8, None))  # the video's strips laid end to end, where they lie
-            for v in range(self.num_views):
-                out += [
-                    Input(f"v{v}_cut", np.int32, (self.slots, 2)),  # each slot's strip: byte start and length
-                    Input(f"v{v}_shape", np.int32, (self.slots, 4)),  # each slot's decoded frames, FHWC
-                    Input(f"v{v}_order", np.int32, (self.clip_len,)),  # the clip's frames among the decoded ones
-                ]
+            out += [
+                Input("strips", np.uint8, None),  # the video's strips laid end to end, read where they lie
+                # per view and slot: the strip's byte start and length in `strips`, and its decoded frames' FHWC shape
+                Input("slots", np.int32, (views, self.slots, 6)),
+                Input("order", np.int32, (views, self.clip_len)),  # each clip's frames among its decoded ones
+            ]
         else:
-            out += [Input("video", np.uint8, None), Input("frames", np.int32, (self.num_views * self.clip_len,))]
-        for v in range(self.num_views):
-            out.append(Input(f"v{v}_value", np.float32, (len(VALUES),)))
-            if self.augmented:
-                out += [Input(f"v{v}_coin", np.bool_, (len(COINS),)), Input(f"v{v}_choice", np.int32, (len(CHOICES),))]
+            out += [Input("video", np.uint8, None), Input("frames", np.int32, (views * self.clip_len,))]
+        out.append(Input("value", np.float32, (views, len(VALUES))))
+        if self.augmented:
+            out += [Input("coin", np.bool_, (views, len(COINS))), Input("choice", np.int32, (views, len(CHOICES)))]
         out.append(Input("label", np.int64, ()))
         if self.with_video_id:
             out.append(Input("video_id", np.int64, ()))
@@ -153,8 +152,7 @@ def clip_columns(
     batch = _strip_columns(layout, records, indices) if layout.format == "jpeg" else _video_columns(records, indices)
     ok = np.fromiter((r.problem is None for r in records), bool, len(records))
     if layout.format == "jpeg":
-        decoded = sum(batch[f"v{v}_shape"][:, :, 0].sum(axis=1) for v in range(layout.num_views))
-        stats.decoded_frames += int(decoded[ok].sum())
+        stats.decoded_frames += int(batch["slots"][ok, :, :, 2].sum())  # frames decoded per slot
     else:
         stats.decoded_frames += int(ok.sum()) * indices.shape[1] * layout.clip_len
     batch["label"] = np.fromiter((r.meta.label for r in records), np.int64, len(records))
@@ -166,27 +164,24 @@ def clip_columns(
 
 def _strip_columns(layout: InputLayout, records: Sequence[VideoRecord], indices: np.ndarray) -> Batch:
     n, views, slots, fpj = len(records), layout.num_views, layout.slots, layout.frames_per_jpeg
-    # every view of every clip in one plan, view-major (row v * n + r) so that each view's columns are contiguous
-    plan = plan_strips(indices.transpose(1, 0, 2).reshape(views * n, -1), fpj, slots)
+    plan = plan_strips(indices.reshape(n * views, -1), fpj, slots)  # every view of every clip: row r * views + v
     offsets = np.zeros((n, max(len(r.offsets) for r in records)), np.int64)  # each record's, padded
     for i, record in enumerate(records):
         offsets[i, : len(record.offsets)] = record.offsets
-    offsets = np.tile(offsets, (views, 1))
+    offsets = np.repeat(offsets, views, axis=0)
     begin = np.take_along_axis(offsets, plan.strips, axis=1)
     end = np.take_along_axis(offsets, plan.strips + 1, axis=1)
-    cut = np.stack([begin, end - begin], axis=-1, dtype=np.int32).reshape(views, n, slots, 2)
-    height = np.tile(np.fromiter((r.meta.height for r in records), np.int32, n), views)[:, None]
-    width = np.tile(np.fromiter((r.meta.width for r in records), np.int32, n), views)[:, None]
-    shape = np.stack(np.broadcast_arrays(plan.rows, height, width, 3), axis=-1, dtype=np.int32)
-    shape, order = shape.reshape(views, n, slots, 4), plan.order.reshape(views, n, -1)
-    batch: Batch = {"strips": [r.array for r in records]}
-    for v in range(views):
-        batch.update({f"v{v}_cut": cut[v], f"v{v}_shape": shape[v], f"v{v}_order": order[v]})
-    strips = plan.strips.reshape(views, n, slots)
-    firsts, lasts = strips.min(axis=(0, 2)).tolist(), strips.max(axis=(0, 2)).tolist()
-    for record, first, last in zip(records, firsts, lasts, strict=True):
+    height = np.repeat(np.fromiter((r.meta.height for r in records), np.int32, n), views)[:, None]
+    width = np.repeat(np.fromiter((r.meta.width for r in records), np.int32, n), views)[:, None]
+    columns = np.broadcast_arrays(begin, end - begin, plan.rows, height, width, 3)
+    strips = plan.strips.reshape(n, views * slots)
+    for record, first, last in zip(records, strips.min(axis=1).tolist(), strips.max(axis=1).tolist(), strict=True):
         _check_strips(record, first, last, fpj)
-    return batch
+    return {
+        "strips": [r.array for r in records],
+        "slots": np.stack(columns, axis=-1, dtype=np.int32).reshape(n, views, slots, 6),
+        "order": plan.order.reshape(n, views, -1),
+    }
 
 
 def _check_strips(record: VideoRecord, first: int, last: int, fpj: int) -> None:
@@ -222,24 +217,18 @@ def _video_columns(records: Sequence[VideoRecord], indices: np.ndarray) -> Batch
 def augment_draws(rng: np.random.Generator, n: int, num_views: int, augment: AugmentConfig | None) -> Batch:
     """Every random choice for n training samples: per view, the crop window's place and, with `augment`, whether
     each augmentation applies and its factor, the flip and the channel a split copies."""
-    out: Batch = {}
-    for v in range(num_views):
-        u = rng.random((n, len(VALUES) + len(COINS) + len(CHOICES)), np.float32)
-        value = np.empty((n, len(VALUES)), np.float32)
-        value[:, :2] = u[:, :2]  # crop_x, crop_y
-        out[f"v{v}_value"] = value
-        if augment is None:
-            value[:, 2:] = 0.5  # not read
-            continue
-        ranges = np.array([augment.contrast, augment.brightness, augment.hue, augment.blur_sigma], np.float32)
-        value[:, 2:] = ranges[:, 0] + u[:, 2:6] * (ranges[:, 1] - ranges[:, 0])
-        p = [augment.p_contrast, augment.p_brightness, augment.p_hue, augment.p_blur, augment.p_channel_split]
-        out[f"v{v}_coin"] = u[:, 6:11] < np.array(p, np.float32)
-        choice = np.empty((n, len(CHOICES)), np.int32)
-        choice[:, 0] = u[:, 11] < augment.p_flip
-        choice[:, 1] = np.minimum((u[:, 12] * 3).astype(np.int32), 2)
-        out[f"v{v}_choice"] = choice
-    return out
+    u = rng.random((n, num_views, len(VALUES) + len(COINS) + len(CHOICES)), np.float32)
+    value = np.full((n, num_views, len(VALUES)), 0.5, np.float32)  # factors of no augmentation are not read
+    value[..., :2] = u[..., :2]  # crop_x, crop_y
+    if augment is None:
+        return {"value": value}
+    ranges = np.array([augment.contrast, augment.brightness, augment.hue, augment.blur_sigma], np.float32)
+    value[..., 2:] = ranges[:, 0] + u[..., 2:6] * (ranges[:, 1] - ranges[:, 0])
+    p = [augment.p_contrast, augment.p_brightness, augment.p_hue, augment.p_blur, augment.p_channel_split]
+    choice = np.empty((n, num_views, len(CHOICES)), np.int32)
+    choice[..., 0] = u[..., 11] < augment.p_flip
+    choice[..., 1] = np.minimum((u[..., 12] * 3).astype(np.int32), 2)
+    return {"value": value, "coin": u[..., 6:11] < np.array(p, np.float32), "choice": choice}
 
 
 # -- batches ------------------------------------------------------------------------------------------------------
@@ -345,12 +334,12 @@ def eval_batches(
             [spaced_starts(r.meta.frames, layout.clip_len, clips_per_video, layout.frame_stride) for r in group]
         )
         columns, ok = clip_columns(layout, clips, np.repeat(starts, len(places))[:, None], stats)
-        value = np.full((len(clips), len(VALUES)), 0.5, np.float32)
+        value = np.full((len(clips), 1, len(VALUES)), 0.5, np.float32)
         landscape = np.fromiter((r.meta.width >= r.meta.height for r in clips), bool, len(clips))
         along = np.tile(places, len(starts))
-        value[:, 0] = np.where(landscape, along, 0.5)  # crop_x
-        value[:, 1] = np.where(landscape, 0.5, along)  # crop_y
-        columns["v0_value"] = value
+        value[:, 0, 0] = np.where(landscape, along, 0.5)  # crop_x
+        value[:, 0, 1] = np.where(landscape, 0.5, along)  # crop_y
+        columns["value"] = value
         if not ok.all():
             _skip_broken(group, ok[::per_video], stats)
             columns = _rows(columns, ok)
