@@ -46,7 +46,7 @@ class DemoPreset:
     eval_clips: int = 5
     # One video's generation and preprocessing, in training steps of this preset (measured on the 2-core
     # machine of docs/benchmarks.md): the probe measures a step, this turns it into seconds per video.
-    steps_per_video: float = 0.27
+    steps_per_video: float = 0.35
     prep_share: float = 0.25  # of the budget, at most, for the videos
     margin: float = 0.08  # of the budget, kept free for what the plan cannot see
 
@@ -172,7 +172,7 @@ def plan_epochs(epoch_seconds: dict[str, float], seconds_left: float, preset: De
     fits = 1 + int(max(0.0, seconds_left - evaluations) // per_epoch)
     fewest, most = preset.epochs
     if fits < fewest:
-        print(f"demo: {fewest} epochs, the fewest that learn the classes well, do not fit the budget here")
+        print(f"demo: the budget holds fewer than {fewest} epochs here; training {fewest}, the fewest that learn well")
     return max(fewest, min(most, fits))
 
 

@@ -53,7 +53,7 @@ def test_demo_plans_epochs_to_fill_the_budget(capsys) -> None:
     assert plan_epochs({"skd-srl": 20.0, "baseline": 10.0}, 307.5, preset) == 1 + 10
     assert plan_epochs({"skd-srl": 20.0}, 10_000.0, preset) == 16  # no more than worth training
     assert plan_epochs({"skd-srl": 20.0}, 60.0, preset) == 8  # no fewer than learn the classes well
-    assert "do not fit the budget here" in capsys.readouterr().out
+    assert "the budget holds fewer than 8 epochs here" in capsys.readouterr().out
 
 
 @pytest.mark.slow
