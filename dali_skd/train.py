@@ -180,6 +180,8 @@ class Trainer:
                 self._save(epoch, record, is_best=self.best_epoch == epoch + 1)
         if self.writer is not None:
             self.writer.close()
+        self.train_loader.close()  # their DALI pipelines and threads go now, not when the trainer is collected
+        self.val_loader.close()
         summary = TrainSummary(
             self.out, cfg.epochs, self.best_top1, self.best_epoch, record, time.perf_counter() - started
         )
