@@ -51,6 +51,7 @@ def test_demo_plans_epochs_to_fill_the_budget(capsys) -> None:
     preset = DemoPreset(epochs=(8, 16), eval_clips=5)
     # 20 s + 10 s an epoch; evaluations take 0.05 x 5 x 30 = 7.5 s
     assert plan_epochs({"skd-srl": 20.0, "baseline": 10.0}, 307.5, preset) == 1 + 10
+    assert plan_epochs({"skd-srl": 20.0, "baseline": 10.0}, 300.0, preset) == 1 + 9  # the evaluations leave 292.5 s
     assert plan_epochs({"skd-srl": 20.0}, 10_000.0, preset) == 16  # no more than worth training
     assert plan_epochs({"skd-srl": 20.0}, 60.0, preset) == 8  # no fewer than learn the classes well
     assert "the budget holds fewer than 8 epochs here" in capsys.readouterr().out
