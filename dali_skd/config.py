@@ -16,6 +16,9 @@ from dali_skd.files import write_atomic
 
 Device = Literal["auto", "cuda", "cpu"]  # auto: the GPU when CUDA is available, else the CPU
 Amp = Literal["auto", "fp16", "bf16", "off"]  # auto: fp16 on CUDA, off (fp32) on the CPU
+# the pixel values the network sees (`data.source.INPUT_NORMS`): the paper's [-1, 1], or those of Hara et al.'s
+# Kinetics models (3D-ResNets-PyTorch), whose 2020 and 2018 releases were trained on different ones
+InputNorm = Literal["paper", "kinetics", "kinetics-2018"]
 
 
 def _opt(default: Any, help: str, **meta: Any) -> Any:
@@ -86,10 +89,11 @@ class LoaderConfig:
     eval_shards: str | None = _opt(None, "held-out shards instead of the manifest's: brace patterns or URLs")
     clip_len: int = _opt(16, "frames per clip")
     frame_stride: int = _opt(1, "take every S-th frame: a clip spans (clip_len - 1) x S + 1 frames of the video")
-    input_norm: Literal["paper", "kinetics"] = _opt(
+    input_norm: InputNorm = _opt(
         "paper",
-        "pixel values the network sees: paper: [-1, 1]; kinetics: (x / 255 - mean) / std with Hara et al.'s "
-        "Kinetics mean and std, for their pretrained models",
+        "pixel values the network sees: paper: [-1, 1]; kinetics: (x / 255 - mean) / std with the Kinetics mean "
+        "and std of Hara et al.'s 2020 models; kinetics-2018: x - mean (0-255 pixels, ActivityNet mean), for their "
+        "2018 models",
     )
     crop: int = _opt(112, "side of the square window cropped from every frame of a clip")
     same_clip: bool = _opt(False, "make both views from one clip (default: two independently trimmed clips)")
@@ -195,8 +199,8 @@ class ClipsConfig:
     clip_len: int | None = _opt(None, "frames per clip (default: the checkpoint's)")
     frame_stride: int | None = _opt(None, "take every S-th frame (default: the checkpoint's)")
     crop: int | None = _opt(None, "side of the square window cropped from every frame (default: the checkpoint's)")
-    input_norm: Literal["paper", "kinetics"] | None = _opt(
-        None, "pixel values the network sees: paper or kinetics (default: the checkpoint's)"
+    input_norm: InputNorm | None = _opt(
+        None, "pixel values the network sees: paper, kinetics or kinetics-2018 (default: the checkpoint's)"
     )
     batch_size: int = _opt(32, "clips per batch")
     amp: Amp = _opt("auto", "mixed precision (auto: fp16 on CUDA, off on CPU)")

@@ -8,6 +8,9 @@ share of the learning rate (`--freeze` lives on the model: `ResNet3d.freeze`).
   "module." prefix in the 2018 release (saved from `nn.DataParallel`);
 - a bare state dict in either naming.
 
+The report also says which pixel values (`--input-norm`) the file's model was trained on, where the layout tells:
+Hara et al.'s 2018 and 2020 releases were trained on different ones, and neither on the paper's [-1, 1].
+
 Every tensor of the model must come from the file, with three exceptions that are reported: a classifier `fc` of
 another size (or none) keeps its fresh init, and BatchNorm `num_batches_tracked` counters missing from the file
 (the 2018 release predates them; with a fixed momentum they are unused) or extra in it are skipped. Any other
@@ -42,6 +45,7 @@ class InitReport:
     reinitialised: list[str] = field(default_factory=list)  # "key (shape in the file -> shape here)"
     missing: list[str] = field(default_factory=list)  # tolerated: BatchNorm counters only
     unexpected: list[str] = field(default_factory=list)  # tolerated: BatchNorm counters only
+    input_norm: str | None = None  # the pixel values (`--input-norm`) the file's model was trained on, when known
 
     def format(self) -> str:
         lines = [f"--init {self.path} ({self.source}): loaded {len(self.loaded)} tensors"]
@@ -54,6 +58,16 @@ class InitReport:
             lines.append(f"  {what}: {_names(keys) if keys else 'none'}")
         return "\n".join(lines)
 
+    def input_norm_note(self, chosen: str) -> str | None:
+        """A word when the run feeds the model other pixel values than the file's model was trained on: allowed
+        (fine-tuning adapts), but seldom meant."""
+        if self.input_norm is None or self.input_norm == chosen:
+            return None
+        return (
+            f"  note: the file's model was trained on --input-norm {self.input_norm} inputs, this run gives it "
+            f"--input-norm {chosen}: add --input-norm {self.input_norm} unless you mean to change them"
+        )
+
 
 def _names(keys: list[str]) -> str:
     counters = [k for k in keys if k.endswith(COUNTER)]
@@ -61,8 +75,10 @@ def _names(keys: list[str]) -> str:
     return ", ".join(named + ([f"{COUNTER} of {len(counters)} BatchNorm layers"] if counters else []))
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str]:
-    """The tensors of a checkpoint file under this project's names, and the file's layout in words."""
+def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str, str | None]:
+    """The tensors of a checkpoint file under this project's names, the file's layout in words, and the
+    `--input-norm` its model was trained on if the layout tells (a dali-skd checkpoint's config; Hara et al.'s 2018
+    release, saved from DataParallel, or their 2020 one)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--init: no file at {path}: pass a dali-skd checkpoint or a Kinetics model file")
@@ -85,9 +101,13 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str]:
         raise ValueError(f"--init: {path} is not a readable PyTorch checkpoint ({e})") from e
 
     if isinstance(raw, dict) and "checkpoint_version" in raw:
-        return dict(classifier_state(check_version(raw, path), path)), "dali-skd checkpoint"
+        state = dict(classifier_state(check_version(raw, path), path))
+        trained = raw.get("config", {}).get("loader", {}).get("input_norm", "paper")  # older ones: the paper's
+        return state, "dali-skd checkpoint", trained
+    norm = None
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
         weights, source = raw["state_dict"], "3D-ResNets-PyTorch checkpoint"
+        norm = "kinetics-2018" if any(k.startswith("module.") for k in weights) else "kinetics"
     elif isinstance(raw, dict) and raw and all(isinstance(v, Tensor) for v in raw.values()):
         weights, source = raw, "state dict"
     else:
@@ -97,7 +117,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str]:
         )
     if any(k.startswith("module.") for k in weights):
         source += ", saved from DataParallel"
-    return {hara_to_ours(k): v for k, v in weights.items()}, source
+    return {hara_to_ours(k): v for k, v in weights.items()}, source, norm
 
 
 def hara_to_ours(key: str) -> str:
@@ -127,8 +147,8 @@ def describe(state: dict[str, Tensor]) -> str | None:
 def init_from_pretrained(model: ResNet3d, path: str | Path) -> InitReport:
     """Loads the weights in `path` into `model`, all of them but a classifier of another size (see the module
     docstring); refuses a file made for another architecture, naming the first tensor that does not fit."""
-    weights, source = read_weights(path)
-    report = InitReport(str(path), source)
+    weights, source, input_norm = read_weights(path)
+    report = InitReport(str(path), source, input_norm=input_norm)
     ours = model.state_dict()
     problems: list[str] = []
     for key, target in ours.items():

@@ -93,6 +93,8 @@ class Trainer:
             report = init_from_pretrained(model, cfg.init)
             if ctx.is_main:
                 print(report.format())
+                if note := report.input_norm_note(cfg.loader.input_norm):
+                    print(note)
         model.freeze(cfg.freeze)
         step = build_train_step(cfg, model, manifest.num_classes, ctx.device, teacher, ctx.distributed)
         self.train_step = step

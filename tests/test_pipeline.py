@@ -484,7 +484,7 @@ def test_three_spatial_crops_cover_the_long_side(gradient_data: Path) -> None:
         EvalLoader(loader_cfg(gradient_data), "test", batch_size=6, spatial_crops=2)
 
 
-def test_kinetics_input_norm_is_hara_et_al_mean_and_std(gradient_data: Path) -> None:
+def test_kinetics_input_norms_are_hara_et_al_mean_and_std(gradient_data: Path) -> None:
     def clips(norm: str) -> np.ndarray:
         loader = EvalLoader(loader_cfg(gradient_data, input_norm=norm), "test", batch_size=7, clips_per_video=1)
         return next(iter(loader.epoch())).clips.numpy()
@@ -493,3 +493,5 @@ def test_kinetics_input_norm_is_hara_et_al_mean_and_std(gradient_data: Path) -> 
     mean = np.array([0.4345, 0.4051, 0.3775])[None, :, None, None, None]
     std = np.array([0.2768, 0.2713, 0.2737])[None, :, None, None, None]
     np.testing.assert_allclose(clips("kinetics"), (levels / 255 - mean) / std, atol=1e-4)
+    activitynet = np.array([114.7748, 107.7354, 99.4750])[None, :, None, None, None]
+    np.testing.assert_allclose(clips("kinetics-2018"), levels - activitynet, atol=1e-3)

@@ -100,6 +100,8 @@ def test_hara_2020_file_gives_the_features_of_the_same_weights(tmp_path: Path) -
     text = report.format()
     assert f"--init {path} (3D-ResNets-PyTorch checkpoint): loaded {len(report.loaded)} tensors" in text
     assert "re-initialised 2 (the classifier does not fit this dataset): fc.weight" in text
+    assert report.input_norm == "kinetics" and report.input_norm_note("kinetics") is None
+    assert "add --input-norm kinetics unless" in str(report.input_norm_note("paper"))
 
 
 def test_hara_2018_file_gives_the_logits_of_the_same_weights(tmp_path: Path) -> None:
@@ -115,6 +117,7 @@ def test_hara_2018_file_gives_the_logits_of_the_same_weights(tmp_path: Path) -> 
     assert len(report.loaded) == len(source.state_dict()) - len(counters)
     assert report.reinitialised == [] and report.missing == counters and report.unexpected == []
     assert report.source == "3D-ResNets-PyTorch checkpoint, saved from DataParallel"
+    assert report.input_norm == "kinetics-2018"  # 0-255 pixels less the ActivityNet mean, as that release trained
     assert f"missing from the file: num_batches_tracked of {len(counters)} BatchNorm layers" in report.format()
 
 
@@ -201,6 +204,7 @@ def test_own_checkpoint_loads_with_init_and_keeps_its_shortcut(data: Path, tmp_p
     model = build_model("r3d10-tiny", 2, shortcut="B")
     report = init_from_pretrained(model, best)
     assert report.source == "dali-skd checkpoint" and len(report.loaded) == len(trained.state_dict())
+    assert report.input_norm == "paper"  # the run's own
     torch.testing.assert_close(model.eval()(clips()), expected)
 
     with pytest.raises(ValueError, match="pass --arch r3d10-tiny --shortcut B"):
@@ -244,6 +248,7 @@ def test_init_and_freeze_through_train(data: Path, tmp_path: Path, capsys: pytes
     loaded = len(source.state_dict()) - 2 - sum(k.endswith("num_batches_tracked") for k in source.state_dict())
     assert f"--init {path} (3D-ResNets-PyTorch checkpoint, saved from DataParallel): loaded {loaded} tensors" in printed
     assert "re-initialised 2 (the classifier does not fit this dataset): fc.weight ((400, 128) in the file" in printed
+    assert "note: the file's model was trained on --input-norm kinetics-2018 inputs, this run gives it " in printed
 
     last = tmp_path / "run" / "last.pt"
     trained = classifier_state(load_checkpoint(last), last)

@@ -31,11 +31,14 @@ COINS = ("contrast", "brightness", "hue", "blur", "split")  # apply the augmenta
 VALUES = ("crop_x", "crop_y", "contrast", "brightness", "hue", "blur_sigma")  # crop window in [0, 1], factors
 CHOICES = ("flip", "channel")  # mirror (0/1); the channel a split copies
 
-# (x - mean) / std of 0-255 pixels: the paper's [-1, 1], or the Kinetics statistics Hara et al.'s models were
-# trained with (3D-ResNets-PyTorch, 2020: mean 0.4345 0.4051 0.3775, std 0.2768 0.2713 0.2737 of [0, 1] values)
+# (x - mean) / std of 0-255 pixels: the paper's [-1, 1], or what Hara et al.'s Kinetics models were trained on
+# (3D-ResNets-PyTorch): the 2020 release, mean 0.4345 0.4051 0.3775 and std 0.2768 0.2713 0.2737 of [0, 1] values
+# (mean.py, `--mean_dataset kinetics`); the 2018 release, 0-255 values less the ActivityNet mean, not divided
+# (its defaults: `--norm_value 1 --mean_dataset activitynet`, no `--std_norm`)
 INPUT_NORMS = {
     "paper": ([127.5] * 3, [127.5] * 3),
     "kinetics": ([255 * m for m in (0.4345, 0.4051, 0.3775)], [255 * s for s in (0.2768, 0.2713, 0.2737)]),
+    "kinetics-2018": ([114.7748, 107.7354, 99.4750], [1.0] * 3),
 }
 
 
