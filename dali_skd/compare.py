@@ -14,7 +14,9 @@ DIR after a comparison:
     DIR/runs/teacher/               the kd teacher, when compare trained it
 
 A run whose result.json exists is reused, and an interrupted run resumes from its last.pt: a killed comparison
-started again trains only what is missing.
+started again trains only what is missing. A finished run asked for more epochs is trained on from its last.pt
+(the plateau schedule makes that the same run as one trained for them from the start), and one asked for fewer is
+refused. The teacher is never trained on: the kd runs in DIR learnt from it as it is.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class RunResult:
     best_epoch: int
     epochs: int
     seconds: float  # training and evaluation
+    arch: str = ""  # (results written before it was recorded: the comparison's --arch)
 
 
 @dataclass
@@ -95,9 +98,10 @@ def run_compare(cfg: CompareConfig, command: str) -> CompareReport:
         if "kd" in methods and teacher_path is None:
             arch = cfg.teacher_arch or ("r3d50-tiny" if base.arch.endswith("-tiny") else "r3d50")
             teacher_cfg = replace(
-                base, method=TEACHER_METHOD, arch=arch, seed=0, shortcut=None, init=None, freeze="none", lr_backbone=1.0
-            )
-            teacher = _run(teacher_cfg, out / "runs" / "teacher", "teacher", ctx)
+                base, method=TEACHER_METHOD, arch=arch, epochs=cfg.teacher_epochs or base.epochs, seed=0,
+                shortcut=None, init=None, freeze="none", lr_backbone=1.0,
+            )  # fmt: skip
+            teacher = _run(teacher_cfg, out / "runs" / "teacher", "teacher", ctx, train_on="--teacher-epochs")
             teacher_path = str(out / "runs" / "teacher" / "best.pt")
         runs = []
         for method in methods:
@@ -116,20 +120,35 @@ def run_compare(cfg: CompareConfig, command: str) -> CompareReport:
         shutdown(ctx)
 
 
-def _run(train_cfg: TrainConfig, run_dir: Path, name: str, ctx: DistContext) -> RunResult:
+def _run(train_cfg: TrainConfig, run_dir: Path, name: str, ctx: DistContext, train_on: str | None = None) -> RunResult:
     """One run: reused if it has its result.json (and was made with these settings), resumed if it has a
-    last.pt, else trained from the start; then its best checkpoint evaluated with `eval`'s protocol."""
+    last.pt, else trained from the start; then its best checkpoint evaluated with `eval`'s protocol.
+
+    A finished run asked for more epochs is trained on, unless `train_on` names the flag that must keep its
+    epochs instead (the teacher's); one asked for fewer epochs is refused."""
     train_cfg = replace(train_cfg, out=str(run_dir), resume=True)
     result_path = run_dir / "result.json"
     ctx.sum([0.0])  # every rank decides from the same files
+    earlier = 0.0  # seconds of a finished run trained on
     if result_path.exists():
         _check_same_settings(run_dir, train_cfg)
+        done = RunResult(**json.loads(result_path.read_text()))
+        if done.epochs == train_cfg.epochs:
+            if ctx.is_main:
+                print(f"compare: {name} done before, reusing {result_path}")
+            return done
+        if done.epochs > train_cfg.epochs or train_on is not None:
+            flag = train_on or "--epochs"
+            raise ValueError(
+                f"{run_dir} was trained for {done.epochs} epochs, not {train_cfg.epochs}: pass {flag} "
+                f"{done.epochs} to reuse it, or a new --out"
+            )
         if ctx.is_main:
-            print(f"compare: {name} done before, reusing {result_path}")
-        return RunResult(**json.loads(result_path.read_text()))
+            print(f"compare: {name} was trained for {done.epochs} epochs; training it on to {train_cfg.epochs}")
+        earlier = done.seconds
     if ctx.is_main:
         print(f"compare: training {name} -> {run_dir}", flush=True)
-    started = time.perf_counter()
+    started = time.perf_counter() - earlier
     summary = Trainer(train_cfg, ctx).run()
     evaluation = EvalConfig(
         checkpoint=str(run_dir / "best.pt"), batch_size=train_cfg.batch_size, amp=train_cfg.amp, loader=train_cfg.loader
@@ -145,6 +164,7 @@ def _run(train_cfg: TrainConfig, run_dir: Path, name: str, ctx: DistContext) -> 
         best_epoch=summary.best_epoch,
         epochs=train_cfg.epochs,
         seconds=time.perf_counter() - started,
+        arch=train_cfg.arch,
     )
     if ctx.is_main:
         write_atomic(result_path, json.dumps(asdict(run), indent=2) + "\n")
@@ -197,8 +217,8 @@ def format_table(report: CompareReport) -> str:
         )
     if report.teacher is not None:
         t = report.teacher
-        lines.append(f"| (kd teacher: {TEACHER_METHOD}) | {100 * t.test_top1:.1f} | {100 * t.test_top5:.1f} | 1 | "
-                     f"{t.seconds / 60:.1f} |")  # fmt: skip
+        lines.append(f"| (kd teacher: {t.arch or report.arch}, {TEACHER_METHOD}, {t.epochs} epochs) | "
+                     f"{100 * t.test_top1:.1f} | {100 * t.test_top5:.1f} | 1 | {t.seconds / 60:.1f} |")  # fmt: skip
     lines += ["", "| run | top-1 (%) | top-5 (%) | clip top-1 (%) | best epoch | minutes |", "|---" * 6 + "|"]
     for r in report.runs:
         lines.append(

@@ -253,6 +253,7 @@ class CompareConfig:
     teacher_arch: str | None = _opt(
         None, "kd without --teacher: the teacher compare trains first (default r3d50; r3d50-tiny for -tiny students)"
     )
+    teacher_epochs: int | None = _opt(None, "kd without --teacher: the teacher's epochs (default: --epochs)")
     train: TrainConfig = _opt(
         TrainConfig(out="runs/compare"),
         "every run's settings; --out is the comparison's folder, --teacher a trained kd teacher",

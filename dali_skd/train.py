@@ -142,6 +142,11 @@ class Trainer:
                 "settings (only where the data and the run are, how the loader runs, --log-every and --epochs may "
                 "change), or pass a new --out"
             )
+        if state["epoch"] > self.cfg.epochs:
+            raise ValueError(
+                f"{path} has trained {state['epoch']} epochs, more than --epochs {self.cfg.epochs}: resume with "
+                f"--epochs {state['epoch']} or more, or pass a new --out"
+            )
         return state
 
     def _restore(self, state: dict[str, Any]) -> None:

@@ -67,17 +67,32 @@ def test_compare_writes_the_table_and_a_killed_comparison_trains_only_what_is_mi
     refused = compare(data, out, "--methods", "baseline", "--seeds", "1", "--lr", "0.5", expect_error=True)
     assert "baseline-seed0 was trained with other settings (lr: 0.01 then, 0.5 now)" in refused
 
+    # more epochs: a finished run is trained on from its last.pt, then evaluated again; fewer: refused
+    output = compare(data, out, "--methods", "baseline", "--seeds", "1", "--epochs", "2")
+    assert "baseline-seed0 was trained for 1 epochs; training it on to 2" in output
+    run = out / "runs" / "baseline-seed0"
+    assert json.loads((run / "result.json").read_text())["epochs"] == 2
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((out / "table.json").read_text())["epochs"] == 2
+    refused = compare(data, out, "--methods", "baseline", "--seeds", "1", expect_error=True)
+    assert "was trained for 2 epochs, not 1: pass --epochs 2 to reuse it, or a new --out" in refused
+
 
 @pytest.mark.slow
 def test_kd_gets_a_teacher_trained_first(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "kd"
-    output = compare(data, out, "--methods", "kd", "--seeds", "1", "--teacher-arch", "r3d10-tiny")
+    kd = ["--methods", "kd", "--seeds", "1", "--teacher-arch", "r3d10-tiny"]
+    output = compare(data, out, *kd, "--teacher-epochs", "2")
     assert output.index("training teacher") < output.index("training kd-seed0")
     table = json.loads((out / "table.json").read_text())
-    assert table["teacher"]["method"] == "baseline-aug" and 0 <= table["teacher"]["test_top1"] <= 1
+    assert table["teacher"]["method"] == "baseline-aug" and table["teacher"]["epochs"] == 2
+    assert (table["epochs"], table["runs"][0]["epochs"]) == (1, 1)
     saved = json.loads((out / "runs" / "kd-seed0" / "config.json").read_text())
     assert saved["teacher"] == str(out / "runs" / "teacher" / "best.pt")
-    assert "(kd teacher: baseline-aug)" in (out / "table.md").read_text()
+    assert "(kd teacher: r3d10-tiny, baseline-aug, 2 epochs)" in (out / "table.md").read_text()
+    # the kd run learnt from this teacher: it is never trained on, whatever the epochs asked
+    refused = compare(data, out, *kd, "--teacher-epochs", "3", expect_error=True)
+    assert "teacher was trained for 2 epochs, not 3: pass --teacher-epochs 2 to reuse it, or a new --out" in refused
 
 
 def test_unknown_methods_are_refused(data: Path, tmp_path: Path) -> None:

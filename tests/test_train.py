@@ -83,13 +83,15 @@ def test_resume_gives_the_same_weights_after_moving_the_shards_and_the_run(data:
 
 
 def test_resume_refuses_changed_settings_and_fresh_runs_refuse_old_dirs(data: Path, tmp_path: Path) -> None:
-    train(tiny(data, tmp_path / "run", epochs=1))
+    train(tiny(data, tmp_path / "run", epochs=2))
     with pytest.raises(FileExistsError, match="add --resume"):
-        train(tiny(data, tmp_path / "run", epochs=1))
-    cfg = tiny(data, tmp_path / "run", epochs=2, lr=0.5, resume=True)
+        train(tiny(data, tmp_path / "run", epochs=2))
+    cfg = tiny(data, tmp_path / "run", epochs=3, lr=0.5, resume=True)
     cfg.loader.crop = 48
     with pytest.raises(ValueError, match=r"other settings \(loader.crop: 32 then, 48 now; lr: 0.01 then, 0.5 now\)"):
         train(cfg)
+    with pytest.raises(ValueError, match="has trained 2 epochs, more than --epochs 1: resume with --epochs 2 or more"):
+        train(tiny(data, tmp_path / "run", epochs=1, resume=True))
 
 
 RANK_SCRIPT = """
