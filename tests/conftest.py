@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import imageio_ffmpeg
 import pytest
+
+# --- Two ranks under torchrun (tests/test_train.py, tests/test_evaluate.py) ------------------------------------
+
+TESTS = Path(__file__).resolve().parent
+
+
+def run_two_ranks(script: Path, *args: str) -> None:
+    """`script` as 2 gloo ranks under torchrun, on a port the OS has just said is free, with the repository and
+    tests/ importable; fails with the ranks' stderr unless both exit cleanly. A script ends as the CLI's commands
+    do, with `distributed.shutdown`: a gloo rank that exits without destroying its process group may abort
+    ("terminate called without an active exception")."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
+    done = subprocess.run([*command, str(script), *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
 
 # --- Tiny real videos made with ffmpeg (tests/test_preprocess*.py) ---------------------------------------------
 

@@ -4,15 +4,13 @@ loader and pipeline, in one process and over two ranks."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from clipdata import LookupModel, flat_frames, write_dataset
+from conftest import run_two_ranks
 
 from dali_skd.config import LoaderConfig
 from dali_skd.data.loader import EvalLoader
@@ -81,7 +79,7 @@ from clipdata import LookupModel
 from test_evaluate import TABLE, loader_cfg
 from dali_skd.data.loader import EvalLoader
 from dali_skd.data.source import video_id
-from dali_skd.distributed import init_distributed
+from dali_skd.distributed import init_distributed, shutdown
 from dali_skd.evaluate import evaluate, video_sources
 ctx = init_distributed("cpu")
 loader = EvalLoader(loader_cfg(sys.argv[1]), "test", batch_size=4, clips_per_video=3, rank=ctx.rank, world=ctx.world)
@@ -91,18 +89,15 @@ own = sorted(video_id(r.key) for r in loader.reader.records())
 if ctx.is_main:
     figures = {**result.to_json(), "ids": result.scores.ids.tolist(), "values": result.scores.values.tolist()}
     json.dump({**figures, "sources": sources, "own": own}, open(sys.argv[2], "w"))
+loader.close()
+shutdown(ctx)
 """
 
 
 def test_two_ranks_count_each_video_once_and_gather_every_score(flat_data: Path, tmp_path: Path) -> None:
     script, out = tmp_path / "rank.py", tmp_path / "rank0.json"
     script.write_text(RANK_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"]
-    done = subprocess.run(
-        [*command, str(script), str(flat_data), str(out)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_two_ranks(script, str(flat_data), str(out))
     figures = json.loads(out.read_text())
     assert figures["own"] == [0, 1, 4]  # rank 0 read shards 0 and 2 of 3; rank 1 the rest
     loader = EvalLoader(loader_cfg(flat_data), "test", batch_size=4, clips_per_video=3)

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from clickit import invoke
 from clipdata import noise_frames, write_dataset
+from conftest import run_two_ranks
 
 from dali_skd.config import LoaderConfig, TrainConfig, to_dict
 from dali_skd.distributed import init_distributed
@@ -97,7 +94,7 @@ def test_resume_refuses_changed_settings_and_fresh_runs_refuse_old_dirs(data: Pa
 RANK_SCRIPT = """
 import sys, torch
 from dali_skd.config import TrainConfig, from_dict
-from dali_skd.distributed import init_distributed
+from dali_skd.distributed import init_distributed, shutdown
 from dali_skd.train import Trainer
 import json
 cfg = from_dict(TrainConfig, json.loads(sys.argv[1]))
@@ -105,29 +102,16 @@ ctx = init_distributed("cpu")
 trainer = Trainer(cfg, ctx)
 trainer.run()
 torch.save(trainer.method.state_dict(), f"{cfg.out}/rank{ctx.rank}.pt")
+shutdown(ctx)
 """
-
-
-def free_port() -> int:
-    """A TCP port the OS has just said is free."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_two_processes_with_gloo_stay_in_sync(data: Path, tmp_path: Path) -> None:
     cfg = tiny(data, tmp_path / "ddp", batch_size=2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    port = str(free_port())
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    done = subprocess.run(
-        [*command, str(script), json.dumps(to_dict(cfg))],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_two_ranks(script, json.dumps(to_dict(cfg)))
     w0 = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "ddp" / "rank1.pt", weights_only=True)
     for key, value in w0.items():
