@@ -64,7 +64,7 @@ class RunResult:
     best_epoch: int
     epochs: int
     seconds: float  # training and evaluation
-    arch: str = ""  # (results written before it was recorded: the comparison's --arch)
+    arch: str = ""  # "" in results written before it was recorded
 
 
 @dataclass
@@ -217,7 +217,7 @@ def format_table(report: CompareReport) -> str:
         )
     if report.teacher is not None:
         t = report.teacher
-        lines.append(f"| (kd teacher: {t.arch or report.arch}, {TEACHER_METHOD}, {t.epochs} epochs) | "
+        lines.append(f"| (kd teacher: {t.arch + ', ' if t.arch else ''}{TEACHER_METHOD}, {t.epochs} epochs) | "
                      f"{100 * t.test_top1:.1f} | {100 * t.test_top5:.1f} | 1 | {t.seconds / 60:.1f} |")  # fmt: skip
     lines += ["", "| run | top-1 (%) | top-5 (%) | clip top-1 (%) | best epoch | minutes |", "|---" * 6 + "|"]
     for r in report.runs:
