@@ -17,10 +17,12 @@ the strips a clip needs. Keys hold no dots (WebDataset and DALI split a member n
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -39,10 +41,24 @@ STRIPS_EXT = "jpgs"
 VIDEO_EXT = "webm"
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_PATH_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_./-]*$")  # a shard path: never an option, a URL or shell syntax
+
+log = logging.getLogger(__name__)
 
 
 class FormatError(ValueError):
     """A dataset directory, manifest or sample that does not follow the shard format."""
+
+
+def check_relative_path(path: str, where: str = "shard path") -> str:
+    """`path` if it is a path inside a dataset (relative, no `..`, letters, digits and `-_./` only): what a manifest
+    may name, and all that is ever put into a `pipe:` command or a URL."""
+    if not isinstance(path, str) or not _PATH_RE.match(path) or ".." in path.split("/") or "//" in path:
+        raise FormatError(
+            f"{where} {json.dumps(path)[:80]} is refused: a dataset names its files by relative paths of letters, "
+            "digits and -_./, without '..'"
+        )
+    return path
 
 
 def sample_key(split: str, index: int) -> str:
@@ -96,21 +112,9 @@ class SampleMeta:
     def from_json(cls, data: bytes, where: str) -> SampleMeta:
         try:
             raw = json.loads(data)
-            fields = {f: raw[f] for f in cls.__dataclass_fields__ if f in raw}
-            meta = cls(**{**fields, "strip_offsets": tuple(fields.get("strip_offsets", ()))})
-        except (ValueError, TypeError, KeyError) as e:
+        except ValueError as e:
             raise FormatError(f"{where}: unreadable sample metadata ({e})") from e
-        if meta.frames < 1 or meta.width < 1 or meta.height < 1:
-            raise FormatError(f"{where}: sample metadata says {meta.frames} frames of {meta.width}x{meta.height}")
-        if meta.format == "jpeg":
-            if meta.frames_per_jpeg < 1:
-                raise FormatError(f"{where}: jpeg sample without frames_per_jpeg")
-            if len(meta.strip_offsets) != strip_count(meta.frames, meta.frames_per_jpeg) + 1:
-                raise FormatError(
-                    f"{where}: {len(meta.strip_offsets)} strip offsets for "
-                    f"{strip_count(meta.frames, meta.frames_per_jpeg)} strips (expected one more than strips)"
-                )
-        return meta
+        return parse_checked(cls, raw, where, _check_sample)
 
 
 def sample_members(key: str, meta: SampleMeta, media: bytes) -> list[tuple[str, bytes]]:
@@ -179,24 +183,14 @@ class ShardManifest:
         return path
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], where: str = "manifest") -> ShardManifest:
-        version = raw.get("format_version")
-        if version != FORMAT_VERSION:
+    def from_dict(cls, raw: Any, where: str = "manifest") -> ShardManifest:
+        version = raw.get("format_version") if isinstance(raw, dict) else None
+        if isinstance(raw, dict) and version != FORMAT_VERSION:
             raise FormatError(
                 f"{where} was written by shard format version {version}; this dali-skd reads version "
                 f"{FORMAT_VERSION}: re-run `python cli.py preprocess` into a new --out directory"
             )
-        try:
-            splits = {
-                name: SplitInfo(**{**s, "shards": [ShardInfo(**sh) for sh in s.get("shards", [])]})
-                for name, s in raw["splits"].items()
-            }
-            manifest = cls(**{**raw, "splits": splits})
-        except (KeyError, TypeError) as e:
-            raise FormatError(f"{where} is not a dali-skd manifest ({e}): re-run `python cli.py preprocess`") from e
-        if manifest.format not in SHARD_FORMATS:
-            raise FormatError(f"{where}: unknown shard format {manifest.format!r}")
-        return manifest
+        return parse_checked(cls, raw, where, _check_manifest)
 
     @classmethod
     def load(cls, directory: str | Path) -> ShardManifest:
@@ -214,3 +208,237 @@ class ShardManifest:
         except ValueError as e:
             raise FormatError(f"{path} is not valid JSON ({e}): re-run `python cli.py preprocess`") from e
         return cls.from_dict(raw, str(path))
+
+
+# -- checking what a dataset says: its manifest and sample metadata are input from strangers -----------------------
+#
+# SCHEMA gives each field of the format's dataclasses a parser that checks (and converts) its JSON value; a field is
+# required unless its dataclass field has a default. Adding an optional field is its dataclass field plus one line
+# here. Fields this version does not know are ignored, with one warning per name.
+
+MAX_COUNT = 10**9  # samples of a split, frames of a video, labels: far beyond any dataset; more is a damaged file
+MAX_BYTES = 1 << 44  # of one shard
+MIN_SAMPLE_BYTES = 3 * 2 * 512  # three tar members, each a header block and at least one data block
+
+Parse = Callable[[Any, str], Any]  # a value checked (and converted), or _Invalid naming its field's path
+
+
+class _Invalid(Exception):
+    def __init__(self, path: str, value: Any, expected: str, found: str = "is") -> None:
+        super().__init__(path)
+        self.path, self.value, self.expected, self.found = path, value, expected, found
+
+    def error(self, where: str) -> FormatError:
+        subject = f"{where}: {self.path}" if self.path else where
+        found = "is missing" if self.value is _MISSING else f"{self.found} {_shown(self.value)}"
+        return FormatError(f"{subject} {found}; expected {self.expected}")
+
+
+_MISSING = object()
+
+
+def _shown(value: Any) -> str:
+    """A JSON value in a message: scalars as JSON writes them (cut at 60 characters), containers by kind."""
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    if isinstance(value, dict):
+        return "an object"
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _count(low: int = 0, high: int = MAX_COUNT) -> Parse:
+    expected = f"a count ≥ {low}" if high == MAX_COUNT else f"a whole number from {low} to {high}"
+
+    def parse(value: Any, path: str) -> int:
+        if type(value) is not int or value < low:
+            raise _Invalid(path, value, expected)
+        if value > high:
+            raise _Invalid(path, value, f"at most {high:,} (no dataset holds more)" if high == MAX_COUNT else expected)
+        return value
+
+    return parse
+
+
+def _number(high: float) -> Parse:
+    def parse(value: Any, path: str) -> float:
+        if type(value) not in (int, float) or not 0 < value <= high:
+            raise _Invalid(path, value, f"a number > 0 and ≤ {high:g}")
+        return value
+
+    return parse
+
+
+def _text(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise _Invalid(path, value, "a non-empty string")
+    return value
+
+
+def _string(value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(path, value, "a string")
+    return value
+
+
+def _one_of(*choices: Any) -> Parse:
+    def parse(value: Any, path: str) -> Any:
+        if value not in choices or type(value) is bool:
+            raise _Invalid(path, value, " or ".join(json.dumps(c) for c in choices))
+        return value
+
+    return parse
+
+
+def _optional(inner: Parse) -> Parse:
+    return lambda value, path: None if value is None else inner(value, path)
+
+
+def _list_of(item: Parse, what: str, unique: bool = False) -> Parse:
+    def parse(value: Any, path: str) -> list[Any]:
+        if not isinstance(value, list):
+            raise _Invalid(path, value, what)
+        items = [item(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        for i, v in enumerate(items):
+            if unique and v in items[:i]:
+                raise _Invalid(f"{path}[{i}]", v, f"a name not given before (it is {path}[{items.index(v)}] too)")
+        return items
+
+    return parse
+
+
+def _mapping(item: Parse, key_names: bool = False) -> Parse:
+    """An object of named entries; with `key_names`, names that sample keys can start with (splits)."""
+
+    def parse(value: Any, path: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise _Invalid(path, value, "an object")
+        for name in value:
+            if key_names and not _KEY_RE.match(name):
+                raise _Invalid(path, name, "names of letters, digits, '_' and '-' only", "has an entry named")
+        return {name: item(v, f"{path}.{name}") for name, v in value.items()}
+
+    return parse
+
+
+def _shard_path(value: Any, path: str) -> str:
+    try:
+        return check_relative_path(value)
+    except FormatError:
+        raise _Invalid(path, value, "a relative path of letters, digits and -_./, without '..'") from None
+
+
+def _strip_offsets(value: Any, path: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(type(v) is int for v in value):
+        raise _Invalid(path, value, "a list of byte offsets")
+    if value and (value[0] != 0 or any(b < a for a, b in itertools.pairwise(value)) or value[-1] > MAX_BYTES):
+        raise _Invalid(path, value, "byte offsets from 0, never decreasing")
+    return tuple(value)
+
+
+def _record(cls: type) -> Parse:
+    """A JSON object holding the fields of dataclass `cls`, each checked by SCHEMA[cls]."""
+    required = {
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+
+    def parse(value: Any, path: str) -> Any:
+        if not isinstance(value, dict):
+            raise _Invalid(path, value, "an object")
+        table = SCHEMA[cls]
+        for name in sorted(required - value.keys()):
+            raise _Invalid(f"{path}.{name}" if path else name, _MISSING, "a value")
+        for name in sorted(value.keys() - table.keys()):
+            if (cls, name) not in _unknown_warned:
+                _unknown_warned.add((cls, name))
+                log.warning("%s field %r is unknown to this dali-skd (a newer one's?): ignored", cls.__name__, name)
+        known = {name: v for name, v in value.items() if name in table}
+        return cls(**{name: table[name](v, f"{path}.{name}" if path else name) for name, v in known.items()})
+
+    return parse
+
+
+_unknown_warned: set[tuple[type, str]] = set()
+
+
+def parse_checked(cls: type, raw: Any, where: str, cross_check: Callable[[Any], None]) -> Any:
+    """`raw` (parsed JSON) as a `cls`, every field checked; a FormatError naming `where`, the field and its value."""
+    try:
+        value = _record(cls)(raw, "")
+        cross_check(value)
+    except _Invalid as e:
+        raise e.error(where) from None
+    return value
+
+
+def _check_sample(meta: SampleMeta) -> None:
+    if meta.format != "jpeg":
+        return
+    if meta.frames_per_jpeg < 1:
+        raise _Invalid("frames_per_jpeg", meta.frames_per_jpeg, "a count ≥ 1 for format jpeg")
+    strips = strip_count(meta.frames, meta.frames_per_jpeg)
+    if len(meta.strip_offsets) != strips + 1:
+        raise _Invalid("strip_offsets", list(meta.strip_offsets), f"{strips + 1} offsets, one more than its strips")
+
+
+def _check_manifest(manifest: ShardManifest) -> None:
+    if not manifest.classes:
+        raise _Invalid("classes", manifest.classes, "a list of class names")
+    if manifest.format == "jpeg" and manifest.frames_per_jpeg < 1:
+        raise _Invalid("frames_per_jpeg", manifest.frames_per_jpeg, "a count ≥ 1 for format jpeg")
+    named: dict[str, str] = {}
+    for name, split in manifest.splits.items():
+        at = f"splits.{name}"
+        listed = sum(shard.samples for shard in split.shards)
+        if split.samples and not split.shards:
+            raise _Invalid(f"{at}.shards", [], f"the shards of its {split.samples} samples")
+        if split.samples != listed:
+            raise _Invalid(f"{at}.samples", split.samples, f"{listed}, the samples of the shards it lists")
+        if split.short_videos > split.samples:
+            raise _Invalid(f"{at}.short_videos", split.short_videos, f"at most its {split.samples} samples")
+        for i, shard in enumerate(split.shards):
+            if shard.samples * MIN_SAMPLE_BYTES > shard.bytes:
+                fits = shard.bytes // MIN_SAMPLE_BYTES
+                raise _Invalid(f"{at}.shards[{i}].samples", shard.samples, f"at most {fits} in {shard.bytes} bytes")
+            if shard.path in named:
+                raise _Invalid(f"{at}.shards[{i}].path", shard.path, f"a shard of its own, not {named[shard.path]}'s")
+            named[shard.path] = f"{at}.shards[{i}]"
+
+
+SCHEMA: dict[type, dict[str, Parse]] = {
+    SampleMeta: {
+        "label": _count(),
+        "label_name": _text,
+        "source": _text,
+        "frames": _count(1),
+        "fps": _number(10_000),
+        "width": _count(1, 65535),
+        "height": _count(1, 65535),
+        "format": _one_of(*SHARD_FORMATS),
+        "frames_per_jpeg": _count(0, 1024),
+        "strip_offsets": _strip_offsets,
+    },
+    ShardInfo: {"path": _shard_path, "samples": _count(), "bytes": _count(0, MAX_BYTES)},
+    SplitInfo: {
+        "samples": _count(),
+        "frames": _count(0, MAX_BYTES),
+        "short_videos": _count(),
+        "shards": _list_of(_record(ShardInfo), "a list of shards"),
+    },
+    ShardManifest: {
+        "dataset": _text,
+        "split_number": _optional(_count()),
+        "classes": _list_of(_text, "a list of class names", unique=True),
+        "format": _one_of(*SHARD_FORMATS),
+        "frames_per_jpeg": _count(0, 1024),
+        "short_side": _count(1, 65535),
+        "fps": _optional(_number(10_000)),
+        "quality": _count(0, 100),
+        "splits": _mapping(_record(SplitInfo), key_names=True),
+        "failures": _count(),
+        "tools": _mapping(_string),
+        "format_version": _one_of(FORMAT_VERSION),
+    },
+}
