@@ -187,7 +187,7 @@ def bench_dataloader(cfg: BenchConfig, device: torch.device, precision: str) -> 
 def bench_train(cfg: BenchConfig, device: torch.device, precision: str) -> dict[str, float]:
     """The trainer's step (`step.TrainStep`) with the paper's SKD-SRL and SGD settings: on one synthetic batch
     already on the device, then fed by the DALI loader."""
-    num_classes = load_manifest(cfg.loader.data).num_classes
+    num_classes = load_manifest(cfg.loader.data, cfg.loader.read_timeout).num_classes
     train_cfg = TrainConfig(arch=cfg.train_arch, amp=cfg.amp, channels_last=cfg.channels_last)
     model = build_model(train_cfg.arch, num_classes, shortcut=train_cfg.shortcut)
     step = build_train_step(train_cfg, model, num_classes, device)
@@ -234,7 +234,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     unknown = set(names) - set(LOADERS)
     if unknown:
         raise ValueError(f"unknown loader(s) {', '.join(sorted(unknown))}; known: {', '.join(LOADERS)}")
-    manifest = load_manifest(cfg.loader.data)
+    manifest = load_manifest(cfg.loader.data, cfg.loader.read_timeout)
     frames_per_sample = 2 * cfg.loader.clip_len
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),

@@ -111,6 +111,14 @@ class LoaderConfig:
     preallocate_height_hint: int = _opt(
         -1, "GPU: tallest strip the JPEG decoders preallocate for (-1: from the shards; 0: no preallocation)"
     )
+    read_timeout: float = _opt(
+        60.0,
+        "http(s) and pipe: data: seconds without a byte before a read is cut and retried (3 tries, resuming where "
+        "it was cut); a shard that still fails is skipped",
+    )
+    stall_timeout: float = _opt(
+        300.0, "stop the run when no batch comes and no sample is read for this many seconds (over 3x --read-timeout)"
+    )
 
 
 @dataclass

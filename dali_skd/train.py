@@ -44,6 +44,8 @@ RESUMABLE_CHANGES = {
     "loader.hw_decoder_load",
     "loader.preallocate_width_hint",
     "loader.preallocate_height_hint",
+    "loader.read_timeout",
+    "loader.stall_timeout",
 }
 
 
@@ -77,7 +79,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
 class Trainer:
     def __init__(self, cfg: TrainConfig, ctx: DistContext) -> None:
         self.cfg, self.ctx, self.out = cfg, ctx, Path(cfg.out)
-        manifest = load_manifest(cfg.loader.data)
+        manifest = load_manifest(cfg.loader.data, cfg.loader.read_timeout)
         self.classes = manifest.classes
         self.preprocessing = manifest.preprocessing()  # saved with the model, for `cli.py predict`
         resume = self._resume_state() if cfg.resume else None

@@ -5,10 +5,20 @@ Nothing here decodes or unpickles: a sample is its raw member bytes plus the par
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
 import mmap
 import os
+import re
+import select
+import shlex
+import signal
+import subprocess
+import tarfile
+import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -17,12 +27,25 @@ from typing import IO
 import numpy as np
 from braceexpand import braceexpand
 
-from dali_skd.format import MANIFEST_NAME, FormatError, SampleMeta, ShardManifest, split_member_name
+from dali_skd.format import (
+    MANIFEST_NAME,
+    FormatError,
+    SampleMeta,
+    ShardManifest,
+    check_key,
+    check_relative_path,
+    split_member_name,
+)
 
 log = logging.getLogger(__name__)
 
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
+_MAX_NAME_RECORD = 1 << 20  # a PAX or GNU long-name record; longer is a broken header
+MAX_MEMBER_BYTES = 1 << 34  # one tar member (a whole video): larger is a broken header
+READ_TIMEOUT = 60.0  # seconds without a byte before a remote read is cut (LoaderConfig.read_timeout)
+RETRY_DELAYS = (1.0, 4.0)  # pauses before the second and third try of a remote read
+MAX_MANIFEST_BYTES = 64 << 20
 
 
 def is_remote(location: str) -> bool:
@@ -30,42 +53,221 @@ def is_remote(location: str) -> bool:
 
 
 def join_location(location: str, relative: str) -> str:
-    """The URL of `relative` inside a dataset location.
+    """The URL of `relative` (a path checked to stay inside the dataset) inside a dataset location.
 
-    A `pipe:` location names its file with `{}`, e.g. `pipe:aws s3 cp s3://bucket/ucf101/{} -`.
-    """
+    A `pipe:` location is a command template with `{}` where the file name goes, e.g.
+    `pipe:aws s3 cp s3://bucket/ucf101/{} -`; the path is quoted for the shell (see `RemoteStream`)."""
+    check_relative_path(relative)
     if location.startswith("pipe:"):
         if "{}" not in location:
             raise ValueError(f"pipe: location {location!r} needs a '{{}}' where the file name goes")
-        return location.replace("{}", relative)
+        return location.replace("{}", shlex.quote(relative))
     if location.startswith(("http://", "https://")):
         return location.rstrip("/") + "/" + relative
     return os.path.join(location, relative)
 
 
-def open_url(url: str) -> IO[bytes]:
-    """A readable byte stream for a local path, `http(s)://` URL or `pipe:` command (webdataset's opener)."""
+def open_url(url: str, read_timeout: float = READ_TIMEOUT) -> IO[bytes] | RemoteStream:
+    """A readable byte stream for a local path, `http(s)://` URL or `pipe:` command."""
     if not is_remote(url):
         return open(url, "rb", buffering=1 << 20)
-    from webdataset.gopen import gopen
-
-    return gopen(url, "rb", bufsize=1 << 20)
+    return RemoteStream(url, read_timeout)
 
 
-def load_manifest(location: str) -> ShardManifest:
+def load_manifest(location: str, read_timeout: float = READ_TIMEOUT) -> ShardManifest:
     """The manifest of a dataset location, local or remote."""
     if not is_remote(location):
         return ShardManifest.load(location)
     url = join_location(location, MANIFEST_NAME)
     try:
-        with open_url(url) as f:
-            raw = f.read()
-    except Exception as e:
+        with RemoteStream(url, read_timeout) as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
         raise FormatError(f"cannot read {url}: {e}") from e
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise FormatError(f"{url} is over {MAX_MANIFEST_BYTES >> 20} MiB: not a dali-skd manifest")
     try:
-        return ShardManifest.from_dict(json.loads(raw), url)
+        data = json.loads(raw)
     except ValueError as e:
         raise FormatError(f"{url} is not valid JSON ({e})") from e
+    return ShardManifest.from_dict(data, url)
+
+
+# -- remote reads: never hang, retry, resume ------------------------------------------------------------------------
+
+_SHELL_SYNTAX = re.compile(r"[|&;<>()$`*?\[~#\n]")  # a `pipe:` command with any of these runs under `sh -c`
+CURL_REASONS = {
+    6: "the host name does not resolve",
+    7: "the server does not accept connections",
+    18: "the transfer ended before the whole file arrived",
+    22: "the server answered with an HTTP error",
+    28: "the server stopped sending",
+    35: "the TLS handshake failed",
+    52: "the server closed the connection without an answer",
+    56: "the connection failed while receiving (reset by the server or the network)",
+}
+_CURL_NO_RANGES = 33  # with --continue-at: the server ignored the Range request
+
+
+class _Cut(Exception):
+    """One try of a remote read failed."""
+
+    def __init__(self, reason: str, code: int | None = None) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+class RemoteStream:
+    """The bytes of an http(s) URL (read by curl) or of a `pipe:` command's output, read through a pipe.
+
+    A read never hangs: a try that gets no byte for `read_timeout` seconds is killed (its whole process group).
+    A failed try (a stall, a reset, an error exit) is retried after each of RETRY_DELAYS, resuming where it was
+    cut: an http Range request where the server takes them, else the stream is read again from its start and the
+    bytes already handed out are skipped. After the last try an OSError says why, in words.
+
+    A `pipe:` command runs without a shell (its words split as a shell would, `shlex.split`) unless it holds shell
+    syntax (pipes, `;`, `&&`, redirections, `$`, globs), which runs it under `sh -c`. Either way the only text from
+    a dataset in it is a checked relative path, quoted for the shell (`join_location`)."""
+
+    def __init__(self, url: str, read_timeout: float = READ_TIMEOUT) -> None:
+        self.url, self.read_timeout = url, read_timeout
+        self.position = 0  # bytes handed out
+        self._http = url.startswith(("http://", "https://"))
+        self._ranges = self._http  # until the server ignores a Range request
+        self._tries = 1
+        self._proc: subprocess.Popen | None = None
+        self._start()
+
+    def _command(self) -> list[str]:
+        if not self._http:
+            command = self.url.removeprefix("pipe:")
+            if _SHELL_SYNTAX.search(command):
+                return ["sh", "-c", command]
+            try:
+                return shlex.split(command)
+            except ValueError as e:
+                raise OSError(f"cannot split the command into words ({e})") from None
+        t = f"{self.read_timeout:g}"
+        resume = ["--continue-at", str(self.position)] if self.position and self._ranges else []
+        return [
+            "curl", "--silent", "--show-error", "--fail", "--location", "--proto", "=http,https",
+            "--proto-redir", "=http,https", "--connect-timeout", t, "--speed-limit", "1", "--speed-time", t,
+            *resume, self.url,
+        ]  # fmt: skip
+
+    def _start(self) -> None:
+        command = self._command()
+        self._skip = 0 if self._http and self._ranges else self.position  # bytes to drop from a re-read's start
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed with the process, in _stop)
+        try:
+            self._proc = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr, start_new_session=True
+            )
+        except OSError as e:
+            self._stderr.close()
+            raise OSError(f"cannot run {command[0]} ({e.strerror})") from None
+        _running.add(self._proc)
+        self._poll = select.poll()
+        self._poll.register(self._proc.stdout, select.POLLIN)
+
+    def read(self, size: int) -> bytes:
+        """`size` bytes, fewer only at the end of the stream."""
+        chunks, wanted = [], size
+        while wanted > 0:
+            data = self._next(min(wanted, 1 << 20))
+            if not data:
+                break
+            chunks.append(data)
+            wanted -= len(data)
+            self.position += len(data)
+        return b"".join(chunks)
+
+    def _next(self, size: int) -> bytes:
+        while True:
+            try:
+                while self._skip:
+                    skipped = self._receive(min(self._skip, 1 << 20))
+                    if not skipped:
+                        raise _Cut(f"it ended before byte {self.position} when read again")
+                    self._skip -= len(skipped)
+                return self._receive(size)
+            except _Cut as e:
+                self._retry(e)
+
+    def _receive(self, size: int) -> bytes:
+        assert self._proc is not None and self._proc.stdout is not None
+        if not self._poll.poll(self.read_timeout * 1000):
+            raise _Cut(f"no byte for {self.read_timeout:g} s")
+        data = os.read(self._proc.stdout.fileno(), size)
+        if data:
+            return data
+        try:
+            code = self._proc.wait(timeout=self.read_timeout)
+        except subprocess.TimeoutExpired:
+            raise _Cut("the command closed its output but did not exit") from None
+        if code:
+            raise _Cut(self._exit_reason(code), code)
+        return b""
+
+    def _exit_reason(self, code: int) -> str:
+        self._stderr.seek(max(0, self._stderr.seek(0, os.SEEK_END) - 4096))
+        lines = self._stderr.read().decode("utf-8", "replace").strip().splitlines()
+        said = lines[-1].strip()[:200] if lines else ""
+        if code < 0:
+            what = f"killed by signal {signal.Signals(-code).name}"
+        elif self._http:
+            what = f"{CURL_REASONS.get(code, 'curl failed')} (curl exit {code})"
+        else:
+            what = f"the command exited with status {code}"
+        return f"{what}: {said}" if said else what
+
+    def _retry(self, cut: _Cut) -> None:
+        self._stop()
+        if self._http and cut.code == _CURL_NO_RANGES:  # read it all again instead, skipping what was handed out
+            self._ranges = False
+        elif self._tries > len(RETRY_DELAYS):
+            raise OSError(f"{cut} (gave up after {self._tries} tries)") from None
+        else:
+            delay = RETRY_DELAYS[self._tries - 1]
+            log.warning("%s: %s at byte %d; trying again in %g s", self.url, cut, self.position, delay)
+            self._tries += 1
+            time.sleep(delay)
+        self._start()
+
+    def _stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        _kill(proc)
+        _running.discard(proc)
+        self._stderr.close()
+
+    def close(self) -> None:
+        self._stop()
+
+    def __enter__(self) -> RemoteStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_running: set[subprocess.Popen] = set()  # readers' processes, killed at exit even if a reading thread is stuck
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Ends a reader's process and everything it started (a `sh -c` pipeline), and reaps it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # it and its group are gone already
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.stdout is not None:
+        proc.stdout.close()
+    proc.wait()
+
+
+@atexit.register
+def _kill_running() -> None:
+    for proc in list(_running):
+        _kill(proc)
 
 
 def expand_urls(spec: str) -> list[str]:
@@ -76,9 +278,11 @@ def expand_urls(spec: str) -> list[str]:
 def split_urls(location: str, manifest: ShardManifest, split: str, override: str | None = None) -> list[str]:
     """The shard URLs of `split`: the manifest's, or `override` (a brace pattern) when given."""
     if override:
-        urls = expand_urls(override)
+        urls = expand_urls(override)  # the user's own: they may point anywhere
     else:
         urls = [join_location(location, s.path) for s in manifest.split(split, location).shards]
+        if not is_remote(location):
+            _check_inside(location, urls)
     if not urls:
         raise FormatError(f"{location}: split {split!r} has no shards")
     missing = [u for u in urls if not is_remote(u) and not os.path.isfile(u)]
@@ -88,6 +292,28 @@ def split_urls(location: str, manifest: ShardManifest, split: str, override: str
             "directory written by `python cli.py preprocess`, or re-run it with --resume"
         )
     return urls
+
+
+def _check_inside(location: str, paths: list[str]) -> None:
+    """Refuses a manifest's shard that resolves (symlinks too) to a file outside the dataset folder."""
+    root = os.path.realpath(location)
+    for path in paths:
+        resolved = os.path.realpath(path)
+        if os.path.commonpath([root, resolved]) != root:
+            raise FormatError(
+                f"{os.path.join(location, MANIFEST_NAME)}: shard {os.path.relpath(path, location)} resolves to "
+                f"{resolved}, outside the dataset folder {root}: a manifest may only name files inside its folder "
+                "(to read shards kept elsewhere, name them with --train-shards/--eval-shards)"
+            )
+
+
+def count_samples(path: str) -> int:
+    """The samples of a local shard, from its tar headers alone (up to a broken header or a cut)."""
+    count = 0
+    with contextlib.suppress(FormatError, OSError):
+        for _ in _local_samples(path):
+            count += 1
+    return count
 
 
 @dataclass(frozen=True)
@@ -111,16 +337,18 @@ def rank_part(urls: list[str], rank: int, world: int) -> RankPart:
     return RankPart(list(urls), stride=world, offset=rank)
 
 
-def _octal(field: bytes) -> int:
-    field = field.rstrip(b"\0 ").lstrip(b" ")
-    return int(field, 8) if field else 0
+def _octal(field: bytes, what: str) -> int:
+    digits = field.rstrip(b"\0 ").lstrip(b" ")
+    if not re.fullmatch(rb"[0-7]*", digits):
+        raise FormatError(f"its {what} field is not an octal number")
+    return int(digits, 8) if digits else 0
 
 
 def _long_name(record: bytes, kind: bytes) -> str:
     """The name a PAX extended header (`path=` record) or a GNU long-name record gives the next member."""
     if kind == b"L":
         return record.rstrip(b"\0").decode()
-    for line in record.decode("utf-8", "replace").splitlines():
+    for line in record.decode().splitlines():
         k, _, v = line.partition(" ")[2].partition("=")
         if k == "path":
             return v
@@ -130,7 +358,8 @@ def _long_name(record: bytes, kind: bytes) -> str:
 def iter_tar_members(block: Callable[[int, int], bytes], where: str) -> Iterator[tuple[str, int, int]]:
     """(name, data offset, size) of the regular files of a tar; `block(offset, size)` returns those bytes of it.
 
-    A lean parser for the USTAR, PAX and GNU headers shards use, several times faster than `tarfile`."""
+    A lean parser for the USTAR, PAX and GNU headers shards use, several times faster than `tarfile`. A header
+    that is not one (its checksum, an octal field, a size, a name that is not UTF-8) raises FormatError."""
     offset, long_name = 0, ""
     while True:
         header = block(offset, _BLOCK)
@@ -140,16 +369,24 @@ def iter_tar_members(block: Callable[[int, int], bytes], where: str) -> Iterator
             return
         if header == _ZERO_BLOCK:
             return
-        size, kind = _octal(header[124:136]), header[156:157]
-        data_at = offset + _BLOCK
+        try:
+            if _octal(header[148:156], "checksum") not in tarfile.calc_chksums(header):
+                raise FormatError("its checksum does not match")
+            size, kind = _octal(header[124:136], "size"), header[156:157]
+            if size > (_MAX_NAME_RECORD if kind in (b"x", b"L") else MAX_MEMBER_BYTES):
+                raise FormatError(f"it gives a member of {size:,} bytes")
+            data_at = offset + _BLOCK
+            if kind in (b"x", b"L"):
+                long_name = _long_name(block(data_at, size), kind)
+            elif kind in (b"0", b"\0", b"7"):
+                name = header[:100].rstrip(b"\0").decode()
+                prefix = header[345:500].rstrip(b"\0").decode() if header[257:262] == b"ustar" else ""
+                yield long_name or (f"{prefix}/{name}" if prefix else name), data_at, size
+                long_name = ""
+        except (FormatError, UnicodeDecodeError) as e:
+            why = "a member name that is not UTF-8" if isinstance(e, UnicodeDecodeError) else e
+            raise FormatError(f"{where}: broken tar header at byte {offset} ({why})") from None
         offset = data_at + (size + _BLOCK - 1) // _BLOCK * _BLOCK
-        if kind in (b"x", b"L"):
-            long_name = _long_name(block(data_at, size), kind)
-        elif kind in (b"0", b"\0", b"7"):
-            name = header[:100].rstrip(b"\0").decode()
-            prefix = header[345:500].rstrip(b"\0").decode() if header[257:262] == b"ustar" else ""
-            yield long_name or (f"{prefix}/{name}" if prefix else name), data_at, size
-            long_name = ""
 
 
 def _group_by_key(members: Iterator[tuple[str, int, int]]) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
@@ -179,9 +416,9 @@ def _local_samples(path: str) -> Iterator[tuple[str, dict[str, memoryview]]]:
         yield key, members
 
 
-def _streamed_samples(url: str) -> Iterator[tuple[str, dict[str, memoryview]]]:
+def _streamed_samples(url: str, read_timeout: float) -> Iterator[tuple[str, dict[str, memoryview]]]:
     """Reads the tar front to back (http, pipe), holding the members of the sample at hand in memory."""
-    with open_url(url) as stream:
+    with RemoteStream(url, read_timeout) as stream:
         pos = 0
 
         def block(offset: int, size: int) -> bytes:
@@ -219,6 +456,7 @@ class SourceStats:
     clip_frames: int = 0
     decoded_frames: int = 0
     _warned: set[str] = field(default_factory=set, repr=False)
+    labels: set[int] = field(default_factory=set)  # of the usable samples read
 
     def skip(self, where: str, reason: str) -> None:
         self.skipped += 1
@@ -253,11 +491,19 @@ class VideoRecord:
         return np.frombuffer(self.media, np.uint8)
 
 
-def shard_records(url: str, media_ext: str, skip: Callable[[str, str], None]) -> Iterator[VideoRecord]:
+def shard_records(
+    url: str, media_ext: str, skip: Callable[[str, str], None], read_timeout: float = READ_TIMEOUT
+) -> Iterator[VideoRecord]:
     """The samples of one shard in order. A sample with broken metadata or without its `media_ext` member, or the
-    rest of a shard cut short, is passed to `skip(where, reason)` instead."""
+    rest of a shard that is cut short, broken or unreadable, is passed to `skip(where, reason)` instead."""
     try:
-        for key, members in (_streamed_samples if is_remote(url) else _local_samples)(url):
+        samples = _streamed_samples(url, read_timeout) if is_remote(url) else _local_samples(url)
+        for key, members in samples:
+            try:
+                check_key(key)
+            except FormatError as e:
+                skip(url, str(e))
+                continue
             where = f"{url}: sample {key}"
             try:
                 if "json" not in members or media_ext not in members:
@@ -272,7 +518,7 @@ def shard_records(url: str, media_ext: str, skip: Callable[[str, str], None]) ->
                 continue
             yield VideoRecord(key, url, meta, members[media_ext], offsets)
     except (FormatError, OSError) as e:
-        skip(url, f"shard unreadable from here on ({e})")
+        skip(url, f"shard unreadable from here on: {str(e).removeprefix(f'{url}: ')}")
 
 
 @dataclass
@@ -284,20 +530,30 @@ class _IndexedShard:
 class PartReader:
     """The samples of a rank's part, shard by shard. A local shard is indexed once, the first time it is read (its
     headers walked, its metadata parsed; its strips are checked as they are first used), and served from memory
-    after that; a streamed shard is read afresh every time. Samples known to be unusable are skipped and counted
-    on every pass."""
+    after that; a streamed shard is read afresh every time. Samples known to be unusable (`admit` says why) are
+    skipped and counted on every pass. `reading` and `progress` say what it is doing, for the loader's watchdog."""
 
     def __init__(
-        self, part: RankPart, stats: SourceStats, media_ext: str, admit: Callable[[SampleMeta], str | None]
+        self,
+        part: RankPart,
+        stats: SourceStats,
+        media_ext: str,
+        admit: Callable[[VideoRecord], str | None],
+        read_timeout: float = READ_TIMEOUT,
     ) -> None:
         self.part, self.stats, self.media_ext, self._admit = part, stats, media_ext, admit
+        self.read_timeout = read_timeout
         self._indexed: dict[str, _IndexedShard] = {}
+        self.reading: str | None = None  # the shard being read
+        self.progress = 0  # samples read so far
 
     def records(self, shard_order: Iterable[int] | None = None) -> Iterator[VideoRecord]:
         """The part's usable samples, its shards in `shard_order` (default: as listed)."""
         index = 0
         for i in shard_order if shard_order is not None else range(len(self.part.urls)):
+            self.reading = self.part.urls[i]
             for record in self._shard(self.part.urls[i]):
+                self.progress += 1
                 keep = self.part.keeps(index)
                 index += 1
                 if not keep:
@@ -305,11 +561,13 @@ class PartReader:
                 if record.problem is not None:
                     self.stats.skip(record.where, record.problem)
                     continue
+                self.stats.labels.add(record.meta.label)
                 yield record
+        self.reading = None
 
     def _shard(self, url: str) -> Iterable[VideoRecord]:
         if is_remote(url):
-            return self._admitted(shard_records(url, self.media_ext, self.stats.skip))
+            return self._admitted(shard_records(url, self.media_ext, self.stats.skip, self.read_timeout))
         if url not in self._indexed:
             skipped: list[tuple[str, str]] = []
             records = self._admitted(shard_records(url, self.media_ext, lambda *where_why: skipped.append(where_why)))
@@ -321,7 +579,7 @@ class PartReader:
 
     def _admitted(self, records: Iterator[VideoRecord]) -> Iterator[VideoRecord]:
         for record in records:
-            record.problem = self._admit(record.meta)
+            record.problem = self._admit(record)
             yield record
 
 

@@ -110,7 +110,7 @@ def dataloader_baseline(
     cfg: LoaderConfig, aug: AugmentConfig | None, batch_size: int, workers: int, seed: int = 0
 ) -> torch.utils.data.DataLoader:
     """An endless DataLoader of (view1, view2, labels) batches over the training split."""
-    manifest = load_manifest(cfg.data)
+    manifest = load_manifest(cfg.data, cfg.read_timeout)
     if manifest.format != "jpeg":
         raise ValueError(f"{cfg.data}: the DataLoader baseline reads jpeg shards, this dataset is {manifest.format}")
     urls = split_urls(cfg.data, manifest, "train")
