@@ -25,7 +25,6 @@ from dali_skd.data.loader import EvalBatch, EvalLoader
 from dali_skd.data.shards import load_manifest
 from dali_skd.data.source import video_id
 from dali_skd.distributed import DistContext, init_distributed, shutdown
-from dali_skd.format import sample_key
 from dali_skd.plot import plot_confusion
 from dali_skd.runtime import autocast, resolve_precision
 
@@ -68,7 +67,7 @@ def clip_outputs(
 
 @dataclass
 class VideoOutputs:
-    """One row per video, sorted by video id (the video's index in its split): the mean of its clips' outputs."""
+    """One row per video, sorted by video id (its split, then its index there): the mean of its clips' outputs."""
 
     ids: np.ndarray  # int64
     labels: np.ndarray  # int64
@@ -135,11 +134,11 @@ def video_means(
     return means.gathered(ctx)
 
 
-def video_sources(loader: EvalLoader, ctx: DistContext) -> dict[int, str]:
-    """Each video's source (its path in the original dataset) by video id, over all ranks, from the metadata of
-    the shard records: the epoch just run indexed local shards; streamed ones are read again."""
-    local = {video_id(r.key): r.meta.source for r in loader.reader.records()}
-    return {vid: source for part in ctx.gather(local) for vid, source in part.items()}
+def video_sources(loader: EvalLoader, ctx: DistContext) -> dict[int, tuple[str, str]]:
+    """Each video's key and source (its path in the original dataset) by video id, over all ranks, from the shard
+    records: the epoch just run indexed local shards; streamed ones are read again."""
+    local = {video_id(r.key, loader.layout.splits): (r.key, r.meta.source) for r in loader.reader.records()}
+    return {vid: named for part in ctx.gather(local) for vid, named in part.items()}
 
 
 def top_classes(probabilities: np.ndarray, classes: list[str], k: int) -> list[dict[str, Any]]:
@@ -277,7 +276,7 @@ def eval_split(manifest_splits: list[str], split: str | None) -> str:
 
 def evaluate_checkpoint(cfg: EvalConfig, ctx: DistContext, progress: bool = False) -> tuple[EvalResult, EvalLoader]:
     """A checkpoint's figures on the held-out split (or `cfg.split`), and the loader that read it."""
-    manifest = load_manifest(cfg.loader.data)
+    manifest = load_manifest(cfg.loader.data, cfg.loader.read_timeout)
     model, _ = load_classifier(cfg.checkpoint, ctx.device, manifest.num_classes)
     precision = resolve_precision(cfg.amp, ctx.device)
     loader = EvalLoader(
@@ -300,6 +299,11 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     ctx = init_distributed(cfg.loader.device)
     try:
         result, loader = evaluate_checkpoint(cfg, ctx, progress=True)
+        if not result.videos:
+            raise RuntimeError(
+                f"{cfg.checkpoint} on {loader.split}: no video could be scored ({result.skipped} skipped as "
+                "unreadable, see the lines above): check the shards, or --data"
+            )
         sources = video_sources(loader, ctx) if cfg.json else {}
         if ctx.is_main:
             print(
@@ -316,7 +320,7 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
 
 
 def write_eval_files(
-    path: Path, result: EvalResult, cfg: EvalConfig, split: str, sources: dict[int, str]
+    path: Path, result: EvalResult, cfg: EvalConfig, split: str, sources: dict[int, tuple[str, str]]
 ) -> list[Path]:
     """`path` (the figures), `<stem>.predictions.jsonl` (a line per video: key, source, label, top-5 classes with
     their probabilities) and `<stem>.confusion.png`."""
@@ -325,9 +329,10 @@ def write_eval_files(
     assert scores is not None, "evaluate(keep_scores=True) keeps the scores the predictions file needs"
     with open(predictions, "w") as f:
         for vid, label, probabilities in zip(scores.ids, scores.labels, scores.values, strict=True):
+            key, source = sources[int(vid)]
             row = {
-                "key": sample_key(split, int(vid)),
-                "source": sources[int(vid)],
+                "key": key,
+                "source": source,
                 "label": int(label),
                 "label_name": result.classes[label],
                 "top": top_classes(probabilities, result.classes, 5),

@@ -20,7 +20,6 @@ from dali_skd.data.loader import EvalLoader
 from dali_skd.data.shards import load_manifest
 from dali_skd.distributed import init_distributed, shutdown
 from dali_skd.evaluate import video_means, video_sources
-from dali_skd.format import sample_key
 from dali_skd.runtime import resolve_precision
 
 
@@ -72,7 +71,8 @@ def run_features(cfg: FeaturesConfig) -> list[SplitFeatures]:
             np.save(done.array, features.values.astype(np.float16))
             with open(done.rows, "w") as f:
                 for vid, label in zip(features.ids.tolist(), features.labels.tolist(), strict=True):
-                    row = {"key": sample_key(split, vid), "label": label, "source": sources[vid]}
+                    key, source = sources[vid]
+                    row = {"key": key, "label": label, "source": source}
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
             print(done.format())
             written.append(done)

@@ -112,7 +112,7 @@ def run_predict(videos: list[str], cfg: PredictConfig) -> PredictResult:
             model.eval()
             scores = video_means(lambda x: model(x).softmax(dim=1), len(classes), loader, ctx, precision)
             source_of = video_sources(loader, ctx)
-            probabilities = {source_of[int(i)]: p for i, p in zip(scores.ids, scores.values, strict=True)}
+            probabilities = {source_of[int(i)][1]: p for i, p in zip(scores.ids, scores.values, strict=True)}
             loader.close()
     predictions = [
         VideoPrediction(video, top_classes(probabilities[source], classes, cfg.top_k))

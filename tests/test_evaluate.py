@@ -85,7 +85,7 @@ ctx = init_distributed("cpu")
 loader = EvalLoader(loader_cfg(sys.argv[1]), "test", batch_size=4, clips_per_video=3, rank=ctx.rank, world=ctx.world)
 result = evaluate(LookupModel(TABLE), loader, ctx, "fp32", keep_scores=True)
 sources = video_sources(loader, ctx)
-own = sorted(video_id(r.key) for r in loader.reader.records())
+own = sorted(video_id(r.key, loader.layout.splits) for r in loader.reader.records())
 if ctx.is_main:
     figures = {**result.to_json(), "ids": result.scores.ids.tolist(), "values": result.scores.values.tolist()}
     json.dump({**figures, "sources": sources, "own": own}, open(sys.argv[2], "w"))
@@ -105,4 +105,4 @@ def test_two_ranks_count_each_video_once_and_gather_every_score(flat_data: Path,
     assert {k: figures[k] for k in single.to_json()} == single.to_json()
     assert single.scores is not None and figures["ids"] == [0, 1, 2, 3, 4]
     np.testing.assert_allclose(figures["values"], single.scores.values)
-    assert figures["sources"] == {str(video): f"test/{video}.avi" for video in range(5)}
+    assert figures["sources"] == {str(video): [f"test-{video:07d}", f"test/{video}.avi"] for video in range(5)}

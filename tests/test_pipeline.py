@@ -21,8 +21,8 @@ from dali_skd.data.clips import clip_frames, plan_strips, spaced_starts, strip_s
 from dali_skd.data.loader import EvalBatch, EvalLoader, TrainBatch, TrainLoader
 from dali_skd.data.pipeline import clip_pipeline
 from dali_skd.data.shards import PartReader, SourceStats, expand_urls, rank_part, split_urls
-from dali_skd.data.source import InputLayout, augment_draws, eval_batches
-from dali_skd.format import FormatError, ShardManifest
+from dali_skd.data.source import InputLayout, augment_draws, eval_batches, video_id
+from dali_skd.format import FormatError, ShardManifest, sample_key
 from dali_skd.runtime import resolve_device
 from preprocess.shards import ShardWriter
 
@@ -146,9 +146,10 @@ def test_one_crop_window_and_one_flip_per_clip(gradient_data: Path) -> None:
 def noise_batches(noise_data: Path) -> tuple[InputLayout, list]:
     """Eval batches (centred windows) of the noise videos, 8 clips each, whose draws the tests replace."""
     manifest = ShardManifest.load(noise_data)
-    layout = InputLayout("jpeg", 1, 8, manifest.frames_per_jpeg, with_video_id=True)
+    layout = InputLayout("jpeg", 1, 8, manifest.frames_per_jpeg, with_video_id=True, splits=tuple(manifest.splits))
     stats = SourceStats()
-    reader = PartReader(rank_part(split_urls(str(noise_data), manifest, "test"), 0, 1), stats, "jpgs", layout.admit)
+    part = rank_part(split_urls(str(noise_data), manifest, "test"), 0, 1)
+    reader = PartReader(part, stats, "jpgs", lambda record: layout.admit(record.meta))
     return layout, list(eval_batches(reader, layout, 32, 8, stats))
 
 
@@ -206,6 +207,11 @@ def test_augmentations_off_change_nothing(noise_batches) -> None:
 # -- evaluation, ranks, determinism -----------------------------------------------------------------------------
 
 
+def held_out_id(index: int) -> int:
+    """The video id of the test split's `index`-th video in these datasets (splits train, then test)."""
+    return video_id(sample_key("test", index), ("train", "test"))
+
+
 def eval_ids(data: Path, rank: int = 0, world: int = 1, clips: int = 3, batch_size: int = 4) -> list[EvalBatch]:
     loader = EvalLoader(loader_cfg(data), "test", batch_size=batch_size, clips_per_video=clips, rank=rank, world=world)
     return list(loader.epoch())
@@ -214,13 +220,13 @@ def eval_ids(data: Path, rank: int = 0, world: int = 1, clips: int = 3, batch_si
 def test_eval_yields_each_video_once_with_k_clips(gradient_data: Path) -> None:
     batches = eval_ids(gradient_data, clips=3, batch_size=4)
     ids = torch.cat([b.video_ids for b in batches]).tolist()
-    assert sorted(ids) == sorted(list(range(7)) * 3)
+    assert sorted(ids) == sorted([held_out_id(i) for i in range(7)] * 3)
     assert [len(b.labels) for b in batches] == [4, 4, 4, 4, 4, 1]  # no padding
     lengths = [40, 23, 16, 9, 5, 31, 12]
     clips = torch.cat([b.clips for b in batches]).numpy()
     labels = torch.cat([b.labels for b in batches]).tolist()
     for vid in range(7):
-        rows = [i for i, v in enumerate(ids) if v == vid]
+        rows = [i for i, v in enumerate(ids) if v == held_out_id(vid)]
         assert [labels[i] for i in rows] == [vid % 3] * 3
         starts = [frame_index(clips[i])[0] for i in rows]
         assert starts == spaced_starts(lengths[vid], 16, 3).tolist()
@@ -232,7 +238,7 @@ def test_rank_partitions_are_disjoint_and_complete(gradient_data: Path, world: i
         [v for b in eval_ids(gradient_data, r, world, clips=1) for v in b.video_ids.tolist()] for r in range(world)
     ]
     flat = [v for ids in per_rank for v in ids]
-    assert sorted(flat) == list(range(7)), per_rank  # 4 shards of 2 videos: worlds 5 and 9 split samples
+    assert sorted(flat) == [held_out_id(i) for i in range(7)], per_rank  # 4 shards of 2 videos: worlds 5 and 9 split samples
     assert sum(not ids for ids in per_rank) == max(0, world - 7)
 
 
@@ -275,7 +281,7 @@ def test_corrupt_samples_are_skipped_and_counted(gradient_data: Path, tmp_path: 
     data = _corrupt(gradient_data, tmp_path)
     loader = EvalLoader(loader_cfg(data), "test", batch_size=8, clips_per_video=1)
     ids = torch.cat([b.video_ids for b in loader.epoch()]).tolist()
-    assert sorted(ids) == [2, 3, 4, 5, 6]
+    assert sorted(ids) == [held_out_id(i) for i in [2, 3, 4, 5, 6]]
     assert loader.stats.skipped == 2
     assert "test-0000000" in loader.stats.examples[0] and "not a JPEG" in loader.stats.examples[0]
     assert "truncated JPEG" in loader.stats.examples[1]
@@ -289,7 +295,7 @@ def test_truncated_shard_keeps_what_precedes_the_cut(gradient_data: Path, tmp_pa
     tar.write_bytes(raw[: raw.find(b"test-0000003.jpgs") + 4000])  # into the second video's strips
     loader = EvalLoader(loader_cfg(data), "test", batch_size=8, clips_per_video=1)
     ids = torch.cat([b.video_ids for b in loader.epoch()]).tolist()
-    assert sorted(ids) == [0, 1, 2, 4, 5, 6]
+    assert sorted(ids) == [held_out_id(i) for i in [0, 1, 2, 4, 5, 6]]
     assert loader.stats.skipped == 1 and "shard-000001.tar" in loader.stats.examples[0]
 
 
@@ -476,7 +482,7 @@ def test_three_spatial_crops_cover_the_long_side(gradient_data: Path) -> None:
     batches = list(three.epoch())
     crops = torch.cat([b.clips for b in batches]).numpy()
     ids = torch.cat([b.video_ids for b in batches]).tolist()
-    assert len(crops) == 3 * len(centre) == 7 * 2 * 3 and sorted(ids) == sorted(list(range(7)) * 6)
+    assert len(crops) == 3 * len(centre) == 7 * 2 * 3 and sorted(ids) == sorted([held_out_id(i) for i in range(7)] * 6)
     red = crops[:, 0].mean(axis=(1, 2, 3)).reshape(-1, 3)  # red rises from left to right
     assert (red[:, 0] < red[:, 1]).all() and (red[:, 1] < red[:, 2]).all()
     np.testing.assert_array_equal(crops[1::3], centre)  # the middle window is the centre crop

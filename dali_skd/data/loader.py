@@ -13,6 +13,7 @@ and handed over through DLPack, and DALI frees a buffer only once PyTorch has dr
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,10 +24,29 @@ import torch
 
 from dali_skd.config import AugmentConfig, LoaderConfig
 from dali_skd.data.pipeline import DecoderOptions, clip_pipeline
-from dali_skd.data.shards import PartReader, SourceStats, load_manifest, rank_part, split_urls
-from dali_skd.data.source import SPATIAL_CROPS, BackgroundBatches, Batch, InputLayout, eval_batches, train_batches
-from dali_skd.format import FormatError
+from dali_skd.data.shards import (
+    PartReader,
+    SourceStats,
+    VideoRecord,
+    count_samples,
+    is_remote,
+    load_manifest,
+    rank_part,
+    split_urls,
+)
+from dali_skd.data.source import (
+    SPATIAL_CROPS,
+    BackgroundBatches,
+    Batch,
+    InputLayout,
+    dataset_problem,
+    eval_batches,
+    train_batches,
+)
+from dali_skd.format import MANIFEST_NAME, FormatError
 from dali_skd.runtime import TORCH_DTYPES, local_cpu_share, resolve_device
+
+log = logging.getLogger(__name__)
 
 
 def dali_threads(requested: int) -> int:
@@ -44,7 +64,7 @@ class TrainBatch:
 class EvalBatch:
     clips: torch.Tensor  # N clips x 3 x T x crop x crop (several clips per video)
     labels: torch.Tensor
-    video_ids: torch.Tensor  # the index of each clip's video within its split
+    video_ids: torch.Tensor  # each clip's video (`source.video_id`: its split and its index there)
 
 
 class _Feed:
@@ -87,14 +107,15 @@ class ClipLoader:
         self.cfg, self.split, self.batch_size, self.augment, self.dtype = cfg, split, batch_size, augment, dtype
         self.rank, self.world = rank, world
         self.device = device if device is not None else resolve_device(cfg.device)
-        self.manifest = load_manifest(cfg.data)
+        self.manifest = load_manifest(cfg.data, cfg.read_timeout)
         self.num_videos = self.manifest.split(split, cfg.data).samples
         if self.manifest.short_side < cfg.crop:
             raise FormatError(
                 f"{cfg.data}: frames are stored at short side {self.manifest.short_side}, smaller than the "
                 f"{cfg.crop}-pixel crop: re-run preprocess with a larger --short-side, or lower --crop"
             )
-        self.part = rank_part(split_urls(cfg.data, self.manifest, split, shards), rank, world)
+        self.urls = split_urls(cfg.data, self.manifest, split, shards)
+        self.part = rank_part(self.urls, rank, world)
         if cfg.frame_stride < 1:
             raise ValueError(f"--frame-stride must be 1 or more, not {cfg.frame_stride}")
         self.layout = InputLayout(
@@ -105,12 +126,17 @@ class ClipLoader:
             augmented=augment is not None,
             with_video_id=with_video_id,
             frame_stride=cfg.frame_stride,
+            splits=tuple(self.manifest.splits),
         )
         self.stats = SourceStats()
-        self.reader = PartReader(self.part, self.stats, self.layout.media_ext, self.layout.admit)
+        self.reader = PartReader(self.part, self.stats, self.layout.media_ext, self._admit, cfg.read_timeout)
         self.pipeline_builds = 0
         self._feed = _Feed()
         self._pipe = None
+
+    def _admit(self, record: VideoRecord) -> str | None:
+        """Why a sample cannot be used: it does not fit the pipeline's layout, or does not belong to the dataset."""
+        return self.layout.admit(record.meta) or dataset_problem(record, self.manifest.num_classes, self.layout.splits)
 
     def _pipeline(self):
         if self._pipe is None:
@@ -150,7 +176,7 @@ class ClipLoader:
     def _run(self, make: Callable[[], Iterator[Batch]]) -> Iterator[dict[str, torch.Tensor]]:
         """The pipeline's outputs, by name, for the host batches `make()` produces; the pipeline is reset at the
         end, or after draining what it prefetched when the caller stops early."""
-        source = BackgroundBatches(make, depth=self.cfg.prefetch + 2)
+        source = BackgroundBatches(make, self.cfg.prefetch + 2, self.cfg.stall_timeout, self.reader)
         pipe = self._pipeline()
         self._feed.start(source)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
@@ -224,7 +250,22 @@ class TrainLoader(ClipLoader):
             with_video_id=False, dtype=dtype, device=device, rank=rank, world=world,
         )  # fmt: skip
         self.seed = seed
-        self.steps_per_epoch = max(1, self.num_videos // (world * batch_size))
+        self.epoch_samples = self._epoch_samples(cfg, split)
+        self.steps_per_epoch = max(1, self.epoch_samples // (world * batch_size))
+        self._classes_checked = False
+
+    def _epoch_samples(self, cfg: LoaderConfig, split: str) -> int:
+        """The samples an epoch goes through: those the shards hold (local data; every rank counts all the split's
+        shards, so all agree), else the manifest's count, which its schema bounds by the shards' sizes."""
+        if is_remote(self.urls[0]):
+            return self.num_videos
+        found = sum(count_samples(url) for url in self.urls)
+        if found != self.num_videos and not cfg.train_shards:
+            log.warning(
+                "%s/%s says split %s holds %d samples, but its shards hold %d: an epoch goes through the %d found",
+                cfg.data, MANIFEST_NAME, split, self.num_videos, found, found,
+            )  # fmt: skip
+        return found
 
     def epoch(self, epoch: int) -> Iterator[TrainBatch]:
         """The batches of epoch `epoch` (from 0)."""
@@ -246,6 +287,21 @@ class TrainLoader(ClipLoader):
     def _batches(self, epoch: int, steps: int | None) -> Iterator[TrainBatch]:
         for out in self._run(lambda: self.host_batches(epoch, steps)):
             yield TrainBatch([out[f"view{v}"] for v in range(self.layout.num_views)], out["label"])
+        if steps is not None and not self._classes_checked:
+            self._classes_checked = True
+            self._check_classes()
+
+    def _check_classes(self) -> None:
+        """After the first epoch: a manifest with more classes than its labels use trains outputs nothing teaches."""
+        classes = self.manifest.classes
+        unused = [name for label, name in enumerate(classes) if label not in self.stats.labels]
+        if unused:
+            log.warning(
+                "%s/%s lists %d classes, but the first epoch's samples (rank %d) used the labels of only %d; never "
+                "seen: %s: check the manifest's class list",
+                self.cfg.data, MANIFEST_NAME, len(classes), self.rank, len(classes) - len(unused),
+                ", ".join(unused[:10]) + (f" and {len(unused) - 10} more" if len(unused) > 10 else ""),
+            )  # fmt: skip
 
 
 class EvalLoader(ClipLoader):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -63,6 +64,7 @@ class InputLayout:
     augmented: bool = False  # with the augmentations' draws (else only the crop window's place)
     with_video_id: bool = False
     frame_stride: int = 1  # a clip takes every frame_stride-th frame
+    splits: tuple[str, ...] = ()  # the manifest's splits, in order: with the key's index, a video's id
 
     @property
     def slots(self) -> int:
@@ -136,9 +138,25 @@ class InputLayout:
         return tuple(batch[name] for name in self.inputs)
 
 
-def video_id(key: str) -> int:
-    """The video's index within its split, from its key (`test-0000123` -> 123)."""
-    return int(key.rsplit("-", 1)[-1])
+VIDEOS_PER_SPLIT = 1 << 32  # video ids: the key's split (its place among the manifest's) times this, plus its index
+
+
+def video_id(key: str, splits: Sequence[str]) -> int:
+    """A video's id, from its key `<split>-<index>`: the same index in two splits is two videos (`test-0000123` ->
+    1 * 2^32 + 123 when test is the manifest's second split), and ids sort by split, then index."""
+    split, _, index = key.rpartition("-")
+    return splits.index(split) * VIDEOS_PER_SPLIT + int(index)
+
+
+def dataset_problem(record: VideoRecord, num_classes: int, splits: Sequence[str]) -> str | None:
+    """Why a sample does not belong to its dataset, or None: a label outside the manifest's classes (it would reach
+    the loss as an out-of-range index), a key that is not `<split>-<index>` of one of its splits."""
+    if record.meta.label >= num_classes:
+        return f"label {record.meta.label} is outside the manifest's {num_classes} classes (0-{num_classes - 1})"
+    split, _, index = record.key.rpartition("-")
+    if split not in splits or not index.isdigit() or int(index) >= VIDEOS_PER_SPLIT:
+        return f"its key is not <split>-<index> for a split of the manifest ({', '.join(splits)})"
+    return None
 
 
 # -- clips: the record-dependent columns -----------------------------------------------------------------------
@@ -160,7 +178,7 @@ def clip_columns(
         stats.decoded_frames += int(ok.sum()) * indices.shape[1] * layout.clip_len
     batch["label"] = np.fromiter((r.meta.label for r in records), np.int64, len(records))
     if layout.with_video_id:
-        batch["video_id"] = np.fromiter((video_id(r.key) for r in records), np.int64, len(records))
+        batch["video_id"] = np.fromiter((video_id(r.key, layout.splits) for r in records), np.int64, len(records))
     stats.clip_frames += int(ok.sum()) * indices.shape[1] * layout.clip_len
     return batch, ok
 
@@ -378,15 +396,29 @@ def _concat(parts: list[Batch]) -> Batch:
     }
 
 
+class LoaderStalled(RuntimeError):
+    """No batch, and no sample read, for the loader's --stall-timeout."""
+
+
 class BackgroundBatches:
     """Runs a batch iterator in a thread, `depth` batches ahead; calling it returns the next batch and raises
-    StopIteration at the end. Errors are re-raised here, in the caller's thread."""
+    StopIteration at the end. Errors are re-raised here, in the caller's thread.
+
+    With `stall_timeout`, a watchdog: a call that waits that long while `reader` reads no sample raises
+    LoaderStalled, naming the shard being read (a stream that stalls, a hung network disk)."""
 
     _END = object()
 
-    def __init__(self, make: Callable[[], Iterator[Batch]], depth: int = 4) -> None:
+    def __init__(
+        self,
+        make: Callable[[], Iterator[Batch]],
+        depth: int = 4,
+        stall_timeout: float | None = None,
+        reader: PartReader | None = None,
+    ) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
+        self._stall_timeout, self._reader = stall_timeout, reader
         self._thread = threading.Thread(target=self._run, args=(make,), daemon=True, name="dali-skd-source")
         self._thread.start()
 
@@ -409,13 +441,36 @@ class BackgroundBatches:
         return False
 
     def __call__(self) -> Batch:
-        item = self._queue.get()
+        item = self._get()
         if item is self._END:
             self._queue.put(item)  # later calls end too
             raise StopIteration
         if isinstance(item, BaseException):
             raise item
         return item  # type: ignore[return-value]
+
+    def _get(self) -> object:
+        if self._stall_timeout is None:
+            return self._queue.get()
+        progress = self._reader.progress if self._reader else 0
+        since = time.monotonic()
+        while True:
+            try:
+                return self._queue.get(timeout=min(1.0, self._stall_timeout))
+            except queue.Empty:
+                if self._reader is not None and self._reader.progress != progress:
+                    progress, since = self._reader.progress, time.monotonic()
+                elif time.monotonic() - since >= self._stall_timeout:
+                    raise LoaderStalled(self._stalled()) from None
+
+    def _stalled(self) -> str:
+        reading = self._reader.reading if self._reader else None
+        doing = f"while reading {reading}" if reading else "between shards"
+        return (
+            f"the loader produced no batch for {self._stall_timeout:g} s (--stall-timeout), {doing}: check that the "
+            "storage answers (open the URL, run the pipe: command, or list the folder by hand), or raise "
+            "--stall-timeout"
+        )
 
     def close(self) -> None:
         self._stop.set()
