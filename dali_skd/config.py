@@ -117,7 +117,7 @@ class LoaderConfig:
         "it was cut); a shard that still fails is skipped",
     )
     stall_timeout: float = _opt(
-        300.0, "stop the run when no batch comes and no sample is read for this many seconds (over 3x --read-timeout)"
+        300.0, "stop the run when no batch comes for this many seconds (keep it over 3x --read-timeout)"
     )
 
 

@@ -300,9 +300,9 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     try:
         result, loader = evaluate_checkpoint(cfg, ctx, progress=True)
         if not result.videos:
+            why = f"{result.skipped} skipped as unreadable, named above" if result.skipped else "its shards hold none"
             raise RuntimeError(
-                f"{cfg.checkpoint} on {loader.split}: no video could be scored ({result.skipped} skipped as "
-                "unreadable, see the lines above): check the shards, or --data"
+                f"{cfg.checkpoint} on {loader.split}: no video could be scored ({why}): check the shards, or --data"
             )
         sources = video_sources(loader, ctx) if cfg.json else {}
         if ctx.is_main:

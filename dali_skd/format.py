@@ -224,14 +224,14 @@ Parse = Callable[[Any, str], Any]  # a value checked (and converted), or _Invali
 
 
 class _Invalid(Exception):
-    def __init__(self, path: str, value: Any, expected: str, found: str = "is") -> None:
+    def __init__(self, path: str, value: Any, expected: str, found: str | None = None) -> None:
         super().__init__(path)
-        self.path, self.value, self.expected, self.found = path, value, expected, found
+        self.path, self.expected = path, expected
+        self.found = found or ("is missing" if value is _MISSING else f"is {_shown(value)}")
 
     def error(self, where: str) -> FormatError:
         subject = f"{where}: {self.path}" if self.path else where
-        found = "is missing" if self.value is _MISSING else f"{self.found} {_shown(self.value)}"
-        return FormatError(f"{subject} {found}; expected {self.expected}")
+        return FormatError(f"{subject} {self.found}; expected {self.expected}")
 
 
 _MISSING = object()
@@ -315,7 +315,7 @@ def _mapping(item: Parse, key_names: bool = False) -> Parse:
             raise _Invalid(path, value, "an object")
         for name in value:
             if key_names and not _KEY_RE.match(name):
-                raise _Invalid(path, name, "names of letters, digits, '_' and '-' only", "has an entry named")
+                raise _Invalid(path, name, "names of letters, digits, '_' and '-' only", f"has {_shown(name)}")
         return {name: item(v, f"{path}.{name}") for name, v in value.items()}
 
     return parse
@@ -393,7 +393,7 @@ def _check_manifest(manifest: ShardManifest) -> None:
         at = f"splits.{name}"
         listed = sum(shard.samples for shard in split.shards)
         if split.samples and not split.shards:
-            raise _Invalid(f"{at}.shards", [], f"the shards of its {split.samples} samples")
+            raise _Invalid(f"{at}.shards", [], f"the shards of its {split.samples} samples", "lists no shard")
         if split.samples != listed:
             raise _Invalid(f"{at}.samples", split.samples, f"{listed}, the samples of the shards it lists")
         if split.short_videos > split.samples:

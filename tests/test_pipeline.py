@@ -238,7 +238,8 @@ def test_rank_partitions_are_disjoint_and_complete(gradient_data: Path, world: i
         [v for b in eval_ids(gradient_data, r, world, clips=1) for v in b.video_ids.tolist()] for r in range(world)
     ]
     flat = [v for ids in per_rank for v in ids]
-    assert sorted(flat) == [held_out_id(i) for i in range(7)], per_rank  # 4 shards of 2 videos: worlds 5 and 9 split samples
+    # 4 shards of 2 videos: worlds 5 and 9 split samples
+    assert sorted(flat) == [held_out_id(i) for i in range(7)], per_rank
     assert sum(not ids for ids in per_rank) == max(0, world - 7)
 
 

@@ -9,6 +9,7 @@ import atexit
 import contextlib
 import json
 import logging
+import math
 import mmap
 import os
 import re
@@ -104,9 +105,10 @@ CURL_REASONS = {
     28: "the server stopped sending",
     35: "the TLS handshake failed",
     52: "the server closed the connection without an answer",
-    56: "the connection failed while receiving (reset by the server or the network)",
+    56: "the connection broke while receiving",
 }
 _CURL_NO_RANGES = 33  # with --continue-at: the server ignored the Range request
+_HTTP_REFUSED = re.compile(r"returned error: 4(?!08|29)\d\d")  # an answer that asking again will not change
 
 
 class _Cut(Exception):
@@ -147,10 +149,10 @@ class RemoteStream:
                 return shlex.split(command)
             except ValueError as e:
                 raise OSError(f"cannot split the command into words ({e})") from None
-        t = f"{self.read_timeout:g}"
+        t = str(math.ceil(self.read_timeout))  # whole seconds: curl's --speed-time takes no fraction
         resume = ["--continue-at", str(self.position)] if self.position and self._ranges else []
         return [
-            "curl", "--silent", "--show-error", "--fail", "--location", "--proto", "=http,https",
+            "curl", "--silent", "--show-error", "--fail", "--no-buffer", "--location", "--proto", "=http,https",
             "--proto-redir", "=http,https", "--connect-timeout", t, "--speed-limit", "1", "--speed-time", t,
             *resume, self.url,
         ]  # fmt: skip
@@ -210,26 +212,27 @@ class RemoteStream:
         return b""
 
     def _exit_reason(self, code: int) -> str:
+        """Why a try's process failed, in words, with the last line it wrote to stderr."""
         self._stderr.seek(max(0, self._stderr.seek(0, os.SEEK_END) - 4096))
         lines = self._stderr.read().decode("utf-8", "replace").strip().splitlines()
-        said = lines[-1].strip()[:200] if lines else ""
+        said = re.sub(r"^curl: \(\d+\) ", "", lines[-1].strip())[:200] if lines else ""
         if code < 0:
-            what = f"killed by signal {signal.Signals(-code).name}"
-        elif self._http:
-            what = f"{CURL_REASONS.get(code, 'curl failed')} (curl exit {code})"
-        else:
-            what = f"the command exited with status {code}"
-        return f"{what}: {said}" if said else what
+            return f"killed by signal {signal.Signals(-code).name}" + (f" ({said})" if said else "")
+        if self._http:
+            return f"{CURL_REASONS.get(code, 'curl failed')} (curl exit {code}" + (f": {said})" if said else ")")
+        return f"the command exited with status {code}" + (f": {said}" if said else "")
 
     def _retry(self, cut: _Cut) -> None:
         self._stop()
         if self._http and cut.code == _CURL_NO_RANGES:  # read it all again instead, skipping what was handed out
             self._ranges = False
+        elif self._http and _HTTP_REFUSED.search(str(cut)):
+            raise OSError(str(cut)) from None
         elif self._tries > len(RETRY_DELAYS):
             raise OSError(f"{cut} (gave up after {self._tries} tries)") from None
         else:
             delay = RETRY_DELAYS[self._tries - 1]
-            log.warning("%s: %s at byte %d; trying again in %g s", self.url, cut, self.position, delay)
+            log.info("%s: %s at byte %d; trying again in %g s", self.url, cut, self.position, delay)
             self._tries += 1
             time.sleep(delay)
         self._start()
@@ -531,7 +534,7 @@ class PartReader:
     """The samples of a rank's part, shard by shard. A local shard is indexed once, the first time it is read (its
     headers walked, its metadata parsed; its strips are checked as they are first used), and served from memory
     after that; a streamed shard is read afresh every time. Samples known to be unusable (`admit` says why) are
-    skipped and counted on every pass. `reading` and `progress` say what it is doing, for the loader's watchdog."""
+    skipped and counted on every pass. `reading` names the shard being read, for the loader's watchdog."""
 
     def __init__(
         self,
@@ -545,7 +548,6 @@ class PartReader:
         self.read_timeout = read_timeout
         self._indexed: dict[str, _IndexedShard] = {}
         self.reading: str | None = None  # the shard being read
-        self.progress = 0  # samples read so far
 
     def records(self, shard_order: Iterable[int] | None = None) -> Iterator[VideoRecord]:
         """The part's usable samples, its shards in `shard_order` (default: as listed)."""
@@ -553,7 +555,6 @@ class PartReader:
         for i in shard_order if shard_order is not None else range(len(self.part.urls)):
             self.reading = self.part.urls[i]
             for record in self._shard(self.part.urls[i]):
-                self.progress += 1
                 keep = self.part.keeps(index)
                 index += 1
                 if not keep:

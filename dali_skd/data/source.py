@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -152,7 +151,7 @@ def dataset_problem(record: VideoRecord, num_classes: int, splits: Sequence[str]
     """Why a sample does not belong to its dataset, or None: a label outside the manifest's classes (it would reach
     the loss as an out-of-range index), a key that is not `<split>-<index>` of one of its splits."""
     if record.meta.label >= num_classes:
-        return f"label {record.meta.label} is outside the manifest's {num_classes} classes (0-{num_classes - 1})"
+        return f"label {record.meta.label} is not one of the manifest's classes (labels 0 to {num_classes - 1})"
     split, _, index = record.key.rpartition("-")
     if split not in splits or not index.isdigit() or int(index) >= VIDEOS_PER_SPLIT:
         return f"its key is not <split>-<index> for a split of the manifest ({', '.join(splits)})"
@@ -397,15 +396,15 @@ def _concat(parts: list[Batch]) -> Batch:
 
 
 class LoaderStalled(RuntimeError):
-    """No batch, and no sample read, for the loader's --stall-timeout."""
+    """No batch for the loader's --stall-timeout."""
 
 
 class BackgroundBatches:
     """Runs a batch iterator in a thread, `depth` batches ahead; calling it returns the next batch and raises
     StopIteration at the end. Errors are re-raised here, in the caller's thread.
 
-    With `stall_timeout`, a watchdog: a call that waits that long while `reader` reads no sample raises
-    LoaderStalled, naming the shard being read (a stream that stalls, a hung network disk)."""
+    With `stall_timeout`, a watchdog: a call that waits that long raises LoaderStalled, naming the shard `reader`
+    is reading (a stream that stalls, a hung network disk)."""
 
     _END = object()
 
@@ -450,18 +449,10 @@ class BackgroundBatches:
         return item  # type: ignore[return-value]
 
     def _get(self) -> object:
-        if self._stall_timeout is None:
-            return self._queue.get()
-        progress = self._reader.progress if self._reader else 0
-        since = time.monotonic()
-        while True:
-            try:
-                return self._queue.get(timeout=min(1.0, self._stall_timeout))
-            except queue.Empty:
-                if self._reader is not None and self._reader.progress != progress:
-                    progress, since = self._reader.progress, time.monotonic()
-                elif time.monotonic() - since >= self._stall_timeout:
-                    raise LoaderStalled(self._stalled()) from None
+        try:
+            return self._queue.get(timeout=self._stall_timeout)
+        except queue.Empty:
+            raise LoaderStalled(self._stalled()) from None
 
     def _stalled(self) -> str:
         reading = self._reader.reading if self._reader else None

@@ -1,0 +1,205 @@
+"""Remote reads never hang: stalling and resetting web servers on loopback and `pipe:` commands that stall, each
+bounded in time, ending in a retry that resumes, a skipped shard named by URL, or a one-line error."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from clickit import invoke
+from clipdata import noise_frames, write_dataset
+from shardserver import ShardServer
+
+from dali_skd.checkpoint import save_checkpoint
+from dali_skd.config import LoaderConfig, TrainConfig, to_dict
+from dali_skd.data import shards
+from dali_skd.data.shards import PartReader, RankPart, SourceStats, load_manifest, shard_records
+from dali_skd.data.source import BackgroundBatches, LoaderStalled
+from dali_skd.format import FormatError
+from dali_skd.models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ("--arch", "r3d10-tiny", "--epochs", "1", "--batch-size", "4", "--clip-len", "8", "--crop", "32")
+TINY += ("--shuffle-buffer", "2", "--threads", "1", "--device", "cpu")
+
+pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="http(s) shards are read through curl")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Two classes, 8 training videos in 4 shards (2 each, 61,440 bytes) and 4 test videos in 2."""
+    videos = [(noise_frames(12, seed=i, tint=i % 2), i % 2) for i in range(12)]
+    root = tmp_path_factory.mktemp("dataset")
+    return write_dataset(root, {"train": videos[:8], "test": videos[8:]}, ["a", "b"], per_shard=2)
+
+
+@pytest.fixture
+def quick_retries(monkeypatch) -> None:
+    """Retries after 0.1 s, not after seconds: the tests' time goes to the timeouts they check."""
+    monkeypatch.setattr(shards, "RETRY_DELAYS", (0.1, 0.1))
+
+
+def records_of(url: str, read_timeout: float = 10.0) -> tuple[list[tuple[str, bytes]], list[tuple[str, str]]]:
+    """(key, media bytes) of a shard's samples, and what was skipped."""
+    skipped: list[tuple[str, str]] = []
+    records = shard_records(url, "jpgs", lambda *where_why: skipped.append(where_why), read_timeout)
+    return [(r.key, bytes(r.media)) for r in records], skipped
+
+
+def running(marker: str) -> list[str]:
+    """The command lines of this machine's processes that hold `marker`."""
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmdline and "pytest" not in cmdline:
+            found.append(cmdline)
+    return found
+
+
+SHARD = "train/shard-000001.tar"
+
+
+@pytest.mark.slow
+def test_a_stalling_server_is_cut_and_its_shard_skipped(dataset: Path, quick_retries) -> None:
+    with ShardServer(dataset, "stall") as server:
+        url = f"{server.url}/{SHARD}"
+        started = time.monotonic()
+        records, skipped = records_of(url, read_timeout=0.5)
+        took = time.monotonic() - started
+    assert [key for key, _ in records] == ["train-0000002"]  # the whole sample in the half that came
+    assert skipped == [(url, "shard unreadable from here on: no byte for 0.5 s (gave up after 3 tries)")]
+    assert took < 30
+    assert [wanted for path, wanted in server.requests if path == SHARD][1].startswith("bytes=")  # resumed
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_a_reset_is_retried_where_it_was_cut(dataset: Path, quick_retries, ranges: bool) -> None:
+    """Once per shard the server resets the connection half-way: the retry asks for the rest (Range), or, from a
+    server that ignores Range requests, reads it all again and skips what was read; the samples are the same."""
+    local = records_of(str(dataset / SHARD))
+    with ShardServer(dataset, "reset-once", ranges=ranges) as server:
+        assert records_of(f"{server.url}/{SHARD}") == local
+    asked = [wanted for path, wanted in server.requests if path == SHARD]
+    resumed_at = int(asked[1].removeprefix("bytes=").removesuffix("-"))
+    assert 0 < resumed_at <= 30720  # where the stream was cut, less what was still in the pipe
+    assert asked == [None, f"bytes={resumed_at}-"] + ([] if ranges else [None])
+
+
+def test_a_server_that_always_resets_gets_the_shard_skipped_by_url(dataset: Path, quick_retries) -> None:
+    with ShardServer(dataset, "reset") as server:
+        url = f"{server.url}/{SHARD}"
+        records, skipped = records_of(url)
+    assert [key for key, _ in records] == ["train-0000002"]
+    ((where, why),) = skipped
+    assert where == url and why.startswith("shard unreadable from here on: the ")
+    assert "(curl exit " in why and why.endswith("(gave up after 3 tries)")
+    assert "[" not in why and "{" not in why  # words, not a repr of the command
+
+
+def test_a_missing_shard_is_not_asked_for_again(dataset: Path, quick_retries) -> None:
+    with ShardServer(dataset, "ok") as server:
+        url = f"{server.url}/train/shard-000009.tar"
+        assert records_of(url) == (
+            [],
+            [(url, "shard unreadable from here on: the server answered with an HTTP error (curl exit 22: The "
+                   "requested URL returned error: 404)")],
+        )  # fmt: skip
+    assert len(server.requests) == 1
+
+
+@pytest.mark.slow
+def test_a_pipe_command_that_stalls_on_the_manifest_or_a_shard(dataset: Path, tmp_path: Path, quick_retries) -> None:
+    """`pipe:sleep N; cat ...`: the manifest (and through the CLI, the run) fails with the command and the
+    reason; a stalling shard is skipped; no process of the command is left behind."""
+    nap = f"sleep {3600 + uuid.uuid4().int % 1000}"  # a command line no other process has
+    location = f"pipe:{nap}; cat {dataset}/{{}}"
+    started = time.monotonic()
+    with pytest.raises(FormatError, match=f"cannot read pipe:{nap}; cat .*manifest.json: no byte for 0.5 s"):
+        load_manifest(location, read_timeout=0.5)
+    assert time.monotonic() - started < 30
+    result = invoke(
+        "train", "--data", location, "--read-timeout", "0.5", "--out", str(tmp_path), *TINY, expect_error=True
+    )
+    assert result.output.count("\n") == 1 and result.output.startswith(f"Error: cannot read pipe:{nap}; cat ")
+    url = f"pipe:case {{}} in *.tar) {nap};; esac; cat {dataset}/{{}}".replace("{}", SHARD)
+    records, skipped = records_of(url, read_timeout=0.5)
+    assert records == [] and skipped == [
+        (url, "shard unreadable from here on: no byte for 0.5 s (gave up after 3 tries)")
+    ]
+    assert not running(nap)
+
+
+def test_a_pipe_command_runs_with_a_shell_only_for_shell_syntax(dataset: Path, tmp_path: Path) -> None:
+    """Without shell syntax the words of the command are run as they are: `$HOME` stays text."""
+    local = records_of(str(dataset / SHARD))
+    assert records_of(f"pipe:cat {dataset}/{SHARD}") == records_of(f"pipe:cat {dataset}/{SHARD} | cat") == local
+    words = tmp_path / "words"
+    (tmp_path / "say").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {words}\ncat {dataset}/{SHARD}\n')
+    (tmp_path / "say").chmod(0o755)
+    assert records_of(f"pipe:{tmp_path}/say '$HOME' a") == local
+    assert words.read_text() == "$HOME\na\n"
+    records, skipped = records_of(f"pipe:{tmp_path}/say 'unclosed")
+    assert records == [] and "cannot split the command into words (No closing quotation)" in skipped[0][1]
+
+
+def test_the_watchdog_names_the_shard_being_read() -> None:
+    reader = PartReader(RankPart(["http://example.org/a.tar"]), SourceStats(), "jpgs", lambda record: None)
+    reader.reading = "http://example.org/a.tar"
+    hold = threading.Event()
+
+    def stuck():
+        hold.wait()
+        yield {}
+
+    source = BackgroundBatches(stuck, stall_timeout=0.2, reader=reader)
+    with pytest.raises(LoaderStalled, match=r"no batch for 0.2 s \(--stall-timeout\), while reading http://example"):
+        source()
+    hold.set()
+    source.close()
+
+
+@pytest.mark.slow
+def test_train_on_a_stalling_server_stops_with_one_line(dataset: Path, tmp_path: Path) -> None:
+    """`cli.py train` as a user runs it, the server sending half of each shard: the watchdog stops the run (through
+    DALI's pipeline) with one line naming the shard, long before the reads would give up."""
+    with ShardServer(dataset, "stall") as server:
+        command = [sys.executable, str(REPO / "cli.py"), "train", "--data", server.url, "--out", str(tmp_path), *TINY]
+        started = time.monotonic()
+        done = subprocess.run(
+            [*command, "--read-timeout", "600", "--stall-timeout", "3"], capture_output=True, text=True, timeout=300
+        )
+        took = time.monotonic() - started
+        port = server.url.rsplit(":", 1)[1]
+    assert done.returncode == 1
+    assert done.stderr.count("Error: ") == 1  # after the progress bar, on its line: no newline ends a bar
+    last = done.stderr[done.stderr.index("Error: ") :].splitlines()[0]
+    assert last.startswith("Error: the loader produced no batch for 3 s (--stall-timeout), while reading ")
+    assert f"{server.url}/train/shard-00000" in last and "Traceback" not in done.stderr
+    assert took < 150
+    assert not running(f"127.0.0.1:{port}")  # the stalled curl is gone with the run
+
+
+def test_an_eval_that_scored_no_video_exits_non_zero(dataset: Path, tmp_path: Path, quick_retries) -> None:
+    served = tmp_path / "served"
+    shutil.copytree(dataset, served)
+    for shard in (served / "test").iterdir():
+        shard.unlink()  # answered with 404
+    trained = TrainConfig(arch="r3d10-tiny", loader=LoaderConfig(clip_len=8, crop=32))
+    state = {"config": to_dict(trained), "classes": ["a", "b"], "model": build_model("r3d10-tiny", 2).state_dict()}
+    save_checkpoint(tmp_path / "best.pt", state)
+    with ShardServer(served, "ok") as server:
+        result = invoke(
+            "eval", "--data", server.url, "--checkpoint", str(tmp_path / "best.pt"), "--device", "cpu",
+            "--threads", "1", expect_error=True,
+        )  # fmt: skip
+    assert "Error: " in result.output and "on test: no video could be scored (2 skipped as unreadable" in result.output
