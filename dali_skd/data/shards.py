@@ -373,7 +373,8 @@ def iter_tar_members(block: Callable[[int, int], bytes], where: str) -> Iterator
         if header == _ZERO_BLOCK:
             return
         try:
-            if _octal(header[148:156], "checksum") not in tarfile.calc_chksums(header):
+            stored = _octal(header[148:156], "checksum")  # the sum of the header's bytes, its own as spaces
+            if stored != sum(header) - sum(header[148:156]) + 256 and stored not in tarfile.calc_chksums(header):
                 raise FormatError("its checksum does not match")
             size, kind = _octal(header[124:136], "size"), header[156:157]
             if size > (_MAX_NAME_RECORD if kind in (b"x", b"L") else MAX_MEMBER_BYTES):
