@@ -53,17 +53,22 @@ def records_of(url: str, read_timeout: float = 10.0) -> tuple[list[tuple[str, by
     return [(r.key, bytes(r.media)) for r in records], skipped
 
 
-def running(marker: str) -> list[str]:
-    """The command lines of this machine's processes that hold `marker`."""
-    found = []
-    for pid in os.listdir("/proc"):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if marker in cmdline and "pytest" not in cmdline:
-            found.append(cmdline)
-    return found
+def running(marker: str, within: float = 10.0) -> list[str]:
+    """The command lines of this machine's processes that hold `marker` after `within` seconds (a process killed
+    with its group dies once it is next scheduled, which on a loaded machine may take a moment)."""
+    deadline = time.monotonic() + within
+    while True:
+        found = []
+        for pid in os.listdir("/proc"):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if marker in cmdline and "pytest" not in cmdline:
+                found.append(cmdline)
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
 
 
 SHARD = "train/shard-000001.tar"
