@@ -224,6 +224,8 @@ Parse = Callable[[Any, str], Any]  # a value checked (and converted), or _Invali
 
 
 class _Invalid(Exception):
+    """A value that fails its check: its path in the document, what it is, what was expected."""
+
     def __init__(self, path: str, value: Any, expected: str, found: str | None = None) -> None:
         super().__init__(path)
         self.path, self.expected = path, expected
@@ -248,7 +250,7 @@ def _shown(value: Any) -> str:
 
 
 def _count(low: int = 0, high: int = MAX_COUNT) -> Parse:
-    expected = f"a count ≥ {low}" if high == MAX_COUNT else f"a whole number from {low} to {high}"
+    expected = f"a count ≥ {low}" if high == MAX_COUNT else f"a whole number from {low} to {high:,}"
 
     def parse(value: Any, path: str) -> int:
         if type(value) is not int or value < low:

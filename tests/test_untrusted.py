@@ -203,7 +203,7 @@ GOOD_SAMPLE = {
 HOSTILE_SAMPLES = {
     "frames a string": ({"frames": "12"}, 'frames is "12"; expected a count ≥ 1'),
     "a negative label": ({"label": -1}, "label is -1; expected a count ≥ 0"),
-    "no width": ({"width": 0}, "width is 0; expected a whole number from 1 to 65535"),
+    "no width": ({"width": 0}, "width is 0; expected a whole number from 1 to 65,535"),
     "offsets going back": ({"strip_offsets": [0, 100, 50]}, "strip_offsets is a list of 3; expected byte offsets"),
     "too few offsets": ({"strip_offsets": [0, 100]}, "strip_offsets is a list of 2; expected 3 offsets"),
     "an unknown format": ({"format": "h264"}, 'format is "h264"; expected "jpeg" or "vp9"'),
