@@ -30,8 +30,8 @@ def counter_video(path: Path, height: int = 48, width: int = 64) -> Path:
     """An h264 mp4 whose frame t is a flat grey of GREY_BASE + GREY_STEP t."""
     frames = np.repeat(GREY_BASE + GREY_STEP * np.arange(FRAMES, dtype=np.uint8), height * width * 3)
     path.parent.mkdir(parents=True, exist_ok=True)
-    command = [FFMPEG, "-nostdin", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s",
-               f"{width}x{height}", "-r", "25", "-i", "-", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-y", str(path)]  # fmt: skip
+    raw = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", "25", "-i", "-"]
+    command = [FFMPEG, "-loglevel", "error", *raw, "-c:v", "libx264", "-pix_fmt", "yuv420p", "-y", str(path)]
     subprocess.run(command, input=frames.tobytes(), check=True)
     return path
 
@@ -72,7 +72,7 @@ def test_a_peer_yields_two_views_of_consecutive_frames_like_the_loader(
         assert label == video.label == (0 if video.path.parent.name == "a" else 1)
         for view in (v1, v2):
             assert view.shape == (3, 6, 40, 40) and view.dtype.is_floating_point
-            assert -1 <= float(view.min()) and float(view.max()) <= 1
+            assert float(view.min()) >= -1 and float(view.max()) <= 1
             index = frame_indices(view.numpy())
             assert index == list(range(index[0], index[0] + 12, 2)), index  # every 2nd frame from a start
             starts.add(index[0])
