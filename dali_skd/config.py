@@ -298,6 +298,22 @@ class BenchConfig:
     )
 
 
+@dataclass
+class PreviewConfig:
+    """`cli.py preview`: what the training loader feeds the network, drawn, with the augmentations it drew."""
+
+    split: str = _opt("train", "the split whose samples are drawn")
+    samples: int = _opt(4, "samples drawn: the first usable ones of the split")
+    frames: int = _opt(4, "frames drawn of each view, evenly spaced over its clip")
+    compare_baseline: bool = _opt(
+        False, "also draw the DataLoader baseline's views of the same samples with the same draws, under DALI's"
+    )
+    out: str = _opt("views.png", "the PNG to write")
+    seed: int = _opt(0, "seed for the clips' starts and the augmentations' draws")
+    loader: LoaderConfig = _opt(LoaderConfig(), "data loading")
+    augment: AugmentConfig = _opt(AugmentConfig(), "augmentations")
+
+
 T = TypeVar("T")
 
 

@@ -119,7 +119,7 @@ def augment(clip: torch.Tensor, draws: ViewDraws, crop: int, norm: tuple[torch.T
         v = v * draws.brightness
     if draws.hue is not None:
         a = math.radians(draws.hue)
-        rot = torch.tensor([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
+        rot = torch.tensor([[1, 0, 0], [0, math.cos(a), math.sin(a)], [0, -math.sin(a), math.cos(a)]])  # DALI's sense
         v = torch.einsum("ij,jthw->ithw", _YIQ2RGB @ rot @ _RGB2YIQ, v)
     if draws.blur_sigma is not None:
         v = gaussian_blur(v, draws.blur_sigma)
