@@ -337,13 +337,13 @@ def run_bench(cfg: BenchConfig, on_round: Callable[[dict[str, Any]], None] | Non
                 report["skipped"][name] = "failed: " + str(e).strip().splitlines()[-1][:300]
                 running.remove(name)
                 del rates[name]
-        report["loaders"] = {name: _summary(rates[name], reads[name], cfg) for name in running}
+        loaders = report["loaders"] = {name: _summary(rates[name], reads[name], cfg) for name in running}
+        if "dali" in loaders:
+            for figures in loaders.values():
+                figures["ratio_to_dali"] = figures["samples_per_s"] / loaders["dali"]["samples_per_s"]
         if on_round is not None:
             on_round(report)
     loaders = report["loaders"]
-    if "dali" in loaders:
-        for figures in loaders.values():
-            figures["ratio_to_dali"] = figures["samples_per_s"] / loaders["dali"]["samples_per_s"]
     if {"dali", "dataloader"} <= set(loaders):
         report["ratio_dali_over_dataloader"] = loaders["dali"]["samples_per_s"] / loaders["dataloader"]["samples_per_s"]
     if cfg.train_arch:

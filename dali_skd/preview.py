@@ -12,6 +12,7 @@ where the two loaders disagree, the rows differ.
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,7 +143,7 @@ class Layout:
     rows: int  # 1, or 2 with the baseline
     size: int  # a panel's side: the crop, scaled up by a whole factor when small
     title: int = 22
-    label: int = 30
+    label: int = 44  # three lines: the frames, then the draws, wrapped to the view's width
     gap: int = 4
     view_gap: int = 24
     row_label: int = 0  # room left of the panels for "DALI" / "baseline"
@@ -210,8 +211,10 @@ def draw(samples: list[PreviewSample], shown: int, out: str | Path) -> Path:
             _, left = lay.panel(s, v, 0, 0)
             frames = sample.frames[v]
             shown_at = ", ".join(str(frames[t]) for t in which)
-            text(left, y + lay.title, f"view {v + 1}: frames {frames[0]}..{frames[-1]}, drawn: {shown_at}")
-            text(left, y + lay.title + 13, describe(sample.draws[v], samples[0].views[0].shape[1]))
+            lines = [f"view {v + 1}: frames {frames[0]}..{frames[-1]}, drawn: {shown_at}"]
+            lines += textwrap.wrap(describe(sample.draws[v], samples[0].views[0].shape[1]), lay.view_width // 6)[:2]
+            for k, line in enumerate(lines):
+                text(left, y + lay.title + 13 * k, line)
         if sample.baseline is not None:
             for r, name in enumerate(("DALI", "baseline")):
                 top, _ = lay.panel(s, 0, r, 0)

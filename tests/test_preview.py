@@ -85,7 +85,7 @@ def test_preview_writes_the_png_and_refuses_what_it_cannot_draw(gradients: Path,
     common = ("--data", str(gradients), "--device", "cpu", "--clip-len", "8", "--crop", "64", "--threads", "1")
     result = invoke("preview", *common, "--samples", "2", "--frames", "2", "--out", str(out))
     assert f"wrote {out}: 2 samples x 2 views" in result.output
-    assert Image.open(out).size == (2 * 2 * (128 + 4) + 24, 2 * (22 + 30 + 128 + 4 + 4))
+    assert Image.open(out).size == (2 * 2 * (128 + 4) + 24, 2 * (22 + 44 + 128 + 4 + 4))
     result = invoke("preview", *common, "--samples", "0", "--out", str(out), expect_error=True)
     assert "Error: --samples 0 --frames 4: draw at least one sample and one frame" in result.output
     result = invoke("preview", "--data", str(tmp_path), "--out", str(out), expect_error=True)

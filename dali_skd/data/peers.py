@@ -120,15 +120,16 @@ def fair_copies(
 ) -> tuple[list[VideoFile], list[str]]:
     """`folder/<source>.mp4` for each source, transcoded from `root/<source>` the first time (atomically: an
     interrupted run leaves no half file); and why any is missing."""
-    from preprocess.run import find_ffmpeg, ordered_map
-    from preprocess.transcode import DEFAULT_QUALITY, TranscodeSettings, VideoError, transcode
 
     def target(source: str) -> Path:
         return folder / f"{source}.mp4"
 
     todo = [(s, label) for s, label in sources if not target(s).is_file()]
     failed: list[str] = []
-    if todo:
+    if todo:  # only then ffmpeg: a machine without it (the GPU check's) reads copies made elsewhere
+        from preprocess.run import find_ffmpeg, ordered_map
+        from preprocess.transcode import DEFAULT_QUALITY, TranscodeSettings, VideoError, transcode
+
         print(f"peers: re-encoding {len(todo)} videos into {folder} (once; later runs reuse them) ...", flush=True)
         settings = TranscodeSettings(find_ffmpeg(None), "h264", short_side, fps, DEFAULT_QUALITY["h264"], 0)
 
