@@ -378,7 +378,8 @@ def format_report(report: dict[str, Any]) -> str:
     augment = {"crop-flip": "random crop and flip", "paper": "the paper's six augmentations"}[report["augment"]]
     lines = [
         f"device {report['device']}, {report['cpu_cores']} CPU cores, {report['format']} shards, {report['precision']}",
-        f"every loader: two views, {augment} ({report['augment']}); {report['rounds']} rounds, loaders alternating",
+        f"every loader: two views, {augment} ({report['augment']}); {report['rounds']} round"
+        f"{'s' if report['rounds'] > 1 else ''}, loaders alternating",
         f"{'loader':<12}{'samples/s':>10}  {'per round':<22}{'x dali':>7}{'CPU cores':>10}{'CPU us/sample':>14}"
         f"{'disk/video':>12}  reads",
     ]
@@ -395,9 +396,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{name:<12}skipped: {why}")
     if "decoded_frames_per_s" in report["loaders"].get("dali", {}):
         r = report["loaders"]["dali"]
-        lines.append(
-            f"dali decodes {r['decoded_frames_per_s']:.0f} JPEG frames/s for {r['frames_per_s']:.0f} delivered"
-        )
+        lines.append(f"dali decodes {r['decoded_frames_per_s']:.0f} frames/s for {r['frames_per_s']:.0f} delivered")
     if "ratio_dali_over_dataloader" in report:
         lines.append(f"dali / dataloader: {report['ratio_dali_over_dataloader']:.2f}x")
     if "train" in report:

@@ -128,18 +128,21 @@ def prepare_peer_videos(out: Path, videos: str) -> None:
 
 def stage_peers(out: Path, python: str) -> None:
     """The peer loaders' wheels for the GPU machine's Python, as stage-wheels.sh downloads DALI's (no network
-    there), in one piece of under PIECE_MIB."""
+    there): one piece of under PIECE_MIB. Into a rehearsal's staged third piece (`.gpu-rehearse/c3`, which never
+    travels), rehearse.sh installs them with DALI, as the GPU machine will."""
     platforms = ("manylinux_2_28", "manylinux_2_27", "manylinux_2_17", "manylinux2014", "manylinux2010")
     command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
                python, "--implementation", "cp", *(f"--platform={p}_x86_64" for p in platforms), "-d", str(out),
                *PEER_WHEELS]  # fmt: skip
-    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in [w for name in PEER_WHEELS for w in out.glob(f"{name}-*.whl")]:
+        old.unlink()  # another version, staged before
     subprocess.run(command, check=True)
-    size = sum(f.stat().st_size for f in out.glob("*.whl")) / 2**20
-    names = ", ".join(sorted(f.name for f in out.glob("*.whl")))
+    wheels = sorted(w for name in PEER_WHEELS for w in out.glob(f"{name}-*.whl"))
+    size, names = sum(w.stat().st_size for w in wheels) / 2**20, ", ".join(w.name for w in wheels)
     if size >= PIECE_MIB:
         sys.exit(f"{out}: {size:.1f} MiB of wheels ({names}), over the {PIECE_MIB} MiB that travel at a time")
-    print(f"{out}: {size:.1f} MiB ({names}); on the GPU machine: cp {out}/*.whl /tmp/ck/ before install-staged.sh")
+    print(f"{out}: {size:.1f} MiB ({names}); into /tmp/ck with the other pieces: install-staged.sh installs them")
 
 
 # -- there: the sections ---------------------------------------------------------------------------------------
