@@ -1,6 +1,7 @@
 """The loaders a user would pick instead of dali-skd, for `cli.py bench`: a plain torch DataLoader over video
-files, decoded by decord, PyAV or torchcodec, each called the way its users call it (mmaction2's `DecordDecode`
-and `PyAVDecode`, torchcodec's own examples), one decoding thread per worker and the workers filling the cores.
+files, decoded by decord, PyAV or torchcodec, each called the way its users call it (decord as mmaction2's
+`DecordDecode` does, PyAV seeking to the keyframe before a clip, torchcodec as its examples do), one decoding thread
+per worker and the workers filling the cores.
 
 Each produces what the project's loader produces: two views of `--clip-len` frames (every `--frame-stride`-th)
 from two random starts, each with its own crop window, flip and, with `--augment paper`, the paper's other
