@@ -7,6 +7,7 @@ python cli.py eval --data data/ucf101 --checkpoint runs/ucf101-skd/best.pt --spa
 python cli.py predict video.mp4 other.avi --checkpoint runs/ucf101-skd/best.pt
 python cli.py features --data data/ucf101 --checkpoint runs/ucf101-skd/best.pt --out features/ucf101
 python cli.py bench --data data/ucf101
+python cli.py preview --data data/ucf101 --out views.png
 torchrun --nproc-per-node 8 cli.py train ...
 """
 
@@ -27,6 +28,7 @@ from dali_skd.config import (
     FeaturesConfig,
     PredictConfig,
     PreprocessConfig,
+    PreviewConfig,
     TrainConfig,
 )
 
@@ -178,10 +180,22 @@ def compare(**options) -> None:
 @config_options(BenchConfig)
 @user_errors
 def bench(**options) -> None:
-    """Throughput of the DALI loader against a plain PyTorch DataLoader, and of training steps."""
+    """Throughput of the DALI loader against the loaders users would write instead (a DataLoader over the same shards;
+    decord, PyAV or torchcodec over video files), and of training steps."""
     from dali_skd.bench import run_bench
 
     run_bench(build_config(BenchConfig, options))
+
+
+@main.command()
+@config_options(PreviewConfig)
+@user_errors
+def preview(**options) -> None:
+    """Draw both views the training loader makes of a few samples, with the augmentations drawn for each, into one
+    PNG (--compare-baseline: the DataLoader baseline's views of the same draws under DALI's)."""
+    from dali_skd.preview import run_preview
+
+    run_preview(build_config(PreviewConfig, options))
 
 
 @main.command()

@@ -1,10 +1,15 @@
-"""`cli.py bench`: does the loader keep the GPU busy, and how does it compare with a plain DataLoader?
+"""`cli.py bench`: does the loader keep the GPU busy, and how does it compare with the loaders users would write
+instead: a plain DataLoader over the same shards, and DataLoaders over video files decoded by decord, PyAV or
+torchcodec (`data/peers.py`)?
 
-For each loader: two-view samples/s (median of `repeats` windows after warm-up), frames delivered and decoded per
-second, the machine's CPU use and this process's CPU time per sample; with `--train-arch`, training-step
-samples/s on synthetic data already on the device versus on the real loader, and the fraction of step time spent
-waiting for data. The `host` row is the loader's host side alone: the same code, its batches handed to a DALI
-pipeline that only passes them through.
+All loaders run in this process tree, alternating in `--rounds`, and apply the same augmentations
+(`--augment crop-flip|paper`). For each: two-view samples/s (per round: the median of `repeats` windows after
+warm-up; reported: the median round), its ratio to the DALI loader, frames delivered and decoded per second, the
+machine's CPU use and the CPU time per sample of this process and its children (DataLoader workers included), and
+the bytes on disk per video of what it reads. With `--train-arch`, training-step samples/s on synthetic data
+already on the device versus on the real loader, and the fraction of step time spent waiting for data. The `host`
+row is the loader's host side alone: the same code, its batches handed to a DALI pipeline that only passes them
+through.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from dali_skd.config import BenchConfig, LoaderConfig, TrainConfig, to_dict
+from dali_skd.config import AugmentConfig, BenchConfig, LoaderConfig, TrainConfig, to_dict
 from dali_skd.data.clips import clip_frames, spaced_starts
 from dali_skd.data.loader import EvalLoader, TrainLoader, dali_threads
+from dali_skd.data.peers import PEERS, PeerVideos, peer_loader, peer_problem, peer_videos
 from dali_skd.data.pipeline import passthrough_pipeline
 from dali_skd.data.shards import load_manifest
 from dali_skd.data.source import BackgroundBatches
@@ -35,7 +41,7 @@ from dali_skd.models import build_model
 from dali_skd.runtime import TORCH_DTYPES, resolve_device, resolve_precision
 from dali_skd.step import build_train_step
 
-LOADERS = ("host", "dali", "dataloader")
+LOADERS = ("host", "dali", "dataloader", *PEERS)
 
 
 def cpu_busy_seconds() -> float | None:
@@ -58,12 +64,35 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
+def tree_cpu_seconds() -> float:
+    """CPU time so far of this process (all its threads) and of its descendants: the live ones from /proc (DataLoader
+    workers are children only once they have exited), the reaped ones from the kernel's children counters."""
+    own = os.times()
+    total = own.user + own.system + own.children_user + own.children_system
+    stats = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+        stats[int(entry.parent.name)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))  # ppid; utime..cstime
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    ticks, todo = 0, list(children.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        ticks += stats[pid][1]  # its own time and its reaped children's
+        todo += children.get(pid, [])
+    return total + ticks / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Rate:
     samples_per_s: float
     windows: list[float]
     cpu_cores_busy: float | None  # the whole machine's
-    cpu_us_per_sample: float  # this process's, all its threads (DataLoader workers are other processes)
+    cpu_us_per_sample: float  # this process's (all its threads) and its children's (DataLoader workers)
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -84,7 +113,7 @@ def measure(
     sync()
     on_start()
     windows, total, samples = [], 0.0, 0
-    cpu0, own0 = cpu_busy_seconds(), time.process_time()
+    cpu0, own0 = cpu_busy_seconds(), tree_cpu_seconds()
     for _ in range(repeats):
         start, n = time.perf_counter(), 0
         while True:
@@ -97,7 +126,7 @@ def measure(
         windows.append(n * batch_size / elapsed)
         total += elapsed
         samples += n * batch_size
-    cpu1, own1 = cpu_busy_seconds(), time.process_time()
+    cpu1, own1 = cpu_busy_seconds(), tree_cpu_seconds()
     busy = (cpu1 - cpu0) / total if cpu0 is not None and cpu1 is not None else None
     return Rate(statistics.median(windows), windows, busy, (own1 - own0) / samples * 1e6), total
 
@@ -106,9 +135,17 @@ def _sync(device: torch.device) -> Callable[[], None]:
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
+def bench_augment(cfg: BenchConfig) -> AugmentConfig:
+    """What every loader applies: the paper's augmentations (`cfg.augment`), or (crop-flip) only the random crop
+    and flip."""
+    if cfg.augment_policy == "paper":
+        return cfg.augment
+    return replace(cfg.augment, p_contrast=0.0, p_brightness=0.0, p_hue=0.0, p_blur=0.0, p_channel_split=0.0)
+
+
 def _train_loader(cfg: BenchConfig, device: torch.device, precision: str, batch_size: int) -> TrainLoader:
     return TrainLoader(
-        cfg.loader, batch_size=batch_size, num_views=2, augment=cfg.augment, dtype=precision, device=device
+        cfg.loader, batch_size=batch_size, num_views=2, augment=bench_augment(cfg), dtype=precision, device=device
     )
 
 
@@ -173,14 +210,34 @@ def decode_parity(
 
 
 def bench_dataloader(cfg: BenchConfig, device: torch.device, precision: str) -> Rate:
-    loader = dataloader_baseline(cfg.loader, cfg.augment, cfg.batch_size, cfg.workers)
+    return _dataloader_rate(
+        dataloader_baseline(cfg.loader, bench_augment(cfg), cfg.batch_size, cfg.workers), cfg, device, precision
+    )
+
+
+def bench_peer(name: str, videos: PeerVideos, cfg: BenchConfig, device: torch.device, precision: str) -> Rate:
+    loader = peer_loader(videos.files, name, cfg.loader, bench_augment(cfg), cfg.batch_size, cfg.workers)
+    return _dataloader_rate(loader, cfg, device, precision)
+
+
+def _dataloader_rate(
+    loader: torch.utils.data.DataLoader, cfg: BenchConfig, device: torch.device, precision: str
+) -> Rate:
+    """A DataLoader's batches, cast and copied to the device as a training loop would; its workers end with the
+    measurement, so that none holds a core or memory in the next loader's turn."""
     dtype = TORCH_DTYPES[precision]
+    batches = iter(loader)
 
     def to_device() -> Iterator[tuple[torch.Tensor, ...]]:
-        for v1, v2, labels in loader:
+        for v1, v2, labels in batches:
             yield tuple(t.to(device, non_blocking=True) for t in (v1.to(dtype), v2.to(dtype), labels))
 
-    rate, _ = measure(to_device(), cfg.batch_size, cfg.seconds, cfg.repeats, _sync(device))
+    try:
+        rate, _ = measure(to_device(), cfg.batch_size, cfg.seconds, cfg.repeats, _sync(device))
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own teardown, else run when collected
+        if shutdown is not None:
+            shutdown()
     return rate
 
 
@@ -227,15 +284,19 @@ def bench_train(cfg: BenchConfig, device: torch.device, precision: str) -> dict[
     }
 
 
-def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+def run_bench(cfg: BenchConfig, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every loader of `cfg.loaders`, once per round, then the training steps; prints the table and returns its
+    figures (`on_round` gets them after each round). A peer that is not installed, does not load or fails while
+    it runs is skipped, with the reason, and the others go on."""
     device = resolve_device(cfg.loader.device)
     precision = resolve_precision(cfg.amp, device)
     names = [n.strip() for n in cfg.loaders.split(",") if n.strip()]
     unknown = set(names) - set(LOADERS)
     if unknown:
         raise ValueError(f"unknown loader(s) {', '.join(sorted(unknown))}; known: {', '.join(LOADERS)}")
+    if cfg.rounds < 1:
+        raise ValueError(f"--rounds {cfg.rounds}: use 1 or more")
     manifest = load_manifest(cfg.loader.data, cfg.loader.read_timeout)
-    frames_per_sample = 2 * cfg.loader.clip_len
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_cores": os.cpu_count(),
@@ -243,23 +304,47 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "format": manifest.format,
         "frames_per_jpeg": manifest.frames_per_jpeg,
         "precision": precision,
+        "augment": cfg.augment_policy,
+        "rounds": cfg.rounds,
         "date": time.strftime("%Y-%m-%d"),
         "loaders": {},
+        "skipped": {},
     }
-    benches = {"host": bench_host, "dali": bench_dali, "dataloader": bench_dataloader}
     for name in names:
-        print(f"measuring {name} for {cfg.seconds:.0f} s ...", flush=True)
-        rate = benches[name](cfg, device, precision)
-        report["loaders"][name] = {
-            "samples_per_s": rate.samples_per_s,
-            "frames_per_s": rate.samples_per_s * frames_per_sample,
-            "cpu_cores_busy": rate.cpu_cores_busy,
-            "cpu_us_per_sample": rate.cpu_us_per_sample,
-            "windows": rate.windows,
-            **rate.extra,
-        }
-    if {"dali", "dataloader"} <= set(report["loaders"]):
-        loaders = report["loaders"]
+        if name in PEERS and (problem := peer_problem(name)):
+            report["skipped"][name] = problem
+    running = [n for n in names if n not in report["skipped"]]
+    shards = manifest.split("train", cfg.loader.data)
+    reads = {
+        n: (f"{manifest.format} shards", sum(s.bytes for s in shards.shards) / max(shards.samples, 1)) for n in running
+    }
+    videos = None
+    if any(n in PEERS for n in running):
+        videos = peer_videos(cfg.loader.data, cfg.videos, cfg.cache, cfg.videos_as_is, cfg.workers)
+        reads.update({n: (videos.form, videos.bytes_per_video) for n in running if n in PEERS})
+        report["videos"] = {"files": len(videos.files), "form": videos.form, "left_out": videos.skipped[:20]}
+    benches = {"host": bench_host, "dali": bench_dali, "dataloader": bench_dataloader}
+    rates: dict[str, list[Rate]] = {n: [] for n in running}
+    for round_number in range(1, cfg.rounds + 1):
+        for name in list(running):
+            print(f"round {round_number}/{cfg.rounds}: measuring {name} for {cfg.seconds:g} s ...", flush=True)
+            if name not in PEERS:
+                rates[name].append(benches[name](cfg, device, precision))
+                continue
+            try:
+                rates[name].append(bench_peer(name, videos, cfg, device, precision))
+            except Exception as e:  # a peer library failing is its row's end, not the benchmark's
+                report["skipped"][name] = "failed: " + str(e).strip().splitlines()[-1][:300]
+                running.remove(name)
+                del rates[name]
+        loaders = report["loaders"] = {name: _summary(rates[name], reads[name], cfg) for name in running}
+        if "dali" in loaders:
+            for figures in loaders.values():
+                figures["ratio_to_dali"] = figures["samples_per_s"] / loaders["dali"]["samples_per_s"]
+        if on_round is not None:
+            on_round(report)
+    loaders = report["loaders"]
+    if {"dali", "dataloader"} <= set(loaders):
         report["ratio_dali_over_dataloader"] = loaders["dali"]["samples_per_s"] / loaders["dataloader"]["samples_per_s"]
     if cfg.train_arch:
         print(f"measuring {cfg.train_arch} training steps for {cfg.seconds:.0f} s ...", flush=True)
@@ -271,16 +356,47 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     return report
 
 
+def _summary(rates: list[Rate], reads: tuple[str, float], cfg: BenchConfig) -> dict[str, Any]:
+    """One loader's figures: the median round's, each round's rate, and what it reads."""
+    median = statistics.median
+    busy = [r.cpu_cores_busy for r in rates]
+    samples_per_s = median(r.samples_per_s for r in rates)
+    return {
+        "samples_per_s": samples_per_s,
+        "rounds": [r.samples_per_s for r in rates],
+        "frames_per_s": samples_per_s * 2 * cfg.loader.clip_len,
+        "cpu_cores_busy": None if None in busy else median(busy),
+        "cpu_us_per_sample": median(r.cpu_us_per_sample for r in rates),
+        "windows": [w for r in rates for w in r.windows],
+        **{key: median(r.extra[key] for r in rates) for key in rates[0].extra},
+        "reads": reads[0],
+        "disk_bytes_per_video": reads[1],
+    }
+
+
 def format_report(report: dict[str, Any]) -> str:
+    augment = {"crop-flip": "random crop and flip", "paper": "the paper's six augmentations"}[report["augment"]]
     lines = [
         f"device {report['device']}, {report['cpu_cores']} CPU cores, {report['format']} shards, {report['precision']}",
-        f"{'loader':<12}{'samples/s':>12}{'frames/s':>12}{'decoded/s':>12}{'CPU cores':>11}{'CPU us/sample':>15}",
+        f"every loader: two views, {augment} ({report['augment']}); {report['rounds']} round"
+        f"{'s' if report['rounds'] > 1 else ''}, loaders alternating",
+        f"{'loader':<12}{'samples/s':>10}  {'per round':<22}{'x dali':>7}{'CPU cores':>10}{'CPU us/sample':>14}"
+        f"{'disk/video':>12}  reads",
     ]
     for name, r in report["loaders"].items():
-        decoded = f"{r['decoded_frames_per_s']:>12.0f}" if "decoded_frames_per_s" in r else f"{'':>12}"
-        cpu = f"{r['cpu_cores_busy']:>11.1f}" if r["cpu_cores_busy"] is not None else f"{'n/a':>11}"
-        own = f"{r['cpu_us_per_sample']:>15.0f}" if name != "dataloader" else f"{'(workers)':>15}"
-        lines.append(f"{name:<12}{r['samples_per_s']:>12.1f}{r['frames_per_s']:>12.0f}{decoded}{cpu}{own}")
+        rounds = " ".join(f"{x:.1f}" for x in r["rounds"])
+        ratio = f"{r['ratio_to_dali']:>7.2f}" if "ratio_to_dali" in r else f"{'':>7}"
+        cpu = f"{r['cpu_cores_busy']:>10.1f}" if r["cpu_cores_busy"] is not None else f"{'n/a':>10}"
+        disk = f"{r['disk_bytes_per_video'] / 1e3:>9.0f} kB"
+        lines.append(
+            f"{name:<12}{r['samples_per_s']:>10.1f}  {rounds:<22}{ratio}{cpu}{r['cpu_us_per_sample']:>14.0f}{disk}"
+            f"  {r['reads']}"
+        )
+    for name, why in report["skipped"].items():
+        lines.append(f"{name:<12}skipped: {why}")
+    if "decoded_frames_per_s" in report["loaders"].get("dali", {}):
+        r = report["loaders"]["dali"]
+        lines.append(f"dali decodes {r['decoded_frames_per_s']:.0f} frames/s for {r['frames_per_s']:.0f} delivered")
     if "ratio_dali_over_dataloader" in report:
         lines.append(f"dali / dataloader: {report['ratio_dali_over_dataloader']:.2f}x")
     if "train" in report:

@@ -50,8 +50,8 @@ def config_options(cls: type, exclude: tuple[str, ...] = ()) -> Callable[[Callab
 
     def decorate(command: Callable) -> Callable:
         for path, f, kind in reversed(_leaves(cls)):
-            name = path[-1]
-            if name in exclude:
+            name = f.metadata.get("flag", path[-1])  # a field may be given a shorter flag than its name
+            if path[-1] in exclude:
                 continue
             flag = "--" + name.replace("_", "-")
             default = functools.reduce(lambda node, key: node[key], path, defaults)
@@ -80,8 +80,8 @@ def build_config(
     _merge(base, defaults or {})
     if config_file:
         base = to_dict(load_json(cls, config_file))
-    for path, _, _ in _leaves(cls):
-        value = options.get(path[-1])
+    for path, f, _ in _leaves(cls):
+        value = options.get(f.metadata.get("flag", path[-1]))
         if value is None:
             continue
         node = base

@@ -271,10 +271,12 @@ class CompareConfig:
 @dataclass
 class BenchConfig:
     loaders: str = _opt(
-        "dali,dataloader", "loaders to measure, comma-separated: host (the host side alone), dali, dataloader"
+        "dali,dataloader",
+        "loaders to measure, comma-separated: host (the host side alone), dali, dataloader, and the loaders users "
+        "pick instead, each a DataLoader over video files: decord, pyav, torchcodec (pip install -e '.[peers]')",
     )
     batch_size: int = _opt(64, "two-view samples per batch")
-    seconds: float = _opt(30.0, "measuring time per loader, after warm-up")
+    seconds: float = _opt(30.0, "measuring time per loader and round, after warm-up")
     repeats: int = _opt(5, "the measuring time is split into this many windows; the median is reported")
     workers: int = _opt(os.cpu_count() or 1, "DataLoader worker processes of the baseline")
     train_arch: str | None = _opt(None, "also measure training steps of this encoder (e.g. r3d18)")
@@ -282,6 +284,40 @@ class BenchConfig:
     amp: Amp = _opt("auto", "training precision (auto: fp16 on CUDA, off on CPU)")
     channels_last: bool = _opt(True, "channels_last_3d for the training steps on CUDA")
     json: str | None = _opt(None, "also write the figures to this JSON file")
+    loader: LoaderConfig = _opt(LoaderConfig(), "data loading")
+    augment: AugmentConfig = _opt(AugmentConfig(), "augmentations")
+    rounds: int = _opt(3, "rounds; in each, every loader is measured once, one after another; the median is reported")
+    augment_policy: Literal["crop-flip", "paper"] = _opt(
+        "paper",
+        "what every loader applies: crop-flip (a random crop and flip per view) or paper (the paper's six "
+        "augmentations, with the --p-* and range flags)",
+        flag="augment",
+    )
+    videos: str | None = _opt(
+        None,
+        "the peers' videos: the dataset's root, where the sources preprocess recorded lie (default DATA/videos, "
+        "where the synthetic set keeps them), or a class-folder tree DIR/<class>/<video>",
+    )
+    videos_as_is: bool = _opt(
+        False, "the peers read the videos as they are, not re-encoded to the dataset's short side and frame rate"
+    )
+    cache: str = _opt(
+        "runs/bench-cache", "where the peers' re-encoded videos are kept and reused, a folder per dataset and setting"
+    )
+
+
+@dataclass
+class PreviewConfig:
+    """`cli.py preview`: what the training loader feeds the network, drawn, with the augmentations it drew."""
+
+    split: str = _opt("train", "the split whose samples are drawn")
+    samples: int = _opt(4, "samples drawn: the first usable ones of the split")
+    frames: int = _opt(4, "frames drawn of each view, evenly spaced over its clip")
+    compare_baseline: bool = _opt(
+        False, "also draw the DataLoader baseline's views of the same samples with the same draws, under DALI's"
+    )
+    out: str = _opt("views.png", "the PNG to write")
+    seed: int = _opt(0, "seed for the clips' starts and the augmentations' draws")
     loader: LoaderConfig = _opt(LoaderConfig(), "data loading")
     augment: AugmentConfig = _opt(AugmentConfig(), "augmentations")
 

@@ -3,7 +3,8 @@
 A single ffmpeg process (its command line built with ffmpeg-python) decodes the first video stream that is
 not cover art, applies the rotation stored with it, resamples to a constant frame rate, and scales the shorter
 side to `short_side` (aspect kept, both sides even). For `jpeg` it pipes RGB frames out as PPM and Pillow packs
-every `frames_per_jpeg` of them, stacked vertically, into one JPEG strip; for `vp9` it writes a webm. There is no
+every `frames_per_jpeg` of them, stacked vertically, into one JPEG strip; for `vp9` it writes a webm; for `h264`
+an mp4 (not a shard format: the videos `cli.py bench`'s peer loaders read, the form other loaders keep). There is no
 ffprobe: what a sample's metadata needs (frame rate, sizes, frame count) and why a video failed are read from
 the same ffmpeg run's log, so each video costs one process.
 """
@@ -16,14 +17,16 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 import ffmpeg
 from PIL import Image
 
 from dali_skd.format import ShardFormat, pack_strips
 
-DEFAULT_QUALITY: dict[str, int] = {"jpeg": 90, "vp9": 32}  # JPEG quality; VP9 CRF
+TranscodeFormat = ShardFormat | Literal["h264"]
+DEFAULT_QUALITY: dict[str, int] = {"jpeg": 90, "vp9": 32, "h264": 23}  # JPEG quality; VP9 CRF; x264 CRF (its own)
+CONTAINERS = {"vp9": "webm", "h264": "mp4"}  # the file a video format is written to
 VP9_KEYFRAME_INTERVAL = 16  # one clip: the loader seeks to a keyframe at most a clip before its start
 VP9_CPU_USED = 2  # libvpx speed preset: a third faster than its default (1) for 3% more bytes at 128 px
 TRUNCATED_FRACTION = 0.9  # with decode errors, fewer frames than this share of the duration means a cut-off file
@@ -43,7 +46,7 @@ class VideoError(Exception):
 @dataclass(frozen=True)
 class TranscodeSettings:
     ffmpeg: str  # the binary
-    format: ShardFormat
+    format: TranscodeFormat
     short_side: int
     fps: float | None  # None: keep the source's frame rate
     quality: int
@@ -52,9 +55,9 @@ class TranscodeSettings:
 
 @dataclass
 class EncodedVideo:
-    """The stored frames of one video: JPEG strips end to end (format `jpeg`) or a webm (format `vp9`)."""
+    """The stored frames of one video: JPEG strips end to end (format `jpeg`), a webm (`vp9`) or an mp4 (`h264`)."""
 
-    format: ShardFormat
+    format: TranscodeFormat
     frames: int
     fps: float
     width: int
@@ -109,7 +112,7 @@ class FfmpegLog:
 
 
 def ffmpeg_command(source: Path, settings: TranscodeSettings, output: str) -> list[str]:
-    """The ffmpeg command line that writes `source`'s frames to `output` (a pipe for jpeg, a file for vp9)."""
+    """The ffmpeg command line that writes `source`'s frames to `output` (a pipe for jpeg, else a file)."""
     short, half = settings.short_side, settings.short_side // 2
     portrait = "lte(iw*sar,ih)"  # in display pixels (sample aspect applied), after the rotation ffmpeg applies
     video = (
@@ -124,6 +127,11 @@ def ffmpeg_command(source: Path, settings: TranscodeSettings, output: str) -> li
     )
     if settings.format == "jpeg":
         stream = video.output(output, format="image2pipe", vcodec="ppm", pix_fmt="rgb24", fps_mode="passthrough")
+    elif settings.format == "h264":  # x264's defaults otherwise (preset medium, a keyframe at most every 250 frames)
+        stream = video.output(
+            output, format="mp4", vcodec="libx264", pix_fmt="yuv420p", crf=settings.quality, fps_mode="passthrough",
+            map_metadata=-1, fflags="+bitexact", **{"flags:v": "+bitexact"},
+        )  # fmt: skip
     else:
         stream = video.output(
             output,
@@ -153,12 +161,12 @@ def transcode(source: Path, settings: TranscodeSettings) -> EncodedVideo:
         tempfile.TemporaryFile() as jpeg_file,
         tempfile.TemporaryDirectory(prefix="dali-skd-") as scratch,
     ):
-        webm = Path(scratch) / "video.webm"
         jpeg = settings.format == "jpeg"
+        video_file = Path(scratch) / f"video.{'ppm' if jpeg else CONTAINERS[settings.format]}"  # jpeg: a pipe
         frames, width, height, strips = 0, 0, 0, []
         read_error: VideoError | None = None
         with subprocess.Popen(
-            ffmpeg_command(source, settings, "pipe:" if jpeg else str(webm)),
+            ffmpeg_command(source, settings, "pipe:" if jpeg else str(video_file)),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if jpeg else subprocess.DEVNULL,
             stderr=log_file,  # a file, not a pipe: a chatty decoder can never block ffmpeg
@@ -183,7 +191,7 @@ def transcode(source: Path, settings: TranscodeSettings) -> EncodedVideo:
         if jpeg:
             media, strip_offsets = pack_strips(strips)
         else:
-            media, strip_offsets = webm.read_bytes(), ()
+            media, strip_offsets = video_file.read_bytes(), ()
             frames, width, height = log.frames or 0, log.width or 0, log.height or 0
     _check_decoded(log, frames, settings)
     fps = settings.fps or log.fps

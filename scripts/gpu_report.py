@@ -1,11 +1,18 @@
 """The project's GPU check, in one command, for the few minutes a GPU machine is lent.
 
     python3 scripts/gpu_report.py --prepare DIR          # here, with the project installed: the data to carry
+    python3 scripts/gpu_report.py --stage-peers .gpu-peers   # here: the peer loaders' wheels, a fourth piece
     python3 scripts/gpu_report.py --data DIR --out OUT   # there: every section, within 420 s
     python3 scripts/gpu_report.py --data DIR --out OUT --device cpu --quick   # rehearsal on a CPU machine
 
 `--prepare` preprocesses the built-in synthetic videos into jpeg shards with 4, 8 and 16 frames per JPEG
-(DIR/fpj4, DIR/fpj8, DIR/fpj16, a few MiB each): nothing is encoded on the GPU machine, which has no ffmpeg.
+(DIR/fpj4, DIR/fpj8, DIR/fpj16, a few MiB each), and re-encodes the training videos for the peer loaders as
+`cli.py bench` does (h264 mp4 at the shards' short side, DIR/peer-cache): nothing is encoded on the GPU machine,
+which has no ffmpeg. `--stage-peers` downloads the wheels of the peer loaders (PyAV, decord; torchcodec needs
+FFmpeg's libraries, which the GPU machine lacks) for its Python, under 60 MiB: they travel as a fourth piece
+beside stage-wheels.sh's three (too full to hold them), copied into the same /tmp/ck, so that install-staged.sh
+installs them with DALI. A rehearsal copies the wheels staged for its own Python into $CK and sources
+install-staged.sh again (`--stage-peers DIR --python 3.11`; the rehearsal command in docs/benchmarks.md).
 
 The check runs these sections in order, each in its own process with its own time bound; each section's result
 goes into OUT/gpu_report.json as soon as it ends (`status` "ok" when it passed), its output into OUT/<section>.log:
@@ -16,6 +23,9 @@ goes into OUT/gpu_report.json as soon as it ends (`status` "ok" when it passed),
     dataloader  the PyTorch DataLoader baseline with 14 worker processes
     train       r3d18 SKD-SRL training steps (fp16, channels_last_3d) on synthetic tensors and on the loader,
                 with the time spent waiting for data
+    peers       the DALI loader against the loaders users pick instead (DataLoaders with 14 workers over the
+                re-encoded videos, decoded by decord, PyAV, torchcodec), crop and flip only, alternating in rounds:
+                as many rounds (at most 3) as its time allows, each written as it ends
 
 Only the project's source tree is needed there (it puts itself on the path), with torch, numpy, Pillow and
 click, plus DALI, webdataset and braceexpand; on a machine without network these may have been unpacked with
@@ -54,9 +64,11 @@ def _paths() -> None:
 _paths()
 
 BUDGET_S = 420.0  # the whole check
-SECTIONS = {"parity": 60.0, "sweep": 160.0, "dataloader": 60.0, "train": 120.0}  # time bound of each (GPU)
+SECTIONS = {"parity": 60.0, "sweep": 160.0, "dataloader": 60.0, "train": 120.0, "peers": 90.0}  # bounds (GPU)
 FRAMES_PER_JPEG = (4, 8, 16)
 DECODER_LOADS = (0.65, 1.0)
+PEER_WHEELS = ("av", "decord")  # what the GPU machine can run: both bring their own FFmpeg libraries
+PIECE_MIB = 60  # the most that travels to the GPU machine at a time
 
 
 def main() -> None:
@@ -67,9 +79,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and times: a rehearsal on a CPU machine")
     parser.add_argument("--section", choices=list(SECTIONS), help=argparse.SUPPRESS)  # one section, in-process
+    parser.add_argument("--limit", type=float, help=argparse.SUPPRESS)  # the section's time, for those that adapt
+    parser.add_argument("--stage-peers", type=Path, metavar="DIR", help="download the peer loaders' wheels into DIR")
+    parser.add_argument("--python", default="3.12", help="--stage-peers: for this Python (the GPU machine's: 3.12)")
     args = parser.parse_args()
     if args.prepare:
         prepare(args.prepare)
+    elif args.stage_peers:
+        stage_peers(args.stage_peers, args.python)
     elif args.data is None or args.out is None:
         parser.error("pass --prepare DIR, or --data DIR and --out OUT")
     elif args.section:
@@ -95,8 +112,37 @@ def prepare(out: Path, classes: int = 2, videos_per_class: int = 3) -> None:
                 videos_per_class=videos_per_class, workers=os.cpu_count() or 1,
             )  # fmt: skip
             print(run_preprocess(cfg, progress=False).format())
+        prepare_peer_videos(out, videos)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"{out}: {size / 2**20:.1f} MiB to carry; run `python3 scripts/gpu_report.py --data {out} --out OUT`")
+
+
+def prepare_peer_videos(out: Path, videos: str) -> None:
+    """The fpj8 set's training videos as `cli.py bench` re-encodes them for the peers, in the cache the peers
+    section reads (DIR/peer-cache): found there, they need neither ffmpeg nor the originals."""
+    from dali_skd.data.peers import peer_videos
+
+    found = peer_videos(str(out / "fpj8"), videos, str(out / "peer-cache"), as_is=False, workers=os.cpu_count() or 1)
+    print(f"peer-cache: {len(found.files)} videos, {found.form}, {found.bytes_per_video / 1e3:.0f} kB each")
+
+
+def stage_peers(out: Path, python: str) -> None:
+    """The peer loaders' wheels for the GPU machine's Python, as stage-wheels.sh downloads DALI's (no network
+    there): one piece of under PIECE_MIB. Into a rehearsal's staged third piece (`.gpu-rehearse/c3`, which never
+    travels), rehearse.sh installs them with DALI, as the GPU machine will."""
+    platforms = ("manylinux_2_28", "manylinux_2_27", "manylinux_2_17", "manylinux2014", "manylinux2010")
+    command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
+               python, "--implementation", "cp", *(f"--platform={p}_x86_64" for p in platforms), "-d", str(out),
+               *PEER_WHEELS]  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    for old in [w for name in PEER_WHEELS for w in out.glob(f"{name}-*.whl")]:
+        old.unlink()  # another version, staged before
+    subprocess.run(command, check=True)
+    wheels = sorted(w for name in PEER_WHEELS for w in out.glob(f"{name}-*.whl"))
+    size, names = sum(w.stat().st_size for w in wheels) / 2**20, ", ".join(w.name for w in wheels)
+    if size >= PIECE_MIB:
+        sys.exit(f"{out}: {size:.1f} MiB of wheels ({names}), over the {PIECE_MIB} MiB that travel at a time")
+    print(f"{out}: {size:.1f} MiB ({names}); into /tmp/ck with the other pieces: install-staged.sh installs them")
 
 
 # -- there: the sections ---------------------------------------------------------------------------------------
@@ -125,7 +171,7 @@ def section_sweep(args: argparse.Namespace) -> dict:
     runs = [("dali", fpj, load) for fpj in FRAMES_PER_JPEG for load in DECODER_LOADS] + [("host", 8, DECODER_LOADS[0])]
     for loader, fpj, load in runs:
         cfg = BenchConfig(
-            loaders=loader, batch_size=batch, seconds=seconds, repeats=3,
+            loaders=loader, batch_size=batch, seconds=seconds, repeats=3, rounds=1,
             loader=_loader_cfg(args, fpj, hw_decoder_load=load),
         )  # fmt: skip
         figures = run_bench(cfg)["loaders"][loader]
@@ -140,7 +186,7 @@ def section_dataloader(args: argparse.Namespace) -> dict:
 
     cfg = BenchConfig(
         loaders="dataloader", workers=2 if args.quick else 14, batch_size=16 if args.quick else 64,
-        seconds=3.0 if args.quick else 15.0, repeats=3, loader=_loader_cfg(args),
+        seconds=3.0 if args.quick else 15.0, repeats=3, rounds=1, loader=_loader_cfg(args),
     )  # fmt: skip
     return run_bench(cfg)["loaders"]["dataloader"]
 
@@ -155,6 +201,33 @@ def section_train(args: argparse.Namespace) -> dict:
         repeats=3, loader=_loader_cfg(args),
     )  # fmt: skip
     return run_bench(cfg)["train"]
+
+
+def section_peers(args: argparse.Namespace) -> dict:
+    """The DALI loader against DataLoaders over the re-encoded videos (--prepare made them), crop and flip only;
+    rounds and seconds cut to fit `args.limit`, each round's figures written as it ends."""
+    from dali_skd.bench import run_bench
+    from dali_skd.config import BenchConfig
+
+    loaders = ["dali", "decord", "pyav", "torchcodec"]
+    seconds, overhead = (2.0, 6.0) if args.quick else (8.0, 8.0)  # overhead: warm-up, workers or pipeline started
+    per_round = len(loaders) * (seconds * 1.1 + overhead)
+    room = (args.limit or SECTIONS["peers"]) - 20  # imports, the videos found, the table
+    rounds = max(1, min(3, int(room // per_round)))
+    if room < per_round:
+        seconds = max(1.0, room / len(loaders) / 1.1 - overhead)
+    cfg = BenchConfig(
+        loaders=",".join(loaders), augment_policy="crop-flip", workers=2 if args.quick else 14,
+        batch_size=8 if args.quick else 64, seconds=seconds, repeats=3, rounds=rounds,
+        cache=str(args.data / "peer-cache"), loader=_loader_cfg(args),
+    )  # fmt: skip
+
+    def partial(report: dict) -> None:
+        figures = {k: report[k] for k in ("loaders", "skipped", "videos", "rounds", "augment")}
+        (args.out / "peers.json").write_text(json.dumps({**figures, "partial": True}, indent=2) + "\n")
+
+    report = run_bench(cfg, on_round=partial)
+    return {k: report[k] for k in ("loaders", "skipped", "videos", "rounds", "augment")} | {"seconds": seconds}
 
 
 # -- running them --------------------------------------------------------------------------------------------------
@@ -183,7 +256,7 @@ def run_all(args: argparse.Namespace) -> None:
 def run_section(name: str, args: argparse.Namespace, limit: float) -> dict:
     """One section in its own process, killed after `limit` seconds; what it wrote is kept either way."""
     command = [sys.executable, "-u", __file__, "--section", name, "--data", str(args.data), "--out", str(args.out),
-               "--device", args.device, *(["--quick"] if args.quick else [])]  # fmt: skip
+               "--device", args.device, "--limit", f"{limit:.0f}", *(["--quick"] if args.quick else [])]  # fmt: skip
     log = args.out / f"{name}.log"
     started = time.monotonic()
     with open(log, "w") as sink:
@@ -241,6 +314,18 @@ def table(report: dict) -> str:
                 )
         elif name == "dataloader" and r:
             lines.append(f"   {r['samples_per_s']:.0f} samples/s, {r['cpu_cores_busy'] or 0:.1f} cores busy")
+        elif name == "peers" and r:
+            lines.append(f"   {r['augment']}, {r.get('seconds', 0):.0f} s a round; samples/s (each round), x dali, "
+                         "CPU us/sample, disk/video")  # fmt: skip
+            for loader, f in r.get("loaders", {}).items():
+                rounds = " ".join(f"{x:.0f}" for x in f["rounds"])
+                ratio = f"{f['ratio_to_dali']:.2f}" if "ratio_to_dali" in f else "-"
+                lines.append(
+                    f"   {loader:<11}{f['samples_per_s']:>7.0f} ({rounds}) {ratio:>6}{f['cpu_us_per_sample']:>9.0f}"
+                    f"{f['disk_bytes_per_video'] / 1e3:>8.0f} kB  {f['reads']}"
+                )
+            for loader, why in r.get("skipped", {}).items():
+                lines.append(f"   {loader:<11}skipped: {why}")
         elif name == "train" and r:
             lines.append(
                 f"   {r['arch']}, batch {r['batch_size']}, {r['precision']}: {r['synthetic_samples_per_s']:.0f} "

@@ -72,7 +72,7 @@ def test_bench_measures_both_loaders_and_training(tmp_path: Path, monkeypatch: p
     out = tmp_path / "bench.json"
     result = invoke(
         "bench", "--data", str(data), "--device", "cpu", "--seconds", "1", "--repeats", "2", "--workers", "1",
-        "--loaders", "host,dali,dataloader",
+        "--loaders", "host,dali,dataloader", "--rounds", "1",
         "--batch-size", "4", "--clip-len", "8", "--crop", "32", "--shuffle-buffer", "2",
         "--train-arch", "r3d10-tiny", "--train-batch-size", "2", "--json", str(out),
     )  # fmt: skip
