@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,6 +75,12 @@ def pack_strips(strips: Sequence[bytes]) -> tuple[bytes, tuple[int, ...]]:
     return b"".join(strips), (0, *itertools.accumulate(len(s) for s in strips))
 
 
+def strip_checksums(media: bytes | memoryview, offsets: Sequence[int]) -> tuple[int, ...]:
+    """The `strip_crc32` of a sample: the CRC-32 (zlib's) of each strip of its `.jpgs` member."""
+    view = memoryview(media)
+    return tuple(zlib.crc32(view[a:b]) for a, b in itertools.pairwise(offsets))
+
+
 @dataclass(frozen=True)
 class SampleMeta:
     """The `<key>.json` member of a sample."""
@@ -88,6 +95,8 @@ class SampleMeta:
     format: ShardFormat = "jpeg"
     frames_per_jpeg: int = 0  # 0 for vp9
     strip_offsets: tuple[int, ...] = ()  # jpeg: strip i is bytes [strip_offsets[i], strip_offsets[i + 1]) of .jpgs
+    strip_crc32: tuple[int, ...] = ()  # jpeg: CRC-32 of each strip (empty in shards written before checksums)
+    media_crc32: int | None = None  # vp9: CRC-32 of the .webm member (None in shards written before checksums)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True).encode()
@@ -97,7 +106,8 @@ class SampleMeta:
         try:
             raw = json.loads(data)
             fields = {f: raw[f] for f in cls.__dataclass_fields__ if f in raw}
-            meta = cls(**{**fields, "strip_offsets": tuple(fields.get("strip_offsets", ()))})
+            tuples = {name: tuple(fields.get(name, ())) for name in ("strip_offsets", "strip_crc32")}
+            meta = cls(**{**fields, **tuples})
         except (ValueError, TypeError, KeyError) as e:
             raise FormatError(f"{where}: unreadable sample metadata ({e})") from e
         if meta.frames < 1 or meta.width < 1 or meta.height < 1:
@@ -110,6 +120,9 @@ class SampleMeta:
                     f"{where}: {len(meta.strip_offsets)} strip offsets for "
                     f"{strip_count(meta.frames, meta.frames_per_jpeg)} strips (expected one more than strips)"
                 )
+            if meta.strip_crc32 and len(meta.strip_crc32) != len(meta.strip_offsets) - 1:
+                strips = len(meta.strip_offsets) - 1
+                raise FormatError(f"{where}: {len(meta.strip_crc32)} strip checksums for {strips} strips")
         return meta
 
 
@@ -128,6 +141,7 @@ class ShardInfo:
     path: str  # relative to the dataset directory, e.g. "train/shard-000000.tar"
     samples: int
     bytes: int
+    crc32: int | None = None  # of the whole file (None in manifests written before checksums)
 
 
 @dataclass
