@@ -229,6 +229,11 @@ class SourceStats:
             self.examples.append(f"{where}: {reason}")
         log.warning("%s: %s; skipped", where, reason)
 
+    @property
+    def unusable(self) -> int:
+        """How many samples (or shards, read no further) were skipped at least once."""
+        return len(self._warned)
+
 
 @dataclass(eq=False)
 class VideoRecord:
@@ -253,11 +258,16 @@ class VideoRecord:
         return np.frombuffer(self.media, np.uint8)
 
 
+def shard_samples(url: str) -> Iterator[tuple[str, dict[str, memoryview]]]:
+    """The samples of one shard in order, as (key, {extension: member bytes}): mapped (local) or streamed."""
+    return (_streamed_samples if is_remote(url) else _local_samples)(url)
+
+
 def shard_records(url: str, media_ext: str, skip: Callable[[str, str], None]) -> Iterator[VideoRecord]:
     """The samples of one shard in order. A sample with broken metadata or without its `media_ext` member, or the
     rest of a shard cut short, is passed to `skip(where, reason)` instead."""
     try:
-        for key, members in (_streamed_samples if is_remote(url) else _local_samples)(url):
+        for key, members in shard_samples(url):
             where = f"{url}: sample {key}"
             try:
                 if "json" not in members or media_ext not in members:
@@ -292,6 +302,7 @@ class PartReader:
     ) -> None:
         self.part, self.stats, self.media_ext, self._admit = part, stats, media_ext, admit
         self._indexed: dict[str, _IndexedShard] = {}
+        self.known_bad: dict[str, str] = {}  # sample key -> why: found by the decoder, skipped from then on
 
     def records(self, shard_order: Iterable[int] | None = None) -> Iterator[VideoRecord]:
         """The part's usable samples, its shards in `shard_order` (default: as listed)."""
@@ -321,7 +332,7 @@ class PartReader:
 
     def _admitted(self, records: Iterator[VideoRecord]) -> Iterator[VideoRecord]:
         for record in records:
-            record.problem = self._admit(record.meta)
+            record.problem = self._admit(record.meta) or self.known_bad.get(record.key)
             yield record
 
 
