@@ -27,8 +27,6 @@ from preprocess.shards import merge_parts
 from preprocess.synthetic import SYNTHETIC_CLASSES
 from preprocess.transcode import VideoError, transcode
 
-FFMPEG = find_ffmpeg(None)
-
 
 def config(**fields: object) -> PreprocessConfig:
     return PreprocessConfig(**{"workers": 2, **fields})
@@ -91,7 +89,7 @@ def decoded_frames(meta: SampleMeta, media: bytes) -> int:
 
 def webm_frames(data: bytes, size: tuple[int, int], select: str = "") -> int:
     """Frames ffmpeg decodes from a webm (only those `select` passes, e.g. keyframes), each checked for `size`."""
-    command = [FFMPEG, "-hide_banner", "-nostdin", "-i", "pipe:", *(["-vf", select] if select else [])]
+    command = [find_ffmpeg(None), "-hide_banner", "-nostdin", "-i", "pipe:", *(["-vf", select] if select else [])]
     command += ["-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"]
     decoded = subprocess.run(command, input=data, capture_output=True, check=True).stdout
     frame_bytes = size[0] * size[1] * 3
