@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import shutil
 import socket
@@ -11,6 +12,23 @@ import sys
 from pathlib import Path
 
 import pytest
+
+# --- The GPU machine (tests/test_gpu.py) -----------------------------------------------------------------------
+
+
+def _staged_packages() -> None:
+    """DALI, webdataset and ffmpeg-python unpacked into SITE there (../shared/gpu/README.md): found even when
+    PYTHONPATH names only the source tree (`PYTHONPATH=. python3 -m pytest -m gpu tests/test_gpu.py`), as
+    scripts/gpu_report.py finds them."""
+    if importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None:
+        return
+    for site in (os.environ.get("SITE"), "/tmp/site"):
+        if site and Path(site, "nvidia", "dali").is_dir():
+            sys.path.insert(0, site)
+            return
+
+
+_staged_packages()
 
 # --- Two ranks under torchrun (tests/test_train.py, tests/test_evaluate.py) ------------------------------------
 
