@@ -34,8 +34,8 @@ class DecoderOptions:
         if not gpu:
             return {}
         # the CPU's chroma upsampling (libjpeg-turbo's "fancy" one), so that both devices give the same pixels; the
-        # threads of the decoders' pools left to the OS scheduler, not pinned one per core (DALI's default): the
-        # pipeline has a decoder per view and strip slot, and their pools, pinned, would pile onto the same cores
+        # threads of the decoders' pools left to the OS, not bound to the CPUs DALI picks for the GPU (its default):
+        # there is a pool per view and strip slot, all of them bound to the same CPUs otherwise
         args: dict = {"jpeg_fancy_upsampling": True, "hw_decoder_load": self.hw_decoder_load, "affine": False}
         if self.preallocate_width_hint > 0 and self.preallocate_height_hint > 0:
             args.update(
