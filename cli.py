@@ -96,7 +96,7 @@ def preprocess_verify(out: str, workers: int, report: str | None) -> None:
     summary = verify_dataset(out, workers, Path(report) if report else None)
     click.echo(summary.format())
     if summary.damaged:
-        raise click.ClickException(f"{len(summary.damaged)} damaged members in {out}: see {summary.report}")
+        raise click.ClickException(f"{len(summary.damaged)} problems found in {out}: see {summary.report}")
 
 
 @preprocess.command("bench")

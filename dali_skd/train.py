@@ -137,7 +137,7 @@ class Trainer:
             **common,
         )
         for loader in (self.train_loader, self.val_loader):  # skipped from the start, as the interrupted run did
-            loader.mark_undecodable(resume.get("bad_samples", []) if resume is not None else [])
+            loader.mark_undecodable(resume.get("bad_samples", []) if resume else [], str(self.out / "last.pt"))
 
     def _resume_state(self) -> dict[str, Any] | None:
         path = self.out / "last.pt"

@@ -58,7 +58,7 @@ class VerifySummary:
     report: Path
     shards: list[ShardCheck]
     seconds: float
-    reused: int = 0  # local shards unchanged since an earlier verify checked them: not read again
+    reused: set[str] = field(default_factory=set)  # local shards unchanged since an earlier verify: not read again
 
     @property
     def damaged(self) -> list[dict[str, Any]]:
@@ -67,11 +67,13 @@ class VerifySummary:
     def format(self) -> str:
         shards, damaged = self.shards, self.damaged
         samples = {(line["shard"], line["key"]) for line in damaged if line["key"] is not None}
+        members = {(line["shard"], line["member"]) for line in damaged if line["member"] is not None}
+        read = [s for s in shards if s.path not in self.reused]
         lines = [
             f"verified {len(shards)} shards ({sum(s.samples for s in shards)} samples) of {self.location} in "
-            f"{self.seconds:.1f} s: {len(shards) - sum(s.whole_file for s in shards)} read member by member "
-            f"({sum(s.strips for s in shards)} strips or videos checked)"
-            + (f", {self.reused} unchanged since the last verify (not read again)" if self.reused else "")
+            f"{self.seconds:.1f} s: {len(read) - sum(s.whole_file for s in read)} read member by member "
+            f"({sum(s.strips for s in read)} strips or videos checked)"
+            + (f", {len(self.reused)} unchanged since the last verify (not read again)" if self.reused else "")
         ]
         old = sum(s.decoded for s in shards)
         if old:
@@ -82,7 +84,7 @@ class VerifySummary:
             )
         if damaged:
             lines.append(
-                f"  {len(damaged)} damaged members in {len(samples)} samples and "
+                f"  {len(damaged)} problems: {len(members)} damaged members of {len(samples)} samples, in "
                 f"{len({line['shard'] for line in damaged})} shards, listed in {self.report}; the loader skips "
                 "them; re-run preprocess for their videos, or copy the shards again from a sound copy"
             )
@@ -128,7 +130,7 @@ def verify_dataset(location: str, workers: int, report: Path | None = None) -> V
     shards = [results[info.path] for info in infos]
     lines = "".join(json.dumps(line, ensure_ascii=False) + "\n" for shard in shards for line in shard.damaged)
     write_atomic(report, lines)
-    return VerifySummary(location, report, shards, time.perf_counter() - started, len(infos) - len(todo))
+    return VerifySummary(location, report, shards, time.perf_counter() - started, set(results) - {i.path for i in todo})
 
 
 def check_shard(location: str, info: ShardInfo, manifest: ShardManifest) -> ShardCheck:

@@ -282,7 +282,7 @@ def test_verify_lists_every_damaged_member_and_exits_1(clean: Path, tmp_path: Pa
     assert invoke("preprocess", "verify", str(clean), "--workers", "2").output.count("nothing damaged") == 1
 
     result = invoke("preprocess", "verify", str(damaged), "--workers", "2", expect_error=True)
-    assert result.exit_code == 1 and "3 damaged members in 3 samples and 3 shards" in result.output
+    assert result.exit_code == 1 and "3 problems: 3 damaged members of 3 samples, in 3 shards" in result.output
     lines = _lines(damaged / "damaged.jsonl")
     assert [(Path(x["shard"]).relative_to(damaged).as_posix(), x["key"], x["member"]) for x in lines] == [
         ("train/shard-000000.tar", "train-0000001", "train-0000001.jpgs"),

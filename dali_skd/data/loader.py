@@ -302,14 +302,19 @@ class ClipLoader:
         scored before (a video's clips may span batches)."""
         return {video_id(record.key) for record in self._failed}
 
-    def mark_undecodable(self, samples: Iterable[str]) -> None:
-        """Skip these videos ("shard: key", as `undecodable` lists them, e.g. from a checkpoint) from the start, as
-        the run that found them did after it found them: a resumed run sees the batches of an uninterrupted one."""
-        for sample in samples:
-            if not isinstance(sample, str):
-                raise ValueError(f"bad sample {sample!r} is not a 'shard: key' string")
-            key = check_key(sample.rsplit(": ", 1)[-1])
-            reason = "DALI could not decode it in an earlier run (a damaged strip its header check does not see)"
+    def mark_undecodable(self, samples: list[str], where: str) -> None:
+        """Skip these videos ("shard: key", as `undecodable` lists them; from the checkpoint `where`) from the start,
+        as the run that found them did after it found them: a resumed run sees the batches of an uninterrupted one."""
+        try:
+            if not isinstance(samples, list) or not all(isinstance(sample, str) for sample in samples):
+                raise ValueError("not a list of 'shard: key' strings")
+            keys = [check_key(sample.rsplit(": ", 1)[-1]) for sample in samples]
+        except ValueError as e:
+            raise ValueError(
+                f"{where}: bad_samples {str(samples)[:80]} ({e}): resume from a checkpoint of a run"
+            ) from e
+        reason = "DALI could not decode it in an earlier run (a damaged strip its header check does not see)"
+        for sample, key in zip(samples, keys, strict=True):
             self.reader.known_bad[key] = self.undecodable[sample] = reason
 
     def _to_torch(self, output) -> torch.Tensor:
