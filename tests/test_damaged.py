@@ -210,6 +210,15 @@ def test_an_injected_decoder_error_names_the_key_and_the_run_goes_on(clean: Path
         list(broken.epoch())
 
 
+def test_a_failure_among_the_batches_drained_after_an_early_stop_is_no_error(clean: Path, monkeypatch) -> None:
+    loader = TrainLoader(cfg(clean), batch_size=3, num_views=2, augment=AugmentConfig())
+    fail_on_second_run(monkeypatch, loader._pipeline(), "Failed to decode sample #0 : ")
+    stream = loader.stream(0)
+    next(stream)
+    stream.close()  # draining what the pipeline prefetched meets the failure: the next epoch builds afresh
+    assert len(list(loader.epoch(1))) == loader.steps_per_epoch and loader.pipeline_builds == 2
+
+
 def test_max_bad_samples_stops_the_run_naming_them(unchecked: Path, tmp_path: Path) -> None:
     damaged = copy(unchecked, tmp_path / "d")
     for key in ("test-0000001", "test-0000005"):

@@ -260,9 +260,12 @@ class ClipLoader:
             if failed:
                 self._pipe = None  # a pipeline that raised is not reused
             else:
-                if not ended:
-                    _drain(pipe)
-                pipe.reset()
+                try:
+                    if not ended:
+                        _drain(pipe)
+                    pipe.reset()
+                except RuntimeError:  # a batch it had prefetched failed to decode: the next epoch builds afresh
+                    self._pipe = None
 
     def _skip_undecodable(self, error: RuntimeError) -> None:
         """After DALI failed to decode sample #k of the oldest batch in flight: marks that row's video bad, drops the
