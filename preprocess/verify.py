@@ -103,6 +103,8 @@ def verify_dataset(location: str, workers: int, report: Path | None = None) -> V
     started = time.perf_counter()
     manifest = load_manifest(location)
     report = report or (Path(REPORT_NAME) if is_remote(location) else Path(location) / REPORT_NAME)
+    if report.exists() and not report.is_file():
+        raise ValueError(f"--report {report} exists and is not a file: pass the path of a JSONL file to write")
     progress = report.with_name(report.name.removesuffix(".jsonl") + ".progress.jsonl")
     infos = [info for split in manifest.splits.values() for info in split.shards]
     done = _finished(progress)
@@ -116,20 +118,20 @@ def verify_dataset(location: str, workers: int, report: Path | None = None) -> V
             todo.append(info)
     try:
         report.parent.mkdir(parents=True, exist_ok=True)
-        log = progress.open("a", encoding="utf-8")
+        with ThreadPoolExecutor(workers) as pool, progress.open("a", encoding="utf-8") as log:
+            if log.tell() and not progress.read_bytes().endswith(b"\n"):
+                log.write("\n")  # after a line a kill cut short
+            futures = [pool.submit(check_shard, location, info, manifest) for info in todo]
+            for future in as_completed(futures):
+                check = future.result()
+                results[check.path] = check
+                log.write(json.dumps(asdict(check), ensure_ascii=False) + "\n")
+                log.flush()
+        shards = [results[info.path] for info in infos]
+        write_atomic(report, "".join(json.dumps(x, ensure_ascii=False) + "\n" for s in shards for x in s.damaged))
     except OSError as e:
-        hint = "pass --report FILE in a folder you can write"
-        raise RuntimeError(f"cannot write {progress} ({e.strerror}): {hint}") from e
-    with ThreadPoolExecutor(workers) as pool, log:
-        futures = [pool.submit(check_shard, location, info, manifest) for info in todo]
-        for future in as_completed(futures):
-            check = future.result()
-            results[check.path] = check
-            log.write(json.dumps(asdict(check), ensure_ascii=False) + "\n")
-            log.flush()
-    shards = [results[info.path] for info in infos]
-    lines = "".join(json.dumps(line, ensure_ascii=False) + "\n" for shard in shards for line in shard.damaged)
-    write_atomic(report, lines)
+        hint = "pass --report FILE in a folder you can write, with room"
+        raise RuntimeError(f"cannot write {e.filename or report} ({e.strerror}): {hint}") from e
     return VerifySummary(location, report, shards, time.perf_counter() - started, set(results) - {i.path for i in todo})
 
 
@@ -141,15 +143,15 @@ def check_shard(location: str, info: ShardInfo, manifest: ShardManifest) -> Shar
     if not is_remote(url):
         try:
             stat = os.stat(url)
+            intact = info.crc32 is not None and stat.st_size == info.bytes and _file_crc32(url) == info.crc32
         except OSError as e:
             check.damaged.append(_line(url, None, None, f"cannot be read ({e.strerror})"))
             return check
         check.bytes, check.mtime_ns = stat.st_size, stat.st_mtime_ns
-        if info.crc32 is not None:
-            if stat.st_size == info.bytes and _file_crc32(url) == info.crc32:
-                check.samples, check.whole_file = info.samples, True
-                return check
-            whole_file_damaged = True
+        if intact:
+            check.samples, check.whole_file = info.samples, True
+            return check
+        whole_file_damaged = info.crc32 is not None
     try:
         for key, members in shard_samples(url):
             check.samples += 1
