@@ -2,6 +2,7 @@
 
 python cli.py demo                      the built-in synthetic dataset, end to end
 python cli.py preprocess --dataset ucf101 --root UCF-101 --splits-dir ucfTrainTestlist --out data/ucf101
+python cli.py preprocess verify data/ucf101    every shard still what preprocess wrote? (after a copy)
 python cli.py train --data data/ucf101 --out runs/ucf101-skd
 python cli.py eval --data data/ucf101 --checkpoint runs/ucf101-skd/best.pt --spatial-crops 3 --json eval.json
 python cli.py predict video.mp4 other.avi --checkpoint runs/ucf101-skd/best.pt
@@ -78,6 +79,26 @@ def preprocess_merge(out: str) -> None:
     manifest = merge_parts(Path(out))
     counts = ", ".join(f"{name} {split.samples} videos" for name, split in manifest.splits.items())
     click.echo(f"merged {out}/manifest.json: {counts}, {manifest.failures} failures")
+
+
+@preprocess.command("verify")
+@click.argument("out")
+@click.option("--workers", type=int, default=os.cpu_count(), show_default=True, help="shards checked at once")
+@click.option(
+    "--report",
+    type=click.Path(dir_okay=False),
+    help="the JSONL of damaged members  [default: OUT/damaged.jsonl; ./damaged.jsonl for a remote OUT]",
+)
+@user_errors
+def preprocess_verify(out: str, workers: int, report: str | None) -> None:
+    """Check every member of every shard of OUT (a folder, http(s) URL prefix or pipe: command, as --data takes):
+    checksums, headers, metadata, labels. Lists damaged members in a JSONL; exits 1 if there are any."""
+    from preprocess.verify import verify_dataset
+
+    summary = verify_dataset(out, workers, Path(report) if report else None)
+    click.echo(summary.format())
+    if summary.damaged:
+        raise click.ClickException(f"{len(summary.damaged)} problems found in {out}: see {summary.report}")
 
 
 @preprocess.command("bench")

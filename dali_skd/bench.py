@@ -10,6 +10,10 @@ the bytes on disk per video of what it reads. With `--train-arch`, training-step
 already on the device versus on the real loader, and the fraction of step time spent waiting for data. The `host`
 row is the loader's host side alone: the same code, its batches handed to a DALI pipeline that only passes them
 through.
+
+The `host` row also measures what checking each strip (checksum and header) costs: on its first use in a run (the
+loader's way), on every read, and for a whole first pass. The `dali` row says how long its pipeline took to build,
+its decoders and their threads, and the threads the process holds; each row counts the samples skipped as damaged.
 """
 
 from __future__ import annotations
@@ -30,11 +34,11 @@ import torch
 
 from dali_skd.config import AugmentConfig, BenchConfig, LoaderConfig, TrainConfig, to_dict
 from dali_skd.data.clips import clip_frames, spaced_starts
-from dali_skd.data.loader import EvalLoader, TrainLoader, dali_threads
+from dali_skd.data.loader import EvalLoader, TrainLoader, dali_threads, process_threads
 from dali_skd.data.peers import PEERS, PeerVideos, peer_loader, peer_problem, peer_videos
 from dali_skd.data.pipeline import passthrough_pipeline
 from dali_skd.data.shards import load_manifest
-from dali_skd.data.source import BackgroundBatches
+from dali_skd.data.source import RECORDS, BackgroundBatches, Batch, strip_problem
 from dali_skd.data.torch_baseline import dataloader_baseline, decode_clip
 from dali_skd.methods import MethodOutput
 from dali_skd.models import build_model
@@ -143,17 +147,41 @@ def bench_augment(cfg: BenchConfig) -> AugmentConfig:
     return replace(cfg.augment, p_contrast=0.0, p_brightness=0.0, p_hue=0.0, p_blur=0.0, p_channel_split=0.0)
 
 
-def _train_loader(cfg: BenchConfig, device: torch.device, precision: str, batch_size: int) -> TrainLoader:
+def _train_loader(
+    cfg: BenchConfig, device: torch.device, precision: str, batch_size: int, channels_last: bool = False
+) -> TrainLoader:
     return TrainLoader(
-        cfg.loader, batch_size=batch_size, num_views=2, augment=bench_augment(cfg), dtype=precision, device=device
-    )
+        cfg.loader, batch_size=batch_size, num_views=2, augment=bench_augment(cfg), dtype=precision, device=device,
+        channels_last=channels_last,
+    )  # fmt: skip
 
 
 def bench_host(cfg: BenchConfig, device: torch.device, precision: str) -> Rate:
     """The host side alone: reading shards, choosing clips, checking strips, drawing the augmentations and laying
-    out the columns, into a DALI pipeline (on the CPU) that hands its inputs back unchanged."""
-    loader = _train_loader(cfg, device, precision, cfg.batch_size)
-    source = BackgroundBatches(lambda: loader.host_batches(0, None), depth=cfg.loader.prefetch + 2)
+    out the columns, into a DALI pipeline (on the CPU) that hands its inputs back unchanged. Then the same with every
+    strip checked on every read, each for the measuring time, and the checks of a whole first pass."""
+    rate = _host_rate(cfg, _train_loader(cfg, device, precision, cfg.batch_size), every_read=False)
+    every = _host_rate(cfg, _train_loader(cfg, device, precision, cfg.batch_size), every_read=True)
+    seconds, videos = first_pass_checks(_train_loader(cfg, device, precision, cfg.batch_size))
+    rate.extra.update(
+        every_read_samples_per_s=every.samples_per_s,
+        every_read_cpu_us_per_sample=every.cpu_us_per_sample,
+        check_every_read_us_per_sample=every.cpu_us_per_sample - rate.cpu_us_per_sample,
+        first_pass_check_s=seconds,
+        first_pass_check_us_per_video=seconds / max(videos, 1) * 1e6,
+    )
+    return rate
+
+
+def _host_rate(cfg: BenchConfig, loader: TrainLoader, every_read: bool) -> Rate:
+    def batches() -> Iterator[Batch]:
+        for batch in loader.host_batches(0, None):
+            yield batch
+            if every_read:  # the next read of these videos checks their strips again
+                for record in batch[RECORDS]:
+                    record.checked = 0
+
+    source = BackgroundBatches(batches, depth=cfg.loader.prefetch + 2)
     pipe = passthrough_pipeline(
         source=source, layout=loader.layout, in_flight=cfg.loader.prefetch + 2, batch_size=cfg.batch_size,
         num_threads=dali_threads(cfg.loader.threads), device_id=None, prefetch_queue_depth=cfg.loader.prefetch,
@@ -163,34 +191,70 @@ def bench_host(cfg: BenchConfig, device: torch.device, precision: str) -> Rate:
         rate, _ = measure(iter(pipe.run, None), cfg.batch_size, cfg.seconds, cfg.repeats, lambda: None)
     finally:
         source.close()
+    rate.extra["skipped"] = loader.stats.skipped
     return rate
+
+
+def first_pass_checks(loader: TrainLoader) -> tuple[float, int]:
+    """CPU seconds to check every strip of every video of the loader's part once (what a run's first pass over its
+    local shards spends on checks, whatever order it reads them in), and the videos. The shards are indexed first,
+    outside the time."""
+    records = list(loader.reader.records())
+    started = time.process_time()
+    for record in records:
+        for strip in range(len(record.offsets) - 1):
+            strip_problem(record.meta, record.media, record.offsets, strip)
+    return time.process_time() - started, len(records)
 
 
 def bench_dali(cfg: BenchConfig, device: torch.device, precision: str) -> Rate:
     loader = _train_loader(cfg, device, precision, cfg.batch_size)
+    threads_before = process_threads()
     batches = loader.stream()
     rate, _ = measure(batches, cfg.batch_size, cfg.seconds, cfg.repeats, _sync(device))
+    threads = process_threads()
     batches.close()
+    loader.close()
     # JPEG rows decoded per frame delivered: strips are decoded from their top down to the last frame needed
     overhead = loader.stats.decoded_frames / max(loader.stats.clip_frames, 1)
-    rate.extra["decoded_frames_per_s"] = rate.samples_per_s * 2 * cfg.loader.clip_len * overhead
+    rate.extra.update(
+        decoded_frames_per_s=rate.samples_per_s * 2 * cfg.loader.clip_len * overhead,
+        skipped=loader.stats.skipped,
+        pipeline_build_s=loader.build_seconds,
+        decoders=loader.decoders,
+        dali_threads=loader.num_threads,
+    )
+    if threads is not None and threads_before is not None:
+        rate.extra.update(process_threads=threads, pipeline_threads=threads - threads_before)
     return rate
 
 
+LUMA = (0.299, 0.587, 0.114)  # JPEG's (JFIF, BT.601) Y from RGB
+
+
 def decode_parity(
-    cfg: LoaderConfig, devices: Sequence[str], split: str = "train", videos: int = 8, clips_per_video: int = 2
+    cfg: LoaderConfig,
+    devices: Sequence[str],
+    split: str = "train",
+    videos: int = 8,
+    clips_per_video: int = 2,
+    hw_loads: Sequence[float] = (0.0,),
 ) -> dict[str, Any]:
     """The same unaugmented clips (centred windows) of the first `videos` videos of `split`, decoded by the DALI
-    pipeline on each of `devices` and by Pillow (libjpeg-turbo, as the DataLoader baseline does): the largest and
-    the mean absolute difference of each pair, in pixel levels (0-255)."""
+    pipeline on each of `devices` (on "cuda", once per `hw_loads`: the share of the hardware JPEG decoder, 0 the
+    CUDA decoder alone) and by Pillow (libjpeg-turbo, as the DataLoader baseline does): the largest and the mean
+    absolute difference of each pair, in pixel levels (0-255), of the RGB values and of their luma."""
     clips: dict[str, torch.Tensor] = {}
     for device in devices:
-        loader = EvalLoader(
-            replace(cfg, device=device), split, batch_size=videos * clips_per_video, clips_per_video=clips_per_video
-        )
-        batches = loader.epoch()
-        clips[f"dali-{device}"] = (next(batches).clips.float().cpu() + 1) * 127.5
-        batches.close()
+        for load in hw_loads if device == "cuda" else (cfg.hw_decoder_load,):
+            loader = EvalLoader(
+                replace(cfg, device=device, hw_decoder_load=load), split, batch_size=videos * clips_per_video,
+                clips_per_video=clips_per_video,
+            )  # fmt: skip
+            batches = loader.epoch()
+            name = f"dali-{device}" + (f"-hw{load:g}" if device == "cuda" else "")
+            clips[name] = (next(batches).clips.float().cpu() + 1) * 127.5
+            batches.close()
     records = list(itertools.islice(loader.reader.records(), videos))
     reference = []
     for record in records:
@@ -202,10 +266,17 @@ def decode_parity(
     clips["pillow"] = torch.stack(reference)
     names = list(clips)
     report: dict[str, Any] = {"clips": len(reference), "videos": len(records), "pairs": {}}
+    luma = torch.tensor(LUMA).view(1, 3, 1, 1, 1)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            diff = (clips[a] - clips[b]).abs()
-            report["pairs"][f"{a} vs {b}"] = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean())}
+            diff = clips[a] - clips[b]
+            y = (diff * luma).sum(dim=1).abs()
+            report["pairs"][f"{a} vs {b}"] = {
+                "max_abs": float(diff.abs().max()),
+                "mean_abs": float(diff.abs().mean()),
+                "luma_max_abs": float(y.max()),
+                "luma_mean_abs": float(y.mean()),
+            }
     return report
 
 
@@ -260,7 +331,7 @@ def bench_train(cfg: BenchConfig, device: torch.device, precision: str) -> dict[
     half = cfg.seconds / 2
     synthetic_rate, _ = measure(synthetic(), b, half, cfg.repeats, _sync(device))
 
-    loader = _train_loader(cfg, device, precision, b)
+    loader = _train_loader(cfg, device, precision, b, channels_last=step.channels_last)
     waited = [0.0]
 
     def real() -> Iterator[MethodOutput]:
@@ -397,6 +468,22 @@ def format_report(report: dict[str, Any]) -> str:
     if "decoded_frames_per_s" in report["loaders"].get("dali", {}):
         r = report["loaders"]["dali"]
         lines.append(f"dali decodes {r['decoded_frames_per_s']:.0f} frames/s for {r['frames_per_s']:.0f} delivered")
+    for name, r in report["loaders"].items():
+        if r.get("skipped"):
+            lines.append(f"{name}: {r['skipped']} damaged or unreadable samples skipped (named in the log)")
+        if "check_every_read_us_per_sample" in r:
+            lines.append(
+                f"strip checks (checksum, header): on first use in a run (the loader's way) included above; on every "
+                f"read {r['every_read_cpu_us_per_sample']:.0f} us/sample ({r['check_every_read_us_per_sample']:+.0f}); "
+                f"a first pass over the part {r['first_pass_check_s'] * 1e3:.0f} ms "
+                f"({r['first_pass_check_us_per_video']:.0f} us/video)"
+            )
+        if "pipeline_build_s" in r:
+            threads = f", the process {r['process_threads']} threads" if "process_threads" in r else ""
+            lines.append(
+                f"{name} pipeline: {r['decoders']} decoders, {r['dali_threads']} DALI threads, built in "
+                f"{r['pipeline_build_s']:.1f} s{threads}"
+            )
     if "ratio_dali_over_dataloader" in report:
         lines.append(f"dali / dataloader: {report['ratio_dali_over_dataloader']:.2f}x")
     if "train" in report:

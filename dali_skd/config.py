@@ -99,7 +99,11 @@ class LoaderConfig:
     same_clip: bool = _opt(False, "make both views from one clip (default: two independently trimmed clips)")
     clips_per_video: int = _opt(10, "evaluation: clips per video, uniformly spaced")
     shuffle_buffer: int = _opt(256, "samples held for shuffling (the shards are already shuffled)")
-    threads: int = _opt(0, "DALI CPU threads (0: one per core, at most 16)")
+    threads: int = _opt(
+        0,
+        "DALI CPU threads (0: one per core, at most 16; on a GPU, each JPEG decoder's pool, 0: the cores shared "
+        "among the decoders)",
+    )
     prefetch: int = _opt(2, "batches DALI prepares ahead")
     device: Device = _opt("auto", "auto: the GPU when CUDA is available, else the CPU")
     hw_decoder_load: float = _opt(
@@ -118,6 +122,9 @@ class LoaderConfig:
     )
     stall_timeout: float = _opt(
         300.0, "stop the run when no batch comes for this many seconds (keep it over 3x --read-timeout)"
+    )
+    max_bad_samples: int = _opt(
+        100, "stop once more samples than this were skipped as damaged or unreadable (each is named in the log)"
     )
 
 

@@ -9,7 +9,7 @@ The scoring (`clip_outputs`, `VideoMeans`) also serves `cli.py predict` (class p
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +32,14 @@ from dali_skd.runtime import autocast, resolve_precision
 def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
     """How many rows have their label among the top k scores, for each k (k capped at the class count), as a
     tensor on the logits' device: the training loop sums it without waiting for the GPU."""
+    return topk_rows(logits, labels, ks).sum(dim=0)
+
+
+def topk_rows(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
+    """Whether each row has its label among the top k scores, for each k: N x len(ks), bool."""
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hits = top == labels[:, None]
-    return torch.stack([hits[:, :k].any(dim=1).sum() for k in ks])
+    return torch.stack([hits[:, :k].any(dim=1) for k in ks], dim=1)
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
@@ -86,22 +91,36 @@ class VideoOutputs:
 
 
 class VideoMeans:
-    """The sum and count of each video's clip outputs, for the videos this rank reads."""
+    """The sum and count of each video's clip outputs (and clip-level hits), for the videos this rank reads."""
 
     def __init__(self, width: int) -> None:
         self.width = width
         self._sums: dict[int, np.ndarray] = {}
         self._counts: dict[int, int] = {}
         self._labels: dict[int, int] = {}
+        self._hits: dict[int, np.ndarray] = {}  # its clips' top-1 and top-5 hits, when `add` is given them
 
-    def add(self, batch: EvalBatch, outputs: torch.Tensor) -> None:
+    def add(self, batch: EvalBatch, outputs: torch.Tensor, hits: torch.Tensor | None = None) -> None:
         values = outputs.cpu().double().numpy()
-        for vid, label, row in zip(batch.video_ids.tolist(), batch.labels.tolist(), values, strict=True):
+        rows = hits.cpu().numpy().astype(np.int64) if hits is not None else [None] * len(values)
+        for vid, label, row, hit in zip(batch.video_ids.tolist(), batch.labels.tolist(), values, rows, strict=True):
             if vid in self._sums:
                 self._sums[vid] += row
                 self._counts[vid] += 1
             else:
                 self._sums[vid], self._counts[vid], self._labels[vid] = row.copy(), 1, label
+            if hit is not None:
+                self._hits[vid] = self._hits.get(vid, 0) + hit
+
+    def drop(self, ids: Iterable[int]) -> None:
+        """Forgets these videos: the decoder failed on one of their clips after others had been scored."""
+        for vid in ids:
+            for table in (self._sums, self._counts, self._labels, self._hits):
+                table.pop(vid, None)
+
+    def clip_totals(self) -> tuple[list[int], int]:
+        """The clip-level hits (top-1, top-5) and the clips, over the videos kept."""
+        return np.sum(list(self._hits.values()) or [[0, 0]], axis=0).tolist(), sum(self._counts.values())
 
     def local(self) -> VideoOutputs:
         """This rank's videos."""
@@ -131,6 +150,7 @@ def video_means(
     means = VideoMeans(width)
     for out, batch in clip_outputs(forward, loader, ctx.device, precision, channels_last, progress and ctx.is_main):
         means.add(batch, out)
+    means.drop(loader.undecodable_ids())
     return means.gathered(ctx)
 
 
@@ -218,7 +238,10 @@ class EvalResult:
             lines.append(f"worst classes (video-level top-1 of {len(ranked)}):")
             lines += [f"  {top1:>7.2%}  {name} ({n} videos)" for top1, name, n in ranked[:worst]]
         if self.skipped:
-            lines.append(f"skipped {self.skipped} unreadable videos")
+            lines.append(
+                f"skipped {self.skipped} damaged or unreadable videos (each named in the log): "
+                "`python cli.py preprocess verify DATA` lists them all"
+            )
         return "\n".join(lines)
 
 
@@ -236,18 +259,16 @@ def evaluate(
     model.eval()
     classes = loader.manifest.classes
     means = VideoMeans(len(classes))
-    clip_hits = torch.zeros(2, dtype=torch.int64)
-    clips = 0
     skipped_before = loader.stats.skipped
     for logits, batch in clip_outputs(model, loader, ctx.device, precision, channels_last, progress and ctx.is_main):
-        clip_hits += topk_hits(logits, batch.labels).cpu()
-        clips += len(logits)
-        means.add(batch, logits.softmax(dim=1))
+        means.add(batch, logits.softmax(dim=1), topk_rows(logits, batch.labels))
+    means.drop(loader.undecodable_ids())
+    clip_hits, clips = means.clip_totals()
     videos = means.local()
     confusion = confusion_matrix(videos.values, videos.labels, len(classes))
     (top5,) = topk_correct(torch.from_numpy(videos.values), torch.from_numpy(videos.labels), (5,))
     unreadable = loader.stats.skipped - skipped_before
-    c1, c5, n_clips, v5, skipped, *cells = ctx.sum([*clip_hits.tolist(), clips, top5, unreadable, *confusion.ravel()])
+    c1, c5, n_clips, v5, skipped, *cells = ctx.sum([*clip_hits, clips, top5, unreadable, *confusion.ravel()])
     confusion = np.rint(cells).astype(np.int64).reshape(confusion.shape)
     n_videos = int(confusion.sum())
     return EvalResult(

@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import re
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -90,6 +91,12 @@ def pack_strips(strips: Sequence[bytes]) -> tuple[bytes, tuple[int, ...]]:
     return b"".join(strips), (0, *itertools.accumulate(len(s) for s in strips))
 
 
+def strip_checksums(media: bytes | memoryview, offsets: Sequence[int]) -> tuple[int, ...]:
+    """The `strip_crc32` of a sample: the CRC-32 (zlib's) of each strip of its `.jpgs` member."""
+    view = memoryview(media)
+    return tuple(zlib.crc32(view[a:b]) for a, b in itertools.pairwise(offsets))
+
+
 @dataclass(frozen=True)
 class SampleMeta:
     """The `<key>.json` member of a sample."""
@@ -104,6 +111,8 @@ class SampleMeta:
     format: ShardFormat = "jpeg"
     frames_per_jpeg: int = 0  # 0 for vp9
     strip_offsets: tuple[int, ...] = ()  # jpeg: strip i is bytes [strip_offsets[i], strip_offsets[i + 1]) of .jpgs
+    strip_crc32: tuple[int, ...] = ()  # jpeg: CRC-32 of each strip (empty in shards written before checksums)
+    media_crc32: int | None = None  # vp9: CRC-32 of the .webm member (None in shards written before checksums)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True).encode()
@@ -132,6 +141,7 @@ class ShardInfo:
     path: str  # relative to the dataset directory, e.g. "train/shard-000000.tar"
     samples: int
     bytes: int
+    crc32: int | None = None  # of the whole file (None in manifests written before checksums)
 
 
 @dataclass
@@ -338,6 +348,16 @@ def _strip_offsets(value: Any, path: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _crc32(value: Any, path: str) -> int:
+    if type(value) is not int or not 0 <= value < 1 << 32:
+        raise _Invalid(path, value, "a CRC-32, a whole number from 0 to 2^32 - 1")
+    return value
+
+
+def _checksums(value: Any, path: str) -> tuple[int, ...]:
+    return tuple(_list_of(_crc32, "a list of CRC-32s")(value, path))
+
+
 def _record(cls: type) -> Parse:
     """A JSON object holding the fields of dataclass `cls`, each checked by SCHEMA[cls]."""
     required = {
@@ -383,6 +403,8 @@ def _check_sample(meta: SampleMeta) -> None:
     strips = strip_count(meta.frames, meta.frames_per_jpeg)
     if len(meta.strip_offsets) != strips + 1:
         raise _Invalid("strip_offsets", list(meta.strip_offsets), f"{strips + 1} offsets, one more than its strips")
+    if meta.strip_crc32 and len(meta.strip_crc32) != strips:
+        raise _Invalid("strip_crc32", list(meta.strip_crc32), f"{strips} checksums, one per strip (or none)")
 
 
 def _check_manifest(manifest: ShardManifest) -> None:
@@ -421,8 +443,15 @@ SCHEMA: dict[type, dict[str, Parse]] = {
         "format": _one_of(*SHARD_FORMATS),
         "frames_per_jpeg": _count(0, 1024),
         "strip_offsets": _strip_offsets,
+        "strip_crc32": _checksums,
+        "media_crc32": _optional(_crc32),
     },
-    ShardInfo: {"path": _shard_path, "samples": _count(), "bytes": _count(0, MAX_BYTES)},
+    ShardInfo: {
+        "path": _shard_path,
+        "samples": _count(),
+        "bytes": _count(0, MAX_BYTES),
+        "crc32": _optional(_crc32),
+    },
     SplitInfo: {
         "samples": _count(),
         "frames": _count(0, MAX_BYTES),

@@ -30,7 +30,7 @@ class TrainStep:
 
     def __call__(self, views: Sequence[Tensor], labels: Tensor) -> MethodOutput:
         """One optimizer step on a batch; the method's output (loss, its terms, view 1's logits)."""
-        if self.channels_last:
+        if self.channels_last:  # a no-op (no copy) on the loader's views, channels_last_3d already (`channels_last`)
             views = [v.to(memory_format=torch.channels_last_3d) for v in views]
         with autocast(self.precision, self.device):
             output = self.net(views, labels)

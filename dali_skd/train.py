@@ -46,6 +46,7 @@ RESUMABLE_CHANGES = {
     "loader.preallocate_height_hint",
     "loader.read_timeout",
     "loader.stall_timeout",
+    "loader.max_bad_samples",
 }
 
 
@@ -57,14 +58,21 @@ class TrainSummary:
     best_epoch: int
     last: dict[str, Any]
     seconds: float
+    skipped: int = 0  # samples skipped as damaged or unreadable, over both loaders and all ranks
 
     def format(self) -> str:
+        skipped = ""
+        if self.skipped:
+            skipped = (
+                f"\n{self.skipped} damaged or unreadable samples skipped (each named once above): "
+                "`python cli.py preprocess verify DATA` lists them all"
+            )
         return (
             f"best validation top-1 {self.best_top1:.2%} (video-level) at epoch {self.best_epoch} of {self.epochs}; "
             f"last epoch {self.last.get('samples_per_s', 0):.1f} samples/s, "
             f"data wait {self.last.get('data_wait', 0):.0%}\n"
             f"run directory {self.out}: best.pt, last.pt, metrics.jsonl, curves.png, "
-            f"tb/ (tensorboard --logdir {self.out / 'tb'})"
+            f"tb/ (tensorboard --logdir {self.out / 'tb'})" + skipped
         )
 
 
@@ -110,7 +118,10 @@ class Trainer:
         if resume is not None:
             self._restore(resume)
 
-        common = {"dtype": self.precision, "device": ctx.device, "rank": ctx.rank, "world": ctx.world}
+        common = {
+            "dtype": self.precision, "device": ctx.device, "rank": ctx.rank, "world": ctx.world,
+            "channels_last": self.channels_last,
+        }  # fmt: skip
         self.train_loader = TrainLoader(
             cfg.loader,
             "train",
@@ -127,6 +138,8 @@ class Trainer:
             clips_per_video=cfg.val_clips,
             **common,
         )
+        for loader in (self.train_loader, self.val_loader):  # skipped from the start, as the interrupted run did
+            loader.mark_undecodable(resume.get("bad_samples", []) if resume else [], str(self.out / "last.pt"))
 
     def _resume_state(self) -> dict[str, Any] | None:
         path = self.out / "last.pt"
@@ -185,14 +198,16 @@ class Trainer:
             if val.video_top1 > self.best_top1:
                 self.best_top1, self.best_epoch = val.video_top1, epoch + 1
             record.update(_val_fields(val), best_top1=self.best_top1)
+            undecodable = sorted({s for part in ctx.gather(self._undecodable()) for s in part})
             if ctx.is_main:
-                self._save(epoch, record, is_best=self.best_epoch == epoch + 1)
+                self._save(epoch, record, is_best=self.best_epoch == epoch + 1, bad_samples=undecodable)
         if self.writer is not None:
             self.writer.close()
         self.train_loader.close()  # their DALI pipelines and threads go now, not when the trainer is collected
         self.val_loader.close()
+        skipped = int(ctx.sum([float(self.train_loader.stats.unusable + self.val_loader.stats.unusable)])[0])
         summary = TrainSummary(
-            self.out, cfg.epochs, self.best_top1, self.best_epoch, record, time.perf_counter() - started
+            self.out, cfg.epochs, self.best_top1, self.best_epoch, record, time.perf_counter() - started, skipped
         )
         if ctx.is_main:
             print(summary.format())
@@ -241,7 +256,11 @@ class Trainer:
         )
         return record
 
-    def _save(self, epoch: int, record: dict[str, Any], is_best: bool) -> None:
+    def _undecodable(self) -> list[str]:
+        """The videos this rank's loaders found DALI could not decode ("shard: key")."""
+        return [*self.train_loader.undecodable, *self.val_loader.undecodable]
+
+    def _save(self, epoch: int, record: dict[str, Any], is_best: bool, bad_samples: list[str]) -> None:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
@@ -260,6 +279,7 @@ class Trainer:
             "classes": self.classes,
             "preprocessing": self.preprocessing,
             "metrics": record,
+            "bad_samples": bad_samples,  # undecodable videos: a resumed run skips them from the start
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if self.ctx.device.type == "cuda" else [],

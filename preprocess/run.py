@@ -14,6 +14,7 @@ import random
 import shutil
 import sys
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import imageio_ffmpeg
 import numpy
 import PIL
 from tqdm import tqdm
@@ -37,6 +37,7 @@ from dali_skd.format import (
     ShardManifest,
     sample_key,
     sample_members,
+    strip_checksums,
 )
 from preprocess.datasets import DatasetListing, PreprocessError, Video, dataset_root, list_dataset
 from preprocess.shards import (
@@ -200,7 +201,11 @@ def find_ffmpeg(explicit: str | None) -> str:
         if found is None:
             raise PreprocessError(f"--ffmpeg {explicit}: not an executable; give the path of an ffmpeg binary")
         return found
-    return shutil.which("ffmpeg") or imageio_ffmpeg.get_ffmpeg_exe()
+    if found := shutil.which("ffmpeg"):
+        return found
+    import imageio_ffmpeg  # only when needed: verify and the GPU machine have no ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
 
 
 def tool_versions(ffmpeg_binary: str) -> dict[str, str]:
@@ -257,6 +262,8 @@ def _sample_meta(
         format=encoded.format,
         frames_per_jpeg=settings.frames_per_jpeg if encoded.format == "jpeg" else 0,
         strip_offsets=encoded.strip_offsets,
+        strip_crc32=strip_checksums(encoded.media, encoded.strip_offsets),
+        media_crc32=zlib.crc32(encoded.media) if encoded.format == "vp9" else None,
     )
 
 

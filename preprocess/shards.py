@@ -15,9 +15,10 @@ import json
 import os
 import re
 import tarfile
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from dali_skd.config import changed_settings, format_changes
 from dali_skd.files import AtomicFile, write_atomic
@@ -90,13 +91,29 @@ def tar_file_bytes(members_bytes: int) -> int:
     return -(-(members_bytes + 2 * tarfile.BLOCKSIZE) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
+class _Checksummed:
+    """A file being written, and the CRC-32 of what was written so far (no second read of the shard)."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file, self.crc32 = file, 0
+
+    def write(self, data: bytes) -> int:
+        self.crc32 = zlib.crc32(data, self.crc32)
+        return self._file.write(data)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+
 class ShardWriter:
-    """One shard being written to `<path>.tmp`; `finish` makes it durable under its final name."""
+    """One shard being written to `<path>.tmp`; `finish` makes it durable under its final name. The CRC-32 of the
+    whole file (`crc32`) is computed as it is written."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file = AtomicFile(path)
-        self._tar = tarfile.TarFile(fileobj=self._file.file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._out = _Checksummed(self._file.file)
+        self._tar = tarfile.TarFile(fileobj=self._out, mode="w", format=tarfile.USTAR_FORMAT)
         self.samples = 0
         self.members_bytes = 0
 
@@ -111,6 +128,10 @@ class ShardWriter:
         self._file.commit()
         return self.path.stat().st_size
 
+    @property
+    def crc32(self) -> int:
+        return self._out.crc32
+
 
 @dataclass
 class ShardRecord:
@@ -124,6 +145,7 @@ class ShardRecord:
     frames: int = 0
     short_videos: int = 0
     failures: list[dict[str, str]] = field(default_factory=list)  # failed.jsonl lines
+    crc32: int | None = None  # of the shard file (None in journals written before checksums)
 
 
 class Journal:
@@ -159,7 +181,7 @@ class Journal:
         return self.records[-1].end if self.records else None
 
     def split_info(self) -> SplitInfo:
-        shards = [ShardInfo(r.shard, r.samples, r.bytes) for r in self.records if r.shard is not None]
+        shards = [ShardInfo(r.shard, r.samples, r.bytes, r.crc32) for r in self.records if r.shard is not None]
         return SplitInfo(
             samples=sum(r.samples for r in self.records),
             frames=sum(r.frames for r in self.records),
@@ -224,6 +246,7 @@ class SplitWriter:
         if self._shard is not None:
             record.samples = self._shard.samples
             record.bytes = self._shard.finish()
+            record.crc32 = self._shard.crc32
             record.shard = f"{self.split}/{self._shard.path.name}"
             self._shard_number += 1
         self.journal.append(record)

@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import ffmpeg
-import imageio_ffmpeg
 import numpy as np
 from tqdm import tqdm
 
@@ -599,6 +598,8 @@ def _write_video(video: _Video) -> None:
         fflags="+bitexact",
         **{"flags:v": "+bitexact"},
     )
+    import imageio_ffmpeg  # here, not at import: the GPU machine, without it, collects the tests that import this
+
     try:
         ffmpeg.run(
             stream, cmd=imageio_ffmpeg.get_ffmpeg_exe(), input=frames.tobytes(), quiet=True, overwrite_output=True

@@ -14,7 +14,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from dali_skd.format import SampleMeta, ShardInfo, ShardManifest, SplitInfo, pack_strips, sample_key, sample_members
+from dali_skd.format import (
+    SampleMeta,
+    ShardInfo,
+    ShardManifest,
+    SplitInfo,
+    pack_strips,
+    sample_key,
+    sample_members,
+    strip_checksums,
+)
 from preprocess.shards import ShardWriter
 from preprocess.transcode import encode_jpeg
 
@@ -88,8 +97,10 @@ def write_dataset(
     classes: list[str],
     frames_per_jpeg: int = 8,
     per_shard: int = 3,
+    checksums: bool = True,
 ) -> Path:
-    """`splits`: name -> [(frames T x H x W x 3, label)]; writes shards of `per_shard` videos and the manifest."""
+    """`splits`: name -> [(frames T x H x W x 3, label)]; writes shards of `per_shard` videos and the manifest, with
+    the checksums preprocess records (`checksums=False`: as shards written before them)."""
     infos = {}
     for split, videos in splits.items():
         (root / split).mkdir(parents=True, exist_ok=True)
@@ -101,12 +112,45 @@ def write_dataset(
                 frames, label = videos[index]
                 media, offsets = pack_strips(encode_strips(frames, frames_per_jpeg))
                 t, h, w, _ = frames.shape
+                crcs = strip_checksums(media, offsets) if checksums else ()
                 meta = SampleMeta(
-                    label, classes[label], f"{split}/{index}.avi", t, 25.0, w, h, "jpeg", frames_per_jpeg, offsets
+                    label, classes[label], f"{split}/{index}.avi", t, 25.0, w, h, "jpeg", frames_per_jpeg, offsets, crcs
                 )
                 writer.add(sample_members(sample_key(split, index), meta, media))
-            shards.append(ShardInfo(str(path.relative_to(root)), writer.samples, writer.finish()))
+            size, crc = writer.finish(), writer.crc32 if checksums else None
+            shards.append(ShardInfo(str(path.relative_to(root)), writer.samples, size, crc))
         infos[split] = SplitInfo(len(videos), sum(len(f) for f, _ in videos), 0, shards)
     short = min(min(f.shape[1:3]) for videos in splits.values() for f, _ in videos)
     ShardManifest("test", None, classes, "jpeg", frames_per_jpeg, short, None, 95, infos).save(root)
     return root
+
+
+def damage_strip(root: Path, split: str, key: str, how: str, strip: int = 0) -> None:
+    """Damages strip `strip` of sample `key` in place, in its shard (same length: the tar stays sound), as copies
+    between disks and stores do. `garble`: 3,000 random bytes into its entropy-coded data (libjpeg decodes it to
+    grey with a warning); `huffman`: a bogus Huffman table (libjpeg gives up: fatal for DALI's CPU decoder)."""
+    for shard in sorted((root / split).glob("*.tar")):
+        raw = bytearray(shard.read_bytes())
+        member = raw.find(f"{key}.jpgs".encode())
+        if member == -1:
+            continue
+        start = raw.find(b"\xff\xd8\xff", member)
+        for _ in range(strip):
+            start = raw.find(b"\xff\xd8\xff", start + 2)
+        end = raw.find(b"\xff\xd9", start) + 2
+        jpeg = raw[start:end]
+        if how == "garble":
+            scan = jpeg.find(b"\xff\xda") + 20
+            size = min(3000, len(jpeg) - scan - 200)
+            jpeg[scan : scan + size] = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
+        else:
+            counts = jpeg.find(b"\xff\xc4") + 5  # a DHT's 16 code counts: two more codes of length 1 than fit
+            for k in range(15, 0, -1):
+                if jpeg[counts + k] >= 2:
+                    jpeg[counts + k] -= 2
+                    jpeg[counts] += 2
+                    break
+        raw[start:end] = jpeg
+        shard.write_bytes(bytes(raw))
+        return
+    raise ValueError(f"no sample {key} in {root / split}")

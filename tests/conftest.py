@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import shutil
 import socket
@@ -9,8 +11,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-import imageio_ffmpeg
 import pytest
+
+# --- The GPU machine (tests/test_gpu.py) -----------------------------------------------------------------------
+
+
+def _staged_packages() -> None:
+    """DALI, webdataset and ffmpeg-python unpacked into SITE there (../shared/gpu/README.md): found even when
+    PYTHONPATH names only the source tree (`PYTHONPATH=. python3 -m pytest -m gpu tests/test_gpu.py`), as
+    scripts/gpu_report.py finds them."""
+    if importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None:
+        return
+    for site in (os.environ.get("SITE"), "/tmp/site"):
+        if site and Path(site, "nvidia", "dali").is_dir():
+            sys.path.insert(0, site)
+            return
+
+
+_staged_packages()
 
 # --- Two ranks under torchrun (tests/test_train.py, tests/test_evaluate.py) ------------------------------------
 
@@ -33,7 +51,16 @@ def run_two_ranks(script: Path, *args: str) -> None:
 
 # --- Tiny real videos made with ffmpeg (tests/test_preprocess*.py) ---------------------------------------------
 
-FFMPEG = shutil.which("ffmpeg") or imageio_ffmpeg.get_ffmpeg_exe()
+
+@functools.cache
+def ffmpeg_binary() -> str:
+    """`ffmpeg` on PATH, else imageio-ffmpeg's, looked up when a test first needs it: the GPU machine has neither,
+    and its tests (test_gpu.py) must still be collected there."""
+    if found := shutil.which("ffmpeg"):
+        return found
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
 
 
 def make_test_video(
@@ -53,7 +80,7 @@ def make_test_video(
     if audio:
         inputs += ["-f", "lavfi", "-i", f"sine=duration={seconds}", "-c:a", "aac", "-shortest"]
     command = [
-        FFMPEG,
+        ffmpeg_binary(),
         "-nostdin",
         "-hide_banner",
         "-loglevel",
@@ -100,10 +127,10 @@ def sample_videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     rotated = d / "rotated.mp4"  # landscape pixels, displayed rotated by 90 degrees: portrait
     landscape_mp4 = make_test_video(d / "landscape.mp4", codec="libx264", extra=x264)
     rotate = ["-display_rotation", "90", "-i", str(landscape_mp4), "-c", "copy", "-y", str(rotated)]
-    subprocess.run([FFMPEG, "-nostdin", "-loglevel", "error", *rotate], check=True)
+    subprocess.run([ffmpeg_binary(), "-nostdin", "-loglevel", "error", *rotate], check=True)
     videos["rotated"] = rotated
     tone = ["-f", "lavfi", "-i", "sine=duration=1", "-c:a", "aac", "-y", str(videos["bad_audio_only"])]
-    subprocess.run([FFMPEG, "-nostdin", "-loglevel", "error", *tone], check=True)
+    subprocess.run([ffmpeg_binary(), "-nostdin", "-loglevel", "error", *tone], check=True)
     videos["bad_zero_bytes"].write_bytes(b"")
     videos["bad_random_bytes"].write_bytes(bytes(range(256)) * 40)
     videos["bad_text"].write_text("not a video, just some text\n")

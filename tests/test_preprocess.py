@@ -13,21 +13,28 @@ import subprocess
 import sys
 import tarfile
 import time
+import zlib
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from dali_skd.config import PreprocessConfig
-from dali_skd.format import SampleMeta, ShardManifest, sample_members, split_member_name, strip_count
+from dali_skd.format import (
+    SampleMeta,
+    ShardManifest,
+    sample_members,
+    split_member_name,
+    strip_checksums,
+    strip_count,
+)
 from preprocess.bench import bench_preprocess
 from preprocess.datasets import PreprocessError
 from preprocess.run import find_ffmpeg, run_preprocess, transcode_settings
 from preprocess.shards import merge_parts
 from preprocess.synthetic import SYNTHETIC_CLASSES
 from preprocess.transcode import VideoError, transcode
-
-FFMPEG = find_ffmpeg(None)
+from preprocess.verify import verify_dataset
 
 
 def config(**fields: object) -> PreprocessConfig:
@@ -91,7 +98,7 @@ def decoded_frames(meta: SampleMeta, media: bytes) -> int:
 
 def webm_frames(data: bytes, size: tuple[int, int], select: str = "") -> int:
     """Frames ffmpeg decodes from a webm (only those `select` passes, e.g. keyframes), each checked for `size`."""
-    command = [FFMPEG, "-hide_banner", "-nostdin", "-i", "pipe:", *(["-vf", select] if select else [])]
+    command = [find_ffmpeg(None), "-hide_banner", "-nostdin", "-i", "pipe:", *(["-vf", select] if select else [])]
     command += ["-fps_mode", "passthrough", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"]
     decoded = subprocess.run(command, input=data, capture_output=True, check=True).stdout
     frame_bytes = size[0] * size[1] * 3
@@ -492,6 +499,35 @@ def test_parts_merged_hold_the_samples_of_one_run(tmp_path: Path, twelve_videos:
         assert all(re.fullmatch(r"\w+/shard-p0[123]of03-\d{6}\.tar", shard.path) for shard in info.shards)
     assert merged_manifest.failures == single_manifest.failures == 3
     assert (parts / "failed.jsonl").read_bytes() == (single / "failed.jsonl").read_bytes()
+
+
+@pytest.mark.slow
+def test_checksums_of_every_strip_webm_and_shard_file(tmp_path: Path, twelve_videos: Path) -> None:
+    """Recorded as written, kept through --part runs merged, and what `preprocess verify` then finds intact."""
+    parts = tmp_path / "parts"
+    for part in ("1/2", "2/2"):
+        run_preprocess(small_shards_config(twelve_videos, parts, part=part), progress=False)
+    merge_parts(parts)
+    vp9 = tmp_path / "vp9"
+    run_preprocess(small_shards_config(twelve_videos, vp9, format="vp9", part="1/4"), progress=False)
+    (vp9 / "manifest.part-1-of-4.json").rename(vp9 / "manifest.json")
+    formats = set()
+    for out in (parts, vp9):
+        manifest, samples = read_dataset(out)
+        formats.add(manifest.format)
+        for info in manifest.splits.values():
+            for shard in info.shards:
+                assert shard.crc32 == zlib.crc32((out / shard.path).read_bytes())
+        for key, members in samples.items():
+            meta = SampleMeta.from_json(members[f"{key}.json"], key)
+            if meta.format == "jpeg":
+                media = members[f"{key}.jpgs"]
+                assert meta.strip_crc32 == strip_checksums(media, meta.strip_offsets) and len(meta.strip_crc32) > 1
+            else:
+                assert meta.media_crc32 == zlib.crc32(members[f"{key}.webm"]) and meta.strip_crc32 == ()
+        summary = verify_dataset(str(out), workers=2)
+        assert not summary.damaged and all(shard.whole_file for shard in summary.shards) and samples
+    assert formats == {"jpeg", "vp9"}
 
 
 def test_merge_refuses_parts_run_with_other_settings(tmp_path: Path, twelve_videos: Path) -> None:

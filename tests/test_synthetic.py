@@ -10,9 +10,9 @@ import re
 from pathlib import Path
 
 import ffmpeg
-import imageio_ffmpeg
 import numpy as np
 import pytest
+from conftest import ffmpeg_binary
 
 from preprocess.synthetic import (
     DIFFICULTIES,
@@ -37,7 +37,7 @@ def _decode(path: Path) -> np.ndarray:
     raw, _ = (
         ffmpeg.input(str(path))
         .output("pipe:", format="rawvideo", pix_fmt="rgb24")
-        .run(cmd=imageio_ffmpeg.get_ffmpeg_exe(), capture_stdout=True, capture_stderr=True)
+        .run(cmd=ffmpeg_binary(), capture_stdout=True, capture_stderr=True)
     )
     return np.frombuffer(raw, np.uint8).reshape(-1, HEIGHT, WIDTH, 3)
 

@@ -8,6 +8,12 @@ an epoch boundary sees exactly the data an uninterrupted run would have seen.
 
 On a GPU the outputs stay where DALI wrote them: they are bound to PyTorch's current stream (`pipe.run(stream)`)
 and handed over through DLPack, and DALI frees a buffer only once PyTorch has dropped the tensor.
+
+A strip DALI cannot decode (the mixed decoder on a GPU, or the CPU decoder on a bogus Huffman table, in shards
+without checksums) stops the pipeline with "Failed to decode sample #k". The loader maps k back to the video of
+row k of the batch that failed (the oldest one fed and not yet output: DALI outputs batches in order), marks it
+bad, rebuilds the pipeline and feeds it that batch without the video, then the batches that were in flight: the
+run goes on, and no other sample is lost or repeated.
 """
 
 from __future__ import annotations
@@ -15,8 +21,12 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
+import re
+import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +45,7 @@ from dali_skd.data.shards import (
     split_urls,
 )
 from dali_skd.data.source import (
+    RECORDS,
     SPATIAL_CROPS,
     BackgroundBatches,
     Batch,
@@ -42,16 +53,32 @@ from dali_skd.data.source import (
     dataset_problem,
     eval_batches,
     train_batches,
+    video_id,
+    without_unusable,
 )
-from dali_skd.format import MANIFEST_NAME, FormatError
+from dali_skd.format import MANIFEST_NAME, FormatError, check_key
 from dali_skd.runtime import TORCH_DTYPES, local_cpu_share, resolve_device
 
 log = logging.getLogger(__name__)
 
+_FAILED_SAMPLE = re.compile(r"Failed to decode sample #(\d+)")
 
-def dali_threads(requested: int) -> int:
-    """DALI CPU threads: as asked, else this process's share of the cores (torchrun runs several per machine)."""
-    return requested if requested > 0 else min(16, local_cpu_share())
+
+def dali_threads(requested: int, decoders: int = 0) -> int:
+    """DALI CPU threads: as asked, else this process's share of the cores (torchrun runs several per machine). A
+    GPU pipeline's `decoders` (mixed) each build a pool of this many threads, so with them the share is split:
+    all of their threads together never outnumber the cores this process may use."""
+    if requested > 0:
+        return requested
+    return max(1, local_cpu_share() // decoders) if decoders else min(16, local_cpu_share())
+
+
+def process_threads() -> int | None:
+    """The threads this process holds now (None where /proc is not there)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return None
 
 
 @dataclass
@@ -68,21 +95,53 @@ class EvalBatch:
 
 
 class _Feed:
-    """The pipeline's external source: the current epoch's batches, replaced at every epoch."""
+    """The pipeline's external source: the current epoch's batches, replaced at every epoch. It remembers the
+    batches DALI took and has not output yet (`pending`, oldest first), and leaves out the rows of videos found
+    unusable after their batch was made, counting each such video once an epoch."""
 
-    def __init__(self) -> None:
+    def __init__(self, stats: SourceStats) -> None:
         self._next: Callable[[], Batch] | None = None
+        self._stats = stats
+        self._replay: deque[Batch] = deque()
+        self._counted: set[str] = set()
+        self.pending: deque[Batch] = deque()
+        self.source_error: BaseException | None = None
 
     def start(self, batches: Callable[[], Batch]) -> None:
         self._next = batches
+        self._counted.clear()
+        self.pending.clear()
+
+    def replay(self, batches: Iterable[Batch]) -> None:
+        """Feed `batches` again, before the source's next ones (a rebuilt pipeline's first inputs)."""
+        self._replay.extend(batches)
+        self.pending.clear()
 
     def stop(self) -> None:
         self._next = None
+        self._replay.clear()
+
+    def output(self) -> Batch:
+        """The batch DALI has just output."""
+        return self.pending.popleft()
 
     def __call__(self) -> Batch:
         if self._next is None:
             raise StopIteration
-        return self._next()
+        while True:
+            try:
+                batch = self._replay.popleft() if self._replay else self._next()
+            except BaseException as e:  # the source's own error, not DALI's: told apart by the loader
+                self.source_error = e
+                raise
+            batch, unusable = without_unusable(batch)
+            for record in unusable:
+                if record.where not in self._counted:
+                    self._counted.add(record.where)
+                    self._stats.skip(record.where, record.problem or "unusable")
+            if len(batch["label"]):
+                self.pending.append(batch)
+                return batch
 
 
 class ClipLoader:
@@ -103,8 +162,10 @@ class ClipLoader:
         device: torch.device | None,
         rank: int,
         world: int,
+        channels_last: bool = False,
     ) -> None:
         self.cfg, self.split, self.batch_size, self.augment, self.dtype = cfg, split, batch_size, augment, dtype
+        self.channels_last = channels_last  # clips come as N x C x T x H x W views of channels_last_3d memory
         self.rank, self.world = rank, world
         self.device = device if device is not None else resolve_device(cfg.device)
         self.manifest = load_manifest(cfg.data, cfg.read_timeout)
@@ -131,7 +192,14 @@ class ClipLoader:
         self.stats = SourceStats()
         self.reader = PartReader(self.part, self.stats, self.layout.media_ext, self._admit, cfg.read_timeout)
         self.pipeline_builds = 0
-        self._feed = _Feed()
+        self.build_seconds = 0.0  # of the last build
+        self.undecodable: dict[str, str] = {}  # "shard: key" -> why: the videos DALI's decoders failed on
+        self._failed: list[VideoRecord] = []  # those of them found by this loader
+        # mixed decoders, one per view and strip slot (one for all views for vp9), each with its own thread pool
+        self.decoders = self.layout.num_views * self.layout.slots if self.layout.format == "jpeg" else 1
+        gpu = self.device.type == "cuda"
+        self.num_threads = dali_threads(cfg.threads, self.decoders if gpu else 0)
+        self._feed = _Feed(self.stats)
         self._pipe = None
 
     def _admit(self, record: VideoRecord) -> str | None:
@@ -141,6 +209,7 @@ class ClipLoader:
     def _pipeline(self):
         if self._pipe is None:
             gpu = self.device.type == "cuda"
+            started = time.perf_counter()
             self._pipe = clip_pipeline(
                 source=self._feed,
                 layout=self.layout,
@@ -152,15 +221,17 @@ class ClipLoader:
                 input_norm=self.cfg.input_norm,
                 decoder_options=self._decoder_options(),
                 batch_size=self.batch_size,
-                num_threads=dali_threads(self.cfg.threads),
+                num_threads=self.num_threads,
                 device_id=self.device.index if gpu else None,
                 prefetch_queue_depth=self.cfg.prefetch,
+                clip_layout="FHWC" if self.channels_last else "CFHW",
             )
             with warnings.catch_warnings():
                 # the draws of an augmentation with probability 0 or 1 are not read: by design, not worth a warning
                 warnings.filterwarnings("ignore", "The external source node .* not used", Warning)
                 self._pipe.build()
             self.pipeline_builds += 1
+            self.build_seconds = time.perf_counter() - started
         return self._pipe
 
     def _decoder_options(self) -> DecoderOptions:
@@ -175,19 +246,27 @@ class ClipLoader:
 
     def _run(self, make: Callable[[], Iterator[Batch]]) -> Iterator[dict[str, torch.Tensor]]:
         """The pipeline's outputs, by name, for the host batches `make()` produces; the pipeline is reset at the
-        end, or after draining what it prefetched when the caller stops early."""
+        end, or after draining what it prefetched when the caller stops early. A video DALI cannot decode is
+        skipped (`_skip_undecodable`)."""
         source = BackgroundBatches(make, self.cfg.prefetch + 2, self.cfg.stall_timeout, self.reader)
-        pipe = self._pipeline()
         self._feed.start(source)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         ended = failed = False
         try:
             while True:
+                pipe = self._pipeline()
                 try:
                     outputs = pipe.run(stream.cuda_stream) if stream is not None else pipe.run()
                 except StopIteration:
                     ended = True
                     return
+                except RuntimeError as e:
+                    if e is self._feed.source_error:
+                        raise
+                    self._skip_undecodable(e)
+                    continue
+                self._feed.output()
+                self._check_unusable()
                 yield {name: self._to_torch(o) for name, o in zip(self.layout.outputs, outputs, strict=True)}
         except GeneratorExit:  # the caller stopped early
             raise
@@ -200,18 +279,77 @@ class ClipLoader:
             if failed:
                 self._pipe = None  # a pipeline that raised is not reused
             else:
-                if not ended:
-                    _drain(pipe)
-                pipe.reset()
+                try:
+                    if not ended:
+                        _drain(pipe)
+                    pipe.reset()
+                except RuntimeError:  # a batch it had prefetched failed to decode: the next epoch builds afresh
+                    self._pipe = None
+
+    def _skip_undecodable(self, error: RuntimeError) -> None:
+        """After DALI failed to decode sample #k of the oldest batch in flight: marks that row's video bad, drops the
+        pipeline (DALI does not run one that failed again) and feeds the next one that batch without the video,
+        then the other batches in flight. An error that names no row of it is raised again, naming its shards."""
+        message = str(error)
+        failed = self._feed.pending[0][RECORDS] if self._feed.pending else []
+        match = _FAILED_SAMPLE.search(message)
+        if match is None or int(match[1]) >= len(failed):
+            shards = sorted({r.shard for batch in self._feed.pending for r in batch[RECORDS]})
+            detail = next((line for line in reversed(message.splitlines()) if "rror" in line or "ailed" in line), "")
+            raise RuntimeError(
+                f"the DALI pipeline failed on a batch from {', '.join(shards) or 'no known shard'}"
+                f"{f' ({detail.strip()})' if detail else ''}: run `python cli.py preprocess verify {self.cfg.data}` "
+                "to find damaged samples (DALI_SKD_DEBUG=1 shows DALI's whole message)"
+            ) from error
+        record = failed[int(match[1])]
+        reason = "DALI could not decode it (a damaged strip its header check does not see)"
+        record.problem = self.reader.known_bad[record.key] = reason  # streamed shards: their next records too
+        self.undecodable[f"{record.shard}: {record.key}"] = reason
+        self._failed.append(record)
+        self._pipe = None
+        self._feed.replay(list(self._feed.pending))  # the feed leaves the video's rows out, and counts it once
+        self._check_unusable()
+
+    def _check_unusable(self) -> None:
+        if self.stats.unusable > self.cfg.max_bad_samples:
+            examples = "; ".join(self.stats.examples[:5])
+            raise RuntimeError(
+                f"{self.stats.unusable} samples of {self.split} could not be used, more than --max-bad-samples "
+                f"{self.cfg.max_bad_samples} (first: {examples}): run `python cli.py preprocess verify "
+                f"{self.cfg.data}` to list every damaged one, then re-run preprocess for them (or raise the limit)"
+            )
+
+    def undecodable_ids(self) -> set[int]:
+        """The ids of the videos this loader's decoder failed on: evaluation drops them, whatever clips of them it
+        scored before (a video's clips may span batches)."""
+        return {video_id(record.key, self.layout.splits) for record in self._failed}
+
+    def mark_undecodable(self, samples: list[str], where: str) -> None:
+        """Skip these videos ("shard: key", as `undecodable` lists them; from the checkpoint `where`) from the start,
+        as the run that found them did after it found them: a resumed run sees the batches of an uninterrupted one."""
+        try:
+            if not isinstance(samples, list) or not all(isinstance(sample, str) for sample in samples):
+                raise ValueError("not a list of 'shard: key' strings")
+            keys = [check_key(sample.rsplit(": ", 1)[-1]) for sample in samples]
+        except ValueError as e:
+            raise ValueError(
+                f"{where}: bad_samples {str(samples)[:80]} ({e}): resume from a checkpoint of a run"
+            ) from e
+        reason = "DALI could not decode it in an earlier run (a damaged strip its header check does not see)"
+        for sample, key in zip(samples, keys, strict=True):
+            self.reader.known_bad[key] = self.undecodable[sample] = reason
 
     def _to_torch(self, output) -> torch.Tensor:
-        """A DALI output as a torch tensor on the training device, without a copy (DLPack). Labels and video ids
-        are the host's own arrays passed through, held only while DALI needs them: those few bytes are copied."""
+        """A DALI output as a torch tensor on the training device, without a copy (DLPack). On the CPU, labels and
+        video ids are the host's own arrays passed through, held only while DALI needs them: those bytes are
+        copied. Views emitted FHWC are permuted to N x C x T x H x W: channels_last_3d memory, no copy."""
         tensor = torch.from_dlpack(output.as_tensor())
         if not tensor.is_floating_point():
-            return tensor.to(self.device, copy=True)
+            return tensor if tensor.is_cuda else tensor.to(self.device, copy=True)
         if tensor.dtype != TORCH_DTYPES[self.dtype]:
             tensor = tensor.to(TORCH_DTYPES[self.dtype])
+        if self.channels_last:
+            tensor = tensor.permute(0, 4, 1, 2, 3)
         return tensor.to(self.device, non_blocking=True)
 
     def close(self) -> None:
@@ -244,10 +382,11 @@ class TrainLoader(ClipLoader):
         rank: int = 0,
         world: int = 1,
         seed: int = 0,
+        channels_last: bool = False,
     ) -> None:
         super().__init__(
             cfg, split, shards=cfg.train_shards, batch_size=batch_size, num_views=num_views, augment=augment,
-            with_video_id=False, dtype=dtype, device=device, rank=rank, world=world,
+            with_video_id=False, dtype=dtype, device=device, rank=rank, world=world, channels_last=channels_last,
         )  # fmt: skip
         self.seed = seed
         self.epoch_samples = self._epoch_samples(cfg, split)
@@ -321,12 +460,13 @@ class EvalLoader(ClipLoader):
         device: torch.device | None = None,
         rank: int = 0,
         world: int = 1,
+        channels_last: bool = False,
     ) -> None:
         if spatial_crops not in SPATIAL_CROPS:
             raise ValueError(f"--spatial-crops takes {' or '.join(map(str, SPATIAL_CROPS))}, not {spatial_crops}")
         super().__init__(
             cfg, split, shards=cfg.eval_shards, batch_size=batch_size, num_views=1, augment=None,
-            with_video_id=True, dtype=dtype, device=device, rank=rank, world=world,
+            with_video_id=True, dtype=dtype, device=device, rank=rank, world=world, channels_last=channels_last,
         )  # fmt: skip
         self.clips_per_video = clips_per_video or cfg.clips_per_video
         self.spatial_crops = spatial_crops

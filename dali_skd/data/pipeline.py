@@ -33,8 +33,10 @@ class DecoderOptions:
     def arguments(self, gpu: bool) -> dict:
         if not gpu:
             return {}
-        # the CPU's chroma upsampling (libjpeg-turbo's "fancy" one), so that both devices give the same pixels
-        args: dict = {"jpeg_fancy_upsampling": True, "hw_decoder_load": self.hw_decoder_load}
+        # the CPU's chroma upsampling (libjpeg-turbo's "fancy" one), so that both devices give the same pixels; the
+        # threads of the decoders' pools left to the OS, not bound to the CPUs DALI picks for the GPU (its default):
+        # there is a pool per view and strip slot, all of them bound to the same CPUs otherwise
+        args: dict = {"jpeg_fancy_upsampling": True, "hw_decoder_load": self.hw_decoder_load, "affine": False}
         if self.preallocate_width_hint > 0 and self.preallocate_height_hint > 0:
             args.update(
                 preallocate_width_hint=self.preallocate_width_hint,
@@ -129,11 +131,14 @@ def _applies(p: float, draws: Draws, name: str) -> DataNode | bool:
     return draws.coin(name)
 
 
-def to_network_input(clip: DataNode, flip: DataNode | int, dtype: str, norm: str) -> DataNode:
-    """Optional mirror, values normalised (`INPUT_NORMS`), FHWC -> CFHW, in one pass."""
+def to_network_input(
+    clip: DataNode, flip: DataNode | int, dtype: str, norm: str, output_layout: str = "CFHW"
+) -> DataNode:
+    """Optional mirror, values normalised (`INPUT_NORMS`), FHWC -> `output_layout` (CFHW, or FHWC: a batch of them
+    permuted to N x C x F x H x W is channels_last_3d in memory already), in one pass."""
     mean, std = INPUT_NORMS[norm]
     return fn.crop_mirror_normalize(
-        clip, mirror=flip, mean=mean, std=std, dtype=OUTPUT_DTYPES[dtype], output_layout="CFHW"
+        clip, mirror=flip, mean=mean, std=std, dtype=OUTPUT_DTYPES[dtype], output_layout=output_layout
     )
 
 
@@ -148,11 +153,13 @@ def clip_pipeline(
     in_flight: int,
     input_norm: str = "paper",
     decoder_options: DecoderOptions = DecoderOptions(),
+    clip_layout: str = "CFHW",
 ):
-    """Outputs (`layout.outputs`): one N x 3 x T x crop x crop tensor per view, then the labels (and the video ids,
-    for evaluation). `augment`: the paper's augmentations, as drawn by the host side; None: crop only.
-    `in_flight`: batches to keep alive for DALI (`named_inputs`): the prefetch depth + 1 at least.
-    `input_norm`: the pixel values the network sees (`INPUT_NORMS`)."""
+    """Outputs (`layout.outputs`): one N x 3 x T x crop x crop tensor per view (`clip_layout` FHWC: N x T x crop
+    x crop x 3), then the labels (and the video ids, for evaluation), on the GPU with `gpu`. `augment`: the
+    paper's augmentations, as drawn by the host side; None: crop only. `in_flight`: batches to keep alive for DALI
+    (`named_inputs`): the prefetch depth + 1 at least. `input_norm`: the pixel values the network sees
+    (`INPUT_NORMS`)."""
     if (augment is not None) != layout.augmented:
         raise ValueError("the layout must carry the augmentations' draws exactly when the pipeline augments")
     inputs = named_inputs(source, layout, in_flight)
@@ -162,8 +169,10 @@ def clip_pipeline(
         if augment is not None:
             clip = augment_clip(clip, augment, draws)
         flip = draws.choice("flip") if augment is not None and augment.p_flip > 0 else 0
-        views.append(to_network_input(clip, flip, dtype, input_norm))
+        views.append(to_network_input(clip, flip, dtype, input_norm, clip_layout))
     extras = [inputs["label"]] + ([inputs["video_id"]] if layout.with_video_id else [])
+    if gpu:  # copied by DALI, ordered on its stream: PyTorch gets them on the device without a blocking copy
+        extras = [e.gpu() for e in extras]
     return (*views, *extras)
 
 

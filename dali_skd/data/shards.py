@@ -471,6 +471,11 @@ class SourceStats:
             self.examples.append(f"{where}: {reason}")
         log.warning("%s: %s; skipped", where, reason)
 
+    @property
+    def unusable(self) -> int:
+        """How many samples (or shards, read no further) were skipped at least once."""
+        return len(self._warned)
+
 
 @dataclass(eq=False)
 class VideoRecord:
@@ -495,14 +500,18 @@ class VideoRecord:
         return np.frombuffer(self.media, np.uint8)
 
 
+def shard_samples(url: str, read_timeout: float = READ_TIMEOUT) -> Iterator[tuple[str, dict[str, memoryview]]]:
+    """The samples of one shard in order, as (key, {extension: member bytes}): mapped (local) or streamed."""
+    return _streamed_samples(url, read_timeout) if is_remote(url) else _local_samples(url)
+
+
 def shard_records(
     url: str, media_ext: str, skip: Callable[[str, str], None], read_timeout: float = READ_TIMEOUT
 ) -> Iterator[VideoRecord]:
     """The samples of one shard in order. A sample with broken metadata or without its `media_ext` member, or the
     rest of a shard that is cut short, broken or unreadable, is passed to `skip(where, reason)` instead."""
     try:
-        samples = _streamed_samples(url, read_timeout) if is_remote(url) else _local_samples(url)
-        for key, members in samples:
+        for key, members in shard_samples(url, read_timeout):
             try:
                 check_key(key)
             except FormatError as e:
@@ -549,6 +558,7 @@ class PartReader:
         self.read_timeout = read_timeout
         self._indexed: dict[str, _IndexedShard] = {}
         self.reading: str | None = None  # the shard being read
+        self.known_bad: dict[str, str] = {}  # sample key -> why: found by the decoder, skipped from then on
 
     def records(self, shard_order: Iterable[int] | None = None) -> Iterator[VideoRecord]:
         """The part's usable samples, its shards in `shard_order` (default: as listed)."""
@@ -581,7 +591,7 @@ class PartReader:
 
     def _admitted(self, records: Iterator[VideoRecord]) -> Iterator[VideoRecord]:
         for record in records:
-            record.problem = self._admit(record)
+            record.problem = self._admit(record) or self.known_bad.get(record.key)
             yield record
 
 

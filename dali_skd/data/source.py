@@ -2,9 +2,10 @@
 
 Per batch, in a few numpy calls: the clips' start frames, the JPEG strips (and rows of them) each clip needs, and
 every random draw of the augmentations. Per sample, only what cannot be vectorised: a view of its strips' bytes,
-and a check of each strip the first time it is used. A batch is a dict keyed by the pipeline's input names:
-uniform columns are stacked into one array, and a view's strips travel as one buffer that the pipeline cuts
-apart. All randomness is drawn here from one numpy generator per epoch, so an epoch is a pure function of
+and a check of each strip (its checksum, its header) the first time it is used. A batch is a dict keyed by the
+pipeline's input names: uniform columns are stacked into one array, and a view's strips travel as one buffer that
+the pipeline cuts apart; beside them, `RECORDS` names each row's video, for the loader (DALI never sees it). All
+randomness is drawn here from one numpy generator per epoch, so an epoch is a pure function of
 (seed, epoch, rank), whatever the pipeline ran before.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -25,6 +27,7 @@ from dali_skd.data.shards import PartReader, SourceStats, VideoRecord, jpeg_prob
 from dali_skd.format import SampleMeta, ShardFormat
 
 Batch = dict[str, Any]  # input name -> a stacked array (uniform columns) or a list of 1-D uint8 arrays (bytes)
+RECORDS = "records"  # the batch column that is no pipeline input: each row's VideoRecord, to name a failed row
 
 # The random draws of one view, by column of its `coin`, `value` and `choice` inputs.
 COINS = ("contrast", "brightness", "hue", "blur", "split")  # apply the augmentation to this clip?
@@ -113,9 +116,10 @@ class InputLayout:
 
     def arrange(self, batch: Batch) -> tuple[Any, ...]:
         """The batch's columns in the pipeline's input order, after checking each one's name, type and shape: a
-        column fed under the wrong name is an error, never a silently wrong input."""
-        if batch.keys() != self.inputs.keys():
-            missing, extra = self.inputs.keys() - batch.keys(), batch.keys() - self.inputs.keys()
+        column fed under the wrong name is an error, never a silently wrong input. `RECORDS` is left out."""
+        names = batch.keys() - {RECORDS}
+        if names != self.inputs.keys():
+            missing, extra = self.inputs.keys() - names, names - self.inputs.keys()
             raise ValueError(f"pipeline inputs: missing {sorted(missing)}, unknown {sorted(extra)}")
         size = len(batch["label"])
         for name, spec in self.inputs.items():
@@ -176,6 +180,7 @@ def clip_columns(
     else:
         stats.decoded_frames += int(ok.sum()) * indices.shape[1] * layout.clip_len
     batch["label"] = np.fromiter((r.meta.label for r in records), np.int64, len(records))
+    batch[RECORDS] = list(records)
     if layout.with_video_id:
         batch["video_id"] = np.fromiter((video_id(r.key, layout.splits) for r in records), np.int64, len(records))
     stats.clip_frames += int(ok.sum()) * indices.shape[1] * layout.clip_len
@@ -196,7 +201,7 @@ def _strip_columns(layout: InputLayout, records: Sequence[VideoRecord], indices:
     columns = np.broadcast_arrays(begin, end - begin, plan.rows, height, width, 3)
     strips = plan.strips.reshape(n, views * slots)
     for record, first, last in zip(records, strips.min(axis=1).tolist(), strips.max(axis=1).tolist(), strict=True):
-        _check_strips(record, first, last, fpj)
+        _check_strips(record, first, last)
     return {
         "strips": [r.array for r in records],
         "slots": np.stack(columns, axis=-1, dtype=np.int32).reshape(n, views, slots, 6),
@@ -204,29 +209,47 @@ def _strip_columns(layout: InputLayout, records: Sequence[VideoRecord], indices:
     }
 
 
-def _check_strips(record: VideoRecord, first: int, last: int, fpj: int) -> None:
-    """Checks strips first..last of a record that were not checked before; a broken one sets `record.problem`.
+def _check_strips(record: VideoRecord, first: int, last: int) -> None:
+    """Checks strips first..last of a record that were not checked before; a damaged one sets `record.problem`.
 
-    DALI would stop the whole pipeline on bytes that are not a JPEG, and silently decode a truncated one to grey."""
+    Once per strip and run (local shards are indexed once; streamed ones are read afresh, and checked again, each
+    pass): checking every read would cost more than the 10 us a sample the loader allows itself (docs/pipeline.md)."""
     wanted = ((1 << (last + 1)) - 1) ^ ((1 << first) - 1)
     if record.checked & wanted == wanted or record.problem is not None:
         return
-    meta, offsets = record.meta, record.offsets
     for strip in range(first, last + 1):
         if record.checked >> strip & 1:
             continue
-        held = min(fpj, meta.frames - strip * fpj)
-        problem = jpeg_problem(record.media[offsets[strip] : offsets[strip + 1]], meta.width, held * meta.height)
+        problem = strip_problem(record.meta, record.media, record.offsets, strip)
         if problem:
-            record.problem = f"strip {strip}: {problem}"
+            record.problem = problem
             return
         record.checked |= 1 << strip
+
+
+def strip_problem(meta: SampleMeta, media: memoryview, offsets: Sequence[int], strip: int) -> str | None:
+    """Why strip `strip` of a sample's `.jpgs` member is damaged, or None: its checksum, where the shard has one, then
+    its header. DALI would decode garbled bytes to grey without a word, and stop the whole pipeline on some (a bogus
+    Huffman table); the header check alone catches neither."""
+    data = media[offsets[strip] : offsets[strip + 1]]
+    if meta.strip_crc32 and zlib.crc32(data) != meta.strip_crc32[strip]:
+        return f"strip {strip}: checksum mismatch (its bytes changed after preprocess wrote them)"
+    held = min(meta.frames_per_jpeg, meta.frames - strip * meta.frames_per_jpeg)
+    problem = jpeg_problem(data, meta.width, held * meta.height)
+    return f"strip {strip}: {problem}" if problem else None
+
+
+def video_problem(meta: SampleMeta, media: memoryview) -> str | None:
+    """Why a sample's `.webm` member is damaged or unusable, or None: its checksum (where recorded), its header."""
+    if meta.media_crc32 is not None and zlib.crc32(media) != meta.media_crc32:
+        return "webm checksum mismatch (its bytes changed after preprocess wrote them)"
+    return webm_problem(media)
 
 
 def _video_columns(records: Sequence[VideoRecord], indices: np.ndarray) -> Batch:
     for record in records:
         if not record.checked and record.problem is None:
-            record.problem = webm_problem(record.media)
+            record.problem = video_problem(record.meta, record.media)
             record.checked = 1
     return {
         "video": [r.array for r in records],
@@ -370,6 +393,16 @@ def eval_batches(
         rest = _rows(batch, slice(n - n % batch_size, n))
     if rest is not None and len(rest["label"]):
         yield rest
+
+
+def without_unusable(batch: Batch) -> tuple[Batch, list[VideoRecord]]:
+    """The batch without the rows of videos found unusable after it was made (a decoder failed on them), and
+    those videos."""
+    records = batch[RECORDS]
+    ok = np.fromiter((r.problem is None for r in records), bool, len(records))
+    if ok.all():
+        return batch, []
+    return _rows(batch, ok), list({id(r): r for r, fine in zip(records, ok.tolist(), strict=True) if not fine}.values())
 
 
 def _skip_broken(records: Sequence[VideoRecord], ok: np.ndarray, stats: SourceStats) -> None:

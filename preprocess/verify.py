@@ -1,0 +1,271 @@
+"""`python cli.py preprocess verify OUT`: is every member of every shard still what preprocess wrote?
+
+Shards are copied between disks, machines and object stores, and a damaged strip either stops DALI or decodes to
+grey without a word. Every shard the manifest lists is checked, `--workers` at a time (threads: zlib and Pillow
+release the GIL): a shard whose whole-file CRC-32 matches the manifest's is intact as a whole; any other one is
+read member by member: each `.json` parses and fits the manifest, each `.cls` agrees with it, and each strip (or
+webm) matches its CRC-32 and has a sound header. Shards written before checksums get the structural checks and a
+full decode of every strip with Pillow instead, which misses some damage (a strip cut short and closed with an end
+marker decodes to grey): re-run preprocess to give them checksums.
+
+Damaged members go to a JSONL report, a line each: shard, key, member and what is wrong (key and member null for
+damage outside the members, e.g. in a tar header). A local shard that was checked before, unchanged since (size and
+modification time), is not read again: each finished shard is appended to `<report>.progress.jsonl`, so an
+interrupted verify resumes, and one run after some shards were replaced reads only those. A remote shard (http(s),
+`pipe:`) is streamed and checked afresh every time: nothing cheap tells that it did not change.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import mmap
+import os
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from dali_skd.data.shards import is_remote, join_location, load_manifest, shard_samples
+from dali_skd.data.source import strip_problem, video_problem
+from dali_skd.files import write_atomic
+from dali_skd.format import STRIPS_EXT, VIDEO_EXT, FormatError, SampleMeta, ShardInfo, ShardManifest
+
+REPORT_NAME = "damaged.jsonl"
+
+
+@dataclass
+class ShardCheck:
+    """What checking one shard found; a line of the progress file."""
+
+    path: str  # as the manifest lists it
+    samples: int = 0
+    strips: int = 0  # jpeg strips (or webm members) checked one by one
+    whole_file: bool = False  # its CRC-32 matched the manifest's: no member needed a look
+    decoded: bool = False  # written before checksums: its strips were decoded to check them
+    damaged: list[dict[str, Any]] = field(default_factory=list)  # report lines
+    bytes: int | None = None  # size and modification time of a local shard, to know it unchanged on a rerun
+    mtime_ns: int | None = None
+
+
+@dataclass
+class VerifySummary:
+    location: str
+    report: Path
+    shards: list[ShardCheck]
+    seconds: float
+    reused: set[str] = field(default_factory=set)  # local shards unchanged since an earlier verify: not read again
+
+    @property
+    def damaged(self) -> list[dict[str, Any]]:
+        return [line for shard in self.shards for line in shard.damaged]
+
+    def format(self) -> str:
+        shards, damaged = self.shards, self.damaged
+        samples = {(line["shard"], line["key"]) for line in damaged if line["key"] is not None}
+        members = {(line["shard"], line["member"]) for line in damaged if line["member"] is not None}
+        read = [s for s in shards if s.path not in self.reused]
+        lines = [
+            f"verified {len(shards)} shards ({sum(s.samples for s in shards)} samples) of {self.location} in "
+            f"{self.seconds:.1f} s: {len(read) - sum(s.whole_file for s in read)} read member by member "
+            f"({sum(s.strips for s in read)} strips or videos checked)"
+            + (f", {len(self.reused)} unchanged since the last verify (not read again)" if self.reused else "")
+        ]
+        old = sum(s.decoded for s in shards)
+        if old:
+            lines.append(
+                f"  {old} shards were written before checksums: checked by their structure and a full Pillow decode "
+                "of each strip, which misses a strip cut short and closed with an end marker; re-run preprocess "
+                "(into a new --out) to give them checksums"
+            )
+        if damaged:
+            lines.append(
+                f"  {len(damaged)} problems: {len(members)} damaged members of {len(samples)} samples, in "
+                f"{len({line['shard'] for line in damaged})} shards, listed in {self.report}; the loader skips "
+                "them; re-run preprocess for their videos, or copy the shards again from a sound copy"
+            )
+        else:
+            lines.append(f"  nothing damaged (report: {self.report})")
+        return "\n".join(lines)
+
+    __str__ = format
+
+
+def verify_dataset(location: str, workers: int, report: Path | None = None) -> VerifySummary:
+    """Check every shard of the dataset at `location` (a folder, http(s) URL prefix or `pipe:` command) and write
+    the damaged members to `report` (default: OUT/damaged.jsonl, or ./damaged.jsonl for a remote location)."""
+    if workers < 1:
+        raise ValueError(f"--workers {workers}: use 1 or more")
+    started = time.perf_counter()
+    manifest = load_manifest(location)
+    report = report or (Path(REPORT_NAME) if is_remote(location) else Path(location) / REPORT_NAME)
+    if report.exists() and not report.is_file():
+        raise ValueError(f"--report {report} exists and is not a file: pass the path of a JSONL file to write")
+    progress = report.with_name(report.name.removesuffix(".jsonl") + ".progress.jsonl")
+    infos = [info for split in manifest.splits.values() for info in split.shards]
+    done = _finished(progress)
+    results: dict[str, ShardCheck] = {}
+    todo = []
+    for info in infos:
+        reused = done.get(info.path)
+        if reused is not None and _unchanged(location, reused):
+            results[info.path] = reused
+        else:
+            todo.append(info)
+    try:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(workers) as pool, progress.open("a", encoding="utf-8") as log:
+            if log.tell() and not progress.read_bytes().endswith(b"\n"):
+                log.write("\n")  # after a line a kill cut short
+            futures = [pool.submit(check_shard, location, info, manifest) for info in todo]
+            for future in as_completed(futures):
+                check = future.result()
+                results[check.path] = check
+                log.write(json.dumps(asdict(check), ensure_ascii=False) + "\n")
+                log.flush()
+        shards = [results[info.path] for info in infos]
+        write_atomic(report, "".join(json.dumps(x, ensure_ascii=False) + "\n" for s in shards for x in s.damaged))
+    except OSError as e:
+        hint = "pass --report FILE in a folder you can write, with room"
+        raise RuntimeError(f"cannot write {e.filename or report} ({e.strerror}): {hint}") from e
+    return VerifySummary(location, report, shards, time.perf_counter() - started, set(results) - {i.path for i in todo})
+
+
+def check_shard(location: str, info: ShardInfo, manifest: ShardManifest) -> ShardCheck:
+    """Every member of one shard (see the module docstring); the whole file's CRC-32 first, where it is known."""
+    url = join_location(location, info.path)
+    check = ShardCheck(info.path)
+    whole_file_damaged = False
+    if not is_remote(url):
+        try:
+            stat = os.stat(url)
+            intact = info.crc32 is not None and stat.st_size == info.bytes and _file_crc32(url) == info.crc32
+        except OSError as e:
+            check.damaged.append(_line(url, None, None, f"cannot be read ({e.strerror})"))
+            return check
+        check.bytes, check.mtime_ns = stat.st_size, stat.st_mtime_ns
+        if intact:
+            check.samples, check.whole_file = info.samples, True
+            return check
+        whole_file_damaged = info.crc32 is not None
+    try:
+        for key, members in shard_samples(url):
+            check.samples += 1
+            problems, checked, decoded = sample_problems(key, members, manifest)
+            check.strips += checked
+            check.decoded |= decoded
+            check.damaged += [_line(url, key, member, problem) for member, problem in problems]
+    except (FormatError, OSError) as e:
+        reason = str(e).removeprefix(f"{url}: ")
+        check.damaged.append(_line(url, None, None, f"unreadable after {check.samples} samples ({reason})"))
+        return check
+    if check.samples != info.samples:
+        check.damaged.append(_line(url, None, None, f"{check.samples} samples, the manifest says {info.samples}"))
+    if whole_file_damaged and not check.damaged:
+        size = f"{check.bytes} bytes, the manifest says {info.bytes}" if check.bytes != info.bytes else "its CRC-32"
+        check.damaged.append(
+            _line(url, None, None, f"the file differs from what preprocess wrote ({size}), outside every member")
+        )
+    return check
+
+
+def sample_problems(
+    key: str, members: dict[str, memoryview], manifest: ShardManifest
+) -> tuple[list[tuple[str, str]], int, bool]:
+    """(member, what is wrong) of each damaged member of one sample; the strips (or webms) checked; and whether
+    they were decoded (a sample written before checksums)."""
+    ext = STRIPS_EXT if manifest.format == "jpeg" else VIDEO_EXT
+    if "json" not in members:
+        return [(f"{key}.json", "missing")], 0, False
+    try:
+        meta = SampleMeta.from_json(members["json"].tobytes(), key)
+    except FormatError as e:
+        return [(f"{key}.json", str(e).removeprefix(f"{key}: "))], 0, False
+    problems = []
+    if misfit := _misfit(meta, manifest):
+        problems.append((f"{key}.json", misfit))
+    label = members["cls"].tobytes() if "cls" in members else None
+    if label != str(meta.label).encode():
+        said = "missing" if label is None else f"says {label[:20]!r}, the .json label {meta.label}"
+        problems.append((f"{key}.cls", said))
+    media = members.get(ext)
+    if media is None:
+        return [*problems, (f"{key}.{ext}", "missing")], 0, False
+    if misfit:
+        return problems, 0, False
+    if ext == VIDEO_EXT:
+        problem = video_problem(meta, media)
+        return problems + ([(f"{key}.{ext}", problem)] if problem else []), 1, False
+    offsets = meta.strip_offsets
+    if offsets[-1] != len(media):
+        end = f"its strips end at byte {offsets[-1]} of a {len(media)}-byte member"
+        return [*problems, (f"{key}.{ext}", end)], 0, False
+    decode = not meta.strip_crc32
+    for strip in range(len(offsets) - 1):
+        problem = strip_problem(meta, media, offsets, strip)
+        if problem is None and decode:
+            problem = _decode_problem(media[offsets[strip] : offsets[strip + 1]], strip)
+        if problem:
+            problems.append((f"{key}.{ext}", problem))
+    return problems, len(offsets) - 1, decode
+
+
+def _misfit(meta: SampleMeta, manifest: ShardManifest) -> str | None:
+    if meta.format != manifest.format:
+        return f"format {meta.format}, the manifest says {manifest.format}"
+    if meta.format == "jpeg" and meta.frames_per_jpeg != manifest.frames_per_jpeg:
+        return f"{meta.frames_per_jpeg} frames per JPEG, the manifest says {manifest.frames_per_jpeg}"
+    if not 0 <= meta.label < len(manifest.classes):
+        return f"label {meta.label}, but the manifest has {len(manifest.classes)} classes"
+    return None
+
+
+def _decode_problem(data: memoryview, strip: int) -> str | None:
+    """A full decode with Pillow (libjpeg-turbo): for strips without a checksum."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Exception as e:  # a damaged stream raises anything from OSError to SyntaxError
+        return f"strip {strip}: does not decode ({e})"
+    return None
+
+
+def _file_crc32(path: str) -> int:
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return zlib.crc32(b"")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            return zlib.crc32(view)
+
+
+def _line(shard: str, key: str | None, member: str | None, problem: str) -> dict[str, Any]:
+    return {"shard": shard, "key": key, "member": member, "problem": problem}
+
+
+def _finished(progress: Path) -> dict[str, ShardCheck]:
+    """The shards an earlier verify finished (a line cut short by a kill is ignored), by path."""
+    if not progress.is_file():
+        return {}
+    done = {}
+    for line in progress.read_text(encoding="utf-8").splitlines():
+        try:
+            check = ShardCheck(**json.loads(line))
+        except (ValueError, TypeError):
+            continue
+        done[check.path] = check
+    return done
+
+
+def _unchanged(location: str, check: ShardCheck) -> bool:
+    """A local shard of the same size and modification time as when it was checked."""
+    if is_remote(location) or check.bytes is None:
+        return False
+    try:
+        stat = os.stat(join_location(location, check.path))
+    except OSError:
+        return False
+    return (stat.st_size, stat.st_mtime_ns) == (check.bytes, check.mtime_ns)
