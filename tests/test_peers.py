@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from clickit import invoke
 from clipdata import noise_frames, write_dataset
-from conftest import FFMPEG
+from conftest import ffmpeg_binary
 
 from dali_skd.bench import bench_augment, tree_cpu_seconds
 from dali_skd.config import AugmentConfig, BenchConfig, LoaderConfig
@@ -31,7 +31,7 @@ def counter_video(path: Path, height: int = 48, width: int = 64) -> Path:
     frames = np.repeat(GREY_BASE + GREY_STEP * np.arange(FRAMES, dtype=np.uint8), height * width * 3)
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", "25", "-i", "-"]
-    command = [FFMPEG, "-loglevel", "error", *raw, "-c:v", "libx264", "-pix_fmt", "yuv420p", "-y", str(path)]
+    command = [ffmpeg_binary(), "-loglevel", "error", *raw, "-c:v", "libx264", "-pix_fmt", "yuv420p", "-y", str(path)]
     subprocess.run(command, input=frames.tobytes(), check=True)
     return path
 
