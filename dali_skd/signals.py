@@ -1,0 +1,76 @@
+"""Stopping a long command cleanly on a signal: SIGTERM (what SLURM sends on preemption, at the time limit and on
+`scancel`; torchrun forwards it to its workers), SIGINT (Ctrl-C) and SIGUSR1 (what `sbatch --signal` sends ahead of
+the time limit).
+
+Inside `stop_on_signals()` the first of them only sets a flag: the command finishes what it is doing (`train`: the
+current step), saves where it is and raises `Stopped`, which the CLI prints as one line before exiting with
+`EXIT_STOPPED` (75, EX_TEMPFAIL: run me again). A later signal, `REPEAT_SECONDS` or more after the first, ends the
+process at once by the signal's default action (exit status 128 + its number). One within that time is the same
+signal delivered twice, not a person insisting: SLURM signals every process of a job step, and torchrun forwards
+what it receives to its workers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+EXIT_STOPPED = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+REPEAT_SECONDS = 1.0
+
+
+class Stopped(Exception):
+    """A command stopped on a signal once its work was saved: `what` happened, and `how` to go on."""
+
+    def __init__(self, what: str, how: str = "run the same command again to continue") -> None:
+        super().__init__(f"{what}; {how}")
+        self.what, self.how = what, how
+
+
+_installed = False
+_first: tuple[signal.Signals, float] | None = None  # the first signal received, and when
+
+
+def stop_requested() -> str | None:
+    """The name of the signal that asked the command to stop (SIGTERM, ...), or None."""
+    return _first[0].name if _first is not None else None
+
+
+def _handle(signum: int, frame: object) -> None:
+    global _first
+    now = time.monotonic()
+    if _first is None:
+        _first = (signal.Signals(signum), now)
+        if os.environ.get("RANK", "0") == "0":  # one line for a whole torchrun job
+            name = _first[0].name
+            os.write(
+                2, f"\n{name}: stopping after the current step, once its work is saved ({name} again: now)\n".encode()
+            )
+    elif now - _first[1] >= REPEAT_SECONDS:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within the block, STOP_SIGNALS set the flag `stop_requested` reads; the previous handlers come back after it.
+    Nested blocks share the outer one's; outside the main thread (where Python takes no handlers) it does nothing."""
+    global _installed, _first
+    if _installed or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    _installed, _first = True, None
+    try:
+        for s in STOP_SIGNALS:
+            signal.signal(s, _handle)
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _installed, _first = False, None
