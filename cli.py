@@ -8,6 +8,10 @@ python cli.py predict video.mp4 other.avi --checkpoint runs/ucf101-skd/best.pt
 python cli.py features --data data/ucf101 --checkpoint runs/ucf101-skd/best.pt --out features/ucf101
 python cli.py bench --data data/ucf101
 torchrun --nproc-per-node 8 cli.py train ...
+
+Exit codes: 0 done; 1 an error, printed as one line; 2 a flag click refused; 75 (EX_TEMPFAIL) stopped by a signal
+(SIGTERM, SIGINT, SIGUSR1) once the work was saved: run the command again (`train`: with --resume) to continue;
+128 + N killed by signal N (a second signal, SIGKILL).
 """
 
 from __future__ import annotations
@@ -29,19 +33,29 @@ from dali_skd.config import (
     PreprocessConfig,
     TrainConfig,
 )
+from dali_skd.files import FULL_DISK_ERRNOS, DiskFull
+from dali_skd.signals import EXIT_STOPPED, Stopped
 
 
 def user_errors(command):
-    """Errors a user can act on are printed as one line (set DALI_SKD_DEBUG=1 for the traceback)."""
+    """Errors a user can act on are printed as one line (set DALI_SKD_DEBUG=1 for the traceback); a command stopped
+    by a signal says where it stopped and exits with EXIT_STOPPED."""
 
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except Stopped as e:
+            click.echo(str(e), err=True)
+            raise click.exceptions.Exit(EXIT_STOPPED) from e
         except (ValueError, RuntimeError, FileNotFoundError, FileExistsError) as e:
             if os.environ.get("DALI_SKD_DEBUG"):
                 raise
             raise click.ClickException(str(e)) from e
+        except OSError as e:  # a full disk met outside the writes that name their file
+            if e.errno not in FULL_DISK_ERRNOS or os.environ.get("DALI_SKD_DEBUG"):
+                raise
+            raise click.ClickException(str(DiskFull(e.filename or "a file", e))) from e
 
     return run
 

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from dali_skd.checkpoint import load_classifier
 from dali_skd.config import EvalConfig
@@ -27,6 +26,7 @@ from dali_skd.data.source import video_id
 from dali_skd.distributed import DistContext, init_distributed, shutdown
 from dali_skd.format import sample_key
 from dali_skd.plot import plot_confusion
+from dali_skd.progress import Progress
 from dali_skd.runtime import autocast, resolve_precision
 
 
@@ -54,16 +54,14 @@ def clip_outputs(
     progress: bool = False,
 ) -> Iterator[tuple[torch.Tensor, EvalBatch]]:
     """`forward`'s output (fp32) for every clip of the loader's videos, batch by batch, with the batch."""
-    bar = tqdm(desc=loader.split, unit="clip", disable=not progress, leave=False)
-    try:
+    with Progress(loader.split, None, "clip", enabled=progress, leave=False) as bar:
         for batch in loader.epoch():
             x = batch.clips.to(memory_format=torch.channels_last_3d) if channels_last else batch.clips
             with torch.inference_mode(), autocast(precision, device):
                 out = forward(x).float()
             bar.update(len(out))
+            bar.show()
             yield out, batch
-    finally:
-        bar.close()
 
 
 @dataclass
@@ -170,6 +168,7 @@ class EvalResult:
     classes: list[str] = field(default_factory=list)
     confusion: list[list[int]] = field(default_factory=list)  # videos by true class (row) and predicted (column)
     scores: VideoOutputs | None = field(default=None, repr=False)  # every video's mean softmax, when asked for
+    nonfinite_clips: int = 0  # clips whose scores held a NaN or an infinity: the figures mean nothing then
 
     @property
     def class_videos(self) -> list[int]:
@@ -196,6 +195,7 @@ class EvalResult:
             "videos": self.videos,
             "clips": self.clips,
             "skipped": self.skipped,
+            "nonfinite_clips": self.nonfinite_clips,
             "per_class": [
                 {"class": name, "videos": n, "top1": top1}
                 for name, n, top1 in zip(self.classes, self.class_videos, self.per_class_top1, strict=True)
@@ -220,6 +220,11 @@ class EvalResult:
             lines += [f"  {top1:>7.2%}  {name} ({n} videos)" for top1, name, n in ranked[:worst]]
         if self.skipped:
             lines.append(f"skipped {self.skipped} unreadable videos")
+        if self.nonfinite_clips:
+            lines.append(
+                f"{self.nonfinite_clips} clips scored NaN or infinity (the model's outputs overflow): these figures "
+                "mean nothing; try --amp off"
+            )
         return "\n".join(lines)
 
 
@@ -237,18 +242,19 @@ def evaluate(
     model.eval()
     classes = loader.manifest.classes
     means = VideoMeans(len(classes))
-    clip_hits = torch.zeros(2, dtype=torch.int64)
+    counts = torch.zeros(3, dtype=torch.int64)  # clips right at top-1, at top-5, and scored NaN or infinity
     clips = 0
     skipped_before = loader.stats.skipped
     for logits, batch in clip_outputs(model, loader, ctx.device, precision, channels_last, progress and ctx.is_main):
-        clip_hits += topk_hits(logits, batch.labels).cpu()
+        nonfinite = (~logits.isfinite()).any(dim=1).sum().view(1)
+        counts += torch.cat([topk_hits(logits, batch.labels), nonfinite]).cpu()
         clips += len(logits)
         means.add(batch, logits.softmax(dim=1))
     videos = means.local()
     confusion = confusion_matrix(videos.values, videos.labels, len(classes))
     (top5,) = topk_correct(torch.from_numpy(videos.values), torch.from_numpy(videos.labels), (5,))
     unreadable = loader.stats.skipped - skipped_before
-    c1, c5, n_clips, v5, skipped, *cells = ctx.sum([*clip_hits.tolist(), clips, top5, unreadable, *confusion.ravel()])
+    c1, c5, bad, n_clips, v5, skipped, *cells = ctx.sum([*counts.tolist(), clips, top5, unreadable, *confusion.ravel()])
     confusion = np.rint(cells).astype(np.int64).reshape(confusion.shape)
     n_videos = int(confusion.sum())
     return EvalResult(
@@ -262,6 +268,7 @@ def evaluate(
         classes=list(classes),
         confusion=confusion.tolist(),
         scores=VideoOutputs.concat(ctx.gather(videos)) if keep_scores else None,
+        nonfinite_clips=int(bad),
     )
 
 
