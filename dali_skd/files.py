@@ -10,6 +10,7 @@ disk (or quota) while writing is `DiskFull`, naming the file; the file it would 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import io
@@ -131,7 +132,8 @@ def append_line(path: str | Path, line: str) -> None:
         except OSError as e:
             if e.errno not in FULL_DISK_ERRNOS:
                 raise
-            os.ftruncate(fd, size)  # a truncation frees space: it cannot fail for want of it
+            with contextlib.suppress(OSError):  # frees space, cannot fail for want of it (a device file: no matter)
+                os.ftruncate(fd, size)
             raise DiskFull(path, e) from e
     finally:
         os.close(fd)
