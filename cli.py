@@ -46,7 +46,8 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except Stopped as e:
-            click.echo(str(e), err=True)
+            if os.environ.get("RANK", "0") == "0":  # one line for a torchrun job, whose every rank stops
+                click.echo(str(e), err=True)
             raise click.exceptions.Exit(EXIT_STOPPED) from e
         except (ValueError, RuntimeError, FileNotFoundError, FileExistsError) as e:
             if os.environ.get("DALI_SKD_DEBUG"):
