@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from dali_skd.config import (
     TrainConfig,
 )
 from dali_skd.files import FULL_DISK_ERRNOS, DiskFull
-from dali_skd.signals import EXIT_STOPPED, Stopped
+from dali_skd.signals import EXIT_STOPPED, STOP_SIGNALS, Stopped
 
 
 def user_errors(command):
@@ -46,6 +47,8 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except Stopped as e:
+            for s in STOP_SIGNALS:  # the work is saved and the process ends: torchrun may signal it meanwhile
+                signal.signal(s, signal.SIG_IGN)
             if os.environ.get("RANK", "0") == "0":  # one line for a torchrun job, whose every rank stops
                 click.echo(str(e), err=True)
             raise click.exceptions.Exit(EXIT_STOPPED) from e

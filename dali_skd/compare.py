@@ -126,8 +126,8 @@ def run_compare(cfg: CompareConfig, command: str) -> CompareReport:
     except Stopped as e:
         raise Stopped(e.what, "run the same command again to continue: the runs it finished are kept") from e
     finally:
-        held.close()
         shutdown(ctx)
+        held.close()
 
 
 def _run(train_cfg: TrainConfig, run_dir: Path, name: str, ctx: DistContext, train_on: str | None = None) -> RunResult:

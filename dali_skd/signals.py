@@ -7,7 +7,8 @@ current step), saves where it is and raises `Stopped`, which the CLI prints as o
 `EXIT_STOPPED` (75, EX_TEMPFAIL: run me again). A later signal, `REPEAT_SECONDS` or more after the first, ends the
 process at once by the signal's default action (exit status 128 + its number). One within that time is the same
 signal delivered twice, not a person insisting: SLURM signals every process of a job step, and torchrun forwards
-what it receives to its workers.
+what it receives to its workers. Once the work is saved (`work_saved`), signals are ignored: torchrun sends one to
+the workers still running as soon as one of them exits, and they are on their way out already.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Stopped(Exception):
 
 _installed = False
 _first: tuple[signal.Signals, float] | None = None  # the first signal received, and when
+_saved = False  # the work is saved: nothing is lost if the process ends, nothing left to hurry
 
 
 def stop_requested() -> str | None:
@@ -41,9 +43,17 @@ def stop_requested() -> str | None:
     return _first[0].name if _first is not None else None
 
 
+def work_saved() -> None:
+    """The command has saved its work and is about to end: later signals change nothing."""
+    global _saved
+    _saved = True
+
+
 def _handle(signum: int, frame: object) -> None:
     global _first
     now = time.monotonic()
+    if _saved:
+        return
     if _first is None:
         _first = (signal.Signals(signum), now)
         if os.environ.get("RANK", "0") == "0":  # one line for a whole torchrun job
@@ -60,12 +70,12 @@ def _handle(signum: int, frame: object) -> None:
 def stop_on_signals() -> Iterator[None]:
     """Within the block, STOP_SIGNALS set the flag `stop_requested` reads; the previous handlers come back after it.
     Nested blocks share the outer one's; outside the main thread (where Python takes no handlers) it does nothing."""
-    global _installed, _first
+    global _installed, _first, _saved
     if _installed or threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    _installed, _first = True, None
+    _installed, _first, _saved = True, None, False
     try:
         for s in STOP_SIGNALS:
             signal.signal(s, _handle)
@@ -73,4 +83,4 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        _installed, _first = False, None
+        _installed, _first, _saved = False, None, False

@@ -37,7 +37,7 @@ from dali_skd.models import build_model
 from dali_skd.plot import parse_metrics, plot_curves
 from dali_skd.pretrained import init_from_pretrained
 from dali_skd.progress import Progress, duration
-from dali_skd.signals import Stopped, stop_on_signals, stop_requested
+from dali_skd.signals import Stopped, stop_on_signals, stop_requested, work_saved
 from dali_skd.step import build_train_step
 
 # settings that may change when a run is resumed, as they leave the result as it was: where the shards and the run
@@ -84,12 +84,13 @@ class Diverged(RuntimeError):
 
 
 def train(cfg: TrainConfig) -> TrainSummary:
-    ctx = init_distributed(cfg.loader.device)
-    try:
-        with stop_on_signals(), main_rank_lock(ctx, Path(cfg.out)):
-            return Trainer(cfg, ctx).run()
-    finally:
-        shutdown(ctx)
+    with stop_on_signals():  # until the process group is gone too
+        ctx = init_distributed(cfg.loader.device)
+        try:
+            with main_rank_lock(ctx, Path(cfg.out)):
+                return Trainer(cfg, ctx).run()
+        finally:
+            shutdown(ctx)
 
 
 @contextmanager
@@ -367,6 +368,7 @@ class Trainer:
         if stop:
             self._check_weights(f"at epoch {epoch + 1}, step {step + 1}")
             self._save_state(epoch, step=step + 1, sums=sums.saved(ctx))  # the loader was reset when the loop left
+            ctx.sum([0.0])  # no rank ends before rank 0 has saved: torchrun would signal it as the first one ended
             raise self._stopped(stop, f"at epoch {epoch + 1}, step {step + 1} of {steps}")
         names = sorted(sums.terms)
         totals = ctx.sum([float(sums.terms[k]) for k in names] + [*sums.hits.tolist(), sums.samples])
@@ -437,6 +439,7 @@ class Trainer:
         return f"{last}, from before, is the last checkpoint" if last.exists() else "no checkpoint was written"
 
     def _stopped(self, signal: str, where: str) -> Stopped:
+        work_saved()
         return Stopped(
             f"stopped by {signal} {where}; {self.out / 'last.pt'} holds it",
             "continue with the same command and --resume (or --resume auto)",

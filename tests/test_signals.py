@@ -11,7 +11,7 @@ import pytest
 
 SCRIPT = """
 import os, signal, sys, time
-from dali_skd.signals import stop_on_signals, stop_requested
+from dali_skd.signals import stop_on_signals, stop_requested, work_saved
 
 before = signal.getsignal(signal.SIGTERM)
 with stop_on_signals():
@@ -19,7 +19,9 @@ with stop_on_signals():
     print("flag", stop_requested(), flush=True)
     os.kill(os.getpid(), signal.SIGTERM)  # another at once: one delivered twice (SLURM, then torchrun forwarding it)
     print("alive", stop_requested(), flush=True)
-    if sys.argv[2] == "again":
+    if sys.argv[2] != "once":
+        if sys.argv[2] == "saved":
+            work_saved()  # on its way out: torchrun signalling the last workers changes nothing
         time.sleep(1.5)
         os.kill(os.getpid(), signal.SIGTERM)  # a person insisting
         time.sleep(5)
@@ -40,6 +42,8 @@ def test_a_signal_asks_to_stop_once_even_when_delivered_twice(first: str) -> Non
     assert f"{first}: stopping after the current step" in done.stderr
 
 
-def test_a_second_signal_later_ends_the_process_at_once() -> None:
+def test_a_second_signal_later_ends_the_process_at_once_unless_its_work_is_saved() -> None:
     done = run("SIGTERM", "again")
     assert done.returncode == -signal.SIGTERM and "still alive" not in done.stdout
+    done = run("SIGTERM", "saved")
+    assert done.returncode == 0 and "still alive" in done.stdout

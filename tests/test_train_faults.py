@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,45 @@ def test_sigterm_and_sigint_mid_epoch_then_resume_give_the_weights_of_an_uninter
     assert same_weights(state(tmp_path / "straight")["method"], state(tmp_path / "stopped")["method"])
     for a, b in zip(metrics(tmp_path / "straight"), metrics(tmp_path / "stopped"), strict=True):
         assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
+
+
+def children(pid: int) -> dict[int, dict[str, str]]:
+    """The child processes of `pid`, with their environments (Linux's /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                pairs = (item.partition(b"=") for item in (entry / "environ").read_bytes().split(b"\0") if item)
+                found[int(entry.name)] = {k.decode(): v.decode(errors="replace") for k, _, v in pairs}
+        except OSError:  # gone meanwhile
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(data: Path, tmp_path: Path) -> None:
+    cfg = tiny(data, tmp_path / "run")  # 16 videos, 2 ranks of 2: 4 steps an epoch
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
+    env = {**os.environ, "DALI_SKD_LOG_SECONDS": "0", "OMP_NUM_THREADS": "1"}
+    command = [*launch, str(REPO / "cli.py"), "train", *flags(cfg), "--log-every", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith("epoch 1/2: 1/4 steps"):  # rank 0's progress
+            (rank1,) = [pid for pid, environ in children(process.pid).items() if environ.get("RANK") == "1"]
+            os.kill(rank1, signal.SIGTERM)  # only rank 1: say, torchrun forwarded it on one machine only
+            break
+    output = "".join(seen) + process.stdout.read()
+    assert process.wait(timeout=300) != 0  # torchrun's own code for workers that did not exit 0
+    assert output.count("exitcode  : 75") == 2 and "\nError: " not in output  # both ranks stopped, neither failed
+    saved = state(tmp_path / "run")
+    assert saved["epoch"] == 0 and 2 <= saved["step"] <= 4 and saved["world"] == 2
+    assert f"stopped by a signal to another rank at epoch 1, step {saved['step']} of 4" in output
+    assert output.count("stopped by") == 1  # rank 0 says it, for both
 
 
 @pytest.mark.slow
