@@ -5,6 +5,7 @@ a second process is the point; the trainer in-process elsewhere."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -21,6 +22,9 @@ from clipdata import noise_frames, write_dataset
 
 from dali_skd.checkpoint import nonfinite_tensors, save_checkpoint
 from dali_skd.config import LoaderConfig, TrainConfig, to_dict
+from dali_skd.data.loader import EvalLoader
+from dali_skd.distributed import init_distributed
+from dali_skd.evaluate import EvalResult, evaluate
 from dali_skd.models import build_model
 from dali_skd.signals import EXIT_STOPPED
 from dali_skd.train import Diverged, train
@@ -224,3 +228,31 @@ def test_eval_refuses_a_checkpoint_with_nonfinite_weights(data: Path, tmp_path: 
     for command in (["eval", "--data", str(data)], ["features", "--data", str(data), "--out", str(tmp_path / "f")]):
         message = invoke(*command, "--checkpoint", str(path), "--device", "cpu", expect_error=True).output
         assert f"{path} holds non-finite weights (1 of {len(weights)} tensors, e.g. fc.weight)" in message
+
+
+class NaNModel(torch.nn.Module):
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        return torch.full((len(clips), 2), float("nan"))
+
+
+def test_evaluation_counts_the_clips_scored_nan(data: Path) -> None:
+    loader = EvalLoader(tiny(data, Path("unused")).loader, "test", batch_size=4, clips_per_video=2)
+    result = evaluate(NaNModel(), loader, init_distributed("cpu"), "fp32")
+    assert result.nonfinite_clips == result.clips == 8 and "8 clips scored NaN or infinity" in result.format()
+
+
+@pytest.mark.slow
+def test_a_validation_with_nonfinite_scores_is_never_the_best(data: Path, tmp_path: Path, monkeypatch) -> None:
+    validations = []
+
+    def overflowing_in_epoch_2(*args, **kwargs) -> EvalResult:  # as an fp16 model whose outputs overflow scores
+        validations.append(evaluate(*args, **kwargs))
+        if len(validations) == 2:
+            return dataclasses.replace(validations[-1], video_top1=1.0, nonfinite_clips=4)
+        return validations[-1]
+
+    monkeypatch.setattr("dali_skd.train.evaluate", overflowing_in_epoch_2)
+    summary = train(tiny(data, tmp_path / "run"))
+    rows = metrics(tmp_path / "run")
+    assert rows[0]["val_top1"] < 1.0 and rows[1]["val_top1"] == 1.0 and rows[1]["val_nonfinite_clips"] == 4
+    assert summary.best_epoch == 1 and [row["best_top1"] for row in rows] == [rows[0]["val_top1"]] * 2
