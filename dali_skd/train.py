@@ -366,6 +366,8 @@ class Trainer:
         sums.seconds += time.perf_counter() - started
         sums.waited += waited
         if stop:
+            if recent:  # alone, stopped between checks: the losses since the last one are looked at first
+                self._check(recent, epoch, steps)
             self._check_weights(f"at epoch {epoch + 1}, step {step + 1}")
             self._save_state(epoch, step=step + 1, sums=sums.saved(ctx))  # the loader was reset when the loop left
             ctx.sum([0.0])  # no rank ends before rank 0 has saved: torchrun would signal it as the first one ended
