@@ -47,8 +47,9 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except Stopped as e:
-            for s in STOP_SIGNALS:  # the work is saved and the process ends: torchrun may signal it meanwhile
-                signal.signal(s, signal.SIG_IGN)
+            if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker ending: torchrun signals the others meanwhile
+                for s in STOP_SIGNALS:
+                    signal.signal(s, signal.SIG_IGN)
             if os.environ.get("RANK", "0") == "0":  # one line for a torchrun job, whose every rank stops
                 click.echo(str(e), err=True)
             raise click.exceptions.Exit(EXIT_STOPPED) from e

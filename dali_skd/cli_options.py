@@ -41,8 +41,8 @@ class _FlagOrChoice(click.Choice):
 def _click_type(kind: Any) -> tuple[Any, dict[str, Any]]:
     """The click type (and extra option settings) of a field's annotation."""
     args = typing.get_args(kind)
-    if typing.get_origin(kind) in (typing.Union, types.UnionType) and bool in args:
-        choices = [str(c) for a in args if typing.get_origin(a) is Literal for c in typing.get_args(a)]
+    choices = [str(c) for a in args if typing.get_origin(a) is Literal for c in typing.get_args(a)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and bool in args and choices:
         return _FlagOrChoice(choices), {"is_flag": False, "flag_value": True}
     if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args:
         return _click_type(next(a for a in args if a is not type(None)))

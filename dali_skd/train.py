@@ -453,16 +453,20 @@ class Trainer:
             if key != "epoch" and isinstance(value, int | float):
                 self.writer.add_scalar(f"epoch/{key}", value, epoch + 1)
         self.writer.flush()
-        state = self._save_state(epoch + 1, record=record)
-        if is_best:
-            save_checkpoint(self.out / "best.pt", state)
+        self._save_state(epoch + 1, record=record, best=is_best)
         plot_curves(self.out)
 
     def _save_state(
-        self, epochs: int, record: dict[str, Any] | None = None, step: int = 0, sums: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
-        """Writes last.pt (rank 0) after `epochs` finished epochs and `step` steps of the next (with their `sums`),
-        and returns its state."""
+        self,
+        epochs: int,
+        record: dict[str, Any] | None = None,
+        step: int = 0,
+        sums: dict[str, Any] | None = None,
+        best: bool = False,
+    ) -> None:
+        """Writes (rank 0) the state after `epochs` finished epochs and `step` steps of the next (with their `sums`):
+        best.pt if `best`, then last.pt, where a resume starts, so that a disk full between the two leaves a pair a
+        resume makes whole (it redoes the epoch)."""
         state = {
             "method": self.method.state_dict(),  # the classifier is its "model." entries
             "optimizer": self.optimizer.state_dict(),
@@ -483,8 +487,9 @@ class Trainer:
         if step:
             state.update(step=step, sums=sums, steps_per_epoch=self.train_loader.steps_per_epoch, world=self.ctx.world)
         if self.ctx.is_main:
+            if best:
+                save_checkpoint(self.out / "best.pt", state)
             save_checkpoint(self.out / "last.pt", state)
-        return state
 
 
 def _val_fields(val: EvalResult) -> dict[str, float]:
