@@ -58,9 +58,7 @@ def _handle(signum: int, frame: object) -> None:
         _first = (signal.Signals(signum), now)
         if os.environ.get("RANK", "0") == "0":  # one line for a whole torchrun job
             name = _first[0].name
-            os.write(
-                2, f"\n{name}: stopping after the current step, once its work is saved ({name} again: now)\n".encode()
-            )
+            os.write(2, f"\n{name}: saving, then stopping at the next safe point ({name} again: at once)\n".encode())
     elif now - _first[1] >= REPEAT_SECONDS:
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)

@@ -39,7 +39,7 @@ def test_a_signal_asks_to_stop_once_even_when_delivered_twice(first: str) -> Non
     done = run(first, "once")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [f"flag {first}", f"alive {first}", "restored True None"]
-    assert f"{first}: stopping after the current step" in done.stderr
+    assert f"{first}: saving, then stopping at the next safe point" in done.stderr
 
 
 def test_a_second_signal_later_ends_the_process_at_once_unless_its_work_is_saved() -> None:
