@@ -34,7 +34,7 @@ from dali_skd.config import (
     PreprocessConfig,
     TrainConfig,
 )
-from dali_skd.files import FULL_DISK_ERRNOS, DiskFull
+from dali_skd.files import FULL_DISK_ERRNOS, DiskFull, lock_directory
 from dali_skd.signals import EXIT_STOPPED, STOP_SIGNALS, Stopped
 
 
@@ -63,6 +63,14 @@ def user_errors(command):
             raise click.ClickException(str(DiskFull(e.filename or "a file", e))) from e
 
     return run
+
+
+def not_in_use(out: str) -> None:
+    """Fails at once if another run holds the lock of `out`, before the seconds torch takes to import (the run takes
+    the lock itself, rank 0 under torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        with lock_directory(out):
+            pass
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
@@ -117,9 +125,11 @@ def preprocess_bench(work_dir: str, workers: int, classes: int, videos_per_class
 @user_errors
 def train(config_file: str | None, **options) -> None:
     """Train a model (one process per GPU under torchrun)."""
+    cfg = build_config(TrainConfig, options, config_file)
+    not_in_use(cfg.out)
     from dali_skd.train import train as run_train
 
-    run_train(build_config(TrainConfig, options, config_file))
+    run_train(cfg)
 
 
 @main.command("eval")
@@ -188,9 +198,11 @@ def compare(**options) -> None:
     """The paper's Table II: train every method x seed with the same settings (any train flag), evaluate each
     best checkpoint as eval does, and write OUT/table.md, table.json and compare.png. An interrupted comparison
     started again trains only what is missing."""
+    cfg = build_config(CompareConfig, options)
+    not_in_use(cfg.train.out)
     from dali_skd.compare import run_compare
 
-    run_compare(build_config(CompareConfig, options), command_line("compare", options))
+    run_compare(cfg, command_line("compare", options))
 
 
 @main.command()
