@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from clickit import invoke
 
 from dali_skd import compare as compare_module
 from dali_skd.config import PreprocessConfig
-from dali_skd.signals import EXIT_STOPPED, STOP_SIGNALS
+from dali_skd.signals import EXIT_STOPPED, STOP_SIGNALS, stop_requested
 from preprocess.run import run_preprocess
 
 TINY = ["--arch", "r3d10-tiny", "--epochs", "1", "--batch-size", "2", "--clip-len", "8", "--crop", "32",
@@ -114,6 +115,9 @@ def test_a_signal_stops_compare_between_runs_before_the_table_and_the_same_comma
     def evaluated_then_signalled(*args, **kwargs):
         result = evaluate(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)  # SLURM's, as the first run's evaluation ends
+        deadline = time.monotonic() + 30
+        while stop_requested() is None and time.monotonic() < deadline:  # seen by a thread, a moment later
+            time.sleep(0.01)
         return result
 
     monkeypatch.setattr(compare_module, "evaluate_checkpoint", evaluated_then_signalled)
