@@ -70,7 +70,8 @@ class Progress:
     def show(self, **figures: Any) -> None:
         """The figures (name -> text) on the bar; without a terminal, in a line if one is due."""
         if self.bar is not None:
-            self.bar.set_postfix(figures, refresh=False)
+            if figures:
+                self.bar.set_postfix(figures, refresh=False)  # drawn with the next update
         elif self.due():
             self.last = time.perf_counter()
             print(self.line(figures), file=sys.stderr, flush=True)
