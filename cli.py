@@ -10,12 +10,17 @@ python cli.py features --data data/ucf101 --checkpoint runs/ucf101-skd/best.pt -
 python cli.py bench --data data/ucf101
 python cli.py preview --data data/ucf101 --out views.png
 torchrun --nproc-per-node 8 cli.py train ...
+
+Exit codes: 0 done; 1 an error, printed as one line; 2 a flag click refused; 75 (EX_TEMPFAIL) stopped by a signal
+(SIGTERM, SIGINT, SIGUSR1) once the work was saved: run the command again (`train`: with --resume) to continue;
+128 + N killed by signal N (a second signal, SIGKILL).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -32,21 +37,43 @@ from dali_skd.config import (
     PreviewConfig,
     TrainConfig,
 )
+from dali_skd.files import FULL_DISK_ERRNOS, DiskFull, lock_directory
+from dali_skd.signals import EXIT_STOPPED, STOP_SIGNALS, Stopped
 
 
 def user_errors(command):
-    """Errors a user can act on are printed as one line (set DALI_SKD_DEBUG=1 for the traceback)."""
+    """Errors a user can act on are printed as one line (set DALI_SKD_DEBUG=1 for the traceback); a command stopped
+    by a signal says where it stopped and exits with EXIT_STOPPED."""
 
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except Stopped as e:
+            if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker ending: torchrun signals the others meanwhile
+                for s in STOP_SIGNALS:
+                    signal.signal(s, signal.SIG_IGN)
+            if os.environ.get("RANK", "0") == "0":  # one line for a torchrun job, whose every rank stops
+                click.echo(str(e), err=True)
+            raise click.exceptions.Exit(EXIT_STOPPED) from e
         except (ValueError, RuntimeError, FileNotFoundError, FileExistsError) as e:
             if os.environ.get("DALI_SKD_DEBUG"):
                 raise
             raise click.ClickException(str(e)) from e
+        except OSError as e:  # a full disk met outside the writes that name their file
+            if e.errno not in FULL_DISK_ERRNOS or os.environ.get("DALI_SKD_DEBUG"):
+                raise
+            raise click.ClickException(str(DiskFull(e.filename or "a file", e))) from e
 
     return run
+
+
+def not_in_use(out: str) -> None:
+    """Fails at once if another run holds the lock of `out`, before the seconds torch takes to import (the run takes
+    the lock itself, rank 0 under torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        with lock_directory(out):
+            pass
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
@@ -121,9 +148,11 @@ def preprocess_bench(work_dir: str, workers: int, classes: int, videos_per_class
 @user_errors
 def train(config_file: str | None, **options) -> None:
     """Train a model (one process per GPU under torchrun)."""
+    cfg = build_config(TrainConfig, options, config_file)
+    not_in_use(cfg.out)
     from dali_skd.train import train as run_train
 
-    run_train(build_config(TrainConfig, options, config_file))
+    run_train(cfg)
 
 
 @main.command("eval")
@@ -192,9 +221,11 @@ def compare(**options) -> None:
     """The paper's Table II: train every method x seed with the same settings (any train flag), evaluate each
     best checkpoint as eval does, and write OUT/table.md, table.json and compare.png. An interrupted comparison
     started again trains only what is missing."""
+    cfg = build_config(CompareConfig, options)
+    not_in_use(cfg.train.out)
     from dali_skd.compare import run_compare
 
-    run_compare(build_config(CompareConfig, options), command_line("compare", options))
+    run_compare(cfg, command_line("compare", options))
 
 
 @main.command()

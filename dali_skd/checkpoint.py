@@ -53,8 +53,28 @@ def classifier_state(state: dict[str, Any], path: str | Path) -> dict[str, torch
     return weights
 
 
+def nonfinite_tensors(weights: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors holding a NaN or an infinity."""
+    floating = {name: t for name, t in weights.items() if t.is_floating_point()}
+    if not floating:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for t in floating.values()]).tolist()  # one sync for all
+    return [name for name, ok in zip(floating, finite, strict=True) if not ok]
+
+
+def check_finite(weights: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Refuses a checkpoint whose weights are not all finite: the run that wrote it diverged."""
+    bad = nonfinite_tensors(weights)
+    if bad:
+        raise ValueError(
+            f"{path} holds non-finite weights ({len(bad)} of {len(weights)} tensors, e.g. {bad[0]}): the run that "
+            "wrote it diverged; use an earlier checkpoint, or train again with a lower --lr"
+        )
+
+
 def load_classifier(path: str | Path, device: torch.device, num_classes: int | None = None) -> tuple[ResNet3d, dict]:
-    """The trained classifier of a checkpoint (and the checkpoint), checked against the dataset's class count."""
+    """The trained classifier of a checkpoint (and the checkpoint), checked against the dataset's class count and
+    for non-finite weights."""
     state = load_checkpoint(path, device)
     cfg = from_dict(TrainConfig, state["config"], f"{path} config")
     classes = state["classes"]
@@ -63,8 +83,10 @@ def load_classifier(path: str | Path, device: torch.device, num_classes: int | N
             f"{path} was trained on {len(classes)} classes, this dataset has {num_classes}: "
             "use a checkpoint trained on the same dataset"
         )
+    weights = classifier_state(state, path)
+    check_finite(weights, path)
     model = build_model(cfg.arch, len(classes), shortcut=cfg.shortcut)
-    model.load_state_dict(classifier_state(state, path))
+    model.load_state_dict(weights)
     return model.to(device), state
 
 

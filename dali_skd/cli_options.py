@@ -31,9 +31,19 @@ def _leaves(cls: type, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ..
     return out
 
 
+class _FlagOrChoice(click.Choice):
+    """`--flag` alone (True) or `--flag CHOICE`: a field typed `bool | Literal[...]` (`--resume`, `--resume auto`)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return value if value is True else super().convert(value, param, ctx)
+
+
 def _click_type(kind: Any) -> tuple[Any, dict[str, Any]]:
     """The click type (and extra option settings) of a field's annotation."""
     args = typing.get_args(kind)
+    choices = [str(c) for a in args if typing.get_origin(a) is Literal for c in typing.get_args(a)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and bool in args and choices:
+        return _FlagOrChoice(choices), {"is_flag": False, "flag_value": True}
     if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args:
         return _click_type(next(a for a in args if a is not type(None)))
     if typing.get_origin(kind) is Literal:

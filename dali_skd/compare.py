@@ -14,7 +14,9 @@ DIR after a comparison:
     DIR/runs/teacher/               the kd teacher, when compare trained it
 
 A run whose result.json exists is reused, and an interrupted run resumes from its last.pt: a killed comparison
-started again trains only what is missing. A finished run asked for more epochs is trained on from its last.pt
+started again trains only what is missing. A SIGTERM, SIGINT or SIGUSR1 stops it as it stops `train` (the run in
+training saves where it is; between runs, before the next), and the table is not written. DIR/.lock keeps a second
+comparison out of DIR while one runs. A finished run asked for more epochs is trained on from its last.pt
 (the plateau schedule makes that the same run as one trained for them from the start), and one asked for fewer is
 refused. The teacher is never trained on: the kd runs in DIR learnt from it as it is.
 """
@@ -25,6 +27,7 @@ import json
 import statistics
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -48,7 +51,8 @@ from dali_skd.evaluate import evaluate_checkpoint
 from dali_skd.files import write_atomic
 from dali_skd.methods import METHODS
 from dali_skd.plot import read_metrics
-from dali_skd.train import RESUMABLE_CHANGES, Trainer
+from dali_skd.signals import Stopped, stop_on_signals
+from dali_skd.train import RESUMABLE_CHANGES, Trainer, agreed_stop, main_rank_lock
 
 TEACHER_METHOD = "baseline-aug"  # how compare trains a kd teacher: cross-entropy with the paper's augmentations
 
@@ -93,7 +97,10 @@ def run_compare(cfg: CompareConfig, command: str) -> CompareReport:
         raise ValueError(f"compare: --seeds must be 1 or more, not {cfg.seeds}")
     started = time.perf_counter()
     ctx = init_distributed(base.loader.device)
+    held = ExitStack()
     try:
+        held.enter_context(stop_on_signals())
+        held.enter_context(main_rank_lock(ctx, out))
         teacher_path, teacher = base.teacher, None
         if "kd" in methods and teacher_path is None:
             arch = cfg.teacher_arch or ("r3d50-tiny" if base.arch.endswith("-tiny") else "r3d50")
@@ -116,8 +123,11 @@ def run_compare(cfg: CompareConfig, command: str) -> CompareReport:
             write_report(report, out)
             print(format_table(report))
         return report
+    except Stopped as e:
+        raise Stopped(e.what, "run the same command again to continue: the runs it finished are kept") from e
     finally:
         shutdown(ctx)
+        held.close()
 
 
 def _run(train_cfg: TrainConfig, run_dir: Path, name: str, ctx: DistContext, train_on: str | None = None) -> RunResult:
@@ -126,9 +136,10 @@ def _run(train_cfg: TrainConfig, run_dir: Path, name: str, ctx: DistContext, tra
 
     A finished run asked for more epochs is trained on, unless `train_on` names the flag that must keep its
     epochs instead (the teacher's); one asked for fewer epochs is refused."""
-    train_cfg = replace(train_cfg, out=str(run_dir), resume=True)
+    train_cfg = replace(train_cfg, out=str(run_dir), resume="auto")
     result_path = run_dir / "result.json"
-    ctx.sum([0.0])  # every rank decides from the same files
+    if signal := agreed_stop(ctx):  # under torchrun also a barrier: every rank decides from the same files
+        raise Stopped(f"compare stopped by {signal} before {name}")
     earlier = 0.0  # seconds of a finished run trained on
     if result_path.exists():
         _check_same_settings(run_dir, train_cfg)

@@ -178,11 +178,18 @@ class TrainConfig:
     amp: Amp = _opt("auto", "mixed precision (auto: fp16 on CUDA, off on CPU)")
     channels_last: bool = _opt(True, "channels_last_3d memory layout on CUDA")
     seed: int = _opt(0, "seed for weights, data order and augmentation draws")
-    resume: bool = _opt(False, "continue from OUT/last.pt")
-    log_every: int = _opt(20, "steps between TensorBoard scalars")
+    resume: bool | Literal["auto"] = _opt(
+        False, "continue from OUT/last.pt (it must exist); --resume auto: continue if OUT holds one, else start"
+    )
+    log_every: int = _opt(
+        20, "steps between TensorBoard scalars and checks of the loss (and, under torchrun, of a stop signal)"
+    )
     loader: LoaderConfig = _opt(LoaderConfig(), "data loading")
     augment: AugmentConfig = _opt(AugmentConfig(), "augmentations")
     objective: ObjectiveConfig = _opt(ObjectiveConfig(), "loss terms")
+    max_skipped_steps: int = _opt(
+        100, "fp16: stop when the grad scaler skips this many steps in a row (their gradients overflow at any scale)"
+    )
 
 
 @dataclass

@@ -9,7 +9,8 @@ The work is planned from this machine's speed, so that the whole demo ends withi
    (their preparation takes at most a quarter of the budget);
 2. after the videos, one real epoch of each method gives the seconds per epoch, from which the number of epochs
    is chosen to fill what is left (the run then continues from that epoch: resuming is exact).
-The plan is printed and kept in OUT/plan.json; re-running the demo continues where it stopped.
+The plan is printed and kept in OUT/plan.json; re-running the demo continues where it stopped, after a kill or
+after a SIGTERM, SIGINT or SIGUSR1, on which it stops as `train` does.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ import torch
 
 from dali_skd.config import EvalConfig, LoaderConfig, PreprocessConfig, TrainConfig
 from dali_skd.evaluate import run_eval
+from dali_skd.files import write_atomic
 from dali_skd.models import build_model
 from dali_skd.runtime import resolve_device
+from dali_skd.signals import Stopped, stop_on_signals, stop_requested
 from dali_skd.step import build_train_step
 from dali_skd.train import train
 
@@ -78,6 +81,17 @@ def run_demo(
     minutes: float = 6.0,
     preset: DemoPreset = DemoPreset(),
 ) -> dict:
+    with stop_on_signals():
+        try:
+            return _demo(out, compare, json_path, device, minutes, preset)
+        except Exception as e:
+            if (signal := stop_requested()) is None:
+                raise
+            what = e.what if isinstance(e, Stopped) else f"demo stopped by {signal}"  # e.g. its ffmpeg killed too
+            raise Stopped(what, f"run `python cli.py demo --out {out}` again to continue") from e
+
+
+def _demo(out: str, compare: bool, json_path: str | None, device: str, minutes: float, preset: DemoPreset) -> dict:
     from preprocess.run import run_preprocess  # the heaviest import of the demo, needed only here
 
     started = time.perf_counter()
@@ -90,7 +104,7 @@ def run_demo(
         plan = DemoPlan(**json.loads(plan_path.read_text()))
     else:
         plan = _plan_videos(preset, minutes, resolve_device(device), len(methods))
-        plan_path.write_text(json.dumps(asdict(plan), indent=2) + "\n")
+        write_atomic(plan_path, json.dumps(asdict(plan), indent=2) + "\n")
     print(plan.describe(), flush=True)
 
     data = out_dir / "data"
@@ -117,7 +131,7 @@ def run_demo(
             lr=preset.lr,
             lr_patience=preset.lr_patience,
             loader=loader,
-            resume=True,
+            resume="auto",
         )
         for method in methods
     }
@@ -128,7 +142,7 @@ def run_demo(
             train(cfg)
             plan.epoch_seconds[method] = time.perf_counter() - epoch_started
         plan.epochs = plan_epochs(plan.epoch_seconds, deadline - time.perf_counter(), preset)
-        plan_path.write_text(json.dumps(asdict(plan), indent=2) + "\n")
+        write_atomic(plan_path, json.dumps(asdict(plan), indent=2) + "\n")
         print(plan.describe(), flush=True)
     rows = []
     for method, cfg in configs.items():

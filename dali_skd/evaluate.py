@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from dali_skd.checkpoint import load_classifier
 from dali_skd.config import EvalConfig
@@ -26,6 +25,7 @@ from dali_skd.data.shards import load_manifest
 from dali_skd.data.source import video_id
 from dali_skd.distributed import DistContext, init_distributed, shutdown
 from dali_skd.plot import plot_confusion
+from dali_skd.progress import Progress
 from dali_skd.runtime import autocast, resolve_precision
 
 
@@ -58,16 +58,14 @@ def clip_outputs(
     progress: bool = False,
 ) -> Iterator[tuple[torch.Tensor, EvalBatch]]:
     """`forward`'s output (fp32) for every clip of the loader's videos, batch by batch, with the batch."""
-    bar = tqdm(desc=loader.split, unit="clip", disable=not progress, leave=False)
-    try:
+    with Progress(loader.split, None, "clip", enabled=progress, leave=False) as bar:
         for batch in loader.epoch():
             x = batch.clips.to(memory_format=torch.channels_last_3d) if channels_last else batch.clips
             with torch.inference_mode(), autocast(precision, device):
                 out = forward(x).float()
             bar.update(len(out))
+            bar.show()
             yield out, batch
-    finally:
-        bar.close()
 
 
 @dataclass
@@ -189,6 +187,7 @@ class EvalResult:
     classes: list[str] = field(default_factory=list)
     confusion: list[list[int]] = field(default_factory=list)  # videos by true class (row) and predicted (column)
     scores: VideoOutputs | None = field(default=None, repr=False)  # every video's mean softmax, when asked for
+    nonfinite_clips: int = 0  # clips whose scores held a NaN or an infinity: the figures mean nothing then
 
     @property
     def class_videos(self) -> list[int]:
@@ -215,6 +214,7 @@ class EvalResult:
             "videos": self.videos,
             "clips": self.clips,
             "skipped": self.skipped,
+            "nonfinite_clips": self.nonfinite_clips,
             "per_class": [
                 {"class": name, "videos": n, "top1": top1}
                 for name, n, top1 in zip(self.classes, self.class_videos, self.per_class_top1, strict=True)
@@ -242,6 +242,11 @@ class EvalResult:
                 f"skipped {self.skipped} damaged or unreadable videos (each named in the log): "
                 "`python cli.py preprocess verify DATA` lists them all"
             )
+        if self.nonfinite_clips:
+            lines.append(
+                f"{self.nonfinite_clips} clips scored NaN or infinity (the model's outputs overflow): these figures "
+                "mean nothing; try --amp off"
+            )
         return "\n".join(lines)
 
 
@@ -259,8 +264,10 @@ def evaluate(
     model.eval()
     classes = loader.manifest.classes
     means = VideoMeans(len(classes))
+    nonfinite = 0  # clips scored NaN or infinity
     skipped_before = loader.stats.skipped
     for logits, batch in clip_outputs(model, loader, ctx.device, precision, channels_last, progress and ctx.is_main):
+        nonfinite += int((~logits.isfinite()).any(dim=1).sum())
         means.add(batch, logits.softmax(dim=1), topk_rows(logits, batch.labels))
     means.drop(loader.undecodable_ids())
     clip_hits, clips = means.clip_totals()
@@ -268,7 +275,9 @@ def evaluate(
     confusion = confusion_matrix(videos.values, videos.labels, len(classes))
     (top5,) = topk_correct(torch.from_numpy(videos.values), torch.from_numpy(videos.labels), (5,))
     unreadable = loader.stats.skipped - skipped_before
-    c1, c5, n_clips, v5, skipped, *cells = ctx.sum([*clip_hits, clips, top5, unreadable, *confusion.ravel()])
+    c1, c5, n_clips, v5, skipped, bad, *cells = ctx.sum(
+        [*clip_hits, clips, top5, unreadable, nonfinite, *confusion.ravel()]
+    )
     confusion = np.rint(cells).astype(np.int64).reshape(confusion.shape)
     n_videos = int(confusion.sum())
     return EvalResult(
@@ -282,6 +291,7 @@ def evaluate(
         classes=list(classes),
         confusion=confusion.tolist(),
         scores=VideoOutputs.concat(ctx.gather(videos)) if keep_scores else None,
+        nonfinite_clips=int(bad),
     )
 
 

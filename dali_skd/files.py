@@ -2,16 +2,60 @@
 the journal's settings, the synthetic set's small files and a run's config all go through `AtomicFile`.
 
 The data goes to `<name>.tmp` in the same folder (a rename within one file system is atomic), is flushed and
-fsync'd, renamed over `<name>`, and the folder is fsync'd so that the rename itself survives a power cut.
+fsync'd, renamed over `<name>`, and the folder is fsync'd so that the rename itself survives a power cut. A full
+disk (or quota) while writing is `DiskFull`, naming the file; the file it would have replaced is left as it was.
+
+`lock_directory`: one process writes into an output folder at a time (a kernel lock, gone with its process).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import io
+import logging
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+log = logging.getLogger(__name__)
+
+FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+class DiskFull(RuntimeError):
+    """No space (or no quota) left while writing `path`."""
+
+    def __init__(self, path: str | Path, cause: OSError) -> None:
+        self.path = Path(path)
+        what = "the disk quota is exceeded" if cause.errno == errno.EDQUOT else "the disk is full"
+        super().__init__(
+            f"cannot write {self.path}: {what} ({cause.strerror}). Free some space there, then run the command "
+            f"again with --resume: what {self.path.name} held before this write is intact"
+        )
+
+
+class _FullDiskNamed(io.FileIO):
+    """The temporary file of `path`: a write that finds the disk full raises `DiskFull` naming `path`, and keeps
+    it (`torch.save` turns the errors of its writes into its own RuntimeError, which says nothing of a disk)."""
+
+    def __init__(self, tmp: Path, path: Path) -> None:
+        super().__init__(tmp, "w")
+        self.path = path
+        self.full: DiskFull | None = None
+
+    def write(self, data) -> int:  # type: ignore[override]
+        try:
+            return super().write(data)
+        except OSError as e:
+            if e.errno not in FULL_DISK_ERRNOS:
+                raise
+            self.full = self.full or DiskFull(self.path, e)
+            raise self.full from e
 
 
 class AtomicFile:
@@ -21,17 +65,35 @@ class AtomicFile:
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file: BinaryIO = self.tmp.open("wb")
+        self._raw = _FullDiskNamed(self.tmp, self.path)
+        self.file: BinaryIO = io.BufferedWriter(self._raw)  # type: ignore[assignment]
+
+    @property
+    def full_disk(self) -> DiskFull | None:
+        """Set once a write found the disk full."""
+        return self._raw.full
 
     def commit(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())  # a network file system may report a full disk only here
+            self.file.close()
+        except OSError as e:
+            self.discard()
+            if e.errno in FULL_DISK_ERRNOS:
+                raise DiskFull(self.path, e) from e
+            raise
+        except DiskFull:
+            self.discard()
+            raise
         os.replace(self.tmp, self.path)
         _fsync_dir(self.path.parent)
 
     def discard(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except (OSError, DiskFull):  # flushing what the full disk refused fails again: the file goes anyway
+            self._raw.close()
         self.tmp.unlink(missing_ok=True)
 
 
@@ -41,8 +103,10 @@ def open_atomic(path: str | Path) -> Iterator[BinaryIO]:
     out = AtomicFile(path)
     try:
         yield out.file
-    except BaseException:
+    except BaseException as e:
         out.discard()
+        if out.full_disk is not None and out.full_disk is not e:  # e.g. torch.save's RuntimeError about it
+            raise out.full_disk from e
         raise
     out.commit()
 
@@ -51,6 +115,62 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
     """`data` (text is written as UTF-8) as the whole of `path`."""
     with open_atomic(path) as f:
         f.write(data.encode() if isinstance(data, str) else data)
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Appends `line` and a newline to `path`, fsync'd. A full disk leaves the file as it was (no torn line)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        data = memoryview(line.encode() + b"\n")
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        except OSError as e:
+            if e.errno not in FULL_DISK_ERRNOS:
+                raise
+            with contextlib.suppress(OSError):  # frees space, cannot fail for want of it (a device file: no matter)
+                os.ftruncate(fd, size)
+            raise DiskFull(path, e) from e
+    finally:
+        os.close(fd)
+
+
+class DirectoryBusy(RuntimeError):
+    """Another process holds the lock of an output folder."""
+
+
+@contextmanager
+def lock_directory(directory: str | Path, name: str = ".lock") -> Iterator[None]:
+    """Holds an exclusive `flock` on `directory/name` (created with the folder) while the block runs; it is
+    released when the process ends, however it ends, so a crash leaves nothing to clean up. The file names the
+    holder (host, PID, SLURM job) for the message of a second process, which raises `DirectoryBusy` at once.
+    On a file system without locks (Lustre mounted without `flock`) it warns and goes on unlocked."""
+    path = Path(directory) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as f:  # not truncated before the lock is ours: it names the holder
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise DirectoryBusy(
+                f"{directory} is in use by {holder} (lock {path}): wait for that run to end or stop it, or "
+                "choose another output folder"
+            ) from None
+        except OSError as e:
+            log.warning(
+                "cannot lock %s (%s): this file system has no locks, so a second run into %s would not be stopped",
+                path, e.strerror, directory,
+            )  # fmt: skip
+        job = os.environ.get("SLURM_JOB_ID")
+        f.truncate(0)
+        f.write(f"host {socket.gethostname()}, pid {os.getpid()}" + (f", SLURM job {job}" if job else "") + "\n")
+        f.flush()
+        yield
 
 
 def _fsync_dir(directory: str | Path) -> None:

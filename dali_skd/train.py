@@ -2,30 +2,42 @@
 schedule, checkpoints that resume exactly, and one process per GPU under torchrun.
 
 RUN_DIR after a run: config.json, metrics.jsonl (a line per epoch), tb/ (TensorBoard), last.pt, best.pt,
-curves.png.
+curves.png, and .lock (held by the run that writes there: `files.lock_directory`).
+
+A run survives what a cluster does to it:
+- On SIGTERM, SIGINT or SIGUSR1 (`signals`) the current step finishes, last.pt is written with the step within the
+  epoch and the epoch's running sums (`EpochSums`), and `Stopped` is raised: `--resume` goes on from that step with
+  the batches, RNG and schedule of an uninterrupted run, to the same weights. Under torchrun the ranks agree to
+  stop at the next check (`--log-every` steps: a collective every step would cost every step).
+- A loss that is not finite, a checkpoint whose weights would not be, or `max_skipped_steps` fp16 steps in a row
+  skipped by the grad scaler stop the run (`Diverged`); a validation with non-finite outputs is never the best.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from dali_skd.checkpoint import load_checkpoint, load_classifier, save_checkpoint
+from dali_skd.checkpoint import check_finite, load_checkpoint, load_classifier, nonfinite_tensors, save_checkpoint
 from dali_skd.config import TrainConfig, changed_settings, format_changes, from_dict, save_json, to_dict
 from dali_skd.data.loader import EvalLoader, TrainLoader
 from dali_skd.data.shards import load_manifest
 from dali_skd.distributed import DistContext, init_distributed, shutdown
 from dali_skd.evaluate import EvalResult, eval_split, evaluate, topk_hits
-from dali_skd.files import write_atomic
+from dali_skd.files import DirectoryBusy, append_line, lock_directory, write_atomic
 from dali_skd.models import build_model
-from dali_skd.plot import plot_curves
+from dali_skd.plot import parse_metrics, plot_curves
 from dali_skd.pretrained import init_from_pretrained
+from dali_skd.progress import Progress, duration
+from dali_skd.signals import Stopped, stop_on_signals, stop_requested, work_saved
 from dali_skd.step import build_train_step
 
 # settings that may change when a run is resumed, as they leave the result as it was: where the shards and the run
@@ -35,6 +47,7 @@ RESUMABLE_CHANGES = {
     "epochs",
     "resume",
     "log_every",
+    "max_skipped_steps",
     "loader.data",
     "loader.train_shards",
     "loader.eval_shards",
@@ -76,12 +89,87 @@ class TrainSummary:
         )
 
 
+class Diverged(RuntimeError):
+    """The loss or the weights stopped being finite."""
+
+
 def train(cfg: TrainConfig) -> TrainSummary:
-    ctx = init_distributed(cfg.loader.device)
-    try:
-        return Trainer(cfg, ctx).run()
-    finally:
-        shutdown(ctx)
+    with stop_on_signals():  # until the process group is gone too
+        ctx = init_distributed(cfg.loader.device)
+        try:
+            with main_rank_lock(ctx, Path(cfg.out)):
+                return Trainer(cfg, ctx).run()
+        finally:
+            shutdown(ctx)
+
+
+@contextmanager
+def main_rank_lock(ctx: DistContext, directory: Path) -> Iterator[None]:
+    """`lock_directory(directory)`, held by rank 0 for the block; if another process holds it, every rank raises
+    `DirectoryBusy` before writing anything."""
+    with ExitStack() as held:
+        busy = None
+        if ctx.is_main:
+            try:
+                held.enter_context(lock_directory(directory))
+            except DirectoryBusy as e:
+                busy = e
+        if ctx.sum([busy is not None])[0]:
+            raise busy or DirectoryBusy(f"{directory} is in use by another run (rank 0 says which)")
+        yield
+
+
+def agreed_stop(ctx: DistContext) -> str | None:
+    """The signal that asked this process or any other rank to stop (every rank must call it at the same point)."""
+    asked = stop_requested()
+    if ctx.distributed and ctx.sum([asked is not None])[0] and asked is None:
+        return "a signal to another rank"
+    return asked
+
+
+@dataclass
+class EpochSums:
+    """What an epoch's metrics line is made of, summed over its steps so far. A mid-epoch checkpoint keeps them
+    (summed over ranks), so that the epoch, resumed, ends with the line an uninterrupted one would."""
+
+    terms: dict[str, torch.Tensor]  # each loss term x samples, float64 on the device
+    hits: torch.Tensor  # top-1 and top-5 hits, float64 on the device
+    samples: int = 0
+    waited: float = 0.0  # seconds spent waiting for data
+    seconds: float = 0.0  # of training, the part before a resume included
+    scaler_skipped_steps: int = 0  # fp16 steps the grad scaler skipped (gradients not finite at its scale)
+
+    @classmethod
+    def start(cls, ctx: DistContext, saved: dict[str, Any] | None = None) -> EpochSums:
+        """Zero, or what a mid-epoch checkpoint `saved` (on rank 0: the other ranks add theirs to it)."""
+        sums = cls({}, torch.zeros(2, dtype=torch.float64, device=ctx.device))
+        if saved is None:
+            return sums
+        sums.waited, sums.seconds, sums.scaler_skipped_steps = saved["waited"], saved["seconds"], saved["skipped"]
+        if ctx.is_main:
+            sums.terms = {k: torch.tensor(v, dtype=torch.float64, device=ctx.device) for k, v in saved["terms"].items()}
+            sums.hits += torch.tensor(saved["hits"], dtype=torch.float64, device=ctx.device)
+            sums.samples = saved["samples"]
+        return sums
+
+    def add(self, terms: dict[str, torch.Tensor], samples: int, hits: torch.Tensor) -> None:
+        for name, value in terms.items():
+            self.terms[name] = self.terms.get(name, 0.0) + value.double() * samples
+        self.hits += hits
+        self.samples += samples
+
+    def saved(self, ctx: DistContext) -> dict[str, Any]:
+        """The sums over all ranks, for a checkpoint (every rank must call it)."""
+        names = sorted(self.terms)
+        totals = ctx.sum([float(self.terms[k]) for k in names] + [*self.hits.tolist(), self.samples])
+        return {
+            "terms": dict(zip(names, totals, strict=False)),
+            "hits": totals[len(names) : len(names) + 2],
+            "samples": int(totals[-1]),
+            "waited": self.waited,
+            "seconds": self.seconds,
+            "skipped": self.scaler_skipped_steps,
+        }
 
 
 class Trainer:
@@ -114,9 +202,12 @@ class Trainer:
             self.optimizer, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience
         )
         self.start_epoch, self.best_top1, self.best_epoch = 0, -1.0, 0
+        self.start_step, self.start_sums = 0, None  # where in its epoch a mid-epoch checkpoint stopped
         self.writer = None  # TensorBoard, rank 0 only
         if resume is not None:
             self._restore(resume)
+        self.optimizer_steps = self.skipped_in_a_row = 0  # a step the grad scaler skips does not step the optimizer
+        self.optimizer.register_step_post_hook(self._count_optimizer_step)
 
         common = {
             "dtype": self.precision, "device": ctx.device, "rank": ctx.rank, "world": ctx.world,
@@ -140,14 +231,22 @@ class Trainer:
         )
         for loader in (self.train_loader, self.val_loader):  # skipped from the start, as the interrupted run did
             loader.mark_undecodable(resume.get("bad_samples", []) if resume else [], str(self.out / "last.pt"))
+        if self.start_step:
+            self._check_mid_epoch(resume)
 
     def _resume_state(self) -> dict[str, Any] | None:
         path = self.out / "last.pt"
         if not path.exists():
+            if self.cfg.resume != "auto":
+                raise FileNotFoundError(
+                    f"--resume: {path} does not exist, so there is no run to continue: check --out, drop --resume "
+                    "to start one there, or pass --resume auto (continue if there is one, else start)"
+                )
             if self.ctx.is_main:
-                print(f"--resume: {path} does not exist yet, starting from epoch 1")
+                print(f"--resume auto: no {path} yet, starting a new run")
             return None
         state = load_checkpoint(path)
+        check_finite(state["method"], path)
         saved = from_dict(TrainConfig, state["config"], f"{path} config")
         changes = changed_settings(to_dict(saved), to_dict(self.cfg))
         refused = {name: values for name, values in changes.items() if name not in RESUMABLE_CHANGES}
@@ -170,9 +269,25 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.best_top1, self.best_epoch = state["epoch"], state["best_top1"], state["best_epoch"]
+        self.start_step, self.start_sums = state.get("step", 0), state.get("sums")
         torch.set_rng_state(state["rng"]["torch"])
         if self.ctx.device.type == "cuda" and state["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def _check_mid_epoch(self, state: dict[str, Any]) -> None:
+        """A mid-epoch checkpoint continues only where the epoch's batches are those it was cut from."""
+        path, steps = self.out / "last.pt", self.train_loader.steps_per_epoch
+        where = f"{path} stopped at step {self.start_step} of epoch {self.start_epoch + 1}"
+        if state["world"] != self.ctx.world:
+            raise ValueError(
+                f"{where} with {state['world']} process(es), and this run has {self.ctx.world}: resume it with "
+                f"{state['world']} (each process reads its own part of the epoch)"
+            )
+        if state["steps_per_epoch"] != steps:
+            raise ValueError(
+                f"{where} of {state['steps_per_epoch']} steps, and the data now gives {steps} steps an epoch: "
+                "resume it on the dataset it was trained on"
+            )
 
     def run(self) -> TrainSummary:
         cfg, ctx = self.cfg, self.ctx
@@ -187,24 +302,33 @@ class Trainer:
                 f"training {cfg.method} / {cfg.arch} on {cfg.loader.data} ({len(self.classes)} classes) "
                 f"with {ctx.world} process(es) on {ctx.device}, precision {self.precision}, "
                 f"{self.train_loader.steps_per_epoch} steps per epoch"
+                + (f"; resuming epoch {self.start_epoch + 1} at step {self.start_step + 1}" if self.start_step else ""),
+                flush=True,
             )
         started = time.perf_counter()
         record: dict[str, Any] = {}
-        for epoch in range(self.start_epoch, cfg.epochs):
-            record = self._train_epoch(epoch)
-            ctx.average_buffers(self.method)
-            val = evaluate(self.method.model, self.val_loader, ctx, self.precision, self.channels_last)
-            self.scheduler.step(val.video_top1)
-            if val.video_top1 > self.best_top1:
-                self.best_top1, self.best_epoch = val.video_top1, epoch + 1
-            record.update(_val_fields(val), best_top1=self.best_top1)
-            undecodable = sorted({s for part in ctx.gather(self._undecodable()) for s in part})
-            if ctx.is_main:
-                self._save(epoch, record, is_best=self.best_epoch == epoch + 1, bad_samples=undecodable)
-        if self.writer is not None:
-            self.writer.close()
-        self.train_loader.close()  # their DALI pipelines and threads go now, not when the trainer is collected
-        self.val_loader.close()
+        try:
+            for epoch in range(self.start_epoch, cfg.epochs):
+                first = self.start_step if epoch == self.start_epoch else 0
+                record = self._train_epoch(epoch, first, self.start_sums if first else None)
+                ctx.average_buffers(self.method)
+                val = evaluate(self.method.model, self.val_loader, ctx, self.precision, self.channels_last)
+                self.scheduler.step(val.video_top1)
+                if val.video_top1 > self.best_top1 and not val.nonfinite_clips:  # a NaN model "predicts" class 0
+                    self.best_top1, self.best_epoch = val.video_top1, epoch + 1
+                record.update(_val_fields(val), best_top1=self.best_top1)
+                self._check_weights(f"after epoch {epoch + 1}")
+                bad_samples = self._bad_samples()
+                if ctx.is_main:
+                    self._save(epoch, record, is_best=self.best_epoch == epoch + 1, bad_samples=bad_samples)
+                    print(_epoch_line(record, cfg.epochs, self.best_epoch), flush=True)
+                if epoch + 1 < cfg.epochs and (signal := agreed_stop(ctx)):
+                    raise self._stopped(signal, f"after epoch {epoch + 1} of {cfg.epochs}")
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+            self.train_loader.close()  # their DALI pipelines and threads go now, not when the trainer is collected
+            self.val_loader.close()
         skipped = int(ctx.sum([float(self.train_loader.stats.unusable + self.val_loader.stats.unusable)])[0])
         summary = TrainSummary(
             self.out, cfg.epochs, self.best_top1, self.best_epoch, record, time.perf_counter() - started, skipped
@@ -213,82 +337,184 @@ class Trainer:
             print(summary.format())
         return summary
 
-    def _train_epoch(self, epoch: int) -> dict[str, Any]:
+    def _train_epoch(self, epoch: int, first: int = 0, saved: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Epoch `epoch` from step `first` on (the sums of the steps before it `saved`); its metrics line. Raises
+        `Stopped` once last.pt holds where a signal stopped it, `Diverged` if a loss is not finite."""
         cfg, ctx, loader = self.cfg, self.ctx, self.train_loader
         self.train_step.net.train()
         steps = loader.steps_per_epoch
-        terms: dict[str, torch.Tensor] = {}
-        hits = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-        samples, waited = 0, 0.0
+        sums = EpochSums.start(ctx, saved)
         skipped_before = loader.stats.skipped
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", disable=not ctx.is_main)
+        bar = Progress(f"epoch {epoch + 1}/{cfg.epochs}", steps, "step", enabled=ctx.is_main, initial=first)
+        recent: list[tuple[int, dict[str, torch.Tensor]]] = []  # the loss terms of the steps since the last check
         started = before = time.perf_counter()
-        for step, batch in enumerate(loader.epoch(epoch)):
+        samples = waited = 0.0  # in this process, for the progress figures
+        stop = None
+        for step, batch in enumerate(loader.epoch(epoch, first), first):
             waited += time.perf_counter() - before
+            optimizer_steps = self.optimizer_steps
             output = self.train_step(batch.views, batch.labels)
-            n = len(batch.labels)
-            samples += n
-            for name, value in {"loss": output.loss.detach(), **output.terms}.items():
-                terms[name] = terms.get(name, 0.0) + value.double() * n
-            hits += topk_hits(output.logits, batch.labels)
-            if step % cfg.log_every == 0 or step == steps - 1:
-                loss = output.loss.item()
-                rate = samples * ctx.world / (time.perf_counter() - started)
-                bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{rate:.1f}")
-                if self.writer is not None:
-                    self.writer.add_scalar("step/loss", loss, epoch * steps + step)
+            self._count_skipped(self.optimizer_steps == optimizer_steps, sums, epoch, step)
+            terms = {"loss": output.loss.detach(), **output.terms}
+            sums.add(terms, len(batch.labels), topk_hits(output.logits, batch.labels))
+            samples += len(batch.labels)
+            recent.append((step, terms))
             bar.update()
+            check = step % cfg.log_every == 0 or step == steps - 1
+            if check or bar.due():
+                loss = output.loss.item()
+                elapsed = time.perf_counter() - started
+                bar.show(
+                    loss=f"{loss:.4g}",
+                    samples=f"{samples * ctx.world / elapsed:.1f}/s",
+                    data_wait=f"{waited / elapsed:.0%}",
+                )
+                if check and self.writer is not None:
+                    self.writer.add_scalar("step/loss", loss, epoch * steps + step)
+            if check:
+                stop = self._check(recent, epoch, steps)
+                recent.clear()
+            elif not ctx.distributed:
+                stop = stop_requested()  # alone, nothing to agree on: stop after this very step
             before = time.perf_counter()
+            if stop:
+                break
         bar.close()
-        seconds = time.perf_counter() - started
-        names = sorted(terms)
-        totals = ctx.sum([float(terms[k]) for k in names] + [*hits.tolist(), samples])
+        sums.seconds += time.perf_counter() - started
+        sums.waited += waited
+        if stop:
+            if recent:  # alone, stopped between checks: the losses since the last one are looked at first
+                self._check(recent, epoch, steps)
+            self._check_weights(f"at epoch {epoch + 1}, step {step + 1}")
+            # the loader was reset when the loop left
+            self._save_state(epoch, self._bad_samples(), step=step + 1, sums=sums.saved(ctx))
+            ctx.sum([0.0])  # no rank ends before rank 0 has saved: torchrun would signal it as the first one ended
+            raise self._stopped(stop, f"at epoch {epoch + 1}, step {step + 1} of {steps}")
+        names = sorted(sums.terms)
+        totals = ctx.sum([float(sums.terms[k]) for k in names] + [*sums.hits.tolist(), sums.samples])
         n_all = totals[-1]
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
         record.update({("loss" if k == "loss" else f"loss_{k}"): totals[i] / n_all for i, k in enumerate(names)})
         record.update(
             train_top1=totals[len(names)] / n_all,
             train_top5=totals[len(names) + 1] / n_all,
-            samples_per_s=n_all / ctx.max(seconds),
-            data_wait=waited / seconds,
-            epoch_seconds=seconds,
+            samples_per_s=n_all / ctx.max(sums.seconds),
+            data_wait=sums.waited / sums.seconds,
+            epoch_seconds=sums.seconds,
             skipped=int(ctx.sum([loader.stats.skipped - skipped_before])[0]),
+            scaler_skipped_steps=sums.scaler_skipped_steps,
         )
         return record
 
-    def _undecodable(self) -> list[str]:
-        """The videos this rank's loaders found DALI could not decode ("shard: key")."""
-        return [*self.train_loader.undecodable, *self.val_loader.undecodable]
+    def _count_optimizer_step(self, *_: Any) -> None:
+        self.optimizer_steps += 1
+
+    def _count_skipped(self, skipped: bool, sums: EpochSums, epoch: int, step: int) -> None:
+        """Counts a step the grad scaler skipped; too many in a row are a divergence no scale avoids."""
+        sums.scaler_skipped_steps += skipped
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        if self.skipped_in_a_row >= self.cfg.max_skipped_steps:
+            raise Diverged(
+                f"the fp16 gradients were not finite at any scale for {self.skipped_in_a_row} steps in a row, up to "
+                f"epoch {epoch + 1}, step {step + 1}: training diverged ({self._last_good()}). Start again into a "
+                f"new --out with a lower --lr (this run: {self.cfg.lr:g}) or --amp bf16"
+            )
+
+    def _check(self, recent: list[tuple[int, dict[str, torch.Tensor]]], epoch: int, steps: int) -> str | None:
+        """Raises `Diverged`, naming the step and its loss terms, if a loss of the `recent` steps is not finite (one
+        look at the device for all of them); else the signal to stop on, if any. Under torchrun one collective
+        tells every rank both: if any rank's loss was not finite, every rank raises; if any rank got a signal,
+        every rank stops."""
+        finite = torch.stack([torch.stack([v.float() for v in t.values()]) for _, t in recent]).isfinite().all(1)
+        bad = next((i for i, ok in enumerate(finite.tolist()) if not ok), None)
+        signal = stop_requested()
+        if self.ctx.distributed:
+            anywhere = self.ctx.sum([bad is not None, signal is not None])
+            if anywhere[0] and bad is None:
+                raise Diverged(f"another rank's loss was not finite by epoch {epoch + 1}, step {recent[-1][0] + 1}")
+            if anywhere[1] and signal is None:
+                signal = "a signal to another rank"
+        if bad is None:
+            return signal
+        step, terms = recent[bad]
+        values = ", ".join(
+            f"{name if name == 'loss' else 'loss_' + name} {float(value):.4g}" for name, value in terms.items()
+        )
+        raise Diverged(
+            f"the loss is not finite at epoch {epoch + 1}, step {step + 1} of {steps} ({values}): training diverged "
+            f"({self._last_good()}). Start again into a new --out with a lower --lr (this run: {self.cfg.lr:g})"
+        )
+
+    def _check_weights(self, when: str) -> None:
+        """A checkpoint never holds non-finite weights: `Diverged` instead (every rank checks its own copy)."""
+        bad = nonfinite_tensors(self.method.state_dict())
+        if bad:
+            raise Diverged(
+                f"the weights are not finite {when} ({len(bad)} tensors, e.g. {bad[0]}): training diverged "
+                f"({self._last_good()}). Start again into a new --out with a lower --lr (this run: {self.cfg.lr:g})"
+            )
+
+    def _last_good(self) -> str:
+        last = self.out / "last.pt"
+        return f"{last}, from before, is the last checkpoint" if last.exists() else "no checkpoint was written"
+
+    def _stopped(self, signal: str, where: str) -> Stopped:
+        work_saved()
+        return Stopped(
+            f"stopped by {signal} {where}; {self.out / 'last.pt'} holds it",
+            "continue with the same command and --resume (or --resume auto)",
+        )
+
+    def _bad_samples(self) -> list[str]:
+        """The videos any rank's loaders found DALI could not decode ("shard: key"), on every rank (a collective)."""
+        mine = [*self.train_loader.undecodable, *self.val_loader.undecodable]
+        return sorted({sample for part in self.ctx.gather(mine) for sample in part})
 
     def _save(self, epoch: int, record: dict[str, Any], is_best: bool, bad_samples: list[str]) -> None:
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.out / "metrics.jsonl", json.dumps(record))
         for key, value in record.items():
             if key != "epoch" and isinstance(value, int | float):
                 self.writer.add_scalar(f"epoch/{key}", value, epoch + 1)
         self.writer.flush()
+        self._save_state(epoch + 1, bad_samples, record=record, best=is_best)
+        plot_curves(self.out)
+
+    def _save_state(
+        self,
+        epochs: int,
+        bad_samples: list[str],
+        record: dict[str, Any] | None = None,
+        step: int = 0,
+        sums: dict[str, Any] | None = None,
+        best: bool = False,
+    ) -> None:
+        """Writes (rank 0) the state after `epochs` finished epochs and `step` steps of the next (with their `sums`):
+        best.pt if `best`, then last.pt, where a resume starts, so that a disk full between the two leaves a pair a
+        resume makes whole (it redoes the epoch)."""
         state = {
             "method": self.method.state_dict(),  # the classifier is its "model." entries
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "epoch": epoch + 1,
+            "epoch": epochs,
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
             "config": to_dict(self.cfg),
             "classes": self.classes,
             "preprocessing": self.preprocessing,
-            "metrics": record,
+            "metrics": record or {},
             "bad_samples": bad_samples,  # undecodable videos: a resumed run skips them from the start
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if self.ctx.device.type == "cuda" else [],
             },
         }
-        save_checkpoint(self.out / "last.pt", state)
-        if is_best:
-            save_checkpoint(self.out / "best.pt", state)
-        plot_curves(self.out)
+        if step:
+            state.update(step=step, sums=sums, steps_per_epoch=self.train_loader.steps_per_epoch, world=self.ctx.world)
+        if self.ctx.is_main:
+            if best:
+                save_checkpoint(self.out / "best.pt", state)
+            save_checkpoint(self.out / "last.pt", state)
 
 
 def _val_fields(val: EvalResult) -> dict[str, float]:
@@ -298,13 +524,36 @@ def _val_fields(val: EvalResult) -> dict[str, float]:
         "val_clip_top1": val.clip_top1,
         "val_clip_top5": val.clip_top5,
         "val_videos": val.videos,
+        "val_nonfinite_clips": val.nonfinite_clips,
     }
 
 
+def _epoch_line(record: dict[str, Any], epochs: int, best_epoch: int) -> str:
+    """The epoch in one line, printed with or without a terminal."""
+    line = (
+        f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}, train top-1 {record['train_top1']:.1%}, "
+        f"{record['samples_per_s']:.1f} samples/s, data wait {record['data_wait']:.0%}, "
+        f"{duration(record['epoch_seconds'])}; validation top-1 {record['val_top1']:.2%} "
+        f"top-5 {record['val_top5']:.2%} ({record['val_videos']} videos)"
+    )
+    line += (
+        ", best so far" if best_epoch == record["epoch"] else f", best {record['best_top1']:.2%} (epoch {best_epoch})"
+    )
+    notes = {
+        "skipped": "unreadable samples skipped",
+        "scaler_skipped_steps": "fp16 steps skipped",
+        "val_nonfinite_clips": "validation clips with non-finite scores",
+    }
+    return line + "".join(f"; {record[k]} {text}" for k, text in notes.items() if record.get(k))
+
+
 def _truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Drops the lines of epochs after the checkpoint a run resumes from (written before a kill)."""
+    """Drops the lines of epochs after the checkpoint a run resumes from (written before a kill), and a last line
+    cut short (a kill or a full disk while it was written: its epoch is the one being redone)."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["epoch"] <= epochs_done]
-    write_atomic(path, "".join(line + "\n" for line in kept))
+    rows, torn = parse_metrics(path)
+    if torn is not None:
+        print(f"{path}: dropped its last line, cut short ({torn[:60]!r}); its epoch is trained again", file=sys.stderr)
+    kept = [row for row in rows if row["epoch"] <= epochs_done]
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))

@@ -24,10 +24,10 @@ from typing import TypeVar
 
 import numpy
 import PIL
-from tqdm import tqdm
 
 import dali_skd
 from dali_skd.config import PreprocessConfig
+from dali_skd.files import lock_directory
 from dali_skd.format import (
     FAILED_NAME,
     MANIFEST_NAME,
@@ -39,6 +39,8 @@ from dali_skd.format import (
     sample_members,
     strip_checksums,
 )
+from dali_skd.progress import Progress
+from dali_skd.signals import Stopped, stop_on_signals, stop_requested
 from preprocess.datasets import DatasetListing, PreprocessError, Video, dataset_root, list_dataset
 from preprocess.shards import (
     JOURNAL_DIR,
@@ -104,6 +106,17 @@ def run_preprocess(
     """Preprocess `cfg.dataset` into `cfg.out` (see the module docstring), showing a progress bar; return the
     summary for the CLI to print. Raises PreprocessError for input or flags it cannot work with. `listing` gives
     the videos (under `cfg.root`) instead of the dataset adapter: `cli.py predict` transcodes its files this way."""
+    part = Part.parse(cfg.part)
+    with stop_on_signals(), lock_directory(cfg.out, lock_name(part)):  # one run at a time (--part: one per part)
+        return _preprocess(cfg, progress, listing)
+
+
+def lock_name(part: Part | None) -> str:
+    """The lock file of a run in OUT: `.lock`, or `.lock.part-2-of-4` (the parts of an array job share OUT)."""
+    return f".lock{part.suffix if part else ''}"
+
+
+def _preprocess(cfg: PreprocessConfig, progress: bool, listing: DatasetListing | None) -> PreprocessSummary:
     started = time.perf_counter()
     part = Part.parse(cfg.part)
     settings = transcode_settings(cfg)
@@ -124,17 +137,19 @@ def run_preprocess(
     ]
     videos = sum(end - start for start, end in ranges.values())
     done_before = videos - len(tasks)
-    with tqdm(
-        total=videos, initial=done_before, unit="video", desc=f"preprocess {cfg.dataset}", disable=not progress
-    ) as bar:
+    with Progress(f"preprocess {cfg.dataset}", videos, "video", enabled=progress, initial=done_before) as bar:
         failed = sum(len(writer.journal.failures()) for writer in writers.values())  # by an interrupted run
-        bar.set_postfix(failed=failed, refresh=False)
         for task, result in ordered_map(lambda t: (t, _transcode_task(t, root, settings)), tasks, cfg.workers):
+            if signal := stop_requested():  # before recording it: the signal may have killed its ffmpeg too
+                raise Stopped(
+                    f"preprocess stopped by {signal} after {bar.done} of {videos} videos; {out} keeps the shards it "
+                    "finished",
+                    "continue with the same command and --resume",
+                )
             writer = writers[task.split]
             if isinstance(result, str):
                 writer.add_failure(task.index, {"source": task.video.source, "split": task.split, "reason": result})
                 failed += 1
-                bar.set_postfix(failed=failed, refresh=False)
             else:
                 meta = _sample_meta(task.video, result, listing, settings)
                 members = sample_members(sample_key(task.split, task.index), meta, result.media)
@@ -142,6 +157,7 @@ def run_preprocess(
             if task.index + 1 == writer.end:
                 writer.finish()
             bar.update()
+            bar.show(failed=failed)
 
     failures = [failure for writer in writers.values() for failure in writer.journal.failures()]
     manifest = ShardManifest(
@@ -301,7 +317,9 @@ def _check_fresh_out(out: Path, part: Part | None, root: Path) -> None:
         return
     generated = {root.resolve(), root.resolve().with_name(f"{root.name}.lock")}
     if part is None:
-        taken = [p.name for p in sorted(out.iterdir()) if p.resolve() not in generated]
+        taken = [
+            p.name for p in sorted(out.iterdir()) if p.resolve() not in generated and not p.name.startswith(".lock")
+        ]
     else:
         own_files = [run_file(name, part) for name in (MANIFEST_NAME, FAILED_NAME)]
         taken = [name for name in own_files if (out / name).exists()]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import tarfile
 import zlib
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from dali_skd.config import changed_settings, format_changes
-from dali_skd.files import AtomicFile, write_atomic
+from dali_skd.files import AtomicFile, append_line, write_atomic
 from dali_skd.format import FAILED_NAME, MANIFEST_NAME, ShardInfo, ShardManifest, SplitInfo
 from preprocess.datasets import PreprocessError
 
@@ -169,11 +168,7 @@ class Journal:
             raise PreprocessError(f"{self.path} is damaged ({e}): start again into a new --out") from e
 
     def append(self, record: ShardRecord) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.path, json.dumps(asdict(record), ensure_ascii=False))
         self.records.append(record)
 
     @property

@@ -52,9 +52,9 @@ from typing import Any, Literal
 
 import ffmpeg
 import numpy as np
-from tqdm import tqdm
 
 from dali_skd.files import write_atomic
+from dali_skd.progress import Progress
 
 SYNTHETIC_VERSION = 1  # bump whenever the same parameters would render other videos
 WIDTH, HEIGHT = 224, 168  # 4:3, not the training size: the transcode rescales it like a real dataset
@@ -505,11 +505,12 @@ def generate_synthetic(
     if not missing:
         return root
     with (
-        tqdm(total=len(missing), desc=f"synthetic videos in {root}", unit="video", disable=not progress) as bar,
+        Progress(f"synthetic videos in {root}", len(missing), "video", enabled=progress) as bar,
         ProcessPoolExecutor(max(1, min(workers, len(missing)))) as pool,
     ):
         for _ in pool.map(_write_video, missing):
             bar.update()
+            bar.show()
     return root
 
 

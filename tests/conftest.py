@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -9,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -138,3 +140,26 @@ def sample_videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     videos["bad_truncated"].write_bytes(whole[: len(whole) // 3])
     make_test_video(d / "image.png", codec="png", extra=("-frames:v", "1")).rename(videos["bad_image"])
     return videos
+
+
+# --- Another process holding an output folder's lock (tests/test_files.py, tests/test_preprocess.py) -----------------
+
+HOLDER = """
+import sys, time
+from dali_skd.files import lock_directory
+with lock_directory(sys.argv[1], sys.argv[2]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(directory: Path, name: str = ".lock") -> Iterator[subprocess.Popen]:
+    """Another process holding `lock_directory(directory, name)` for the block; SIGKILLed at its end."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(directory), name], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

@@ -4,13 +4,18 @@ teacher, and runs that do not match the settings."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
 from clickit import invoke
 
+from dali_skd import compare as compare_module
 from dali_skd.config import PreprocessConfig
+from dali_skd.signals import EXIT_STOPPED, STOP_SIGNALS, stop_requested
 from preprocess.run import run_preprocess
 
 TINY = ["--arch", "r3d10-tiny", "--epochs", "1", "--batch-size", "2", "--clip-len", "8", "--crop", "32",
@@ -98,3 +103,36 @@ def test_kd_gets_a_teacher_trained_first(data: Path, tmp_path: Path) -> None:
 def test_unknown_methods_are_refused(data: Path, tmp_path: Path) -> None:
     output = compare(data, tmp_path / "x", "--methods", "baseline,mine", expect_error=True)
     assert "unknown method(s) mine" in output
+
+
+@pytest.mark.slow
+def test_a_signal_stops_compare_between_runs_before_the_table_and_the_same_command_finishes(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "cmp"
+    evaluate = compare_module.evaluate_checkpoint
+
+    def evaluated_then_signalled(*args, **kwargs):
+        result = evaluate(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # SLURM's, as the first run's evaluation ends
+        deadline = time.monotonic() + 30
+        while stop_requested() is None and time.monotonic() < deadline:  # seen by a thread, a moment later
+            time.sleep(0.01)
+        return result
+
+    monkeypatch.setattr(compare_module, "evaluate_checkpoint", evaluated_then_signalled)
+    handlers = [signal.getsignal(s) for s in STOP_SIGNALS]
+    result = invoke("compare", "--data", str(data), "--out", str(out), *TINY, "--seeds", "2", "--methods", "baseline",
+                    expect_error=True)  # fmt: skip
+    assert result.exit_code == EXIT_STOPPED
+    assert "compare stopped by SIGTERM before baseline-seed1; run the same command again to continue" in result.output
+    assert (out / "runs" / "baseline-seed0" / "result.json").exists() and not (out / "runs" / "baseline-seed1").exists()
+    assert not (out / "table.md").exists() and not (out / "table.json").exists()
+    assert [signal.getsignal(s) for s in STOP_SIGNALS] == handlers  # as they were, in this process that goes on
+    monkeypatch.undo()
+    output = compare(data, out, "--seeds", "2", "--methods", "baseline")
+    assert "baseline-seed0 done before, reusing" in output and "training baseline-seed1" in output
+    assert [r["name"] for r in json.loads((out / "table.json").read_text())["runs"]] == [
+        "baseline-seed0",
+        "baseline-seed1",
+    ]

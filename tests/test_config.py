@@ -7,6 +7,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 
 import cli
@@ -93,3 +94,11 @@ def test_changed_settings_names_each_nested_difference_by_its_dotted_path() -> N
     assert list(one_sided) == ["fps", "videos.test"]
     assert format_changes(changed_settings({"fps": None}, {})) == "fps: None then, (not set) now"
     assert format_changes(changed_settings({"lr": 0.01}, {"lr": 0.5})) == "lr: 0.01 then, 0.5 now"
+
+
+def test_resume_is_a_flag_or_takes_auto() -> None:
+    assert train_config().resume is False and train_config("--resume").resume is True
+    assert train_config("--resume", "auto").resume == "auto" and train_config("--resume=auto").resume == "auto"
+    assert train_config("--resume", "--epochs", "3").resume is True  # a flag after it is not its value
+    with pytest.raises(click.BadParameter, match="'later' is not 'auto'"):
+        train_config("--resume", "later")

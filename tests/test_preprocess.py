@@ -17,6 +17,8 @@ import zlib
 from pathlib import Path
 
 import pytest
+from clickit import invoke
+from conftest import lock_held_elsewhere
 from PIL import Image
 
 from dali_skd.config import PreprocessConfig
@@ -111,7 +113,12 @@ def read_failures(out: Path, name: str = "failed.jsonl") -> list[dict[str, str]]
 
 
 def tree_bytes(out: Path) -> dict[str, bytes]:
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    """Every file of OUT but its lock (which names the process that last held it)."""
+    return {
+        p.relative_to(out).as_posix(): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and not p.name.startswith(".lock")
+    }
 
 
 def sources_by_split(samples: dict[str, dict[str, bytes]]) -> dict[str, set[tuple[str, int]]]:
@@ -528,6 +535,20 @@ def test_checksums_of_every_strip_webm_and_shard_file(tmp_path: Path, twelve_vid
         summary = verify_dataset(str(out), workers=2)
         assert not summary.damaged and all(shard.whole_file for shard in summary.shards) and samples
     assert formats == {"jpeg", "vp9"}
+
+
+def test_a_second_run_into_a_locked_out_fails_at_once_naming_the_holder(tmp_path: Path, twelve_videos: Path) -> None:
+    out = tmp_path / "out"
+    args = ["preprocess", "--dataset", "folder", "--root", str(twelve_videos), "--out", str(out), "--workers", "1"]
+    with lock_held_elsewhere(out) as holder:
+        message = invoke(*args, expect_error=True).output
+        assert f"{out} is in use by host " in message and f", pid {holder.pid} (lock {out / '.lock'})" in message
+        assert [p.name for p in out.iterdir()] == [".lock"]  # nothing of a run written
+        # the parts of an array job share OUT: each has its own lock, and part 2 runs while part 1's is held
+        with lock_held_elsewhere(out, ".lock.part-1-of-2"):
+            invoke(*args, "--part", "2/2", "--shard-size-mb", "0.35")
+            assert (out / "manifest.part-2-of-2.json").is_file()
+            assert "is in use" in invoke(*args, "--part", "1/2", expect_error=True).output
 
 
 def test_merge_refuses_parts_run_with_other_settings(tmp_path: Path, twelve_videos: Path) -> None:

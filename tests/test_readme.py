@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -99,5 +101,58 @@ def test_the_slurm_examples_start_commands_that_parse(tmp_path: Path, monkeypatc
     assert isinstance(train, TrainConfig) and (train.loader.data, train.out, train.resume) == (
         "data/k400",
         "runs/k400",
-        True,
+        "auto",
     )
+
+
+# The training script meeting SLURM's warning before the time limit. Its step is a stand-in torchrun that stops
+# (exit 75, as train does once last.pt is saved) on USR1, which the stand-in scancel sends it.
+STEP = f"""#!{sys.executable}
+import json, os, signal, sys, time
+def record(*call):
+    with open(os.environ["CALLS"], "a") as calls:
+        calls.write(json.dumps(call) + "\\n")
+def stop(*_):
+    time.sleep(1)  # finishing the step and saving last.pt take a while
+    record("step stopped")
+    sys.exit(75)
+signal.signal(signal.SIGUSR1, stop)
+record("torchrun")
+with open(os.environ["STEP_PID"], "w") as f:
+    f.write(str(os.getpid()))
+time.sleep(60)
+"""
+CONTROL = f"""#!{sys.executable}
+import json, os, signal, sys
+name, args = os.path.basename(sys.argv[0]), sys.argv[1:]
+if args[:2] == ["show", "hostnames"]:
+    print("node001")
+else:
+    with open(os.environ["CALLS"], "a") as calls:
+        calls.write(json.dumps([name, *args]) + "\\n")
+if name == "scancel":
+    os.kill(int(open(os.environ["STEP_PID"]).read()), signal.SIGUSR1)
+"""
+
+
+def test_the_training_script_stops_the_run_before_it_requeues_the_job(tmp_path: Path) -> None:
+    (name, code) = section_blocks("Scale out with SLURM")[1]
+    assert "--signal=B:USR1@" in code and "--requeue" in code
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for program, body in {"srun": STAND_INS["srun"], "torchrun": STEP, "scancel": CONTROL, "scontrol": CONTROL}.items():
+        (bin_dir / program).write_text(body)
+        (bin_dir / program).chmod(0o755)
+    script, calls, step = tmp_path / name, tmp_path / "calls.jsonl", tmp_path / "step.pid"
+    script.write_text(code)
+    env = {**os.environ, **slurm_env(code), "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls)}
+    job = subprocess.Popen(["bash", "-eu", str(script)], env={**env, "STEP_PID": str(step)}, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while not step.exists() or not step.read_text():
+        assert job.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 sends the batch shell
+    job.wait(timeout=60)
+    recorded = [json.loads(line) for line in calls.read_text().splitlines()]
+    stop, requeue = ["scancel", "--signal=USR1", "4242"], ["scontrol", "requeue", "4242"]
+    assert recorded == [["torchrun"], stop, ["step stopped"], requeue]

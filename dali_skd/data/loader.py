@@ -406,25 +406,27 @@ class TrainLoader(ClipLoader):
             )  # fmt: skip
         return found
 
-    def epoch(self, epoch: int) -> Iterator[TrainBatch]:
-        """The batches of epoch `epoch` (from 0)."""
-        return self._batches(epoch, self.steps_per_epoch)
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TrainBatch]:
+        """The batches of epoch `epoch` (from 0), from step `start_step` on: the earlier ones are made on the host
+        and dropped before the pipeline decodes them, so a run resumed mid-epoch sees the rest of the very batches
+        an uninterrupted one would."""
+        return self._batches(epoch, self.steps_per_epoch, start_step)
 
     def stream(self, epoch: int = 0) -> Iterator[TrainBatch]:
         """Endless batches continuing epoch `epoch`'s draws, for benchmarks."""
         return self._batches(epoch, None)
 
-    def host_batches(self, epoch: int, steps: int | None) -> Iterator[Batch]:
-        """The host side's batches of epoch `epoch`: `steps` of them, or endless with None."""
+    def host_batches(self, epoch: int, steps: int | None, start_step: int = 0) -> Iterator[Batch]:
+        """The host side's batches of epoch `epoch`: steps `start_step` to `steps`, or endless with None."""
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, self.rank]))
         batches = train_batches(
             self.reader, self.layout, self.batch_size, rng, shuffle_buffer=self.cfg.shuffle_buffer,
             same_clip=self.cfg.same_clip, augment=self.augment, stats=self.stats,
         )  # fmt: skip
-        return itertools.islice(batches, steps)
+        return itertools.islice(batches, start_step, steps)
 
-    def _batches(self, epoch: int, steps: int | None) -> Iterator[TrainBatch]:
-        for out in self._run(lambda: self.host_batches(epoch, steps)):
+    def _batches(self, epoch: int, steps: int | None, start_step: int = 0) -> Iterator[TrainBatch]:
+        for out in self._run(lambda: self.host_batches(epoch, steps, start_step)):
             yield TrainBatch([out[f"view{v}"] for v in range(self.layout.num_views)], out["label"])
         if steps is not None and not self._classes_checked:
             self._classes_checked = True
