@@ -48,7 +48,7 @@ class _OneBatch(TrainLoader):
 
     batch: Batch
 
-    def host_batches(self, epoch: int, steps: int | None):
+    def host_batches(self, epoch: int, steps: int | None, start_step: int = 0):
         return iter([self.batch])
 
 
