@@ -150,7 +150,7 @@ def train(config_file: str | None, **options) -> None:
     """Train a model (one process per GPU under torchrun)."""
     cfg = build_config(TrainConfig, options, config_file)
     not_in_use(cfg.out)
-    from dali_skd.train import train as run_train
+    from dali_skd.training import train as run_train
 
     run_train(cfg)
 
@@ -163,7 +163,7 @@ def evaluate(**options) -> None:
     split; --json also writes the per-video predictions and the confusion matrix as a PNG. The clips are cut as
     the model was trained (--clip-len, --frame-stride, --crop, --input-norm default to the checkpoint's)."""
     from dali_skd.checkpoint import trained_clip_settings
-    from dali_skd.evaluate import run_eval
+    from dali_skd.evaluation import run_eval
 
     trained = trained_clip_settings(options["checkpoint"] or EvalConfig().checkpoint)
     run_eval(build_config(EvalConfig, options, defaults={"loader": trained}))
@@ -176,7 +176,7 @@ def evaluate(**options) -> None:
 def predict(videos: tuple[str, ...], **options) -> None:
     """The most probable classes of each video file (any format ffmpeg reads): transcoded as the checkpoint's
     training data was, scored with eval's clips and crops (clip settings from the checkpoint unless given)."""
-    from dali_skd.predict import run_predict
+    from dali_skd.commands.predict import run_predict
 
     result = run_predict(list(videos), build_config(PredictConfig, options))
     for line in result.errors():
@@ -193,7 +193,7 @@ def predict(videos: tuple[str, ...], **options) -> None:
 def features(**options) -> None:
     """The encoder's pooled features of every video of every split, averaged over eval's clips:
     OUT/<split>.npy (float16, videos x channels) and OUT/<split>.jsonl (key, label, source) row for row."""
-    from dali_skd.features import run_features
+    from dali_skd.commands.features import run_features
 
     run_features(build_config(FeaturesConfig, options))
 
@@ -209,7 +209,7 @@ def features(**options) -> None:
 @user_errors
 def demo(out: str, minutes: float, compare: bool, json_path: str | None, device: str) -> None:
     """Synthetic dataset -> shards -> SKD-SRL training -> evaluation, planned to end within --minutes."""
-    from dali_skd.demo import run_demo
+    from dali_skd.commands.demo import run_demo
 
     run_demo(out, compare, json_path, device, minutes)
 
@@ -223,7 +223,7 @@ def compare(**options) -> None:
     started again trains only what is missing."""
     cfg = build_config(CompareConfig, options)
     not_in_use(cfg.train.out)
-    from dali_skd.compare import run_compare
+    from dali_skd.comparison import run_compare
 
     run_compare(cfg, command_line("compare", options))
 
@@ -234,7 +234,7 @@ def compare(**options) -> None:
 def bench(**options) -> None:
     """Throughput of the DALI loader against the loaders users would write instead (a DataLoader over the same shards;
     decord, PyAV or torchcodec over video files), and of training steps."""
-    from dali_skd.bench import run_bench
+    from dali_skd.commands.bench import run_bench
 
     run_bench(build_config(BenchConfig, options))
 
@@ -245,7 +245,7 @@ def bench(**options) -> None:
 def preview(**options) -> None:
     """Draw both views the training loader makes of a few samples, with the augmentations drawn for each, into one
     PNG (--compare-baseline: the DataLoader baseline's views of the same draws under DALI's)."""
-    from dali_skd.preview import run_preview
+    from dali_skd.commands.preview import run_preview
 
     run_preview(build_config(PreviewConfig, options))
 

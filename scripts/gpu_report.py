@@ -163,7 +163,7 @@ def _loader_cfg(args: argparse.Namespace, fpj: int = 8, **kw):
 
 def section_parity(args: argparse.Namespace) -> dict:
     """The CUDA decoder alone (hw_decoder_load 0) and the hardware engine (1) against the CPU and Pillow."""
-    from dali_skd.bench import decode_parity
+    from dali_skd.commands.bench import decode_parity
 
     devices = ["cuda", "cpu"] if args.device == "cuda" else ["cpu"]
     return decode_parity(_loader_cfg(args), devices, split="train", videos=4, hw_loads=(0.0, 1.0))
@@ -171,7 +171,7 @@ def section_parity(args: argparse.Namespace) -> dict:
 
 def section_sweep(args: argparse.Namespace) -> dict:
     """Every (frames per JPEG, hw_decoder_load) pair, then the host side alone; written after each run."""
-    from dali_skd.bench import run_bench
+    from dali_skd.commands.bench import run_bench
     from dali_skd.config import BenchConfig
 
     seconds, batch = (2.0, 16) if args.quick else (8.0, 64)
@@ -189,7 +189,7 @@ def section_sweep(args: argparse.Namespace) -> dict:
 
 
 def section_dataloader(args: argparse.Namespace) -> dict:
-    from dali_skd.bench import run_bench
+    from dali_skd.commands.bench import run_bench
     from dali_skd.config import BenchConfig
 
     cfg = BenchConfig(
@@ -200,7 +200,7 @@ def section_dataloader(args: argparse.Namespace) -> dict:
 
 
 def section_train(args: argparse.Namespace) -> dict:
-    from dali_skd.bench import run_bench
+    from dali_skd.commands.bench import run_bench
     from dali_skd.config import BenchConfig
 
     cfg = BenchConfig(
@@ -214,7 +214,7 @@ def section_train(args: argparse.Namespace) -> dict:
 def section_peers(args: argparse.Namespace) -> dict:
     """The DALI loader against DataLoaders over the re-encoded videos (--prepare made them), crop and flip only;
     rounds and seconds cut to fit `args.limit`, each round's figures written as it ends."""
-    from dali_skd.bench import run_bench
+    from dali_skd.commands.bench import run_bench
     from dali_skd.config import BenchConfig
 
     loaders = ["dali", "decord", "pyav", "torchcodec"]

@@ -23,7 +23,7 @@ from dali_skd.checkpoint import load_checkpoint
 from dali_skd.config import TrainConfig, from_dict
 from dali_skd.data.loader import EvalLoader
 from dali_skd.data.shards import load_manifest
-from dali_skd.evaluate import eval_split
+from dali_skd.evaluation import eval_split
 from dali_skd.methods import SKDSRL, build_method
 from dali_skd.models import build_model
 

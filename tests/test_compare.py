@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from clickit import invoke
 
-from dali_skd import compare as compare_module
+from dali_skd import comparison as compare_module
 from dali_skd.config import PreprocessConfig
 from dali_skd.signals import EXIT_STOPPED, STOP_SIGNALS, stop_requested
 from preprocess.run import run_preprocess

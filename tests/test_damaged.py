@@ -15,15 +15,15 @@ import torch
 from clickit import invoke
 from clipdata import damage_strip, noise_frames, write_dataset
 
-from dali_skd.bench import run_bench
+from dali_skd.commands.bench import run_bench
 from dali_skd.config import AugmentConfig, BenchConfig, LoaderConfig, TrainConfig
 from dali_skd.data.loader import EvalLoader, TrainLoader, dali_threads
 from dali_skd.data.pipeline import DecoderOptions
 from dali_skd.data.source import VIDEOS_PER_SPLIT
 from dali_skd.distributed import init_distributed
-from dali_skd.evaluate import evaluate
+from dali_skd.evaluation import evaluate
 from dali_skd.format import SampleMeta, ShardManifest
-from dali_skd.train import Trainer, train
+from dali_skd.training import Trainer, train
 
 TESTS = Path(__file__).resolve().parent
 GREY = 0.2  # a frame's standard deviation in [-1, 1] units: noise videos have about 0.4, a grey decode much less

@@ -10,10 +10,10 @@ import torch
 from clickit import invoke
 from clipdata import noise_frames, write_dataset
 
-from dali_skd import bench
-from dali_skd.bench import Rate
+from dali_skd.commands import bench
+from dali_skd.commands.bench import Rate
 from dali_skd.config import BenchConfig, LoaderConfig
-from dali_skd.demo import DemoPreset, plan_epochs, run_demo
+from dali_skd.commands.demo import DemoPreset, plan_epochs, run_demo
 from dali_skd.methods import MethodOutput
 from dali_skd.step import TrainStep
 

@@ -15,7 +15,7 @@ from conftest import run_two_ranks
 from dali_skd.config import LoaderConfig
 from dali_skd.data.loader import EvalLoader
 from dali_skd.distributed import init_distributed
-from dali_skd.evaluate import EvalResult, evaluate, topk_correct
+from dali_skd.evaluation import EvalResult, evaluate, topk_correct
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b", "c"]
@@ -80,7 +80,7 @@ from test_evaluate import TABLE, loader_cfg
 from dali_skd.data.loader import EvalLoader
 from dali_skd.data.source import video_id
 from dali_skd.distributed import init_distributed, shutdown
-from dali_skd.evaluate import evaluate, video_sources
+from dali_skd.evaluation import evaluate, video_sources
 ctx = init_distributed("cpu")
 loader = EvalLoader(loader_cfg(sys.argv[1]), "test", batch_size=4, clips_per_video=3, rank=ctx.rank, world=ctx.world)
 result = evaluate(LookupModel(TABLE), loader, ctx, "fp32", keep_scores=True)

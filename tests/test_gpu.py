@@ -9,7 +9,7 @@ import pytest
 import torch
 from clipdata import damage_strip, noise_frames, write_dataset
 
-from dali_skd.bench import decode_parity
+from dali_skd.commands.bench import decode_parity
 from dali_skd.config import AugmentConfig, LoaderConfig
 from dali_skd.data.loader import EvalLoader, TrainLoader
 

@@ -16,7 +16,7 @@ from clickit import invoke
 from clipdata import noise_frames, write_dataset
 from conftest import ffmpeg_binary
 
-from dali_skd.bench import bench_augment, tree_cpu_seconds
+from dali_skd.commands.bench import bench_augment, tree_cpu_seconds
 from dali_skd.config import AugmentConfig, BenchConfig, LoaderConfig
 from dali_skd.data import peers
 from dali_skd.data.peers import PEERS, PeerClips, peer_loader, peer_problem, peer_videos, recorded_sources

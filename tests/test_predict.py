@@ -13,7 +13,7 @@ from clickit import invoke
 from conftest import make_test_video
 
 from dali_skd.config import LoaderConfig, PreprocessConfig, TrainConfig
-from dali_skd.train import train
+from dali_skd.training import train
 from preprocess.run import run_preprocess
 
 PATTERNS = ("testsrc2", "smptebars", "rgbtestsrc")  # a class each

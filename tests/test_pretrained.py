@@ -23,7 +23,7 @@ from dali_skd.distributed import init_distributed
 from dali_skd.methods import build_method
 from dali_skd.models import FREEZE_POINTS, ResNet3d, Shortcut, build_model
 from dali_skd.pretrained import init_from_pretrained, param_groups
-from dali_skd.train import Trainer, train
+from dali_skd.training import Trainer, train
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from PIL import Image
 
 from dali_skd.config import AugmentConfig, LoaderConfig, PreviewConfig
 from dali_skd.data.torch_baseline import ViewDraws
-from dali_skd.preview import describe, draw, layout_for, preview_samples, shown_frames
+from dali_skd.commands.preview import describe, draw, layout_for, preview_samples, shown_frames
 
 NO_COLOUR = {"p_contrast": 0.0, "p_brightness": 0.0, "p_hue": 0.0, "p_blur": 0.0, "p_channel_split": 0.0}
 

@@ -14,7 +14,7 @@ from conftest import run_two_ranks
 
 from dali_skd.config import LoaderConfig, TrainConfig, to_dict
 from dali_skd.distributed import init_distributed
-from dali_skd.train import Trainer, train
+from dali_skd.training import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ RANK_SCRIPT = """
 import sys, torch
 from dali_skd.config import TrainConfig, from_dict
 from dali_skd.distributed import init_distributed, shutdown
-from dali_skd.train import Trainer
+from dali_skd.training import Trainer
 import json
 cfg = from_dict(TrainConfig, json.loads(sys.argv[1]))
 ctx = init_distributed("cpu")

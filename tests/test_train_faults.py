@@ -24,10 +24,10 @@ from dali_skd.checkpoint import nonfinite_tensors, save_checkpoint
 from dali_skd.config import LoaderConfig, TrainConfig, to_dict
 from dali_skd.data.loader import EvalLoader
 from dali_skd.distributed import init_distributed
-from dali_skd.evaluate import EvalResult, evaluate
+from dali_skd.evaluation import EvalResult, evaluate
 from dali_skd.models import build_model
 from dali_skd.signals import EXIT_STOPPED
-from dali_skd.train import Diverged, train
+from dali_skd.training import Diverged, train
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = ("samples_per_s", "data_wait", "epoch_seconds")  # the metrics that differ between two runs
@@ -251,7 +251,7 @@ def test_a_validation_with_nonfinite_scores_is_never_the_best(data: Path, tmp_pa
             return dataclasses.replace(validations[-1], video_top1=1.0, nonfinite_clips=4)
         return validations[-1]
 
-    monkeypatch.setattr("dali_skd.train.evaluate", overflowing_in_epoch_2)
+    monkeypatch.setattr("dali_skd.training.evaluate", overflowing_in_epoch_2)
     summary = train(tiny(data, tmp_path / "run"))
     rows = metrics(tmp_path / "run")
     assert rows[0]["val_top1"] < 1.0 and rows[1]["val_top1"] == 1.0 and rows[1]["val_nonfinite_clips"] == 4

@@ -19,7 +19,7 @@ from dali_skd.config import FeaturesConfig, TrainConfig, from_dict
 from dali_skd.data.loader import EvalLoader
 from dali_skd.data.shards import load_manifest
 from dali_skd.distributed import init_distributed, shutdown
-from dali_skd.evaluate import video_means, video_sources
+from dali_skd.evaluation import video_means, video_sources
 from dali_skd.runtime import resolve_precision
 
 

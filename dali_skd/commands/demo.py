@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 
 from dali_skd.config import EvalConfig, LoaderConfig, PreprocessConfig, TrainConfig
-from dali_skd.evaluate import run_eval
+from dali_skd.evaluation import run_eval
 from dali_skd.files import write_atomic
 from dali_skd.models import build_model
 from dali_skd.runtime import resolve_device
 from dali_skd.signals import Stopped, stop_on_signals, stop_requested
 from dali_skd.step import build_train_step
-from dali_skd.train import train
+from dali_skd.training import train
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from dali_skd.checkpoint import load_classifier
 from dali_skd.config import PredictConfig, PreprocessConfig, TrainConfig, from_dict
 from dali_skd.data.loader import EvalLoader
 from dali_skd.distributed import DistContext
-from dali_skd.evaluate import top_classes, video_means, video_sources
+from dali_skd.evaluation import top_classes, video_means, video_sources
 from dali_skd.runtime import resolve_device, resolve_precision
 
 SPLIT = "predict"  # the temporary dataset's one split

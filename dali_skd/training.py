@@ -31,7 +31,7 @@ from dali_skd.config import TrainConfig, changed_settings, format_changes, from_
 from dali_skd.data.loader import EvalLoader, TrainLoader
 from dali_skd.data.shards import load_manifest
 from dali_skd.distributed import DistContext, init_distributed, shutdown
-from dali_skd.evaluate import EvalResult, eval_split, evaluate, topk_hits
+from dali_skd.evaluation import EvalResult, eval_split, evaluate, topk_hits
 from dali_skd.files import DirectoryBusy, append_line, lock_directory, write_atomic
 from dali_skd.models import build_model
 from dali_skd.plot import parse_metrics, plot_curves

@@ -47,12 +47,12 @@ from dali_skd.config import (
     to_dict,
 )
 from dali_skd.distributed import DistContext, init_distributed, shutdown
-from dali_skd.evaluate import evaluate_checkpoint
+from dali_skd.evaluation import evaluate_checkpoint
 from dali_skd.files import write_atomic
 from dali_skd.methods import METHODS
 from dali_skd.plot import read_metrics
 from dali_skd.signals import Stopped, stop_on_signals
-from dali_skd.train import RESUMABLE_CHANGES, Trainer, agreed_stop, main_rank_lock
+from dali_skd.training import RESUMABLE_CHANGES, Trainer, agreed_stop, main_rank_lock
 
 TEACHER_METHOD = "baseline-aug"  # how compare trains a kd teacher: cross-entropy with the paper's augmentations
 
