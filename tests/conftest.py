@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -163,3 +164,27 @@ def lock_held_elsewhere(directory: Path, name: str = ".lock") -> Iterator[subpro
     finally:
         holder.kill()
         holder.wait()
+
+
+# --- Checkpoints made by hand (tests/test_train_faults.py, test_remote.py, test_untrusted.py, test_config.py) --------
+
+
+def write_checkpoint(
+    path: Path, config: Any, weights: dict | None = None, classes: tuple[str, ...] = ("a", "b")
+) -> Path:
+    """A checkpoint as `train` writes one for a run of `config` (a TrainConfig), its classifier `weights` (default:
+    a fresh model's) under "model." of the method's state."""
+    from dali_skd.checkpoint import save_checkpoint
+    from dali_skd.config import to_dict
+    from dali_skd.models import build_model
+
+    weights = build_model(config.arch, len(classes)).state_dict() if weights is None else weights
+    preprocessing = {"format": "jpeg", "short_side": 40, "fps": None, "frames_per_jpeg": 8, "quality": 90}
+    state = {
+        "method": {f"model.{k}": v for k, v in weights.items()},
+        "config": to_dict(config),
+        "classes": list(classes),
+        "preprocessing": preprocessing,
+    }
+    save_checkpoint(path, state)
+    return path

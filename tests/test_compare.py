@@ -18,8 +18,9 @@ from dali_skd.config import PreprocessConfig
 from dali_skd.signals import EXIT_STOPPED, STOP_SIGNALS, stop_requested
 from preprocess.run import run_preprocess
 
-TINY = ["--arch", "r3d10-tiny", "--epochs", "1", "--batch-size", "2", "--clip-len", "8", "--crop", "32",
-        "--clips-per-video", "2", "--shuffle-buffer", "2", "--threads", "2", "--device", "cpu"]  # fmt: skip
+TINY = ["--arch", "r3d10-tiny", "--epochs", "1", "--batch-size", "2", "--clip.length", "8", "--clip.crop", "32",
+        "--clips-per-video", "2", "--sampling.shuffle-buffer", "2", "--loader.threads", "2",
+        "--device", "cpu"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_compare_writes_the_table_and_a_killed_comparison_trains_only_what_is_mi
     again = json.loads((out / "table.json").read_text())
     assert [r["test_top1"] for r in again["runs"]][:3] == [r["test_top1"] for r in table["runs"]][:3]
 
-    refused = compare(data, out, "--methods", "baseline", "--seeds", "1", "--lr", "0.5", expect_error=True)
+    refused = compare(data, out, "--methods", "baseline", "--seeds", "1", "--optim.lr", "0.5", expect_error=True)
     assert "baseline-seed0 was trained with other settings (lr: 0.01 then, 0.5 now)" in refused
 
     # more epochs: a finished run is trained on from its last.pt, then evaluated again; fewer: refused

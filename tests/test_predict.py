@@ -12,7 +12,7 @@ import torch
 from clickit import invoke
 from conftest import make_test_video
 
-from dali_skd.config import LoaderConfig, PreprocessConfig, TrainConfig
+from dali_skd.config import ClipConfig, LoaderConfig, PreprocessConfig, SamplingConfig, TrainConfig
 from dali_skd.training import train
 from preprocess.run import run_preprocess
 
@@ -35,18 +35,14 @@ def trained(tmp_path_factory) -> dict[str, Path]:
         dataset="folder", root=str(root / "videos"), out=str(data), short_side=40, val_fraction=0.34, workers=2
     )
     run_preprocess(prep, progress=False)
-    loader = LoaderConfig(
-        data=str(data),
-        clip_len=8,
-        frame_stride=2,
-        crop=32,
-        clips_per_video=2,
-        shuffle_buffer=2,
-        threads=2,
-        device="cpu",
-    )
     run = root / "run"
-    train(TrainConfig(method="baseline", arch="r3d10-tiny", out=str(run), epochs=2, batch_size=4, loader=loader))
+    train(
+        TrainConfig(
+            method="baseline", arch="r3d10-tiny", data=str(data), out=str(run), epochs=2, batch_size=4, device="cpu",
+            clip=ClipConfig(length=8, frame_stride=2, crop=32), sampling=SamplingConfig(shuffle_buffer=2),
+            loader=LoaderConfig(threads=2),
+        )
+    )  # fmt: skip
     return {"videos": root / "videos", "data": data, "checkpoint": run / "best.pt", "root": root}
 
 
@@ -95,7 +91,7 @@ def test_predict_agrees_with_eval_and_reports_a_bad_file(
     out = tmp_path / "predict.json"
     result = invoke(
         "predict", videos[0], str(bad), *videos[1:], "--checkpoint", str(trained["checkpoint"]), "--spatial-crops",
-        "3", "--device", "cpu", "--json", str(out), expect_error=True,
+        "3", "--clips-per-video", "2", "--device", "cpu", "--json", str(out), expect_error=True,
     )  # fmt: skip
     assert f"{bad}: ffmpeg:" in result.stderr and "1 of 7 videos could not be predicted" in result.stderr
     predicted = json.loads(out.read_text())["videos"]
@@ -110,7 +106,7 @@ def test_predict_agrees_with_eval_and_reports_a_bad_file(
         assert f"{prediction['video']}: {row['top'][0]['class']} " in result.stdout
 
 
-def test_predict_with_a_checkpoint_that_lacks_the_preprocessing(trained: dict[str, Path], tmp_path: Path) -> None:
+def test_predict_transcodes_as_the_training_data_was_unless_told(trained: dict[str, Path], tmp_path: Path) -> None:
     state = torch.load(trained["checkpoint"], weights_only=True)
     assert state["preprocessing"] == {
         "format": "jpeg",
@@ -119,17 +115,15 @@ def test_predict_with_a_checkpoint_that_lacks_the_preprocessing(trained: dict[st
         "frames_per_jpeg": 8,
         "quality": 90,
     }
-    del state["preprocessing"]
-    old = tmp_path / "old.pt"
-    torch.save(state, old)
     video = str(next(trained["videos"].glob("smptebars/*.avi")))
-    result = invoke("predict", video, "--checkpoint", str(old), "--device", "cpu", expect_error=True)
-    assert f"{old} does not record how its training videos were preprocessed" in result.output
-    assert "pass --short-side" in result.output
     args = ("--device", "cpu", "--top-k", "2")
-    given = invoke("predict", video, "--checkpoint", str(old), "--short-side", "40", *args).stdout
+    given = invoke("predict", video, "--checkpoint", str(trained["checkpoint"]), "--short-side", "40", *args).stdout
     assert given == invoke("predict", video, "--checkpoint", str(trained["checkpoint"]), *args).stdout
     assert given.startswith(f"{video}: ") and given.count("%") == 2
+    del state["preprocessing"]
+    torch.save(state, tmp_path / "stripped.pt")
+    result = invoke("predict", video, "--checkpoint", str(tmp_path / "stripped.pt"), *args, expect_error=True)
+    assert f"{tmp_path / 'stripped.pt'}: it does not record how its training videos were preprocessed" in result.output
 
 
 def test_features_match_their_rows_and_a_linear_probe_beats_chance(trained: dict[str, Path], tmp_path: Path) -> None:

@@ -98,7 +98,7 @@ def test_the_slurm_examples_start_commands_that_parse(tmp_path: Path, monkeypatc
     )
     assert started["merge"] == ["data/k400"]
     (train,) = started["train"]
-    assert isinstance(train, TrainConfig) and (train.loader.data, train.out, train.resume) == (
+    assert isinstance(train, TrainConfig) and (train.data, train.out, train.resume) == (
         "data/k400",
         "runs/k400",
         "auto",

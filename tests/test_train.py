@@ -12,7 +12,7 @@ from clickit import invoke
 from clipdata import noise_frames, write_dataset
 from conftest import run_two_ranks
 
-from dali_skd.config import LoaderConfig, TrainConfig, to_dict
+from dali_skd.config import ClipConfig, LoaderConfig, OptimConfig, SamplingConfig, TrainConfig, to_dict
 from dali_skd.distributed import init_distributed
 from dali_skd.training import Trainer, train
 
@@ -28,8 +28,13 @@ def data(tmp_path_factory) -> Path:
 
 
 def tiny(data: Path, out: Path, **kw) -> TrainConfig:
-    loader = LoaderConfig(data=str(data), clip_len=8, crop=32, shuffle_buffer=2, threads=2, device="cpu")
-    return TrainConfig(**{"arch": "r3d10-tiny", "out": str(out), "epochs": 2, "batch_size": 4, "loader": loader, **kw})
+    return TrainConfig(
+        **{
+            "arch": "r3d10-tiny", "data": str(data), "out": str(out), "epochs": 2, "batch_size": 4, "device": "cpu",
+            "clip": ClipConfig(length=8, crop=32), "sampling": SamplingConfig(shuffle_buffer=2),
+            "loader": LoaderConfig(threads=2), **kw,
+        }
+    )  # fmt: skip
 
 
 def metrics(out: Path) -> list[dict]:
@@ -83,9 +88,11 @@ def test_resume_refuses_changed_settings_and_fresh_runs_refuse_old_dirs(data: Pa
     train(tiny(data, tmp_path / "run", epochs=2))
     with pytest.raises(FileExistsError, match="add --resume"):
         train(tiny(data, tmp_path / "run", epochs=2))
-    cfg = tiny(data, tmp_path / "run", epochs=3, lr=0.5, resume=True)
-    cfg.loader.crop = 48
-    with pytest.raises(ValueError, match=r"other settings \(loader.crop: 32 then, 48 now; lr: 0.01 then, 0.5 now\)"):
+    cfg = tiny(data, tmp_path / "run", epochs=3, optim=OptimConfig(lr=0.5), resume=True)
+    cfg.clip.crop = 48
+    with pytest.raises(
+        ValueError, match=r"other settings \(clip.crop: 32 then, 48 now; optim.lr: 0.01 then, 0.5 now\)"
+    ):
         train(cfg)
     with pytest.raises(ValueError, match="has trained 2 epochs, more than --epochs 1: resume with --epochs 2 or more"):
         train(tiny(data, tmp_path / "run", epochs=1, resume=True))
@@ -127,7 +134,7 @@ def test_eval_counts_every_video_and_clip(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval.json"
     result = invoke(
         "eval", "--data", str(data), "--checkpoint", str(tmp_path / "run" / "best.pt"), "--clips-per-video", "3",
-        "--clip-len", "8", "--crop", "32", "--device", "cpu", "--json", str(out),
+        "--clip.length", "8", "--clip.crop", "32", "--device", "cpu", "--json", str(out),
     )  # fmt: skip
     figures = json.loads(out.read_text())
     assert figures["videos"] == 4 and figures["clips"] == 12
@@ -167,7 +174,7 @@ def test_teacher_with_other_classes_is_refused(data: Path, tmp_path: Path) -> No
         tmp_path / "three", {"train": [(noise_frames(12, seed=i), i) for i in range(3)]}, ["a", "b", "c"]
     )
     cfg = tiny(data, tmp_path / "student", method="kd", teacher=str(tmp_path / "teacher" / "best.pt"))
-    cfg.loader.data = str(other)
+    cfg.data = str(other)
     with pytest.raises(ValueError, match="trained on 2 classes, this dataset has 3"):
         train(cfg)
 
