@@ -9,6 +9,7 @@ import pytest
 import torch
 from clickit import invoke
 from clipdata import noise_frames, write_dataset
+from conftest import config_reads, unread
 
 from dali_skd.commands import bench
 from dali_skd.commands.bench import BenchConfig, Rate
@@ -23,7 +24,9 @@ METHODS = ("skd-srl", "baseline")
 def test_demo_runs_end_to_end_and_reports_against_chance(tmp_path: Path, capsys) -> None:
     preset = DemoPreset(classes=2, videos_per_class=(3, 3), epochs=(1, 2), batch_size=2, eval_clips=2)
     cfg = DemoConfig(out=str(tmp_path / "demo"), compare=True, json=str(tmp_path / "demo.json"), minutes=1)
-    report = run_demo(cfg, preset)
+    with config_reads() as reads:
+        report = run_demo(cfg, preset)
+    assert unread(DemoConfig, reads) == []
     saved = json.loads((tmp_path / "demo.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert {"device", "method", "test_top1", "chance", "seconds", "rows", "plan"} <= set(saved)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from clickit import invoke
 from clipdata import noise_frames, write_dataset
-from conftest import ffmpeg_binary
+from conftest import config_reads, ffmpeg_binary, unread
 
 from dali_skd.commands.bench import BenchAugmentConfig, BenchConfig, bench_augment, peer_videos, tree_cpu_seconds
 from dali_skd.config import AugmentConfig, ClipConfig
@@ -180,12 +180,14 @@ def test_bench_runs_the_peers_beside_dali_and_skips_a_missing_one(
     monkeypatch.setitem(sys.modules, "decord", None)
     out = tmp_path / "bench.json"
     started = time.monotonic()
-    result = invoke(
-        "bench", "--data", str(data), "--videos", str(tree), "--cache", str(tmp_path / "cache"), "--device", "cpu",
-        "--loaders", "dali,pyav,decord", "--augment.policy", "crop-flip", "--seconds", "1", "--repeats", "2",
-        "--rounds", "2", "--workers", "1", "--batch-size", "4", "--clip.length", "8", "--clip.crop", "32",
-        "--json", str(out),
-    )  # fmt: skip
+    with config_reads() as reads:
+        result = invoke(
+            "bench", "--data", str(data), "--videos", str(tree), "--cache", str(tmp_path / "cache"), "--device", "cpu",
+            "--loaders", "dali,pyav,decord", "--augment.policy", "crop-flip", "--seconds", "1", "--repeats", "2",
+            "--rounds", "2", "--workers", "1", "--batch-size", "4", "--clip.length", "8", "--clip.crop", "32",
+            "--train.arch", "r3d10-tiny", "--train.batch-size", "2", "--json", str(out),
+        )  # fmt: skip
+    assert unread(BenchConfig, reads) == []  # bench offers no flag that does nothing
     report = json.loads(out.read_text())
     assert set(report["loaders"]) == {"dali", "pyav"} and report["augment"] == "crop-flip"
     assert report["skipped"] == {"decord": "not installed: pip install -e '.[peers]'"}

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from clickit import invoke
 from clipdata import BLUE_BASE, BLUE_STEP, gradient_frames, write_dataset
+from conftest import config_reads, unread
 from PIL import Image
 
 from dali_skd.commands.preview import PreviewConfig, describe, draw, layout_for, preview_samples, shown_frames
@@ -94,7 +95,9 @@ def test_preview_writes_the_png_and_refuses_what_it_cannot_draw(gradients: Path,
         "--loader.threads",
         "1",
     )
-    result = invoke("preview", *common, "--samples", "2", "--frames", "2", "--out", str(out))
+    with config_reads() as reads:
+        result = invoke("preview", *common, "--samples", "2", "--frames", "2", "--out", str(out))
+    assert unread(PreviewConfig, reads) == []  # preview offers no flag that does nothing
     assert f"wrote {out}: 2 samples x 2 views" in result.output
     assert Image.open(out).size == (2 * 2 * (128 + 4) + 24, 2 * (22 + 44 + 128 + 4 + 4))
     result = invoke("preview", *common, "--samples", "0", "--out", str(out), expect_error=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from clickit import invoke
 from clipdata import noise_frames, write_dataset
-from conftest import run_two_ranks
+from conftest import config_reads, run_two_ranks, unread
 
 from dali_skd.config import ClipConfig, LoaderConfig, OptimConfig, SamplingConfig, TrainConfig, to_dict
 from dali_skd.distributed import init_distributed
@@ -192,3 +192,16 @@ def test_plot_command_redraws_the_curves(data: Path, tmp_path: Path) -> None:
     (tmp_path / "run" / "curves.png").unlink()
     invoke("plot", str(tmp_path / "run"))
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_train_reads_every_flag_it_offers(data: Path, tmp_path: Path) -> None:
+    """Every field of TrainConfig is read by a run of `cli.py train`: skd-srl's, then kd's, whose loss reads the
+    terms skd-srl's does not."""
+    tiny_flags = ["--data", str(data), "--arch", "r3d10-tiny", "--epochs", "1", "--batch-size", "4", "--device", "cpu",
+                  "--clip.length", "8", "--clip.crop", "32", "--sampling.shuffle-buffer", "2"]  # fmt: skip
+    with config_reads() as reads:
+        invoke("train", *tiny_flags, "--out", str(tmp_path / "skd"))
+        teacher = str(tmp_path / "skd" / "best.pt")
+        invoke("train", *tiny_flags, "--out", str(tmp_path / "kd"), "--method", "kd", "--teacher", teacher)
+    assert unread(TrainConfig, reads) == []

@@ -31,7 +31,7 @@ from dali_skd.signals import EXIT_STOPPED
 from dali_skd.training import Diverged, train
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING = ("samples_per_s", "data_wait", "epoch_seconds")  # the metrics that differ between two runs
+TIMING = ("samples_per_s", "data_wait", "epoch_seconds", "val_seconds")  # the metrics that differ between two runs
 
 
 @pytest.fixture(scope="module")
