@@ -513,8 +513,8 @@ class BackgroundBatches:
         reading = self._reader.reading if self._reader else None
         doing = f"while reading {reading}" if reading else "between shards"
         return (
-            f"the loader produced no batch for {self._stall_timeout:g} s (--loader.stall-timeout), {doing}: check that the "
-            "storage answers (open the URL, run the pipe: command, or list the folder by hand), or raise "
+            f"the loader produced no batch for {self._stall_timeout:g} s (--loader.stall-timeout), {doing}: check "
+            "that the storage answers (open the URL, run the pipe: command, or list the folder by hand), or raise "
             "--loader.stall-timeout"
         )
 
