@@ -89,32 +89,31 @@ def checkpoint_config(cls: type, options: dict[str, Any], config_file: str | Non
     return build_config(cls, options, config_file, defaults={"clip": trained_clip(checkpoint)})
 
 
+def config_command(name: str, cls: type, run: Callable[[Any], Any], about: str, build=build_config) -> click.Command:
+    """`cli.py NAME`: its flags are `cls`'s fields; it builds the config (`build`) and calls `run` with it."""
+
+    @click.command(name, help=about)
+    @config_flags(cls)
+    @user_errors
+    def command(config_file: str | None, **options) -> None:
+        run(build(cls, options, config_file))
+
+    return command
+
+
 def train_command() -> click.Command:
     from dali_skd.commands.train import TrainConfig, run_train
 
-    @click.command("train")
-    @config_flags(TrainConfig)
-    @user_errors
-    def train(config_file: str | None, **options) -> None:
-        """Train a model (one process per GPU under torchrun)."""
-        run_train(build_config(TrainConfig, options, config_file))
-
-    return train
+    return config_command("train", TrainConfig, run_train, "Train a model (one process per GPU under torchrun).")
 
 
 def eval_command() -> click.Command:
     from dali_skd.commands.eval import EvalConfig, run_eval
 
-    @click.command("eval")
-    @config_flags(EvalConfig)
-    @user_errors
-    def evaluate(config_file: str | None, **options) -> None:
-        """Clip- and video-level top-1/top-5, per-class top-1 and the confusion matrix of a checkpoint on the
-        held-out split; --json also writes the per-video predictions and the confusion matrix as a PNG. The clips
-        are cut as the model was trained (--clip.* default to the checkpoint's)."""
-        run_eval(checkpoint_config(EvalConfig, options, config_file))
-
-    return evaluate
+    about = """Clip- and video-level top-1/top-5, per-class top-1 and the confusion matrix of a checkpoint on the
+    held-out split; --json also writes the per-video predictions and the confusion matrix as a PNG. The clips are cut
+    as the model was trained (--clip.* default to the checkpoint's)."""
+    return config_command("eval", EvalConfig, run_eval, about, build=checkpoint_config)
 
 
 def predict_command() -> click.Command:
@@ -135,15 +134,9 @@ def predict_command() -> click.Command:
 def features_command() -> click.Command:
     from dali_skd.commands.features import FeaturesConfig, run_features
 
-    @click.command("features")
-    @config_flags(FeaturesConfig)
-    @user_errors
-    def features(config_file: str | None, **options) -> None:
-        """The encoder's pooled features of every video of every split, averaged over eval's clips:
-        OUT/<split>.npy (float16, videos x channels) and OUT/<split>.jsonl (key, label, source) row for row."""
-        run_features(checkpoint_config(FeaturesConfig, options, config_file))
-
-    return features
+    about = """The encoder's pooled features of every video of every split, averaged over eval's clips:
+    OUT/<split>.npy (float16, videos x channels) and OUT/<split>.jsonl (key, label, source) row for row."""
+    return config_command("features", FeaturesConfig, run_features, about, build=checkpoint_config)
 
 
 def compare_command() -> click.Command:
@@ -164,42 +157,24 @@ def compare_command() -> click.Command:
 def demo_command() -> click.Command:
     from dali_skd.commands.demo import DemoConfig, run_demo
 
-    @click.command("demo")
-    @config_flags(DemoConfig)
-    @user_errors
-    def demo(config_file: str | None, **options) -> None:
-        """Synthetic dataset -> shards -> SKD-SRL training -> evaluation, planned to end within --minutes."""
-        run_demo(build_config(DemoConfig, options, config_file))
-
-    return demo
+    about = "Synthetic dataset -> shards -> SKD-SRL training -> evaluation, planned to end within --minutes."
+    return config_command("demo", DemoConfig, run_demo, about)
 
 
 def bench_command() -> click.Command:
     from dali_skd.commands.bench import BenchConfig, run_bench
 
-    @click.command("bench")
-    @config_flags(BenchConfig)
-    @user_errors
-    def bench(config_file: str | None, **options) -> None:
-        """Throughput of the DALI loader against the loaders users would write instead (a DataLoader over the same
-        shards; decord, PyAV or torchcodec over video files), and of training steps."""
-        run_bench(build_config(BenchConfig, options, config_file))
-
-    return bench
+    about = """Throughput of the DALI loader against the loaders users would write instead (a DataLoader over the
+    same shards; decord, PyAV or torchcodec over video files), and of training steps."""
+    return config_command("bench", BenchConfig, run_bench, about)
 
 
 def preview_command() -> click.Command:
     from dali_skd.commands.preview import PreviewConfig, run_preview
 
-    @click.command("preview")
-    @config_flags(PreviewConfig)
-    @user_errors
-    def preview(config_file: str | None, **options) -> None:
-        """Draw both views the training loader makes of a few samples, with the augmentations drawn for each, into
-        one PNG (--compare-baseline: the DataLoader baseline's views of the same draws under DALI's)."""
-        run_preview(build_config(PreviewConfig, options, config_file))
-
-    return preview
+    about = """Draw both views the training loader makes of a few samples, with the augmentations drawn for each, into
+    one PNG (--compare-baseline: the DataLoader baseline's views of the same draws under DALI's)."""
+    return config_command("preview", PreviewConfig, run_preview, about)
 
 
 def plot_command() -> click.Command:

@@ -105,12 +105,6 @@ def clips_per_video_field() -> Any:
     return setting(10, "clips per video, uniformly spaced")
 
 
-def spatial_crops_field() -> Any:
-    return setting(
-        1, "windows per clip: 1 (the centre) or 3 (both ends and the centre of the long side, the Kinetics protocol)"
-    )
-
-
 @dataclass
 class ClipConfig:
     """How a clip is cut from a video, and the pixel values the network sees: what a model learns on. `eval`,
@@ -195,6 +189,24 @@ class ObjectiveConfig:
     pred_hidden: int = setting(512, "predictor q hidden width")
     kd_tau: float = setting(4.0, "kd baseline: temperature of teacher and student softmax (Hinton et al.)")
     kd_alpha: float = setting(0.9, "kd baseline: loss = (1 - alpha) CE + alpha tau^2 KL(teacher || student)")
+
+
+@dataclass
+class ScoreSettings:
+    """What a command that scores videos with a trained run takes (`eval`, `predict`, `features`): the checkpoint,
+    the clips and crops of a video, the batch, the precision and the device; the `clip` part, which defaults to the
+    checkpoint's (`cli.py` layers it: defaults, the checkpoint's, --config, the flags given), and the loader's."""
+
+    checkpoint: str = setting("runs/run/best.pt", "checkpoint of a run: its best.pt or last.pt")
+    batch_size: int = setting(32, "clips per batch")
+    clips_per_video: int = clips_per_video_field()
+    spatial_crops: int = setting(
+        1, "windows per clip: 1 (the centre) or 3 (both ends and the centre of the long side, the Kinetics protocol)"
+    )
+    amp: Amp = amp_field()
+    device: Device = device_field()
+    clip: ClipConfig = setting(ClipConfig(), "clips (default: as the checkpoint was trained)")
+    loader: LoaderConfig = setting(LoaderConfig(), "data loading")
 
 
 def method_names() -> list[str]:

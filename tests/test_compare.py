@@ -92,7 +92,7 @@ def test_kd_gets_a_teacher_trained_first(data: Path, tmp_path: Path) -> None:
     kd = ["--methods", "kd", "--seeds", "1", "--teacher-arch", "r3d10-tiny"]
     with config_reads() as reads:
         output = compare(data, out, *kd, "--teacher-epochs", "2")
-        compare(data, out, "--methods", "skd-srl", "--seeds", "1")  # the loss terms kd leaves out
+        compare(data, tmp_path / "srl", "--methods", "skd-srl", "--seeds", "1")  # the loss terms kd leaves out
     assert unread(CompareConfig, reads) == []  # compare offers no flag that does nothing
     assert output.index("training teacher") < output.index("training kd-seed0")
     table = json.loads((out / "table.json").read_text())

@@ -5,9 +5,13 @@ best checkpoint evaluated as `eval` does, and OUT/table.md, table.json and compa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dali_skd.config import TrainSettings, clips_per_video_field, setting
 from dali_skd.files import check_not_in_use
+
+if TYPE_CHECKING:
+    from dali_skd.comparison import CompareReport
 
 
 @dataclass
@@ -24,7 +28,7 @@ class CompareConfig(TrainSettings):
     out: str = setting("runs/compare", "the comparison's folder: its table, plot, and a folder per run")
 
 
-def run_compare(cfg: CompareConfig, command: str):
+def run_compare(cfg: CompareConfig, command: str) -> CompareReport:
     check_not_in_use(cfg.out)  # a second comparison into OUT fails at once, not after torch's seconds of import
     from dali_skd.comparison import ComparisonPlan, run_comparison  # torch and DALI: only once it may start
 

@@ -8,44 +8,24 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dali_skd.config import (
-    Amp,
-    ClipConfig,
-    Device,
-    LoaderConfig,
-    amp_field,
-    clips_per_video_field,
-    data_field,
-    device_field,
-    setting,
-    spatial_crops_field,
-)
+from dali_skd.config import ScoreSettings, data_field, setting
 from dali_skd.distributed import init_distributed, shutdown
 from dali_skd.evaluation import EvalResult, evaluate_checkpoint, top_classes, video_sources
 from dali_skd.plot import plot_confusion
 
 
 @dataclass
-class EvalConfig:
-    """`cli.py eval`; `clip` defaults to the checkpoint's (`cli.py` layers it: defaults, the checkpoint's, --config,
-    the flags given)."""
+class EvalConfig(ScoreSettings):
+    """`cli.py eval`: a checkpoint on a split of a dataset."""
 
-    checkpoint: str = setting("runs/run/best.pt", "checkpoint to evaluate (best.pt or last.pt of a run)")
     data: str = data_field()
     split: str | None = setting(None, "split to evaluate (default: test, or val for Kinetics)")
     eval_shards: str | None = setting(None, "the split's shards instead of the manifest's: brace patterns or URLs")
-    batch_size: int = setting(32, "clips per batch")
-    clips_per_video: int = clips_per_video_field()
-    spatial_crops: int = spatial_crops_field()
-    amp: Amp = amp_field()
-    device: Device = device_field()
     json: str | None = setting(
         None,
         "also write the results to this JSON file, the per-video predictions to <stem>.predictions.jsonl and the "
         "confusion matrix to <stem>.confusion.png beside it",
     )
-    clip: ClipConfig = setting(ClipConfig(), "clips (default: as the checkpoint was trained)")
-    loader: LoaderConfig = setting(LoaderConfig(), "data loading")
 
 
 def run_eval(cfg: EvalConfig) -> EvalResult:

@@ -15,18 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dali_skd.checkpoint import TrainedRun
-from dali_skd.config import (
-    Amp,
-    ClipConfig,
-    Device,
-    LoaderConfig,
-    amp_field,
-    clips_per_video_field,
-    data_field,
-    device_field,
-    setting,
-    spatial_crops_field,
-)
+from dali_skd.config import ScoreSettings, data_field, setting
 from dali_skd.data.shards import load_manifest
 from dali_skd.distributed import init_distributed, shutdown
 from dali_skd.evaluation import video_means, video_sources
@@ -34,19 +23,11 @@ from dali_skd.runtime import resolve_precision
 
 
 @dataclass
-class FeaturesConfig:
-    """`cli.py features`; `clip` defaults to the checkpoint's (`cli.py` layers it, as for `eval`)."""
+class FeaturesConfig(ScoreSettings):
+    """`cli.py features`: a checkpoint's encoder applied to every split of a dataset."""
 
-    checkpoint: str = setting("runs/run/best.pt", "checkpoint whose encoder gives the features")
     data: str = data_field()
     out: str = setting("features", "output directory: <split>.npy (float16, videos x channels) and <split>.jsonl")
-    batch_size: int = setting(32, "clips per batch")
-    clips_per_video: int = clips_per_video_field()
-    spatial_crops: int = spatial_crops_field()
-    amp: Amp = amp_field()
-    device: Device = device_field()
-    clip: ClipConfig = setting(ClipConfig(), "clips (default: as the checkpoint was trained)")
-    loader: LoaderConfig = setting(LoaderConfig(), "data loading")
 
 
 @dataclass

@@ -18,18 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dali_skd.checkpoint import TrainedRun
-from dali_skd.config import (
-    Amp,
-    ClipConfig,
-    Device,
-    LoaderConfig,
-    PreprocessConfig,
-    amp_field,
-    clips_per_video_field,
-    device_field,
-    setting,
-    spatial_crops_field,
-)
+from dali_skd.config import PreprocessConfig, ScoreSettings, setting
 from dali_skd.distributed import DistContext
 from dali_skd.evaluation import top_classes, video_means, video_sources
 from dali_skd.runtime import resolve_device, resolve_precision
@@ -40,10 +29,9 @@ SPLIT = "predict"  # the temporary dataset's one split
 
 
 @dataclass
-class PredictConfig:
-    """`cli.py predict`; `clip` defaults to the checkpoint's (`cli.py` layers it, as for `eval`)."""
+class PredictConfig(ScoreSettings):
+    """`cli.py predict`: a checkpoint applied to video files."""
 
-    checkpoint: str = setting("runs/run/best.pt", "checkpoint to apply (best.pt or last.pt of a run)")
     top_k: int = setting(5, "classes listed per video, most probable first")
     json: str | None = setting(None, "also write the predictions to this JSON file")
     short_side: int | None = setting(
@@ -53,13 +41,6 @@ class PredictConfig:
         None, "transcode to this frame rate (default: the checkpoint's, from its dataset's manifest)"
     )
     workers: int = setting(os.cpu_count() or 1, "videos transcoded at once")
-    batch_size: int = setting(32, "clips per batch")
-    clips_per_video: int = clips_per_video_field()
-    spatial_crops: int = spatial_crops_field()
-    amp: Amp = amp_field()
-    device: Device = device_field()
-    clip: ClipConfig = setting(ClipConfig(), "clips (default: as the checkpoint was trained)")
-    loader: LoaderConfig = setting(LoaderConfig(), "data loading")
 
 
 @dataclass
