@@ -65,6 +65,20 @@ def user_errors(command):
     return run
 
 
+class ConfigCommand(click.Command):
+    """A command whose flags are a config's: an unknown flag that is the last part of one of them is answered with
+    it (`--lr`: did you mean `--optim.lr`?), where click's spelling suggestions would not find it."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as e:
+            name = e.option_name.removeprefix("--")
+            nested = [opt for p in self.params for opt in p.opts if opt.rsplit(".", 1)[-1] == name]
+            e.possibilities = nested or e.possibilities
+            raise
+
+
 def config_flags(cls: type) -> Callable[[Callable], Callable]:
     """A command's flags: a field of `cls` each, and --config FILE."""
 
@@ -92,7 +106,7 @@ def checkpoint_config(cls: type, options: dict[str, Any], config_file: str | Non
 def config_command(name: str, cls: type, run: Callable[[Any], Any], about: str, build=build_config) -> click.Command:
     """`cli.py NAME`: its flags are `cls`'s fields; it builds the config (`build`) and calls `run` with it."""
 
-    @click.command(name, help=about)
+    @click.command(name, cls=ConfigCommand, help=about)
     @config_flags(cls)
     @user_errors
     def command(config_file: str | None, **options) -> None:
@@ -119,7 +133,7 @@ def eval_command() -> click.Command:
 def predict_command() -> click.Command:
     from dali_skd.commands.predict import PredictConfig, run_predict
 
-    @click.command("predict")
+    @click.command("predict", cls=ConfigCommand)
     @click.argument("videos", nargs=-1, required=True)
     @config_flags(PredictConfig)
     @user_errors
@@ -142,7 +156,7 @@ def features_command() -> click.Command:
 def compare_command() -> click.Command:
     from dali_skd.commands.compare import CompareConfig, run_compare
 
-    @click.command("compare")
+    @click.command("compare", cls=ConfigCommand)
     @config_flags(CompareConfig)
     @user_errors
     def compare(config_file: str | None, **options) -> None:

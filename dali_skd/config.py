@@ -9,6 +9,8 @@ import copy
 import dataclasses
 import json
 import os
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,19 +290,53 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(cls: type[T], raw: dict[str, Any], where: str = "config") -> T:
-    """Build `cls` from a (possibly partial) nested dict; unknown keys are an error that names them."""
+    """Build `cls` from a (possibly partial) nested dict (a saved config, a checkpoint's: input from anyone); an
+    unknown key, or a value not of its setting's type, is an error that names it."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} is {raw!r:.60}, not a group of settings")
     kwargs: dict[str, Any] = {}
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
     for key, value in raw.items():
         if key not in fields:
             raise ValueError(f"{where}: unknown setting {key!r} (known: {', '.join(fields)})")
         sub = _nested_type(cls, key)
-        if sub is not None:
-            value = from_dict(sub, value, f"{where}.{key}")
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[key] = value
+        kwargs[key] = from_dict(sub, value, f"{where}.{key}") if sub else _checked(hints[key], value, f"{where}.{key}")
     return cls(**kwargs)
+
+
+def _checked(kind: Any, value: Any, where: str) -> Any:
+    """`value` if it is what annotation `kind` allows (a list read from JSON becomes a tuple), else a ValueError."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        for option in typing.get_args(kind):
+            try:
+                return _checked(option, value, where)
+            except ValueError:
+                continue
+    elif typing.get_origin(kind) is Literal:
+        if value in typing.get_args(kind) and type(value) in {type(a) for a in typing.get_args(kind)}:
+            return value
+    elif typing.get_origin(kind) is tuple:
+        items = typing.get_args(kind)
+        if isinstance(value, list | tuple) and len(value) == len(items):
+            return tuple(_checked(item, v, where) for item, v in zip(items, value, strict=True))
+    elif kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):  # int, str, bool, None
+        return value
+    raise ValueError(f"{where} is {value!r:.60}, not {_kind(kind)}")
+
+
+def _kind(kind: Any) -> str:
+    """An annotation in words: `an integer`, `one of 'paper', 'kinetics'`, `a pair of numbers or None`."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return " or ".join(_kind(a) for a in args)
+    if typing.get_origin(kind) is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if typing.get_origin(kind) is tuple:
+        return f"a list of {len(args)} numbers"
+    return {int: "an integer", float: "a number", str: "text", bool: "true or false", type(None): "None"}[kind]
 
 
 def _nested_type(cls: type, name: str) -> type | None:

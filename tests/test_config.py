@@ -155,3 +155,36 @@ def test_method_names_come_from_the_one_registry() -> None:
     assert f"--method [{'|'.join(METHODS)}]" in invoke("train", "--help").output
     result = invoke("train", "--method", "simsiam", expect_error=True)
     assert result.exit_code == 2 and "'simsiam' is not one of 'baseline', " in result.output
+
+
+def test_a_flag_named_by_its_last_part_is_answered_with_its_dotted_path() -> None:
+    """`--lr` was a flag before each command had its own config: click's spelling hints would not find
+    `--optim.lr`, so the error names it."""
+    result = invoke("train", "--lr", "0.1", expect_error=True)
+    assert result.exit_code == 2 and "Did you mean '--optim.lr'?" in result.output
+    result = invoke("eval", "--lr", "0.1", expect_error=True)  # eval has no optimizer: no hint that does nothing
+    assert result.exit_code == 2 and "--optim.lr" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("saved", "message"),
+    [
+        ({"epochs": "5"}, r"epochs is '5', not an integer"),
+        ({"epochs": True}, r"epochs is True, not an integer"),
+        ({"clip": 3}, r"clip is 3, not a group of settings"),
+        ({"clip": {"norm": "imagenet"}}, r"clip.norm is 'imagenet', not one of 'paper', "),
+        ({"augment": {"contrast": [0.5]}}, r"augment.contrast is \[0.5\], not a list of 2 numbers"),
+        ({"optim": {"lr": "0.1"}}, r"optim.lr is '0.1', not a number"),
+    ],
+)
+def test_a_saved_config_of_the_wrong_types_is_refused_naming_the_setting(
+    tmp_path: Path, saved: dict, message: str
+) -> None:
+    """A config file (or a checkpoint's) is input from anyone: every value is checked against its setting's type."""
+    (tmp_path / "c.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="c.json." + message):
+        parsed("train", "--config", str(tmp_path / "c.json"))
+    (tmp_path / "ok.json").write_text(json.dumps({"epochs": 5, "optim": {"lr": 1}, "augment": {"contrast": [0.5, 2]}}))
+    cfg = parsed("train", "--config", str(tmp_path / "ok.json"))
+    assert (cfg.epochs, cfg.optim.lr, cfg.augment.contrast) == (5, 1.0, (0.5, 2.0))
+    assert isinstance(cfg.optim.lr, float)
