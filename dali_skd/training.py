@@ -84,8 +84,8 @@ class TrainSummary:
         skipped = ""
         if self.skipped:
             skipped = (
-                f"\n{self.skipped} damaged or unreadable samples skipped (each named once above): "
-                "`python cli.py preprocess verify DATA` lists them all"
+                f"\n{self.skipped} damaged or unreadable sample{'s' * (self.skipped != 1)} skipped (each named once "
+                "above): `python cli.py preprocess verify DATA` lists them all"
             )
         return (
             f"best validation top-1 {self.best_top1:.2%} (video-level) at epoch {self.best_epoch} of {self.epochs}; "
@@ -556,12 +556,15 @@ def _epoch_line(record: dict[str, Any], epochs: int, best_epoch: int) -> str:
     line += (
         ", best so far" if best_epoch == record["epoch"] else f", best {record['best_top1']:.2%} (epoch {best_epoch})"
     )
-    notes = {
-        "skipped": "unreadable samples skipped",
-        "scaler_skipped_steps": "fp16 steps skipped",
-        "val_nonfinite_clips": "validation clips with non-finite scores",
+    notes = {  # a count's noun, in the singular, and what follows it
+        "skipped": ("damaged or unreadable training sample", "skipped"),
+        "scaler_skipped_steps": ("fp16 step", "skipped"),
+        "val_nonfinite_clips": ("validation clip", "with non-finite scores"),
     }
-    return line + "".join(f"; {record[k]} {text}" for k, text in notes.items() if record.get(k))
+    for key, (noun, rest) in notes.items():
+        if n := record.get(key):
+            line += f"; {n} {noun}{'s' * (n != 1)} {rest}"
+    return line
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:

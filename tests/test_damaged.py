@@ -395,3 +395,14 @@ def test_no_test_imports_an_ffmpeg_helper_when_collected() -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=TESTS.parent, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "test_gpu.py" in done.stdout
+
+
+def test_verify_summary_counts_one_of_each_in_the_singular(tmp_path: Path) -> None:
+    from preprocess.verify import ShardCheck, VerifySummary
+
+    line = {"shard": "train/shard-000000.tar", "key": "train-0000001", "member": "train-0000001.jpgs"}
+    one = ShardCheck("train/shard-000000.tar", samples=1, strips=1, decoded=True, damaged=[line])
+    text = VerifySummary("data", tmp_path / "damaged.jsonl", [one], 0.1).format()
+    assert "verified 1 shard (1 sample) of data" in text and "(1 strip or video checked)" in text
+    assert "1 shard was written before checksums" in text
+    assert "1 problem: 1 damaged member of 1 sample, in 1 shard," in text

@@ -205,3 +205,16 @@ def test_train_reads_every_flag_it_offers(data: Path, tmp_path: Path) -> None:
         teacher = str(tmp_path / "skd" / "best.pt")
         invoke("train", *tiny_flags, "--out", str(tmp_path / "kd"), "--method", "kd", "--teacher", teacher)
     assert unread(TrainConfig, reads) == []
+
+
+def test_the_epoch_line_counts_what_went_wrong_in_words() -> None:
+    from dali_skd.training import _epoch_line
+
+    record = {"epoch": 2, "loss": 1.5, "train_top1": 0.5, "samples_per_s": 10.0, "data_wait": 0.1, "epoch_seconds": 9,
+              "val_top1": 0.25, "val_top5": 0.75, "val_videos": 48, "best_top1": 0.3}  # fmt: skip
+    assert _epoch_line(record, 5, 2).endswith("(48 videos), best so far")
+    record.update(skipped=1, scaler_skipped_steps=3, val_nonfinite_clips=0)
+    line = _epoch_line(record, 5, 1)
+    assert line.endswith(
+        "best 30.00% (epoch 1); 1 damaged or unreadable training sample skipped; 3 fp16 steps skipped"
+    ), line
