@@ -14,6 +14,10 @@ torchrun --nproc-per-node 8 cli.py train ...
 Exit codes: 0 done; 1 an error, printed as one line; 2 a flag click refused; 75 (EX_TEMPFAIL) stopped by a signal
 (SIGTERM, SIGINT, SIGUSR1) once the work was saved: run the command again (`train`: with --resume) to continue;
 128 + N killed by signal N (a second signal, SIGKILL).
+
+Every flag is a field of the command's config: `--name` for a top-level one, `--part.name` for one of a nested part
+(`--loader.threads`, `--clip.crop`, `--optim.lr`); `--config FILE` reads settings from a JSON file, under the flags.
+The commands are modules of `dali_skd/commands/`, each imported only when it runs.
 """
 
 from __future__ import annotations
@@ -22,22 +26,15 @@ import functools
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, ClassVar
 
 import click
 
 from dali_skd.cli_options import build_config, command_line, config_options
-from dali_skd.config import (
-    BenchConfig,
-    CompareConfig,
-    EvalConfig,
-    FeaturesConfig,
-    PredictConfig,
-    PreprocessConfig,
-    PreviewConfig,
-    TrainConfig,
-)
-from dali_skd.files import FULL_DISK_ERRNOS, DiskFull, lock_directory
+from dali_skd.config import PreprocessConfig
+from dali_skd.files import FULL_DISK_ERRNOS, DiskFull
 from dali_skd.signals import EXIT_STOPPED, STOP_SIGNALS, Stopped
 
 
@@ -68,15 +65,169 @@ def user_errors(command):
     return run
 
 
-def not_in_use(out: str) -> None:
-    """Fails at once if another run holds the lock of `out`, before the seconds torch takes to import (the run takes
-    the lock itself, rank 0 under torchrun)."""
-    if os.environ.get("RANK", "0") == "0":
-        with lock_directory(out):
-            pass
+class ConfigCommand(click.Command):
+    """A command whose flags are a config's: an unknown flag that is the last part of one of them is answered with
+    it (`--lr`: did you mean `--optim.lr`?), where click's spelling suggestions would not find it."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as e:
+            name = e.option_name.removeprefix("--")
+            nested = [opt for p in self.params for opt in p.opts if opt.rsplit(".", 1)[-1] == name]
+            e.possibilities = nested or e.possibilities
+            raise
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+def config_flags(cls: type) -> Callable[[Callable], Callable]:
+    """A command's flags: a field of `cls` each, and --config FILE."""
+
+    def decorate(command: Callable) -> Callable:
+        config_file = click.option(
+            "--config",
+            "config_file",
+            type=click.Path(exists=True, dir_okay=False),
+            help="settings from this JSON file (e.g. a run's config.json, or some of its settings), under the flags",
+        )
+        return config_options(cls)(config_file(command))
+
+    return decorate
+
+
+def checkpoint_config(cls: type, options: dict[str, Any], config_file: str | None) -> Any:
+    """The config of a command that applies a checkpoint: its `clip` settings default to those the checkpoint was
+    trained with (defaults < the checkpoint's < --config < the flags given)."""
+    from dali_skd.checkpoint import trained_clip
+
+    checkpoint = build_config(cls, options, config_file).checkpoint
+    return build_config(cls, options, config_file, defaults={"clip": trained_clip(checkpoint)})
+
+
+def config_command(name: str, cls: type, run: Callable[[Any], Any], about: str, build=build_config) -> click.Command:
+    """`cli.py NAME`: its flags are `cls`'s fields; it builds the config (`build`) and calls `run` with it."""
+
+    @click.command(name, cls=ConfigCommand, help=about)
+    @config_flags(cls)
+    @user_errors
+    def command(config_file: str | None, **options) -> None:
+        run(build(cls, options, config_file))
+
+    return command
+
+
+def train_command() -> click.Command:
+    from dali_skd.commands.train import TrainConfig, run_train
+
+    return config_command("train", TrainConfig, run_train, "Train a model (one process per GPU under torchrun).")
+
+
+def eval_command() -> click.Command:
+    from dali_skd.commands.eval import EvalConfig, run_eval
+
+    about = """Clip- and video-level top-1/top-5, per-class top-1 and the confusion matrix of a checkpoint on the
+    held-out split; --json also writes the per-video predictions and the confusion matrix as a PNG. The clips are cut
+    as the model was trained (--clip.* default to the checkpoint's)."""
+    return config_command("eval", EvalConfig, run_eval, about, build=checkpoint_config)
+
+
+def predict_command() -> click.Command:
+    from dali_skd.commands.predict import PredictConfig, run_predict
+
+    @click.command("predict", cls=ConfigCommand)
+    @click.argument("videos", nargs=-1, required=True)
+    @config_flags(PredictConfig)
+    @user_errors
+    def predict(videos: tuple[str, ...], config_file: str | None, **options) -> None:
+        """The most probable classes of each video file (any format ffmpeg reads): transcoded as the checkpoint's
+        training data was, scored with eval's clips and crops (--clip.* default to the checkpoint's)."""
+        run_predict(list(videos), checkpoint_config(PredictConfig, options, config_file))
+
+    return predict
+
+
+def features_command() -> click.Command:
+    from dali_skd.commands.features import FeaturesConfig, run_features
+
+    about = """The encoder's pooled features of every video of every split, averaged over eval's clips:
+    OUT/<split>.npy (float16, videos x channels) and OUT/<split>.jsonl (key, label, source) row for row."""
+    return config_command("features", FeaturesConfig, run_features, about, build=checkpoint_config)
+
+
+def compare_command() -> click.Command:
+    from dali_skd.commands.compare import CompareConfig, run_compare
+
+    @click.command("compare", cls=ConfigCommand)
+    @config_flags(CompareConfig)
+    @user_errors
+    def compare(config_file: str | None, **options) -> None:
+        """The paper's Table II: train every method x seed with the same settings (any train flag but --method and
+        --seed), evaluate each best checkpoint as eval does, and write OUT/table.md, table.json and compare.png. An
+        interrupted comparison started again trains only what is missing."""
+        run_compare(build_config(CompareConfig, options, config_file), command_line("compare", options))
+
+    return compare
+
+
+def demo_command() -> click.Command:
+    from dali_skd.commands.demo import DemoConfig, run_demo
+
+    about = "Synthetic dataset -> shards -> SKD-SRL training -> evaluation, planned to end within --minutes."
+    return config_command("demo", DemoConfig, run_demo, about)
+
+
+def bench_command() -> click.Command:
+    from dali_skd.commands.bench import BenchConfig, run_bench
+
+    about = """Throughput of the DALI loader against the loaders users would write instead (a DataLoader over the
+    same shards; decord, PyAV or torchcodec over video files), and of training steps."""
+    return config_command("bench", BenchConfig, run_bench, about)
+
+
+def preview_command() -> click.Command:
+    from dali_skd.commands.preview import PreviewConfig, run_preview
+
+    about = """Draw both views the training loader makes of a few samples, with the augmentations drawn for each, into
+    one PNG (--compare-baseline: the DataLoader baseline's views of the same draws under DALI's)."""
+    return config_command("preview", PreviewConfig, run_preview, about)
+
+
+def plot_command() -> click.Command:
+    from dali_skd.commands.plot import run_plot
+
+    @click.command("plot")
+    @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+    @user_errors
+    def plot(run_dir: str) -> None:
+        """Redraw RUN_DIR/curves.png from its metrics.jsonl."""
+        run_plot(run_dir)
+
+    return plot
+
+
+class Commands(click.Group):
+    """The top level: `preprocess`, and the commands of `dali_skd/commands/`, each built (its module imported) when
+    it runs or its help is shown, so that no command waits for the imports of the others (torch, DALI: seconds)."""
+
+    lazy: ClassVar[dict[str, Callable[[], click.Command]]] = {
+        "train": train_command,
+        "eval": eval_command,
+        "predict": predict_command,
+        "features": features_command,
+        "compare": compare_command,
+        "demo": demo_command,
+        "bench": bench_command,
+        "preview": preview_command,
+        "plot": plot_command,
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*super().list_commands(ctx), *self.lazy]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return self.lazy[name]() if name in self.lazy else super().get_command(ctx, name)
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 def main() -> None:
     """SKD-SRL: self-knowledge distillation with Siamese representation learning for video action recognition,
     on NVIDIA DALI."""
@@ -140,124 +291,6 @@ def preprocess_bench(work_dir: str, workers: int, classes: int, videos_per_class
     from preprocess.bench import bench_preprocess
 
     bench_preprocess(Path(work_dir), workers, classes, videos_per_class, repeats=repeats)
-
-
-@main.command()
-@config_options(TrainConfig)
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="a saved config.json")
-@user_errors
-def train(config_file: str | None, **options) -> None:
-    """Train a model (one process per GPU under torchrun)."""
-    cfg = build_config(TrainConfig, options, config_file)
-    not_in_use(cfg.out)
-    from dali_skd.train import train as run_train
-
-    run_train(cfg)
-
-
-@main.command("eval")
-@config_options(EvalConfig)
-@user_errors
-def evaluate(**options) -> None:
-    """Clip- and video-level top-1/top-5, per-class top-1 and the confusion matrix of a checkpoint on the held-out
-    split; --json also writes the per-video predictions and the confusion matrix as a PNG. The clips are cut as
-    the model was trained (--clip-len, --frame-stride, --crop, --input-norm default to the checkpoint's)."""
-    from dali_skd.checkpoint import trained_clip_settings
-    from dali_skd.evaluate import run_eval
-
-    trained = trained_clip_settings(options["checkpoint"] or EvalConfig().checkpoint)
-    run_eval(build_config(EvalConfig, options, defaults={"loader": trained}))
-
-
-@main.command()
-@click.argument("videos", nargs=-1, required=True)
-@config_options(PredictConfig)
-@user_errors
-def predict(videos: tuple[str, ...], **options) -> None:
-    """The most probable classes of each video file (any format ffmpeg reads): transcoded as the checkpoint's
-    training data was, scored with eval's clips and crops (clip settings from the checkpoint unless given)."""
-    from dali_skd.predict import run_predict
-
-    result = run_predict(list(videos), build_config(PredictConfig, options))
-    for line in result.errors():
-        click.echo(line, err=True)
-    if len(result.failed) < len(result.videos):
-        click.echo(result.format())
-    if result.failed:
-        raise click.ClickException(f"{len(result.failed)} of {len(result.videos)} videos could not be predicted")
-
-
-@main.command()
-@config_options(FeaturesConfig)
-@user_errors
-def features(**options) -> None:
-    """The encoder's pooled features of every video of every split, averaged over eval's clips:
-    OUT/<split>.npy (float16, videos x channels) and OUT/<split>.jsonl (key, label, source) row for row."""
-    from dali_skd.features import run_features
-
-    run_features(build_config(FeaturesConfig, options))
-
-
-@main.command()
-@click.option("--out", default="runs/demo", show_default=True, help="where the data, runs and results go")
-@click.option(
-    "--minutes", type=float, default=6.0, show_default=True, help="time budget for the whole demo on this machine"
-)
-@click.option("--compare", is_flag=True, help="also train the plain cross-entropy baseline, within the same budget")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="also write the results to this file")
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
-@user_errors
-def demo(out: str, minutes: float, compare: bool, json_path: str | None, device: str) -> None:
-    """Synthetic dataset -> shards -> SKD-SRL training -> evaluation, planned to end within --minutes."""
-    from dali_skd.demo import run_demo
-
-    run_demo(out, compare, json_path, device, minutes)
-
-
-@main.command()
-@config_options(CompareConfig, exclude=("method", "seed", "resume"))
-@user_errors
-def compare(**options) -> None:
-    """The paper's Table II: train every method x seed with the same settings (any train flag), evaluate each
-    best checkpoint as eval does, and write OUT/table.md, table.json and compare.png. An interrupted comparison
-    started again trains only what is missing."""
-    cfg = build_config(CompareConfig, options)
-    not_in_use(cfg.train.out)
-    from dali_skd.compare import run_compare
-
-    run_compare(cfg, command_line("compare", options))
-
-
-@main.command()
-@config_options(BenchConfig)
-@user_errors
-def bench(**options) -> None:
-    """Throughput of the DALI loader against the loaders users would write instead (a DataLoader over the same shards;
-    decord, PyAV or torchcodec over video files), and of training steps."""
-    from dali_skd.bench import run_bench
-
-    run_bench(build_config(BenchConfig, options))
-
-
-@main.command()
-@config_options(PreviewConfig)
-@user_errors
-def preview(**options) -> None:
-    """Draw both views the training loader makes of a few samples, with the augmentations drawn for each, into one
-    PNG (--compare-baseline: the DataLoader baseline's views of the same draws under DALI's)."""
-    from dali_skd.preview import run_preview
-
-    run_preview(build_config(PreviewConfig, options))
-
-
-@main.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@user_errors
-def plot(run_dir: str) -> None:
-    """Redraw RUN_DIR/curves.png from its metrics.jsonl."""
-    from dali_skd.plot import plot_curves
-
-    click.echo(plot_curves(run_dir))
 
 
 if __name__ == "__main__":

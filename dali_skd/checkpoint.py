@@ -1,21 +1,29 @@
-"""One checkpoint dict for everything (torchvision's reference recipe): the method's state dict (the classifier
-under `model.`, then the method's heads), optimizer, lr scheduler, grad scaler, finished epochs, RNG state and the
-run's config, so resuming is one code path. Written atomically (`files.open_atomic`); read with
-`weights_only=True` (tensors and plain containers only). Older checkpoints also hold the classifier on its own,
-under "model"; they still load."""
+"""One checkpoint dict for everything (torchvision's reference recipe): the method's trained state (the classifier
+under `model.`, then the method's heads; never a kd teacher, which `--teacher` names), optimizer, lr scheduler, grad
+scaler, finished epochs, RNG state, the run's config, its classes and preprocessing, and the data stream its
+batches were drawn from, so resuming is one code path. Written atomically (`files.open_atomic`); read with
+`weights_only=True` (tensors and plain containers only), every field checked: a checkpoint may come from anyone.
+
+`TrainedRun` is a finished run as every command that applies one sees it: `TrainedRun.load(path)` gives its
+classifier, method, config, classes and preprocessing, and an `EvalLoader` that cuts clips as it was trained.
+"""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dali_skd.config import TrainConfig, from_dict
+from dali_skd.config import ClipConfig, TrainConfig, from_dict
+from dali_skd.data.loader import EvalLoader
 from dali_skd.files import open_atomic
+from dali_skd.methods import Method, build_method
 from dali_skd.models import ResNet3d, build_model
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the trained state without a kd teacher, config parts (`clip`, `optim`, ...), data stream
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -25,6 +33,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint at `path`, checked (`checked_state`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: pass the last.pt or best.pt of a `cli.py train` run")
@@ -32,24 +41,41 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise ValueError(f"{path} is not a readable dali-skd checkpoint ({e})") from e
-    return check_version(state, path)
+    return checked_state(state, path)
 
 
-def check_version(state: object, path: str | Path) -> dict[str, Any]:
-    """`state` itself, if it is a checkpoint dict of the version this code writes."""
-    if not isinstance(state, dict) or state.get("checkpoint_version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path} is not a dali-skd checkpoint of version {CHECKPOINT_VERSION}")
+def checked_state(state: object, path: str | Path) -> dict[str, Any]:
+    """`state` itself, if it is a checkpoint of the version this code reads, holding a run's config, classes,
+    preprocessing settings and weights."""
+    if not isinstance(state, dict) or "checkpoint_version" not in state:
+        raise ValueError(f"{path} is not a dali-skd checkpoint: pass the last.pt or best.pt of a `cli.py train` run")
+    if state["checkpoint_version"] != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"{path} is a dali-skd checkpoint of version {state['checkpoint_version']!r}, and this code reads version "
+            f"{CHECKPOINT_VERSION}: train it again, or use the dali-skd that wrote it"
+        )
+    classes, preprocessing, weights = state.get("classes"), state.get("preprocessing"), state.get("method")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"{path}: its classes are not a list of class names: pass a checkpoint of a run")
+    if not isinstance(preprocessing, dict):
+        raise ValueError(f"{path}: it does not record how its training videos were preprocessed: pass one of a run")
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+        raise ValueError(f"{path}: its weights are not a state dict of tensors: pass a checkpoint of a run")
+    if not isinstance(state.get("config"), dict):
+        raise ValueError(f"{path}: it holds no run config: pass a checkpoint of a run")
+    run_config(state, path)
     return state
 
 
+def run_config(state: dict[str, Any], path: str | Path) -> TrainConfig:
+    return from_dict(TrainConfig, state["config"], f"{path} config")
+
+
 def classifier_state(state: dict[str, Any], path: str | Path) -> dict[str, torch.Tensor]:
-    """The classifier's (encoder + `fc`) state dict in a checkpoint: the "model." entries of the method's state
-    dict, or the "model" an older checkpoint holds beside it (the same tensors)."""
-    if "model" in state:
-        return state["model"]
-    weights = {k.removeprefix("model."): v for k, v in state.get("method", {}).items() if k.startswith("model.")}
+    """The classifier's (encoder + `fc`) state dict in a checkpoint: the "model." entries of the method's."""
+    weights = {k.removeprefix("model."): v for k, v in state["method"].items() if k.startswith("model.")}
     if not weights:
-        raise ValueError(f"{path} holds no model weights (neither 'model' nor 'method'): pass a checkpoint of a run")
+        raise ValueError(f"{path} holds no model weights: pass a checkpoint of a run")
     return weights
 
 
@@ -68,37 +94,72 @@ def check_finite(weights: dict[str, torch.Tensor], path: str | Path) -> None:
     if bad:
         raise ValueError(
             f"{path} holds non-finite weights ({len(bad)} of {len(weights)} tensors, e.g. {bad[0]}): the run that "
-            "wrote it diverged; use an earlier checkpoint, or train again with a lower --lr"
+            "wrote it diverged; use an earlier checkpoint, or train again with a lower --optim.lr"
         )
 
 
-def load_classifier(path: str | Path, device: torch.device, num_classes: int | None = None) -> tuple[ResNet3d, dict]:
-    """The trained classifier of a checkpoint (and the checkpoint), checked against the dataset's class count and
-    for non-finite weights."""
-    state = load_checkpoint(path, device)
-    cfg = from_dict(TrainConfig, state["config"], f"{path} config")
-    classes = state["classes"]
-    if num_classes is not None and len(classes) != num_classes:
-        raise ValueError(
-            f"{path} was trained on {len(classes)} classes, this dataset has {num_classes}: "
-            "use a checkpoint trained on the same dataset"
-        )
-    weights = classifier_state(state, path)
-    check_finite(weights, path)
-    model = build_model(cfg.arch, len(classes), shortcut=cfg.shortcut)
-    model.load_state_dict(weights)
-    return model.to(device), state
-
-
-CLIP_SETTINGS = ("clip_len", "frame_stride", "crop", "input_norm")  # what the model saw, which evaluation repeats
-
-
-def trained_clip_settings(path: str | Path) -> dict[str, Any]:
-    """The loader's clip settings a checkpoint was trained with (`CLIP_SETTINGS`); none for a file that is not a
-    readable checkpoint (loading it properly then says why)."""
+def trained_clip(path: str | Path) -> dict[str, Any]:
+    """How the clips were cut for the run that wrote a checkpoint (its config's `clip` part), read without loading
+    its weights: the defaults of eval's, predict's and features' `--clip.*` flags. Empty for a file that is not a
+    readable checkpoint: loading it properly then says why."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        loader = state["config"]["loader"]
+        return asdict(run_config(state, path).clip)
     except Exception:
         return {}
-    return {name: loader[name] for name in CLIP_SETTINGS if name in loader}
+
+
+@dataclass
+class TrainedRun:
+    """A finished (or stopped) training run, from one of its checkpoints: its classifier on `device`, checked for
+    non-finite weights, its config, classes and preprocessing settings (what `predict` transcodes new videos
+    with); its method, heads and all, when asked for."""
+
+    path: Path
+    config: TrainConfig
+    classes: list[str]
+    preprocessing: dict[str, Any]
+    classifier: ResNet3d
+    device: torch.device
+    weights: dict[str, torch.Tensor] = field(repr=False)  # the method's trained state
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", num_classes: int | None = None) -> TrainedRun:
+        """The run of the checkpoint at `path`; with `num_classes`, it must predict that many classes (a dataset's)."""
+        state = load_checkpoint(path, device)
+        classes = state["classes"]
+        check_finite(state["method"], path)
+        config = run_config(state, path)
+        classifier = build_model(config.arch, len(classes), shortcut=config.shortcut)
+        classifier.load_state_dict(classifier_state(state, path))
+        device = torch.device(device)
+        run = cls(Path(path), config, classes, state["preprocessing"], classifier.to(device), device, state["method"])
+        if num_classes is not None:
+            run.check_classes(num_classes)
+        return run
+
+    def check_classes(self, num_classes: int) -> None:
+        """Refuses a dataset of another class count than the run was trained on."""
+        if len(self.classes) != num_classes:
+            raise ValueError(
+                f"{self.path} was trained on {len(self.classes)} classes, this dataset has {num_classes}: "
+                "use a checkpoint trained on the same dataset"
+            )
+
+    @cached_property
+    def method(self) -> Method:
+        """The trained method around the classifier (a kd run's with its teacher, loaded from its `--teacher`)."""
+        teacher = None
+        if self.config.teacher:
+            teacher = TrainedRun.load(self.config.teacher, self.device, len(self.classes)).classifier
+        method = build_method(self.config.method, self.classifier, len(self.classes), self.config.objective, teacher)
+        method.load_trained_state(self.weights)
+        return method.to(self.device)
+
+    def eval_loader(
+        self, data: str, split: str | None = None, *, clip: ClipConfig | None = None, **options: Any
+    ) -> EvalLoader:
+        """An `EvalLoader` of `data`'s `split` (default: its held-out one) on this run's device, cutting the clips
+        as the run was trained (`clip`: otherwise). `options` go to the loader: batch_size, clips_per_video,
+        spatial_crops, loader, shards, dtype, rank, world."""
+        return EvalLoader(data, split, clip=clip or self.config.clip, device=self.device, **options)

@@ -1,10 +1,13 @@
-"""Click options made from the config dataclasses: every field is a flag of the same name (nested configs are
-flattened: `TrainConfig.loader.crop` is `--crop`), so the CLI, the code and the saved config never disagree."""
+"""Click options made from a command's config dataclass, one per field, so that the CLI, the code and the saved
+config never disagree. One convention everywhere: a top-level field is `--name`, a field of a nested part is
+`--part.name` (`TrainConfig.loader.threads` is `--loader.threads`), with hyphens within a name and dots between
+parts; a bool is `--name/--no-name` (`--sampling.same-clip/--sampling.no-same-clip`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import shlex
 import types
 import typing
@@ -13,22 +16,39 @@ from typing import Any, Literal, TypeVar
 
 import click
 
-from dali_skd.config import from_dict, load_json, to_dict
+from dali_skd.config import from_dict, read_settings, to_dict
 
 T = TypeVar("T")
+Path = tuple[str, ...]  # a field's names from the top: ("loader", "threads")
 
 
-def _leaves(cls: type, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], dataclasses.Field, Any]]:
-    """(path, field, type) of every non-dataclass field, depth first."""
+def leaves(cls: type, prefix: Path = ()) -> list[tuple[Path, dataclasses.Field, Any]]:
+    """(path, field, type) of every field that is not a part, in the order `--help` lists them: a config's own
+    fields, then those it inherits (`CompareConfig`'s before the training settings it shares), then each part's."""
     hints = typing.get_type_hints(cls)
-    out = []
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
-            out += _leaves(kind, (*prefix, f.name))
-        else:
-            out.append(((*prefix, f.name), f, kind))
+    own = inspect.get_annotations(cls)
+    fields = dataclasses.fields(cls)
+    parts = [f for f in fields if _is_part(hints[f.name])]
+    scalars = sorted((f for f in fields if f not in parts), key=lambda f: f.name not in own)
+    out = [((*prefix, f.name), f, hints[f.name]) for f in scalars]
+    for f in parts:
+        out += leaves(hints[f.name], (*prefix, f.name))
     return out
+
+
+def _is_part(kind: Any) -> bool:
+    return isinstance(kind, type) and dataclasses.is_dataclass(kind)
+
+
+def flag(path: Path, negated: bool = False) -> str:
+    """`("loader", "read_timeout")` -> `--loader.read-timeout` (`negated`: `--loader.no-read-timeout`)."""
+    *parts, name = (p.replace("_", "-") for p in path)
+    return "--" + ".".join([*parts, f"no-{name}" if negated else name])
+
+
+def _key(path: Path) -> str:
+    """The click parameter's name of a field (an identifier): `loader__read_timeout`."""
+    return "__".join(path)
 
 
 class _FlagOrChoice(click.Choice):
@@ -38,14 +58,30 @@ class _FlagOrChoice(click.Choice):
         return value if value is True else super().convert(value, param, ctx)
 
 
-def _click_type(kind: Any) -> tuple[Any, dict[str, Any]]:
+class _Registered(click.Choice):
+    """A choice among the names a registry holds (`choices` metadata: a function giving them), asked for only when
+    a value is given or the help is shown: the registry may take seconds to import (`config.method_names`)."""
+
+    def __init__(self, names: Callable[[], list[str]]) -> None:
+        self._names = names
+
+    @functools.cached_property
+    def choices(self) -> list[str]:  # type: ignore[override]
+        return self._names()
+
+    case_sensitive = True
+
+
+def _click_type(kind: Any, f: dataclasses.Field) -> tuple[Any, dict[str, Any]]:
     """The click type (and extra option settings) of a field's annotation."""
+    if "choices" in f.metadata:
+        return _Registered(f.metadata["choices"]), {}
     args = typing.get_args(kind)
     choices = [str(c) for a in args if typing.get_origin(a) is Literal for c in typing.get_args(a)]
     if typing.get_origin(kind) in (typing.Union, types.UnionType) and bool in args and choices:
         return _FlagOrChoice(choices), {"is_flag": False, "flag_value": True}
     if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args:
-        return _click_type(next(a for a in args if a is not type(None)))
+        return _click_type(next(a for a in args if a is not type(None)), dataclasses.field())
     if typing.get_origin(kind) is Literal:
         return click.Choice([str(a) for a in args]), {}
     if typing.get_origin(kind) is tuple:
@@ -53,25 +89,23 @@ def _click_type(kind: Any) -> tuple[Any, dict[str, Any]]:
     return kind, {}
 
 
-def config_options(cls: type, exclude: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
-    """Adds a `--flag` for each field of `cls` (and of its nested configs), defaulting to "not given"."""
+def config_options(cls: type) -> Callable[[Callable], Callable]:
+    """Adds an option for each field of `cls` and of its parts, defaulting to "not given"."""
 
-    defaults = to_dict(cls())  # a nested config's own defaults may differ from its class's (compare's --out)
+    defaults = to_dict(cls())  # a config's own defaults may differ from its parts' classes' (compare's --out)
 
     def decorate(command: Callable) -> Callable:
-        for path, f, kind in reversed(_leaves(cls)):
-            name = f.metadata.get("flag", path[-1])  # a field may be given a shorter flag than its name
-            if path[-1] in exclude:
-                continue
-            flag = "--" + name.replace("_", "-")
+        for path, f, kind in reversed(leaves(cls)):
             default = functools.reduce(lambda node, key: node[key], path, defaults)
             help_text = f"{f.metadata.get('help', '')}  [default: {_show(default)}]"
             if kind is bool:
-                decl = [f"{flag}/--no-{flag[2:]}"]
-                command = click.option(*decl, name, default=None, help=help_text)(command)
+                decl = f"{flag(path)}/{flag(path, negated=True)}"
+                command = click.option(decl, _key(path), default=None, help=help_text)(command)
             else:
-                click_type, extra = _click_type(kind)
-                command = click.option(flag, name, type=click_type, default=None, help=help_text, **extra)(command)
+                click_type, extra = _click_type(kind, f)
+                command = click.option(flag(path), _key(path), type=click_type, default=None, help=help_text, **extra)(
+                    command
+                )
         return command
 
     return decorate
@@ -85,13 +119,13 @@ def build_config(
     cls: type[T], options: dict[str, Any], config_file: str | None = None, defaults: dict[str, Any] | None = None
 ) -> T:
     """Defaults, then `defaults` (a partial nested dict, e.g. the clip settings a checkpoint was trained with), then
-    `config_file` (a saved config.json), then the flags that were given."""
+    `config_file` (a saved config.json, whole or partial), then the flags that were given."""
     base = to_dict(cls())
     _merge(base, defaults or {})
     if config_file:
-        base = to_dict(load_json(cls, config_file))
-    for path, f, _ in _leaves(cls):
-        value = options.get(f.metadata.get("flag", path[-1]))
+        _merge(base, read_settings(cls, config_file))
+    for path, _, _ in leaves(cls):
+        value = options.get(_key(path))
         if value is None:
             continue
         node = base
@@ -113,12 +147,12 @@ def command_line(command: str, options: dict[str, Any]) -> str:
     """`python cli.py COMMAND` with the flags that were given (`options` as click passes them): the command that
     reproduces a run however it was started."""
     words = ["python", "cli.py", *command.split()]
-    for name, value in options.items():
+    for key, value in options.items():
         if value is None:
             continue
-        flag = "--" + name.replace("_", "-")
+        path = tuple(key.split("__"))
         if isinstance(value, bool):
-            words.append(flag if value else f"--no-{flag[2:]}")
+            words.append(flag(path, negated=not value))
         else:
-            words += [flag, *map(str, value if isinstance(value, tuple) else (value,))]
+            words += [flag(path), *map(str, value if isinstance(value, tuple) else (value,))]
     return shlex.join(words)

@@ -1,12 +1,14 @@
 """torchrun's environment as one small object: which process this is, its device, and the reductions the trainer
-and evaluator need. Without torchrun it is a world of one and every call is a no-op."""
+and evaluator need, by name. Without torchrun it is a world of one and every call is a no-op."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -30,13 +32,35 @@ class DistContext:
     def distributed(self) -> bool:
         return self.world > 1
 
-    def sum(self, values: list[float]) -> list[float]:
-        """Element-wise sum over all ranks (float64 on the wire, so counts stay exact)."""
-        if not self.distributed:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(t)
-        return t.tolist()
+    @property
+    def _wire(self) -> torch.device:
+        """Where a reduction's tensor lives: the GPU under NCCL, the CPU under gloo."""
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def sum_named(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Each named value (a number, or a sequence of them) summed over all ranks, in one reduction (float64 on the
+        wire, so counts stay exact): a float, or a list of floats, by name. Every rank passes the same names, with
+        sequences of the same lengths."""
+        parts = {name: [float(x) for x in np.ravel(v)] for name, v in values.items()}
+        flat = [x for part in parts.values() for x in part]
+        if self.distributed:
+            t = torch.tensor(flat, dtype=torch.float64, device=self._wire)
+            dist.all_reduce(t)
+            flat = t.tolist()
+        out, at = {}, 0
+        for name, part in parts.items():
+            out[name] = flat[at] if np.ndim(values[name]) == 0 else flat[at : at + len(part)]
+            at += len(part)
+        return out
+
+    def any(self, flag: bool) -> bool:
+        """Whether any rank's `flag` is set (on every rank)."""
+        return bool(self.sum_named({"flag": flag})["flag"]) if self.distributed else flag
+
+    def barrier(self) -> None:
+        """Waits until every rank has come here."""
+        if self.distributed:
+            dist.barrier()
 
     def gather(self, value: T) -> list[T]:
         """Every rank's `value`, in rank order, on every rank. Pickled on the wire: for per-video results gathered
@@ -50,7 +74,7 @@ class DistContext:
     def max(self, value: float) -> float:
         if not self.distributed:
             return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        t = torch.tensor([value], dtype=torch.float64, device=self._wire)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
 

@@ -173,6 +173,14 @@ def lock_directory(directory: str | Path, name: str = ".lock") -> Iterator[None]
         yield
 
 
+def check_not_in_use(directory: str | Path) -> None:
+    """Fails at once (`DirectoryBusy`) if another process holds `directory`'s lock, before the seconds a run takes
+    to import torch; the run takes the lock itself later (under torchrun, rank 0 checks and locks)."""
+    if os.environ.get("RANK", "0") == "0":
+        with lock_directory(directory):
+            pass
+
+
 def _fsync_dir(directory: str | Path) -> None:
     """Make a rename in `directory` durable: a crash after it must not bring the old name back."""
     fd = os.open(directory, os.O_RDONLY)

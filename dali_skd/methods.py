@@ -9,14 +9,15 @@
 | `skd-srl`      | 2     | yes             | Eq. 5: CE + CE + alpha L_KL + beta L_sim       |
 
 A method holds `model` (encoder + `fc`: what evaluation uses, the "model." entries of a checkpoint's "method")
-and its own heads. Train `method.parameters()` (`step.build_train_step`) and save `method.state_dict()` to resume:
-the kd teacher is kept outside the module tree, so it is in neither.
+and its own heads. `step.build_train_step` trains the parameters that take gradients; a checkpoint keeps
+`method.trained_state()`. The kd teacher is a frozen submodule (no gradients, always in eval mode) that comes from
+`--teacher`: it is in neither. `METHODS` is the one registry of the methods' names.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -46,11 +47,21 @@ class Method(nn.Module, ABC):
     num_views: ClassVar[int] = 1
     augment: ClassVar[bool] = True
     needs_teacher: ClassVar[bool] = False
+    given: ClassVar[tuple[str, ...]] = ()  # frozen submodules it is given, not trained: left out of a checkpoint
 
     def __init__(self, model: ResNet3d, cfg: ObjectiveConfig) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
+
+    def trained_state(self) -> dict[str, Tensor]:
+        """What a checkpoint keeps of the method: its state dict but the submodules it was given."""
+        return {k: v for k, v in self.state_dict().items() if k.split(".", 1)[0] not in self.given}
+
+    def load_trained_state(self, state: Mapping[str, Tensor]) -> None:
+        """Loads a `trained_state()`, every tensor of it (the given submodules keep their own)."""
+        given = {k: v for k, v in self.state_dict().items() if k.split(".", 1)[0] in self.given}
+        self.load_state_dict({**state, **given})
 
     def encode(self, views: Sequence[Tensor]) -> Tensor:
         """Pooled features of all views, view 1's samples first. The encoder runs once over the views
@@ -124,6 +135,7 @@ class KnowledgeDistillation(Method):
     `cfg.kd_tau` and `cfg.kd_alpha`."""
 
     needs_teacher = True
+    given = ("teacher",)
 
     def __init__(self, model: ResNet3d, cfg: ObjectiveConfig, teacher: nn.Module | None) -> None:
         super().__init__(model, cfg)
@@ -137,14 +149,12 @@ class KnowledgeDistillation(Method):
                 f"kd teacher predicts {teacher_fc.out_features} classes, the student {model.fc.out_features}: "
                 "use a teacher trained on the same dataset"
             )
-        teacher.eval().requires_grad_(False)
-        # Outside the module tree: parameters(), state_dict() and train() never reach the teacher.
-        object.__setattr__(self, "teacher", teacher)
+        self.teacher = teacher.requires_grad_(False).eval()
 
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> KnowledgeDistillation:
-        # .to(), .cuda() and memory-format changes must still move the teacher along with the student.
-        self.teacher._apply(fn, recurse)
-        return super()._apply(fn, recurse)
+    def train(self, mode: bool = True) -> KnowledgeDistillation:
+        super().train(mode)
+        self.teacher.eval()  # frozen: its BatchNorm layers keep the statistics it was trained with
+        return self
 
     def forward(self, views: Sequence[Tensor], labels: Tensor) -> MethodOutput:
         logits = self.model.fc(self.encode(views))
@@ -163,15 +173,20 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
+def method_class(name: str) -> type[Method]:
+    """The method registered as `name`."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
 def build_method(
     name: str, model: ResNet3d, num_classes: int, cfg: ObjectiveConfig, teacher: nn.Module | None = None
 ) -> Method:
     """The training objective `name` around `model`; only `kd` takes (and requires) a `teacher`."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    method = method_class(name)
     if model.fc.out_features != num_classes:
         raise ValueError(f"model predicts {model.fc.out_features} classes, the dataset has {num_classes}")
-    method = METHODS[name]
     if method.needs_teacher:
         return method(model, cfg, teacher)  # type: ignore[call-arg]
     if teacher is not None:

@@ -1,5 +1,5 @@
-"""Fine-tuning from pretrained weights: `--init` reads them into a fresh model, `--lr-backbone` sets the encoder's
-share of the learning rate (`--freeze` lives on the model: `ResNet3d.freeze`).
+"""Fine-tuning from pretrained weights: `--init` reads them into a fresh model, `--optim.lr-backbone` sets the
+encoder's share of the learning rate (`--freeze` lives on the model: `ResNet3d.freeze`).
 
 `--init` reads, with `torch.load(weights_only=True)` only:
 - this project's checkpoints (`checkpoint.py`);
@@ -8,7 +8,7 @@ share of the learning rate (`--freeze` lives on the model: `ResNet3d.freeze`).
   "module." prefix in the 2018 release (saved from `nn.DataParallel`);
 - a bare state dict in either naming.
 
-The report also says which pixel values (`--input-norm`) the file's model was trained on, where the layout tells:
+The report also says which pixel values (`--clip.norm`) the file's model was trained on, where the layout tells:
 Hara et al.'s 2018 and 2020 releases were trained on different ones, and neither on the paper's [-1, 1].
 
 Every tensor of the model must come from the file, with three exceptions that are reported: a classifier `fc` of
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dali_skd.checkpoint import check_version, classifier_state
+from dali_skd.checkpoint import checked_state, classifier_state
 from dali_skd.methods import Method
 from dali_skd.models import MODELS, Bottleneck, ResNet3d
 
@@ -45,7 +45,7 @@ class InitReport:
     reinitialised: list[str] = field(default_factory=list)  # "key (shape in the file -> shape here)"
     missing: list[str] = field(default_factory=list)  # tolerated: BatchNorm counters only
     unexpected: list[str] = field(default_factory=list)  # tolerated: BatchNorm counters only
-    input_norm: str | None = None  # the pixel values (`--input-norm`) the file's model was trained on, when known
+    input_norm: str | None = None  # the pixel values (`--clip.norm`) the file's model was trained on, when known
 
     def format(self) -> str:
         lines = [f"--init {self.path} ({self.source}): loaded {len(self.loaded)} tensors"]
@@ -64,8 +64,8 @@ class InitReport:
         if self.input_norm is None or self.input_norm == chosen:
             return None
         return (
-            f"  note: the file's model was trained on --input-norm {self.input_norm} inputs, this run gives it "
-            f"--input-norm {chosen}: add --input-norm {self.input_norm} unless you mean to change them"
+            f"  note: the file's model was trained on --clip.norm {self.input_norm} inputs, this run gives it "
+            f"--clip.norm {chosen}: add --clip.norm {self.input_norm} unless you mean to change them"
         )
 
 
@@ -77,7 +77,7 @@ def _names(keys: list[str]) -> str:
 
 def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str, str | None]:
     """The tensors of a checkpoint file under this project's names, the file's layout in words, and the
-    `--input-norm` its model was trained on if the layout tells (a dali-skd checkpoint's config; Hara et al.'s 2018
+    `--clip.norm` its model was trained on if the layout tells (a dali-skd checkpoint's config; Hara et al.'s 2018
     release, saved from DataParallel, or their 2020 one)."""
     path = Path(path)
     if not path.is_file():
@@ -101,9 +101,8 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str, str | None]:
         raise ValueError(f"--init: {path} is not a readable PyTorch checkpoint ({e})") from e
 
     if isinstance(raw, dict) and "checkpoint_version" in raw:
-        state = dict(classifier_state(check_version(raw, path), path))
-        trained = raw.get("config", {}).get("loader", {}).get("input_norm", "paper")  # older ones: the paper's
-        return state, "dali-skd checkpoint", trained
+        run = checked_state(raw, path)
+        return classifier_state(run, path), "dali-skd checkpoint", run["config"]["clip"]["norm"]
     norm = None
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
         weights, source = raw["state_dict"], "3D-ResNets-PyTorch checkpoint"
@@ -189,10 +188,8 @@ def param_groups(method: Method, lr: float, lr_backbone: float) -> list[dict[str
     metrics show), the encoder at `lr_backbone` x `lr`; the plateau schedule scales both. Frozen parameters are
     left out."""
     if lr_backbone < 0:
-        raise ValueError(f"--lr-backbone must be >= 0 (a factor on --lr), got {lr_backbone}")
+        raise ValueError(f"--optim.lr-backbone must be >= 0 (a factor on --optim.lr), got {lr_backbone}")
     trained = [p for p in method.parameters() if p.requires_grad]
-    if lr_backbone == 1:  # one group, as before --lr-backbone: the optimizer state of those runs still resumes
-        return [{"params": trained, "lr": lr}]
     encoder = {id(p) for p in method.model.encoder_parameters()}
     groups = [
         {"params": [p for p in trained if id(p) not in encoder], "lr": lr},

@@ -1,4 +1,4 @@
-"""One training step, the trainer's and the benchmark's (`bench --train-arch` times this very step): the method's
+"""One training step, the trainer's and the benchmark's (`bench --train.arch` times this very step): the method's
 loss under autocast, backward through the grad scaler, the SGD step. `build_train_step` sets up what it needs
 from a `TrainConfig`: the method around a model, SGD with `pretrained.param_groups`, the scaler."""
 
@@ -50,8 +50,8 @@ def build_train_step(
     distributed: bool = False,
 ) -> TrainStep:
     """`cfg.method` around `model` on `device` (channels_last_3d on CUDA with `cfg.channels_last`), inside
-    DistributedDataParallel when `distributed`; SGD with `cfg`'s lr, `lr_backbone`, momentum and weight decay; a
-    grad scaler, on for fp16."""
+    DistributedDataParallel when `distributed` (a kd teacher, frozen, is left out of its gradient reduction); SGD
+    with `cfg.optim`'s lr, `lr_backbone`, momentum and weight decay; a grad scaler, on for fp16."""
     precision = resolve_precision(cfg.amp, device)
     channels_last = cfg.channels_last and device.type == "cuda"
     method = build_method(cfg.method, model, num_classes, cfg.objective, teacher)
@@ -65,8 +65,12 @@ def build_train_step(
         if distributed
         else method
     )
+    optim = cfg.optim
     optimizer = torch.optim.SGD(
-        param_groups(method, cfg.lr, cfg.lr_backbone), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        param_groups(method, optim.lr, optim.lr_backbone),
+        lr=optim.lr,
+        momentum=optim.momentum,
+        weight_decay=optim.weight_decay,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     return TrainStep(method, net, optimizer, scaler, precision, channels_last, device)

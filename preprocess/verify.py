@@ -70,29 +70,35 @@ class VerifySummary:
         members = {(line["shard"], line["member"]) for line in damaged if line["member"] is not None}
         read = [s for s in shards if s.path not in self.reused]
         lines = [
-            f"verified {len(shards)} shards ({sum(s.samples for s in shards)} samples) of {self.location} in "
-            f"{self.seconds:.1f} s: {len(read) - sum(s.whole_file for s in read)} read member by member "
-            f"({sum(s.strips for s in read)} strips or videos checked)"
+            f"verified {_count(len(shards), 'shard')} ({_count(sum(s.samples for s in shards), 'sample')}) of "
+            f"{self.location} in {self.seconds:.1f} s: {len(read) - sum(s.whole_file for s in read)} read member by "
+            f"member ({_count(sum(s.strips for s in read), 'strip or video', 'strips or videos')} checked)"
             + (f", {len(self.reused)} unchanged since the last verify (not read again)" if self.reused else "")
         ]
         old = sum(s.decoded for s in shards)
         if old:
             lines.append(
-                f"  {old} shards were written before checksums: checked by their structure and a full Pillow decode "
-                "of each strip, which misses a strip cut short and closed with an end marker; re-run preprocess "
-                "(into a new --out) to give them checksums"
+                f"  {_count(old, 'shard was', 'shards were')} written before checksums: checked by their structure "
+                "and a full Pillow decode of each strip, which misses a strip cut short and closed with an end marker; "
+                "re-run preprocess (into a new --out) to give them checksums"
             )
         if damaged:
             lines.append(
-                f"  {len(damaged)} problems: {len(members)} damaged members of {len(samples)} samples, in "
-                f"{len({line['shard'] for line in damaged})} shards, listed in {self.report}; the loader skips "
-                "them; re-run preprocess for their videos, or copy the shards again from a sound copy"
+                f"  {_count(len(damaged), 'problem')}: {_count(len(members), 'damaged member')} of "
+                f"{_count(len(samples), 'sample')}, in {_count(len({line['shard'] for line in damaged}), 'shard')}, "
+                f"listed in {self.report}; the loader skips them; re-run preprocess for their videos, or copy the "
+                "shards again from a sound copy"
             )
         else:
             lines.append(f"  nothing damaged (report: {self.report})")
         return "\n".join(lines)
 
     __str__ = format
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    """`1 shard`, `2 shards`: a count and its noun."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def verify_dataset(location: str, workers: int, report: Path | None = None) -> VerifySummary:

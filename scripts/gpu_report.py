@@ -127,7 +127,7 @@ def prepare(out: Path, classes: int = 2, videos_per_class: int = 3) -> None:
 def prepare_peer_videos(out: Path, videos: str) -> None:
     """The fpj8 set's training videos as `cli.py bench` re-encodes them for the peers, in the cache the peers
     section reads (DIR/peer-cache): found there, they need neither ffmpeg nor the originals."""
-    from dali_skd.data.peers import peer_videos
+    from dali_skd.commands.bench import peer_videos
 
     found = peer_videos(str(out / "fpj8"), videos, str(out / "peer-cache"), as_is=False, workers=os.cpu_count() or 1)
     print(f"peer-cache: {len(found.files)} videos, {found.form}, {found.bytes_per_video / 1e3:.0f} kB each")
@@ -155,32 +155,30 @@ def stage_peers(out: Path, python: str) -> None:
 # -- there: the sections ---------------------------------------------------------------------------------------
 
 
-def _loader_cfg(args: argparse.Namespace, fpj: int = 8, **kw):
-    from dali_skd.config import LoaderConfig
-
-    return LoaderConfig(data=str(args.data / f"fpj{fpj}"), device=args.device, **kw)
+def _data(args: argparse.Namespace, fpj: int = 8) -> str:
+    return str(args.data / f"fpj{fpj}")
 
 
 def section_parity(args: argparse.Namespace) -> dict:
     """The CUDA decoder alone (hw_decoder_load 0) and the hardware engine (1) against the CPU and Pillow."""
-    from dali_skd.bench import decode_parity
+    from dali_skd.commands.bench import decode_parity
 
     devices = ["cuda", "cpu"] if args.device == "cuda" else ["cpu"]
-    return decode_parity(_loader_cfg(args), devices, split="train", videos=4, hw_loads=(0.0, 1.0))
+    return decode_parity(_data(args), devices, split="train", videos=4, hw_loads=(0.0, 1.0))
 
 
 def section_sweep(args: argparse.Namespace) -> dict:
     """Every (frames per JPEG, hw_decoder_load) pair, then the host side alone; written after each run."""
-    from dali_skd.bench import run_bench
-    from dali_skd.config import BenchConfig
+    from dali_skd.commands.bench import BenchConfig, run_bench
+    from dali_skd.config import LoaderConfig
 
     seconds, batch = (2.0, 16) if args.quick else (8.0, 64)
     rows: list[dict] = []
     runs = [("dali", fpj, load) for fpj in FRAMES_PER_JPEG for load in DECODER_LOADS] + [("host", 8, DECODER_LOADS[0])]
     for loader, fpj, load in runs:
         cfg = BenchConfig(
-            loaders=loader, batch_size=batch, seconds=seconds, repeats=3, rounds=1,
-            loader=_loader_cfg(args, fpj, hw_decoder_load=load),
+            data=_data(args, fpj), device=args.device, loaders=loader, batch_size=batch, seconds=seconds, repeats=3,
+            rounds=1, loader=LoaderConfig(hw_decoder_load=load),
         )  # fmt: skip
         figures = run_bench(cfg)["loaders"][loader]
         rows.append({"loader": loader, "frames_per_jpeg": fpj, "hw_decoder_load": load, **figures})
@@ -189,24 +187,22 @@ def section_sweep(args: argparse.Namespace) -> dict:
 
 
 def section_dataloader(args: argparse.Namespace) -> dict:
-    from dali_skd.bench import run_bench
-    from dali_skd.config import BenchConfig
+    from dali_skd.commands.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(
-        loaders="dataloader", workers=2 if args.quick else 14, batch_size=16 if args.quick else 64,
-        seconds=3.0 if args.quick else 15.0, repeats=3, rounds=1, loader=_loader_cfg(args),
+        data=_data(args), device=args.device, loaders="dataloader", workers=2 if args.quick else 14,
+        batch_size=16 if args.quick else 64, seconds=3.0 if args.quick else 15.0, repeats=3, rounds=1,
     )  # fmt: skip
     return run_bench(cfg)["loaders"]["dataloader"]
 
 
 def section_train(args: argparse.Namespace) -> dict:
-    from dali_skd.bench import run_bench
-    from dali_skd.config import BenchConfig
+    from dali_skd.commands.bench import BenchConfig, BenchTrainConfig, run_bench
 
+    steps = BenchTrainConfig(arch="r3d10-tiny" if args.quick else "r3d18", batch_size=4 if args.quick else 32)
     cfg = BenchConfig(
-        loaders="", train_arch="r3d10-tiny" if args.quick else "r3d18", train_batch_size=4 if args.quick else 32,
-        amp="off" if args.device == "cpu" else "fp16", channels_last=True, seconds=6.0 if args.quick else 40.0,
-        repeats=3, loader=_loader_cfg(args),
+        data=_data(args), device=args.device, loaders="", train=steps, amp="off" if args.device == "cpu" else "fp16",
+        seconds=6.0 if args.quick else 40.0, repeats=3,
     )  # fmt: skip
     return run_bench(cfg)["train"]
 
@@ -214,8 +210,7 @@ def section_train(args: argparse.Namespace) -> dict:
 def section_peers(args: argparse.Namespace) -> dict:
     """The DALI loader against DataLoaders over the re-encoded videos (--prepare made them), crop and flip only;
     rounds and seconds cut to fit `args.limit`, each round's figures written as it ends."""
-    from dali_skd.bench import run_bench
-    from dali_skd.config import BenchConfig
+    from dali_skd.commands.bench import BenchAugmentConfig, BenchConfig, run_bench
 
     loaders = ["dali", "decord", "pyav", "torchcodec"]
     seconds, overhead = (2.0, 6.0) if args.quick else (8.0, 8.0)  # overhead: warm-up, workers or pipeline started
@@ -225,9 +220,9 @@ def section_peers(args: argparse.Namespace) -> dict:
     if room < per_round:
         seconds = max(1.0, room / len(loaders) / 1.1 - overhead)
     cfg = BenchConfig(
-        loaders=",".join(loaders), augment_policy="crop-flip", workers=2 if args.quick else 14,
+        data=_data(args), device=args.device, loaders=",".join(loaders), workers=2 if args.quick else 14,
         batch_size=8 if args.quick else 64, seconds=seconds, repeats=3, rounds=rounds,
-        cache=str(args.data / "peer-cache"), loader=_loader_cfg(args),
+        cache=str(args.data / "peer-cache"), augment=BenchAugmentConfig(policy="crop-flip"),
     )  # fmt: skip
 
     def partial(report: dict) -> None:

@@ -14,18 +14,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from dali_skd.checkpoint import load_checkpoint
-from dali_skd.config import TrainConfig, from_dict
-from dali_skd.data.loader import EvalLoader
-from dali_skd.data.shards import load_manifest
-from dali_skd.evaluate import eval_split
-from dali_skd.methods import SKDSRL, build_method
-from dali_skd.models import build_model
+from dali_skd.checkpoint import TrainedRun
+from dali_skd.methods import SKDSRL
 
 
 def main() -> None:
@@ -35,19 +29,13 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=64, help="held-out videos to use (2 clips each)")
     args = parser.parse_args()
 
-    state = load_checkpoint(args.run / "best.pt")
-    cfg = from_dict(TrainConfig, state["config"], str(args.run / "best.pt"))
+    run = TrainedRun.load(args.run / "best.pt")
+    cfg = run.config
     if cfg.method != "skd-srl":
         raise SystemExit(f"{args.run} trained {cfg.method}: only skd-srl has a Siamese branch")
-    classes = state["classes"]
-    method = build_method("skd-srl", build_model(cfg.arch, len(classes), shortcut=cfg.shortcut), len(classes),
-                          cfg.objective)  # fmt: skip
-    method.load_state_dict(state["method"])
-    method.eval()
+    method = run.method.eval()
     assert isinstance(method, SKDSRL)
-    loader_cfg = replace(cfg.loader, data=args.data or cfg.loader.data)
-    split = eval_split(list(load_manifest(loader_cfg.data).splits), None)
-    loader = EvalLoader(loader_cfg, split, batch_size=32, clips_per_video=2, device=torch.device("cpu"))
+    loader = run.eval_loader(args.data or cfg.data, batch_size=32, clips_per_video=2)
     outputs = []
     with torch.inference_mode():
         for batch in itertools.islice(loader.epoch(), -(-args.videos * 2 // 32)):

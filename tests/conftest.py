@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import importlib
 import importlib.util
+import inspect
 import os
+import pkgutil
 import shutil
 import socket
 import subprocess
 import sys
+import typing
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -163,3 +169,85 @@ def lock_held_elsewhere(directory: Path, name: str = ".lock") -> Iterator[subpro
     finally:
         holder.kill()
         holder.wait()
+
+
+# --- Checkpoints made by hand (tests/test_train_faults.py, test_remote.py, test_untrusted.py, test_config.py) --------
+
+
+def write_checkpoint(
+    path: Path, config: Any, weights: dict | None = None, classes: tuple[str, ...] = ("a", "b")
+) -> Path:
+    """A checkpoint as `train` writes one for a run of `config` (a TrainConfig), its classifier `weights` (default:
+    a fresh model's) under "model." of the method's state."""
+    from dali_skd.checkpoint import save_checkpoint
+    from dali_skd.config import to_dict
+    from dali_skd.models import build_model
+
+    weights = build_model(config.arch, len(classes)).state_dict() if weights is None else weights
+    preprocessing = {"format": "jpeg", "short_side": 40, "fps": None, "frames_per_jpeg": 8, "quality": 90}
+    state = {
+        "method": {f"model.{k}": v for k, v in weights.items()},
+        "config": to_dict(config),
+        "classes": list(classes),
+        "preprocessing": preprocessing,
+    }
+    save_checkpoint(path, state)
+    return path
+
+
+# --- Which config fields a command reads (the tests that run each command) ----------------------------------------
+
+
+def _declaring(cls: type, name: str) -> type:
+    """The dataclass along `cls`'s bases whose own annotations declare field `name`."""
+    return next(k for k in cls.__mro__ if name in inspect.get_annotations(k))
+
+
+@contextlib.contextmanager
+def config_reads() -> Iterator[set[tuple[type, str]]]:
+    """The config fields the code reads while the block runs, as (the dataclass declaring the field, its name). A
+    read by the dataclass machinery (asdict, replace, the generated __eq__ and __repr__), the config module
+    (copying, saving, comparing settings) or the CLI's wiring (building the config) is no use of a setting and is
+    not counted."""
+    import cli
+    import dali_skd.commands
+    from dali_skd import cli_options, config
+
+    modules = [config] + [
+        importlib.import_module(f"dali_skd.commands.{m.name}") for m in pkgutil.iter_modules(dali_skd.commands.__path__)
+    ]
+    classes = {v for m in modules for v in vars(m).values() if isinstance(v, type) and dataclasses.is_dataclass(v)}
+    machinery = {"<string>", dataclasses.__file__, config.__file__, cli_options.__file__, cli.__file__}
+    reads: set[tuple[type, str]] = set()
+
+    def recording(cls: type) -> Any:
+        declared = {f.name: _declaring(cls, f.name) for f in dataclasses.fields(cls)}
+
+        def __getattribute__(self: Any, name: str) -> Any:
+            if name in declared and sys._getframe(1).f_code.co_filename not in machinery:
+                reads.add((declared[name], name))
+            return object.__getattribute__(self, name)
+
+        return __getattribute__
+
+    for cls in classes:
+        cls.__getattribute__ = recording(cls)
+    try:
+        yield reads
+    finally:
+        for cls in classes:
+            del cls.__getattribute__
+
+
+def unread(cls: type, reads: set[tuple[type, str]]) -> list[str]:
+    """The flags of `cls` (a command's config) whose field no code read (`config_reads`)."""
+    from dali_skd.cli_options import flag, leaves
+
+    missing = []
+    for path, f, _ in leaves(cls):
+        part = cls
+        for name in path[:-1]:
+            part = typing.get_type_hints(part)[name]
+        if (_declaring(part, f.name), f.name) not in reads:
+            missing.append(flag(path))
+    return missing

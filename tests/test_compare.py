@@ -12,14 +12,17 @@ from pathlib import Path
 
 import pytest
 from clickit import invoke
+from conftest import config_reads, unread
 
-from dali_skd import compare as compare_module
+from dali_skd import comparison as compare_module
+from dali_skd.commands.compare import CompareConfig
 from dali_skd.config import PreprocessConfig
 from dali_skd.signals import EXIT_STOPPED, STOP_SIGNALS, stop_requested
 from preprocess.run import run_preprocess
 
-TINY = ["--arch", "r3d10-tiny", "--epochs", "1", "--batch-size", "2", "--clip-len", "8", "--crop", "32",
-        "--clips-per-video", "2", "--shuffle-buffer", "2", "--threads", "2", "--device", "cpu"]  # fmt: skip
+TINY = ["--arch", "r3d10-tiny", "--epochs", "1", "--batch-size", "2", "--clip.length", "8", "--clip.crop", "32",
+        "--clips-per-video", "2", "--sampling.shuffle-buffer", "2", "--loader.threads", "2",
+        "--device", "cpu"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +72,8 @@ def test_compare_writes_the_table_and_a_killed_comparison_trains_only_what_is_mi
     again = json.loads((out / "table.json").read_text())
     assert [r["test_top1"] for r in again["runs"]][:3] == [r["test_top1"] for r in table["runs"]][:3]
 
-    refused = compare(data, out, "--methods", "baseline", "--seeds", "1", "--lr", "0.5", expect_error=True)
-    assert "baseline-seed0 was trained with other settings (lr: 0.01 then, 0.5 now)" in refused
+    refused = compare(data, out, "--methods", "baseline", "--seeds", "1", "--optim.lr", "0.5", expect_error=True)
+    assert "baseline-seed0 was trained with other settings (optim.lr: 0.01 then, 0.5 now)" in refused
 
     # more epochs: a finished run is trained on from its last.pt, then evaluated again; fewer: refused
     output = compare(data, out, "--methods", "baseline", "--seeds", "1", "--epochs", "2")
@@ -87,7 +90,10 @@ def test_compare_writes_the_table_and_a_killed_comparison_trains_only_what_is_mi
 def test_kd_gets_a_teacher_trained_first(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "kd"
     kd = ["--methods", "kd", "--seeds", "1", "--teacher-arch", "r3d10-tiny"]
-    output = compare(data, out, *kd, "--teacher-epochs", "2")
+    with config_reads() as reads:
+        output = compare(data, out, *kd, "--teacher-epochs", "2")
+        compare(data, tmp_path / "srl", "--methods", "skd-srl", "--seeds", "1")  # the loss terms kd leaves out
+    assert unread(CompareConfig, reads) == []  # compare offers no flag that does nothing
     assert output.index("training teacher") < output.index("training kd-seed0")
     table = json.loads((out / "table.json").read_text())
     assert table["teacher"]["method"] == "baseline-aug" and table["teacher"]["epochs"] == 2

@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,15 @@ import torch
 from clickit import invoke
 from clipdata import damage_strip, noise_frames, write_dataset
 
-from dali_skd.bench import run_bench
-from dali_skd.config import AugmentConfig, BenchConfig, LoaderConfig, TrainConfig
+from dali_skd.commands.bench import BenchConfig, run_bench
+from dali_skd.config import AugmentConfig, ClipConfig, LoaderConfig, SamplingConfig, TrainConfig
 from dali_skd.data.loader import EvalLoader, TrainLoader, dali_threads
 from dali_skd.data.pipeline import DecoderOptions
 from dali_skd.data.source import VIDEOS_PER_SPLIT
 from dali_skd.distributed import init_distributed
-from dali_skd.evaluate import evaluate
+from dali_skd.evaluation import evaluate
 from dali_skd.format import SampleMeta, ShardManifest
-from dali_skd.train import Trainer, train
+from dali_skd.training import Trainer, train
 
 TESTS = Path(__file__).resolve().parent
 GREY = 0.2  # a frame's standard deviation in [-1, 1] units: noise videos have about 0.4, a grey decode much less
@@ -57,12 +56,23 @@ def copy(data: Path, to: Path) -> Path:
     return to
 
 
-def cfg(data: Path | str, **kw) -> LoaderConfig:
-    return LoaderConfig(data=str(data), clip_len=8, crop=32, shuffle_buffer=2, threads=2, device="cpu", **kw)
+CLIP = ClipConfig(length=8, crop=32)
+CPU = torch.device("cpu")
+
+
+def eval_loader(data: Path | str, split: str = "test", **kw) -> EvalLoader:
+    """An EvalLoader of 8-frame clips cropped to 32 on the CPU; `kw`: the loader's settings, and the EvalLoader's."""
+    loader = LoaderConfig(**{"threads": 2, **{k: kw.pop(k) for k in list(kw) if hasattr(LoaderConfig, k)}})
+    return EvalLoader(str(data), split, clip=CLIP, loader=loader, device=CPU, **kw)
+
+
+def train_loader(data: Path | str, clip: ClipConfig = CLIP, threads: int = 2, **kw) -> TrainLoader:
+    sampling = SamplingConfig(shuffle_buffer=2)
+    return TrainLoader(str(data), clip=clip, loader=LoaderConfig(threads=threads), sampling=sampling, device=CPU, **kw)
 
 
 def eval_clips(data: Path | str, batch_size: int = 5, **kw) -> tuple[EvalLoader, list[int], torch.Tensor]:
-    loader = EvalLoader(cfg(data, **kw), "test", batch_size=batch_size, clips_per_video=2)
+    loader = eval_loader(data, "test", batch_size=batch_size, clips_per_video=2, **kw)
     batches = list(loader.epoch())
     ids = [vid % VIDEOS_PER_SPLIT for vid in torch.cat([b.video_ids for b in batches]).tolist()]  # index in test
     return loader, ids, torch.cat([b.clips for b in batches])
@@ -100,13 +110,13 @@ def test_a_damaged_strip_is_skipped_named_and_never_decoded(clean: Path, uncheck
         assert not grey.any() and sorted(set(ids)) == [0, 1, 2, 3, 5, 6, 7]
         assert loader.stats.skipped == 1
         assert "test-0000004: strip 1: checksum mismatch" in loader.stats.examples[0]
-        train_loader = TrainLoader(cfg(damaged), batch_size=3, num_views=2)  # unaugmented: grey would show
+        training = train_loader(damaged, batch_size=3, num_views=2)  # unaugmented: grey would show
         for epoch in range(3):
-            for batch in train_loader.epoch(epoch):
+            for batch in training.epoch(epoch):
                 assert len(batch.labels) == 3
                 assert not any(grey_frames(v).any() for v in batch.views)
-        assert train_loader.stats.unusable == 1 and "train-0000004" in train_loader.stats.examples[0]
-        assert train_loader.pipeline_builds == 1
+        assert training.stats.unusable == 1 and "train-0000004" in training.stats.examples[0]
+        assert training.pipeline_builds == 1
 
 
 def test_old_shards_are_still_checked_by_their_headers(unchecked: Path, tmp_path: Path) -> None:
@@ -167,7 +177,7 @@ def test_the_failed_sample_is_mapped_to_its_row_and_nothing_else_is_lost(
 def test_evaluation_drops_a_video_whose_later_clip_fails(unchecked: Path, tmp_path: Path) -> None:
     damaged = copy(unchecked, tmp_path / "d")
     damage_strip(damaged, "test", "test-0000002", "huffman", strip=3)  # its second clip; its first is fine
-    loader = EvalLoader(cfg(damaged), "test", batch_size=5, clips_per_video=2)  # video 2's clips: batches 1 and 2
+    loader = eval_loader(damaged, "test", batch_size=5, clips_per_video=2)  # video 2's clips: batches 1 and 2
     two_logits = torch.nn.Sequential(torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten(), torch.nn.Linear(3, 2))
     result = evaluate(two_logits, loader, init_distributed("cpu"), "fp32")
     assert (result.videos, result.clips, result.skipped) == (7, 14, 1)
@@ -188,8 +198,8 @@ def fail_on_second_run(monkeypatch, pipe, message: str) -> None:
 
 def test_an_injected_decoder_error_names_the_key_and_the_run_goes_on(clean: Path, monkeypatch) -> None:
     """The GPU's mixed decoder fails the same way ("Failed to decode sample #k"): injected here into a CPU run."""
-    loader = TrainLoader(cfg(clean), batch_size=3, num_views=2, augment=AugmentConfig())
-    reference = list(TrainLoader(cfg(clean), batch_size=3, num_views=2, augment=AugmentConfig()).epoch(0))
+    loader = train_loader(clean, batch_size=3, num_views=2, augment=AugmentConfig())
+    reference = list(train_loader(clean, batch_size=3, num_views=2, augment=AugmentConfig()).epoch(0))
     message = (
         "Critical error in pipeline:\nError in MIXED operator `decoders.image_slice`\nFailed to decode sample #1 : "
     )
@@ -203,7 +213,7 @@ def test_an_injected_decoder_error_names_the_key_and_the_run_goes_on(clean: Path
     assert sample.startswith(str(clean / "train")) and "DALI could not decode it" in loader.stats.examples[0]
 
     # a failure DALI does not pin on a row: raised again, naming the batch's shards and what to run
-    broken = EvalLoader(cfg(clean), "test", batch_size=4, clips_per_video=1)
+    broken = eval_loader(clean, "test", batch_size=4, clips_per_video=1)
     fail_on_second_run(monkeypatch, broken._pipeline(), "Critical error in pipeline:\nError in CPU operator `crop`")
     with pytest.raises(
         RuntimeError, match=r"failed on a batch from .*shard-00000.\.tar .*Error in CPU operator.*verify"
@@ -212,7 +222,7 @@ def test_an_injected_decoder_error_names_the_key_and_the_run_goes_on(clean: Path
 
 
 def test_a_failure_among_the_batches_drained_after_an_early_stop_is_no_error(clean: Path, monkeypatch) -> None:
-    loader = TrainLoader(cfg(clean), batch_size=3, num_views=2, augment=AugmentConfig())
+    loader = train_loader(clean, batch_size=3, num_views=2, augment=AugmentConfig())
     fail_on_second_run(monkeypatch, loader._pipeline(), "Failed to decode sample #0 : ")
     stream = loader.stream(0)
     next(stream)
@@ -225,7 +235,7 @@ def test_max_bad_samples_stops_the_run_naming_them(unchecked: Path, tmp_path: Pa
     for key in ("test-0000001", "test-0000005"):
         damage_strip(damaged, "test", key, "huffman")
     with pytest.raises(
-        RuntimeError, match=r"2 samples of test .* more than --max-bad-samples 1 .*test-0000001.*verify"
+        RuntimeError, match=r"2 samples of test .* more than --loader.max-bad-samples 1 .*test-0000001.*verify"
     ):
         eval_clips(damaged, max_bad_samples=1)
     assert len(eval_clips(damaged, max_bad_samples=2)[1]) == 2 * 6
@@ -241,8 +251,9 @@ def test_training_skips_an_undecodable_sample_and_resumes_skipping_it(unchecked:
     damage_strip(damaged, "test", "test-0000003", "huffman", strip=1)
 
     def config(out: str, epochs: int, resume: bool = False) -> TrainConfig:
-        return TrainConfig(arch="r3d10-tiny", out=str(tmp_path / out), epochs=epochs, batch_size=3,
-                           loader=cfg(damaged), method="baseline", resume=resume)  # fmt: skip
+        return TrainConfig(arch="r3d10-tiny", data=str(damaged), out=str(tmp_path / out), epochs=epochs,
+                           batch_size=3, device="cpu", clip=CLIP, sampling=SamplingConfig(shuffle_buffer=2),
+                           loader=LoaderConfig(threads=2), method="baseline", resume=resume)  # fmt: skip
 
     straight = train(config("straight", 2))
     assert straight.skipped == 2 and "2 damaged or unreadable samples skipped" in straight.format()
@@ -261,7 +272,12 @@ def test_training_skips_an_undecodable_sample_and_resumes_skipping_it(unchecked:
 def test_bench_names_and_skips_a_damaged_sample(clean: Path, tmp_path: Path, capsys) -> None:
     damaged = copy(clean, tmp_path / "d")
     damage_strip(damaged, "train", "train-0000002", "garble")
-    report = run_bench(BenchConfig(loaders="host,dali", batch_size=4, seconds=1.0, repeats=1, loader=cfg(damaged)))
+    report = run_bench(
+        BenchConfig(
+            data=str(damaged), device="cpu", loaders="host,dali", batch_size=4, seconds=1.0, repeats=1, clip=CLIP,
+            sampling=SamplingConfig(shuffle_buffer=2), loader=LoaderConfig(threads=2),
+        )
+    )  # fmt: skip
     for name in ("host", "dali"):
         assert report["loaders"][name]["skipped"] >= 1
     host = report["loaders"]["host"]
@@ -340,7 +356,7 @@ def test_verify_old_shards_by_decoding_and_remote_ones_by_streaming(
 @pytest.mark.parametrize("frames_per_jpeg", [4, 8, 16])
 def test_one_decoder_per_view_and_slot_and_their_threads_fit_the_cores(tmp_path: Path, frames_per_jpeg: int) -> None:
     data = make_data(tmp_path / "d", videos=2, frames_per_jpeg=frames_per_jpeg)
-    loader = TrainLoader(replace(cfg(data), clip_len=16, threads=0), batch_size=2, num_views=2, augment=AugmentConfig())
+    loader = train_loader(data, ClipConfig(crop=32), threads=0, batch_size=2, num_views=2, augment=AugmentConfig())
     serialized = loader._pipeline().serialize()
     assert serialized.count(b"decoders__ImageSlice") == loader.decoders == {4: 10, 8: 6, 16: 4}[frames_per_jpeg]
     cores = len(__import__("os").sched_getaffinity(0))
@@ -351,9 +367,7 @@ def test_one_decoder_per_view_and_slot_and_their_threads_fit_the_cores(tmp_path:
 def test_channels_last_clips_equal_todays_value_for_value(clean: Path) -> None:
     """FHWC from DALI, permuted: the N x C x T x H x W tensors of the CFHW pipeline, in channels_last_3d memory."""
     for channels_last in (False, True):
-        loader = TrainLoader(
-            cfg(clean), batch_size=3, num_views=2, augment=AugmentConfig(), channels_last=channels_last
-        )
+        loader = train_loader(clean, batch_size=3, num_views=2, augment=AugmentConfig(), channels_last=channels_last)
         batches = list(loader.epoch(1))
         if not channels_last:
             reference = batches
@@ -366,7 +380,7 @@ def test_channels_last_clips_equal_todays_value_for_value(clean: Path) -> None:
                     memory_format=torch.channels_last_3d
                 )
                 assert v.to(memory_format=torch.channels_last_3d).data_ptr() == v.data_ptr()  # step.py: no copy
-    evaluation = EvalLoader(cfg(clean), "test", batch_size=4, clips_per_video=2, channels_last=True)
+    evaluation = eval_loader(clean, "test", batch_size=4, clips_per_video=2, channels_last=True)
     clips = torch.cat([b.clips for b in evaluation.epoch()])
     assert torch.equal(clips, eval_clips(clean, batch_size=4)[2])
 
@@ -381,3 +395,14 @@ def test_no_test_imports_an_ffmpeg_helper_when_collected() -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=TESTS.parent, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "test_gpu.py" in done.stdout
+
+
+def test_verify_summary_counts_one_of_each_in_the_singular(tmp_path: Path) -> None:
+    from preprocess.verify import ShardCheck, VerifySummary
+
+    line = {"shard": "train/shard-000000.tar", "key": "train-0000001", "member": "train-0000001.jpgs"}
+    one = ShardCheck("train/shard-000000.tar", samples=1, strips=1, decoded=True, damaged=[line])
+    text = VerifySummary("data", tmp_path / "damaged.jsonl", [one], 0.1).format()
+    assert "verified 1 shard (1 sample) of data" in text and "(1 strip or video checked)" in text
+    assert "1 shard was written before checksums" in text
+    assert "1 problem: 1 damaged member of 1 sample, in 1 shard," in text

@@ -9,51 +9,55 @@ import pytest
 import torch
 from clickit import invoke
 from clipdata import noise_frames, write_dataset
+from conftest import config_reads, unread
 
-from dali_skd import bench
-from dali_skd.bench import Rate
-from dali_skd.config import BenchConfig, LoaderConfig
-from dali_skd.demo import DemoPreset, plan_epochs, run_demo
+from dali_skd.commands import bench
+from dali_skd.commands.bench import BenchConfig, Rate
+from dali_skd.commands.demo import DemoConfig, DemoPreset, plan_epochs, run_demo
 from dali_skd.methods import MethodOutput
 from dali_skd.step import TrainStep
+
+METHODS = ("skd-srl", "baseline")
 
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_reports_against_chance(tmp_path: Path, capsys) -> None:
     preset = DemoPreset(classes=2, videos_per_class=(3, 3), epochs=(1, 2), batch_size=2, eval_clips=2)
-    report = run_demo(
-        str(tmp_path / "demo"), compare=True, json_path=str(tmp_path / "demo.json"), minutes=1, preset=preset
-    )
+    cfg = DemoConfig(out=str(tmp_path / "demo"), compare=True, json=str(tmp_path / "demo.json"), minutes=1)
+    with config_reads() as reads:
+        report = run_demo(cfg, preset)
+    assert unread(DemoConfig, reads) == []
     saved = json.loads((tmp_path / "demo.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert {"device", "method", "test_top1", "chance", "seconds", "rows", "plan"} <= set(saved)
     assert saved["method"] == "skd-srl" and saved["chance"] == 0.5 and saved["device"] == "cpu"
     assert [row["method"] for row in saved["rows"]] == ["skd-srl", "baseline"]
     plan = saved["plan"]
-    assert (
-        plan["videos_per_class"] == 3
-        and plan["epochs"] in (1, 2)
-        and set(plan["epoch_seconds"])
-        == {
-            "skd-srl",
-            "baseline",
-        }
-    )
+    assert plan["videos_per_class"] == 3 and plan["epochs"] in (1, 2) and set(plan["epoch_seconds"]) == set(METHODS)
+    assert plan["evaluation_seconds"] > 0  # the first epochs' validations, 2 clips a video where they took 1
     out = capsys.readouterr().out
     assert "chance 50.0%" in out and f"measured {plan['step_seconds']:.2f} s/step" in out
     assert f"training {plan['epochs']} epochs to fit 1 minutes" in out
+    # the comparison engine ran the plan: compare's table, with the demo's command
+    table = json.loads((tmp_path / "demo" / "table.json").read_text())
+    assert [r["name"] for r in table["runs"]] == ["skd-srl-seed0", "baseline-seed0"] and table["epochs"] == plan[
+        "epochs"
+    ]
+    assert table["command"].startswith("python cli.py demo --out ") and table["command"].endswith("--compare")
+    assert "| skd-srl |" in (tmp_path / "demo" / "table.md").read_text()
     # a second run continues from what is there: same plan, nothing generated, preprocessed or trained again
-    again = run_demo(str(tmp_path / "demo"), minutes=1, preset=preset)
+    again = run_demo(DemoConfig(out=str(tmp_path / "demo"), minutes=1, compare=True), preset)
     assert again["plan"] == plan and again["rows"][0]["test_top1"] == saved["rows"][0]["test_top1"]
+    assert "compare: skd-srl-seed0 done before, reusing" in capsys.readouterr().out
 
 
 def test_demo_plans_epochs_to_fill_the_budget(capsys) -> None:
     preset = DemoPreset(epochs=(8, 16), eval_clips=5)
-    # 20 s + 10 s an epoch; evaluations take 0.05 x 5 x 30 = 7.5 s
-    assert plan_epochs({"skd-srl": 20.0, "baseline": 10.0}, 307.5, preset) == 1 + 10
-    assert plan_epochs({"skd-srl": 20.0, "baseline": 10.0}, 300.0, preset) == 1 + 9  # the evaluations leave 292.5 s
-    assert plan_epochs({"skd-srl": 20.0}, 10_000.0, preset) == 16  # no more than worth training
-    assert plan_epochs({"skd-srl": 20.0}, 60.0, preset) == 8  # no fewer than learn the classes well
+    # 20 s + 10 s an epoch; the final evaluations take 7.5 s
+    assert plan_epochs({"skd-srl": 20.0, "baseline": 10.0}, 7.5, 307.5, preset) == 1 + 10
+    assert plan_epochs({"skd-srl": 20.0, "baseline": 10.0}, 7.5, 300.0, preset) == 1 + 9  # 292.5 s left to train
+    assert plan_epochs({"skd-srl": 20.0}, 0.0, 10_000.0, preset) == 16  # no more than worth training
+    assert plan_epochs({"skd-srl": 20.0}, 0.0, 60.0, preset) == 8  # no fewer than learn the classes well
     assert "the budget holds fewer than 8 epochs here" in capsys.readouterr().out
 
 
@@ -73,8 +77,8 @@ def test_bench_measures_both_loaders_and_training(tmp_path: Path, monkeypatch: p
     result = invoke(
         "bench", "--data", str(data), "--device", "cpu", "--seconds", "1", "--repeats", "2", "--workers", "1",
         "--loaders", "host,dali,dataloader", "--rounds", "1",
-        "--batch-size", "4", "--clip-len", "8", "--crop", "32", "--shuffle-buffer", "2",
-        "--train-arch", "r3d10-tiny", "--train-batch-size", "2", "--json", str(out),
+        "--batch-size", "4", "--clip.length", "8", "--clip.crop", "32", "--sampling.shuffle-buffer", "2",
+        "--train.arch", "r3d10-tiny", "--train.batch-size", "2", "--json", str(out),
     )  # fmt: skip
     report = json.loads(out.read_text())
     assert report["device"] and set(report["loaders"]) == {"host", "dali", "dataloader"}
@@ -100,7 +104,7 @@ def test_bench_reports_dali_over_dataloader(tmp_path: Path, monkeypatch: pytest.
     for name, rate in {"dali": 300.0, "dataloader": 100.0}.items():
         measured = Rate(rate, [rate], None, 1.0)
         monkeypatch.setattr(bench, f"bench_{name}", lambda cfg, device, precision, measured=measured: measured)
-    cfg = BenchConfig(loaders="dataloader,dali", loader=LoaderConfig(data=str(data), device="cpu"))
+    cfg = BenchConfig(data=str(data), device="cpu", loaders="dataloader,dali")
     report = bench.run_bench(cfg)
     assert report["ratio_dali_over_dataloader"] == 3.0
     assert "dali / dataloader: 3.00x" in capsys.readouterr().out

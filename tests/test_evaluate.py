@@ -12,10 +12,10 @@ import torch
 from clipdata import LookupModel, flat_frames, write_dataset
 from conftest import run_two_ranks
 
-from dali_skd.config import LoaderConfig
+from dali_skd.config import ClipConfig, LoaderConfig
 from dali_skd.data.loader import EvalLoader
 from dali_skd.distributed import init_distributed
-from dali_skd.evaluate import EvalResult, evaluate, topk_correct
+from dali_skd.evaluation import EvalResult, evaluate, topk_correct
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b", "c"]
@@ -37,8 +37,9 @@ def flat_data(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("flat"), {"test": videos}, CLASSES, per_shard=2)
 
 
-def loader_cfg(data: str | Path) -> LoaderConfig:
-    return LoaderConfig(data=str(data), clip_len=4, crop=32, threads=1, device="cpu")
+def eval_loader(data: str | Path, **kw) -> EvalLoader:
+    clip, loader = ClipConfig(length=4, crop=32), LoaderConfig(threads=1)
+    return EvalLoader(str(data), "test", clip=clip, loader=loader, device=torch.device("cpu"), batch_size=4, **kw)
 
 
 def softmax(logits: list[list[float]]) -> np.ndarray:
@@ -57,7 +58,7 @@ def check_figures(result: EvalResult) -> None:
 
 @pytest.mark.parametrize("crops", [1, 3])
 def test_video_scores_are_the_mean_softmax_of_their_clips(flat_data: Path, crops: int) -> None:
-    loader = EvalLoader(loader_cfg(flat_data), "test", batch_size=4, clips_per_video=3, spatial_crops=crops)
+    loader = eval_loader(flat_data, clips_per_video=3, spatial_crops=crops)
     result = evaluate(LookupModel(TABLE), loader, init_distributed("cpu"), "fp32", keep_scores=True)
     check_figures(result)
     assert result.clips == 15 * crops
@@ -76,13 +77,12 @@ def test_top_k_above_the_class_count_counts_every_row() -> None:
 RANK_SCRIPT = """
 import json, sys
 from clipdata import LookupModel
-from test_evaluate import TABLE, loader_cfg
-from dali_skd.data.loader import EvalLoader
+from test_evaluate import TABLE, eval_loader
 from dali_skd.data.source import video_id
 from dali_skd.distributed import init_distributed, shutdown
-from dali_skd.evaluate import evaluate, video_sources
+from dali_skd.evaluation import evaluate, video_sources
 ctx = init_distributed("cpu")
-loader = EvalLoader(loader_cfg(sys.argv[1]), "test", batch_size=4, clips_per_video=3, rank=ctx.rank, world=ctx.world)
+loader = eval_loader(sys.argv[1], clips_per_video=3, rank=ctx.rank, world=ctx.world)
 result = evaluate(LookupModel(TABLE), loader, ctx, "fp32", keep_scores=True)
 sources = video_sources(loader, ctx)
 own = sorted(video_id(r.key, loader.layout.splits) for r in loader.reader.records())
@@ -100,7 +100,7 @@ def test_two_ranks_count_each_video_once_and_gather_every_score(flat_data: Path,
     run_two_ranks(script, str(flat_data), str(out))
     figures = json.loads(out.read_text())
     assert figures["own"] == [0, 1, 4]  # rank 0 read shards 0 and 2 of 3; rank 1 the rest
-    loader = EvalLoader(loader_cfg(flat_data), "test", batch_size=4, clips_per_video=3)
+    loader = eval_loader(flat_data, clips_per_video=3)
     single = evaluate(LookupModel(TABLE), loader, init_distributed("cpu"), "fp32", keep_scores=True)
     assert {k: figures[k] for k in single.to_json()} == single.to_json()
     assert single.scores is not None and figures["ids"] == [0, 1, 2, 3, 4]

@@ -9,8 +9,8 @@ import pytest
 import torch
 from clipdata import damage_strip, noise_frames, write_dataset
 
-from dali_skd.bench import decode_parity
-from dali_skd.config import AugmentConfig, LoaderConfig
+from dali_skd.commands.bench import decode_parity
+from dali_skd.config import AugmentConfig, LoaderConfig, SamplingConfig
 from dali_skd.data.loader import EvalLoader, TrainLoader
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -25,9 +25,16 @@ def data(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("gpu"), {"train": videos, "test": videos}, ["a", "b"], per_shard=3)
 
 
+ON_THE_GPU = {
+    "loader": LoaderConfig(threads=2),
+    "sampling": SamplingConfig(shuffle_buffer=2),
+    "device": torch.device("cuda"),
+}
+
+
 def test_gpu_and_cpu_decode_the_same_pixels(data: Path) -> None:
     """The CUDA decoder alone (hw_decoder_load 0), with the CPU's chroma upsampling, against the CPU and Pillow."""
-    report = decode_parity(LoaderConfig(data=str(data), threads=2), ["cuda", "cpu"], videos=6, clips_per_video=2)
+    report = decode_parity(str(data), ["cuda", "cpu"], videos=6, clips_per_video=2, loader=LoaderConfig(threads=2))
     for pair, diff in report["pairs"].items():
         assert diff["max_abs"] <= MAX_LEVELS and diff["mean_abs"] <= MEAN_LEVELS, (pair, diff)
 
@@ -35,8 +42,9 @@ def test_gpu_and_cpu_decode_the_same_pixels(data: Path) -> None:
 def test_the_hardware_decoder_within_what_jpeg_allows(data: Path) -> None:
     """The hardware engine (hw_decoder_load 1): JPEG fixes luma up to the IDCT's tolerance but leaves chroma
     upsampling to the decoder, so only luma has a bound (docs/pipeline.md); the RGB figures are printed."""
-    cfg = LoaderConfig(data=str(data), threads=2)
-    report = decode_parity(cfg, ["cuda", "cpu"], videos=6, clips_per_video=2, hw_loads=(1.0,))
+    report = decode_parity(
+        str(data), ["cuda", "cpu"], videos=6, clips_per_video=2, hw_loads=(1.0,), loader=LoaderConfig(threads=2)
+    )
     for pair, diff in report["pairs"].items():
         print(pair, diff)
         if "hw1" in pair:
@@ -44,8 +52,9 @@ def test_the_hardware_decoder_within_what_jpeg_allows(data: Path) -> None:
 
 
 def test_gpu_training_batches_stay_on_the_gpu(data: Path) -> None:
-    cfg = LoaderConfig(data=str(data), threads=2, shuffle_buffer=2, device="cuda")
-    loader = TrainLoader(cfg, batch_size=3, num_views=2, augment=AugmentConfig(), dtype="fp16", channels_last=True)
+    loader = TrainLoader(
+        str(data), **ON_THE_GPU, batch_size=3, num_views=2, augment=AugmentConfig(), dtype="fp16", channels_last=True
+    )
     for epoch in range(2):
         for batch in loader.epoch(epoch):
             for view in batch.views:
@@ -57,9 +66,12 @@ def test_gpu_training_batches_stay_on_the_gpu(data: Path) -> None:
 
 
 def test_gpu_channels_last_clips_equal_todays(data: Path) -> None:
-    cfg = LoaderConfig(data=str(data), threads=2, shuffle_buffer=2, device="cuda")
     runs = [
-        list(TrainLoader(cfg, batch_size=3, num_views=2, augment=AugmentConfig(), channels_last=c).epoch(0))
+        list(
+            TrainLoader(
+                str(data), **ON_THE_GPU, batch_size=3, num_views=2, augment=AugmentConfig(), channels_last=c
+            ).epoch(0)
+        )
         for c in (False, True)
     ]
     for a, b in zip(*runs, strict=True):
@@ -73,7 +85,9 @@ def test_gpu_decoder_failure_is_named_and_skipped(tmp_path: Path) -> None:
     videos = [(noise_frames(24, seed=i, height=128, width=170), i % 2) for i in range(6)]
     old = write_dataset(tmp_path / "old", {"train": videos, "test": videos}, ["a", "b"], per_shard=3, checksums=False)
     damage_strip(old, "test", "test-0000003", "huffman", strip=1)
-    loader = EvalLoader(LoaderConfig(data=str(old), threads=2, device="cuda"), "test", batch_size=4, clips_per_video=2)
+    loader = EvalLoader(
+        str(old), "test", loader=LoaderConfig(threads=2), device=torch.device("cuda"), batch_size=4, clips_per_video=2
+    )
     ids = [vid for batch in loader.epoch() for vid in batch.video_ids.tolist()]
     assert sorted(set(ids) - loader.undecodable_ids()) == [0, 1, 2, 4, 5]
     assert loader.stats.skipped == 1 and "test-0000003" in loader.stats.examples[0], loader.stats.examples

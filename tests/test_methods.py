@@ -10,6 +10,7 @@ from torch import nn
 from dali_skd.config import ObjectiveConfig
 from dali_skd.methods import METHODS, KnowledgeDistillation, Method, build_method
 from dali_skd.models import build_model
+from dali_skd.pretrained import param_groups
 
 CLASSES = 5
 EXPECTED = {
@@ -79,20 +80,31 @@ def test_wrong_number_of_views_is_an_error() -> None:
         make_method("skd-srl")(clips, labels)
 
 
-def test_kd_teacher_is_frozen_and_outside_optimizer_and_state_dict() -> None:
+def test_kd_teacher_is_a_frozen_submodule_outside_the_optimizer_and_the_checkpoint() -> None:
+    """The teacher is registered (it moves with the method) but takes no gradient, stays in eval mode, and is
+    neither trained nor saved: a checkpoint's `trained_state` leaves it out, and loading one keeps it."""
     teacher = build_model("r3d18-tiny", CLASSES)
     method = make_method("kd", teacher)
-    assert isinstance(method, KnowledgeDistillation)
-    teacher_ids = {id(p) for p in teacher.parameters()}
-    assert not teacher_ids & {id(p) for p in method.parameters()}
-    assert all(key.startswith("model.") for key in method.state_dict())
+    assert isinstance(method, KnowledgeDistillation) and method.teacher is teacher
+    assert all(not p.requires_grad for p in teacher.parameters())
+    groups = param_groups(method, 0.1, 0.5)
+    assert not {id(p) for p in teacher.parameters()} & {id(p) for g in groups for p in g["params"]}
+    state = method.trained_state()
+    assert state and all(key.startswith("model.") for key in state)
     method.train()
-    assert not teacher.training
+    assert method.training and method.model.training and not teacher.training
     clips, labels = random_batch(1)
     method(clips, labels).loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     method.to(torch.float64)
     assert next(teacher.parameters()).dtype == torch.float64
+    other = make_method("kd", build_model("r3d18-tiny", CLASSES)).to(torch.float64)
+    own_teacher = {k: v.clone() for k, v in other.teacher.state_dict().items()}
+    other.load_trained_state(state)
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in state.items())
+    assert all(torch.equal(other.teacher.state_dict()[k], v) for k, v in own_teacher.items())
+    with pytest.raises(RuntimeError, match="Missing key"):
+        other.load_trained_state({k: v for k, v in state.items() if k != "model.fc.weight"})
 
 
 def test_kd_without_teacher_or_with_other_classes_is_an_error() -> None:

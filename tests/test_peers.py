@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from clickit import invoke
 from clipdata import noise_frames, write_dataset
-from conftest import ffmpeg_binary
+from conftest import config_reads, ffmpeg_binary, unread
 
-from dali_skd.bench import bench_augment, tree_cpu_seconds
-from dali_skd.config import AugmentConfig, BenchConfig, LoaderConfig
+from dali_skd.commands.bench import BenchAugmentConfig, BenchConfig, bench_augment, peer_videos, tree_cpu_seconds
+from dali_skd.config import AugmentConfig, ClipConfig
 from dali_skd.data import peers
-from dali_skd.data.peers import PEERS, PeerClips, peer_loader, peer_problem, peer_videos, recorded_sources
+from dali_skd.data.peers import PEERS, PeerClips, peer_loader, peer_problem, recorded_sources
 from dali_skd.format import SampleMeta, ShardInfo, ShardManifest, SplitInfo, sample_key, sample_members
 from preprocess.shards import ShardWriter
 
@@ -53,7 +53,7 @@ def tree_and_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
 
 
 INSTALLED = [name for name in PEERS if peer_problem(name) is None]
-CROP_FLIP = bench_augment(BenchConfig(augment_policy="crop-flip"))
+CROP_FLIP = bench_augment(BenchConfig(augment=BenchAugmentConfig(policy="crop-flip")))
 
 
 @pytest.mark.parametrize("peer", INSTALLED)
@@ -64,7 +64,7 @@ def test_a_peer_yields_two_views_of_consecutive_frames_like_the_loader(
     videos = peer_videos(str(data), str(tree), str(tmp_path / "cache"), as_is=False, workers=2)
     assert len(videos.files) == 4 and videos.form == "h264 mp4, short side 48" and not videos.skipped
     assert all(f.path.suffix == ".mp4" and f.path.is_relative_to(tmp_path / "cache") for f in videos.files)
-    cfg = LoaderConfig(clip_len=6, frame_stride=2, crop=40)
+    cfg = ClipConfig(length=6, frame_stride=2, crop=40)
     clips = PeerClips(videos.files, peer, cfg, CROP_FLIP)
     starts = set()
     for i, video in enumerate(videos.files):
@@ -94,7 +94,7 @@ def test_peer_loader_batches_from_worker_processes(tree_and_data: tuple[Path, Pa
     tree, data = tree_and_data
     videos = peer_videos(str(data), str(tree), str(tmp_path / "cache"), as_is=True, workers=1)
     assert videos.form == "the original files" and all(f.path.is_relative_to(tree) for f in videos.files)
-    batches = iter(peer_loader(videos.files, "pyav", LoaderConfig(clip_len=4, crop=32), AugmentConfig(), 6, 1))
+    batches = iter(peer_loader(videos.files, "pyav", ClipConfig(length=4, crop=32), AugmentConfig(), 6, 1))
     for _ in range(2):  # six samples of four videos: epochs run on, every batch is full
         v1, v2, labels = next(batches)
         assert v1.shape == v2.shape == (6, 3, 4, 32, 32) and labels.shape == (6,)
@@ -150,12 +150,12 @@ def test_tree_cpu_counts_live_and_ended_children() -> None:
 
 
 def test_bench_augment_crop_flip_keeps_only_crop_and_flip() -> None:
-    paper = AugmentConfig(p_flip=0.3)
-    cfg = BenchConfig(augment=paper, augment_policy="crop-flip")
-    assert bench_augment(cfg) == AugmentConfig(
-        p_flip=0.3, p_contrast=0, p_brightness=0, p_hue=0, p_blur=0, p_channel_split=0
+    paper = BenchAugmentConfig(p_flip=0.3)
+    crop_flip = replace(paper, policy="crop-flip")
+    assert bench_augment(BenchConfig(augment=crop_flip)) == replace(
+        crop_flip, p_contrast=0, p_brightness=0, p_hue=0, p_blur=0, p_channel_split=0
     )
-    assert bench_augment(replace(cfg, augment_policy="paper")) is paper
+    assert bench_augment(BenchConfig(augment=paper)) is paper
 
 
 def test_a_peer_that_does_not_load_is_named_with_the_cause(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -180,11 +180,14 @@ def test_bench_runs_the_peers_beside_dali_and_skips_a_missing_one(
     monkeypatch.setitem(sys.modules, "decord", None)
     out = tmp_path / "bench.json"
     started = time.monotonic()
-    result = invoke(
-        "bench", "--data", str(data), "--videos", str(tree), "--cache", str(tmp_path / "cache"), "--device", "cpu",
-        "--loaders", "dali,pyav,decord", "--augment", "crop-flip", "--seconds", "1", "--repeats", "2",
-        "--rounds", "2", "--workers", "1", "--batch-size", "4", "--clip-len", "8", "--crop", "32", "--json", str(out),
-    )  # fmt: skip
+    with config_reads() as reads:
+        result = invoke(
+            "bench", "--data", str(data), "--videos", str(tree), "--cache", str(tmp_path / "cache"), "--device", "cpu",
+            "--loaders", "dali,pyav,decord", "--augment.policy", "crop-flip", "--seconds", "1", "--repeats", "2",
+            "--rounds", "2", "--workers", "1", "--batch-size", "4", "--clip.length", "8", "--clip.crop", "32",
+            "--train.arch", "r3d10-tiny", "--train.batch-size", "2", "--json", str(out),
+        )  # fmt: skip
+    assert unread(BenchConfig, reads) == []  # bench offers no flag that does nothing
     report = json.loads(out.read_text())
     assert set(report["loaders"]) == {"dali", "pyav"} and report["augment"] == "crop-flip"
     assert report["skipped"] == {"decord": "not installed: pip install -e '.[peers]'"}

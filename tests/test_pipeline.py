@@ -18,7 +18,7 @@ import pytest
 import torch
 from clipdata import frame_index, gradient_frames, noise_frames, write_dataset
 
-from dali_skd.config import AugmentConfig, LoaderConfig
+from dali_skd.config import AugmentConfig, ClipConfig, LoaderConfig, SamplingConfig
 from dali_skd.data.clips import clip_frames, plan_strips, spaced_starts, strip_slots
 from dali_skd.data.loader import EvalBatch, EvalLoader, TrainBatch, TrainLoader
 from dali_skd.data.pipeline import clip_pipeline
@@ -28,6 +28,7 @@ from dali_skd.format import FormatError, ShardManifest, sample_key
 from dali_skd.runtime import resolve_device
 from preprocess.shards import ShardWriter
 
+CPU = torch.device("cpu")
 NO_AUGMENT = AugmentConfig(**{f: 0.0 for f in AugmentConfig.__dataclass_fields__ if f.startswith("p_")})
 AUGMENTATIONS = [f for f in AugmentConfig.__dataclass_fields__ if f.startswith("p_")]
 
@@ -47,14 +48,22 @@ def noise_data(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("noise"), {"train": videos, "test": videos}, ["a", "b"], per_shard=4)
 
 
-def loader_cfg(data: Path, **kw) -> LoaderConfig:
-    return LoaderConfig(data=str(data), shuffle_buffer=4, threads=2, device="cpu", **kw)
+def eval_loader(data: Path | str, split: str = "test", clip: dict | None = None, **kw) -> EvalLoader:
+    """An EvalLoader on the CPU with 2 threads, its clips cut as `clip` says."""
+    return EvalLoader(str(data), split, clip=ClipConfig(**clip or {}), loader=LoaderConfig(threads=2), device=CPU, **kw)
+
+
+def train_loader(data: Path, split: str = "train", clip: dict | None = None, sampling: dict | None = None, **kw):
+    """A TrainLoader on the CPU with 2 threads and a shuffle buffer of 4."""
+    return TrainLoader(
+        str(data), split, clip=ClipConfig(**clip or {}), loader=LoaderConfig(threads=2),
+        sampling=SamplingConfig(**{"shuffle_buffer": 4, **(sampling or {})}), device=CPU, **kw,
+    )  # fmt: skip
 
 
 def train_batches_of(data: Path, epoch: int = 0, seed: int = 0, **kw) -> list[TrainBatch]:
     aug = kw.pop("augment", AugmentConfig())
-    loader = TrainLoader(loader_cfg(data, **kw.pop("cfg", {})), "train", augment=aug, seed=seed, **kw)
-    return list(loader.epoch(epoch))
+    return list(train_loader(data, "train", augment=aug, seed=seed, **kw).epoch(epoch))
 
 
 # -- clip planning (pure) -------------------------------------------------------------------------------------
@@ -118,7 +127,7 @@ def test_clips_are_consecutive_frames_and_short_videos_loop(gradient_data: Path)
 
 
 def test_same_clip_option_gives_one_clip_two_augmentations(gradient_data: Path) -> None:
-    (b,) = train_batches_of(gradient_data, batch_size=7, num_views=2, augment=NO_AUGMENT, cfg={"same_clip": True})
+    (b,) = train_batches_of(gradient_data, batch_size=7, num_views=2, augment=NO_AUGMENT, sampling={"same_clip": True})
     for i in range(7):
         assert (frame_index(b.views[0][i].numpy()) == frame_index(b.views[1][i].numpy())).all()
 
@@ -215,7 +224,7 @@ def held_out_id(index: int) -> int:
 
 
 def eval_ids(data: Path, rank: int = 0, world: int = 1, clips: int = 3, batch_size: int = 4) -> list[EvalBatch]:
-    loader = EvalLoader(loader_cfg(data), "test", batch_size=batch_size, clips_per_video=clips, rank=rank, world=world)
+    loader = eval_loader(data, "test", batch_size=batch_size, clips_per_video=clips, rank=rank, world=world)
     return list(loader.epoch())
 
 
@@ -282,7 +291,7 @@ def _corrupt(data: Path, tmp_path: Path) -> Path:
 
 def test_corrupt_samples_are_skipped_and_counted(gradient_data: Path, tmp_path: Path) -> None:
     data = _corrupt(gradient_data, tmp_path)
-    loader = EvalLoader(loader_cfg(data), "test", batch_size=8, clips_per_video=1)
+    loader = eval_loader(data, "test", batch_size=8, clips_per_video=1)
     ids = torch.cat([b.video_ids for b in loader.epoch()]).tolist()
     assert sorted(ids) == [held_out_id(i) for i in [2, 3, 4, 5, 6]]
     assert loader.stats.skipped == 2
@@ -297,7 +306,7 @@ def test_truncated_shard_keeps_what_precedes_the_cut(gradient_data: Path, tmp_pa
     tar = data / "test" / "shard-000001.tar"
     raw = tar.read_bytes()
     tar.write_bytes(raw[: raw.find(b"test-0000003.jpgs") + 4000])  # into the second video's strips
-    loader = EvalLoader(loader_cfg(data), "test", batch_size=8, clips_per_video=1)
+    loader = eval_loader(data, "test", batch_size=8, clips_per_video=1)
     ids = torch.cat([b.video_ids for b in loader.epoch()]).tolist()
     assert sorted(ids) == [held_out_id(i) for i in [0, 1, 2, 4, 5, 6]]
     assert loader.stats.skipped == 1 and "shard-000001.tar" in loader.stats.examples[0]
@@ -305,15 +314,15 @@ def test_truncated_shard_keeps_what_precedes_the_cut(gradient_data: Path, tmp_pa
 
 def test_missing_shard_and_manifest_errors(gradient_data: Path, tmp_path: Path) -> None:
     with pytest.raises(FormatError, match=r"no manifest\.json in"):
-        TrainLoader(loader_cfg(tmp_path), "train", batch_size=2)
+        train_loader(tmp_path, "train", batch_size=2)
     data = tmp_path / "partial"
     shutil.copytree(gradient_data, data)
     (data / "train" / "shard-000001.tar").unlink()
     with pytest.raises(FormatError, match=r"missing, first .*shard-000001\.tar"):
-        TrainLoader(loader_cfg(data), "train", batch_size=2)
+        train_loader(data, "train", batch_size=2)
     with pytest.raises(FormatError, match="smaller than the 112-pixel crop"):
         write_dataset(tmp_path / "small", {"train": [(gradient_frames(4, 48, 64), 0)]}, ["a"])
-        TrainLoader(loader_cfg(tmp_path / "small"), "train", batch_size=1)
+        train_loader(tmp_path / "small", "train", batch_size=1)
 
 
 def test_cuda_without_gpu_is_a_clear_error() -> None:
@@ -350,7 +359,7 @@ def test_remote_locations_stream_the_same_samples(gradient_data: Path, scheme: s
         pytest.skip("webdataset reads http:// through curl, which is not installed")
     location = f"pipe:cat {gradient_data}/{{}}" if scheme == "pipe" else request.getfixturevalue("http_server")
     local = eval_ids(gradient_data, clips=2, batch_size=5)
-    remote = EvalLoader(replace(loader_cfg(gradient_data), data=location), "test", batch_size=5, clips_per_video=2)
+    remote = eval_loader(location, "test", batch_size=5, clips_per_video=2)
     for a, b in zip(local, remote.epoch(), strict=True):
         assert torch.equal(a.clips, b.clips) and torch.equal(a.video_ids, b.video_ids)
 
@@ -382,7 +391,7 @@ def test_vp9_and_jpeg_shards_give_the_same_clips(both_formats: dict[str, Path]) 
     for fmt, data in both_formats.items():
         batches = []
         for split in ("train", "test"):
-            loader = EvalLoader(loader_cfg(data), split, batch_size=8, clips_per_video=3)
+            loader = eval_loader(data, split, batch_size=8, clips_per_video=3)
             batches += list(loader.epoch())
             assert loader.stats.skipped == 0
         clips[fmt] = torch.cat([b.clips for b in batches])
@@ -415,7 +424,7 @@ def test_a_webm_of_another_codec_is_skipped_with_what_to_rerun(both_formats: dic
 
     writer.add([(name, as_vp8(name, blob)) for name, blob in members])
     writer.finish()
-    loader = EvalLoader(loader_cfg(data), "test", batch_size=4, clips_per_video=1)
+    loader = eval_loader(data, "test", batch_size=4, clips_per_video=1)
     assert list(loader.epoch()) == [] and loader.stats.skipped == loader.num_videos == 2
     assert "holds V_VP8" in loader.stats.examples[0] and "preprocess --format vp9" in loader.stats.examples[0]
 
@@ -442,10 +451,10 @@ def test_inputs_are_keyed_by_name_and_checked(noise_batches) -> None:
 
 
 def test_one_pipeline_per_loader_for_the_whole_run(gradient_data: Path) -> None:
-    loader = TrainLoader(loader_cfg(gradient_data), batch_size=2, num_views=2, augment=AugmentConfig())
+    loader = train_loader(gradient_data, batch_size=2, num_views=2, augment=AugmentConfig())
     for epoch in range(3):
         assert len(list(loader.epoch(epoch))) == loader.steps_per_epoch
-    evaluation = EvalLoader(loader_cfg(gradient_data), "test", batch_size=4, clips_per_video=2)
+    evaluation = eval_loader(gradient_data, "test", batch_size=4, clips_per_video=2)
     for _ in range(2):
         assert sum(len(b.labels) for b in evaluation.epoch()) == 14
     assert loader.pipeline_builds == 1 and evaluation.pipeline_builds == 1
@@ -454,7 +463,7 @@ def test_one_pipeline_per_loader_for_the_whole_run(gradient_data: Path) -> None:
 def test_an_epoch_left_early_leaves_the_next_one_untouched(gradient_data: Path) -> None:
     """The pipeline outlives epochs: what it prefetched for an epoch stopped early must not leak into the next."""
     fresh = train_batches_of(gradient_data, epoch=1, seed=3, batch_size=2, num_views=2)
-    loader = TrainLoader(loader_cfg(gradient_data), batch_size=2, num_views=2, augment=AugmentConfig(), seed=3)
+    loader = train_loader(gradient_data, batch_size=2, num_views=2, augment=AugmentConfig(), seed=3)
     stream = loader.stream(0)
     next(stream)
     stream.close()  # a benchmark stops an endless epoch
@@ -471,7 +480,7 @@ def test_an_epoch_left_early_leaves_the_next_one_untouched(gradient_data: Path) 
 def test_frame_stride_takes_every_sth_frame(tmp_path: Path) -> None:
     videos = [(gradient_frames(40), 0), (gradient_frames(12), 1)]  # the second is shorter than a clip: it loops
     data = write_dataset(tmp_path / "d", {"train": videos * 2, "test": videos}, ["long", "short"])
-    loader = TrainLoader(loader_cfg(data, frame_stride=2), batch_size=4, num_views=2, augment=NO_AUGMENT)
+    loader = train_loader(data, clip={"frame_stride": 2}, batch_size=4, num_views=2, augment=NO_AUGMENT)
     (batch,) = list(loader.epoch(0))
     for view in batch.views:
         for clip, label in zip(view.numpy(), batch.labels.tolist(), strict=True):
@@ -480,16 +489,16 @@ def test_frame_stride_takes_every_sth_frame(tmp_path: Path) -> None:
                 assert (np.diff(idx) == 2).all() and idx[-1] < 40, idx
             else:
                 assert idx.tolist() == [(idx[0] + 2 * t) % 12 for t in range(16)], idx
-    evaluation = EvalLoader(loader_cfg(data, frame_stride=2), "test", batch_size=8, clips_per_video=2)
+    evaluation = eval_loader(data, "test", clip={"frame_stride": 2}, batch_size=8, clips_per_video=2)
     clips = torch.cat([b.clips for b in evaluation.epoch()]).numpy()
     assert [frame_index(c)[0] for c in clips[:2]] == spaced_starts(40, 16, 2, stride=2).tolist() == [0, 9]
-    with pytest.raises(ValueError, match="--frame-stride must be 1 or more"):
-        EvalLoader(loader_cfg(data, frame_stride=0), "test", batch_size=8)
+    with pytest.raises(ValueError, match=r"--clip\.frame-stride must be 1 or more"):
+        eval_loader(data, "test", clip={"frame_stride": 0}, batch_size=8)
 
 
 def test_three_spatial_crops_cover_the_long_side(gradient_data: Path) -> None:
-    one = EvalLoader(loader_cfg(gradient_data), "test", batch_size=6, clips_per_video=2)
-    three = EvalLoader(loader_cfg(gradient_data), "test", batch_size=6, clips_per_video=2, spatial_crops=3)
+    one = eval_loader(gradient_data, "test", batch_size=6, clips_per_video=2)
+    three = eval_loader(gradient_data, "test", batch_size=6, clips_per_video=2, spatial_crops=3)
     centre = torch.cat([b.clips for b in one.epoch()]).numpy()
     batches = list(three.epoch())
     crops = torch.cat([b.clips for b in batches]).numpy()
@@ -499,12 +508,12 @@ def test_three_spatial_crops_cover_the_long_side(gradient_data: Path) -> None:
     assert (red[:, 0] < red[:, 1]).all() and (red[:, 1] < red[:, 2]).all()
     np.testing.assert_array_equal(crops[1::3], centre)  # the middle window is the centre crop
     with pytest.raises(ValueError, match="--spatial-crops takes 1 or 3"):
-        EvalLoader(loader_cfg(gradient_data), "test", batch_size=6, spatial_crops=2)
+        eval_loader(gradient_data, "test", batch_size=6, spatial_crops=2)
 
 
 def test_kinetics_input_norms_are_hara_et_al_mean_and_std(gradient_data: Path) -> None:
     def clips(norm: str) -> np.ndarray:
-        loader = EvalLoader(loader_cfg(gradient_data, input_norm=norm), "test", batch_size=7, clips_per_video=1)
+        loader = eval_loader(gradient_data, "test", clip={"norm": norm}, batch_size=7, clips_per_video=1)
         return next(iter(loader.epoch())).clips.numpy()
 
     levels = (clips("paper") + 1) * 127.5

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 from clickit import invoke
-from conftest import make_test_video
+from conftest import config_reads, make_test_video, unread
 
-from dali_skd.config import LoaderConfig, PreprocessConfig, TrainConfig
-from dali_skd.train import train
+from dali_skd.commands.eval import EvalConfig
+from dali_skd.commands.features import FeaturesConfig
+from dali_skd.commands.predict import PredictConfig
+from dali_skd.config import ClipConfig, LoaderConfig, PreprocessConfig, SamplingConfig, TrainConfig
+from dali_skd.training import train
 from preprocess.run import run_preprocess
 
 PATTERNS = ("testsrc2", "smptebars", "rgbtestsrc")  # a class each
@@ -35,36 +38,34 @@ def trained(tmp_path_factory) -> dict[str, Path]:
         dataset="folder", root=str(root / "videos"), out=str(data), short_side=40, val_fraction=0.34, workers=2
     )
     run_preprocess(prep, progress=False)
-    loader = LoaderConfig(
-        data=str(data),
-        clip_len=8,
-        frame_stride=2,
-        crop=32,
-        clips_per_video=2,
-        shuffle_buffer=2,
-        threads=2,
-        device="cpu",
-    )
     run = root / "run"
-    train(TrainConfig(method="baseline", arch="r3d10-tiny", out=str(run), epochs=2, batch_size=4, loader=loader))
+    train(
+        TrainConfig(
+            method="baseline", arch="r3d10-tiny", data=str(data), out=str(run), epochs=2, batch_size=4, device="cpu",
+            clip=ClipConfig(length=8, frame_stride=2, crop=32), sampling=SamplingConfig(shuffle_buffer=2),
+            loader=LoaderConfig(threads=2),
+        )
+    )  # fmt: skip
     return {"videos": root / "videos", "data": data, "checkpoint": run / "best.pt", "root": root}
 
 
 @pytest.fixture(scope="module")
-def evaluated(trained: dict[str, Path]) -> Path:
+def evaluated(trained: dict[str, Path]) -> tuple[Path, set]:
     """eval, three crops a clip; the clips cut as the model was trained (8 frames, every 2nd, 32 pixels: eval takes
-    them from the checkpoint)."""
+    them from the checkpoint); and the config fields it read."""
     out = trained["root"] / "eval.json"
-    result = invoke(
-        "eval", "--data", str(trained["data"]), "--checkpoint", str(trained["checkpoint"]), "--clips-per-video", "2",
-        "--spatial-crops", "3", "--device", "cpu", "--json", str(out),
-    )  # fmt: skip
+    with config_reads() as reads:
+        result = invoke(
+            "eval", "--data", str(trained["data"]), "--checkpoint", str(trained["checkpoint"]), "--clips-per-video",
+            "2", "--spatial-crops", "3", "--device", "cpu", "--json", str(out),
+        )  # fmt: skip
     assert "mean-class top-1" in result.output and "worst classes" in result.output
-    return out
+    return out, reads
 
 
-def test_eval_reports_per_class_accuracy_and_the_confusion_matrix(evaluated: Path) -> None:
-    figures = json.loads(evaluated.read_text())
+def test_eval_reports_per_class_accuracy_and_the_confusion_matrix(evaluated: tuple[Path, set]) -> None:
+    assert unread(EvalConfig, evaluated[1]) == []  # eval offers no flag that does nothing
+    figures = json.loads(evaluated[0].read_text())
     confusion = np.array(figures["confusion"])
     assert confusion.shape == (3, 3) and confusion.sum() == figures["videos"] == 6
     assert np.trace(confusion) / confusion.sum() == pytest.approx(figures["video_top1"])
@@ -86,17 +87,19 @@ def test_eval_reports_per_class_accuracy_and_the_confusion_matrix(evaluated: Pat
 
 
 def test_predict_agrees_with_eval_and_reports_a_bad_file(
-    trained: dict[str, Path], evaluated: Path, tmp_path: Path
+    trained: dict[str, Path], evaluated: tuple[Path, set], tmp_path: Path
 ) -> None:
-    rows = [json.loads(line) for line in evaluated.with_suffix(".predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in evaluated[0].with_suffix(".predictions.jsonl").read_text().splitlines()]
     videos = [str(trained["videos"] / row["source"]) for row in rows]
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(bytes(range(256)) * 40)
     out = tmp_path / "predict.json"
-    result = invoke(
-        "predict", videos[0], str(bad), *videos[1:], "--checkpoint", str(trained["checkpoint"]), "--spatial-crops",
-        "3", "--device", "cpu", "--json", str(out), expect_error=True,
-    )  # fmt: skip
+    with config_reads() as reads:
+        result = invoke(
+            "predict", videos[0], str(bad), *videos[1:], "--checkpoint", str(trained["checkpoint"]), "--spatial-crops",
+            "3", "--clips-per-video", "2", "--device", "cpu", "--json", str(out), expect_error=True,
+        )  # fmt: skip
+    assert unread(PredictConfig, reads) == []
     assert f"{bad}: ffmpeg:" in result.stderr and "1 of 7 videos could not be predicted" in result.stderr
     predicted = json.loads(out.read_text())["videos"]
     assert predicted[1] == {"video": str(bad), "error": predicted[1]["error"]} and predicted[1]["error"]
@@ -110,7 +113,7 @@ def test_predict_agrees_with_eval_and_reports_a_bad_file(
         assert f"{prediction['video']}: {row['top'][0]['class']} " in result.stdout
 
 
-def test_predict_with_a_checkpoint_that_lacks_the_preprocessing(trained: dict[str, Path], tmp_path: Path) -> None:
+def test_predict_transcodes_as_the_training_data_was_unless_told(trained: dict[str, Path], tmp_path: Path) -> None:
     state = torch.load(trained["checkpoint"], weights_only=True)
     assert state["preprocessing"] == {
         "format": "jpeg",
@@ -119,23 +122,23 @@ def test_predict_with_a_checkpoint_that_lacks_the_preprocessing(trained: dict[st
         "frames_per_jpeg": 8,
         "quality": 90,
     }
-    del state["preprocessing"]
-    old = tmp_path / "old.pt"
-    torch.save(state, old)
     video = str(next(trained["videos"].glob("smptebars/*.avi")))
-    result = invoke("predict", video, "--checkpoint", str(old), "--device", "cpu", expect_error=True)
-    assert f"{old} does not record how its training videos were preprocessed" in result.output
-    assert "pass --short-side" in result.output
     args = ("--device", "cpu", "--top-k", "2")
-    given = invoke("predict", video, "--checkpoint", str(old), "--short-side", "40", *args).stdout
+    given = invoke("predict", video, "--checkpoint", str(trained["checkpoint"]), "--short-side", "40", *args).stdout
     assert given == invoke("predict", video, "--checkpoint", str(trained["checkpoint"]), *args).stdout
     assert given.startswith(f"{video}: ") and given.count("%") == 2
+    del state["preprocessing"]
+    torch.save(state, tmp_path / "stripped.pt")
+    result = invoke("predict", video, "--checkpoint", str(tmp_path / "stripped.pt"), *args, expect_error=True)
+    assert f"{tmp_path / 'stripped.pt'}: it does not record how its training videos were preprocessed" in result.output
 
 
 def test_features_match_their_rows_and_a_linear_probe_beats_chance(trained: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "features"
-    invoke("features", "--data", str(trained["data"]), "--checkpoint", str(trained["checkpoint"]), "--out", str(out),
-           "--device", "cpu")  # fmt: skip
+    with config_reads() as reads:
+        invoke("features", "--data", str(trained["data"]), "--checkpoint", str(trained["checkpoint"]),
+               "--out", str(out), "--device", "cpu")  # fmt: skip
+    assert unread(FeaturesConfig, reads) == []
     manifest = json.loads((trained["data"] / "manifest.json").read_text())
     split = {}
     for name in ("train", "test"):

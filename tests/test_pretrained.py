@@ -1,10 +1,10 @@
-"""`train --init`, `--shortcut`, `--freeze` and `--lr-backbone`: files in the layouts of Hara et al.'s two
+"""`train --init`, `--shortcut`, `--freeze` and `--optim.lr-backbone`: files in the layouts of Hara et al.'s two
 releases and of this project, written with torch.save as they were, give the model the weights they hold."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import re
 import subprocess
 import sys
 import typing
@@ -17,13 +17,13 @@ from clipdata import noise_frames, write_dataset
 from test_train import tiny
 from torch import Tensor, nn
 
-from dali_skd.checkpoint import classifier_state, load_checkpoint, load_classifier
-from dali_skd.config import ObjectiveConfig, TrainConfig
+from dali_skd.checkpoint import CHECKPOINT_VERSION, TrainedRun, classifier_state, load_checkpoint
+from dali_skd.config import ObjectiveConfig, OptimConfig, TrainConfig
 from dali_skd.distributed import init_distributed
 from dali_skd.methods import build_method
 from dali_skd.models import FREEZE_POINTS, ResNet3d, Shortcut, build_model
 from dali_skd.pretrained import init_from_pretrained, param_groups
-from dali_skd.train import Trainer, train
+from dali_skd.training import Trainer, train
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_hara_2020_file_gives_the_features_of_the_same_weights(tmp_path: Path) -
     assert f"--init {path} (3D-ResNets-PyTorch checkpoint): loaded {len(report.loaded)} tensors" in text
     assert "re-initialised 2 (the classifier does not fit this dataset): fc.weight" in text
     assert report.input_norm == "kinetics" and report.input_norm_note("kinetics") is None
-    assert "add --input-norm kinetics unless" in str(report.input_norm_note("paper"))
+    assert "add --clip.norm kinetics unless" in str(report.input_norm_note("paper"))
 
 
 def test_hara_2018_file_gives_the_logits_of_the_same_weights(tmp_path: Path) -> None:
@@ -197,7 +197,7 @@ def test_own_checkpoint_loads_with_init_and_keeps_its_shortcut(data: Path, tmp_p
     state = load_checkpoint(best)
     assert state["config"]["shortcut"] == "B"
     assert "model" not in state  # the classifier is held once, as the "model." entries of "method"
-    trained, _ = load_classifier(best, torch.device("cpu"), 2)  # rebuilt with the stored shortcut B
+    trained = TrainedRun.load(best, "cpu", 2).classifier  # rebuilt with the stored shortcut B
     assert "layer2.0.shortcut.0.weight" in trained.state_dict()
     expected = trained.eval()(clips())
 
@@ -212,32 +212,23 @@ def test_own_checkpoint_loads_with_init_and_keeps_its_shortcut(data: Path, tmp_p
 
 
 @pytest.mark.slow
-def test_an_old_checkpoint_holding_model_still_loads_everywhere(data: Path, tmp_path: Path) -> None:
-    """Checkpoints written before the classifier was held once also hold it under "model", beside "method"."""
+def test_a_checkpoint_of_another_version_is_refused_everywhere_naming_both_versions(data: Path, tmp_path: Path) -> None:
     train(tiny(data, tmp_path / "run", method="baseline", epochs=1))
-    best = tmp_path / "run" / "best.pt"
-    trained = load_classifier(best, torch.device("cpu"), 2)[0].eval()
-    expected = trained(clips())
     old = tmp_path / "old.pt"
-    torch.save({**load_checkpoint(best), "model": trained.state_dict(), "checkpoint_version": 1}, old)
-
-    torch.testing.assert_close(load_classifier(old, torch.device("cpu"), 2)[0].eval()(clips()), expected)
-    model = build_model("r3d10-tiny", 2)
-    assert init_from_pretrained(model, old).source == "dali-skd checkpoint"  # pretrained.read_weights
-    torch.testing.assert_close(model.eval()(clips()), expected)
-    student = Trainer(tiny(data, tmp_path / "student", method="kd", teacher=str(old)), init_distributed("cpu"))
-    with torch.no_grad():
-        torch.testing.assert_close(student.method.teacher(clips()), expected)
-    figures = {}
-    for name, path in (("new", best), ("old", old)):
-        invoke(
-            "eval", "--data", str(data), "--checkpoint", str(path), "--clips-per-video", "1",
-            "--clip-len", "8", "--crop", "32", "--device", "cpu", "--json", str(tmp_path / f"{name}.json"),
-        )  # fmt: skip
-        figures[name] = json.loads((tmp_path / f"{name}.json").read_text())
-    assert [figures["old"][k] for k in ("clip_top1", "video_top1", "clips")] == [
-        figures["new"][k] for k in ("clip_top1", "video_top1", "clips")
-    ]
+    torch.save({**load_checkpoint(tmp_path / "run" / "best.pt"), "checkpoint_version": 1}, old)
+    refused = f"{old} is a dali-skd checkpoint of version 1, and this code reads version {CHECKPOINT_VERSION}"
+    with pytest.raises(ValueError, match=re.escape(refused)):
+        TrainedRun.load(old)
+    with pytest.raises(ValueError, match=re.escape(refused)):
+        init_from_pretrained(build_model("r3d10-tiny", 2), old)
+    with pytest.raises(ValueError, match=re.escape(refused)):
+        Trainer(tiny(data, tmp_path / "student", method="kd", teacher=str(old)), init_distributed("cpu"))
+    message = invoke("eval", "--data", str(data), "--checkpoint", str(old), "--device", "cpu", expect_error=True).output
+    assert refused in message and "Traceback" not in message
+    last = tmp_path / "run" / "last.pt"
+    old.replace(last)
+    with pytest.raises(ValueError, match=re.escape(refused.replace(str(old), str(last)))):
+        train(tiny(data, tmp_path / "run", method="baseline", epochs=2, resume=True))
 
 
 def test_init_and_freeze_through_train(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -248,7 +239,7 @@ def test_init_and_freeze_through_train(data: Path, tmp_path: Path, capsys: pytes
     loaded = len(source.state_dict()) - 2 - sum(k.endswith("num_batches_tracked") for k in source.state_dict())
     assert f"--init {path} (3D-ResNets-PyTorch checkpoint, saved from DataParallel): loaded {loaded} tensors" in printed
     assert "re-initialised 2 (the classifier does not fit this dataset): fc.weight ((400, 128) in the file" in printed
-    assert "note: the file's model was trained on --input-norm kinetics-2018 inputs, this run gives it " in printed
+    assert "note: the file's model was trained on --clip.norm kinetics-2018 inputs, this run gives it " in printed
 
     last = tmp_path / "run" / "last.pt"
     trained = classifier_state(load_checkpoint(last), last)
@@ -264,7 +255,8 @@ def test_init_and_freeze_through_train(data: Path, tmp_path: Path, capsys: pytes
 def test_lr_backbone_scales_the_encoder_lr_only(data: Path, tmp_path: Path) -> None:
     source = kinetics_model("r3d10-tiny", 2, "A", seed=6)
     path = save_2018_file(source, tmp_path / "k400.pth")
-    train(tiny(data, tmp_path / "run", method="baseline", epochs=1, init=str(path), lr=0.05, lr_backbone=0.0))
+    optim = OptimConfig(lr=0.05, lr_backbone=0.0)
+    train(tiny(data, tmp_path / "run", method="baseline", epochs=1, init=str(path), optim=optim))
     last = tmp_path / "run" / "last.pt"
     state = load_checkpoint(last)
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [0.05, 0.0]
@@ -287,18 +279,17 @@ def test_param_groups_put_the_encoder_apart_and_the_plateau_scales_both() -> Non
         scheduler.step(0.5)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01, 0.0001])
 
-    (everything,) = param_groups(method, 0.1, 1.0)  # one group, as runs saved before --lr-backbone
-    assert [id(p) for p in everything["params"]] == [id(p) for p in method.parameters() if p.requires_grad]
+    assert [g["lr"] for g in param_groups(method, 0.1, 1.0)] == [0.1, 0.1]  # the same two groups, whatever the factor
     method.model.freeze("encoder")
     assert len(param_groups(method, 0.1, 0.5)) == 1  # a linear probe: no encoder group
-    with pytest.raises(ValueError, match="--lr-backbone must be >= 0"):
+    with pytest.raises(ValueError, match=r"--optim\.lr-backbone must be >= 0"):
         param_groups(method, 0.1, -1.0)
 
 
 def test_cli_flags_and_their_errors(data: Path, tmp_path: Path) -> None:
     assert typing.get_args(typing.get_type_hints(TrainConfig)["freeze"]) == FREEZE_POINTS
     help_text = invoke("train", "--help").output
-    for flag in ("--init", "--shortcut [A|B]", "--freeze [none|stem|layer1|", "--lr-backbone"):
+    for flag in ("--init", "--shortcut [A|B]", "--freeze [none|stem|layer1|", "--optim.lr-backbone"):
         assert flag in help_text
     path = tmp_path / "r3d50-tiny.pth"
     torch.save({"state_dict": hara_names(build_model("r3d50-tiny", 400).state_dict())}, path)

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from clickit import invoke
 from clipdata import BLUE_BASE, BLUE_STEP, gradient_frames, write_dataset
+from conftest import config_reads, unread
 from PIL import Image
 
-from dali_skd.config import AugmentConfig, LoaderConfig, PreviewConfig
+from dali_skd.commands.preview import PreviewConfig, describe, draw, layout_for, preview_samples, shown_frames
+from dali_skd.config import AugmentConfig, ClipConfig, LoaderConfig
 from dali_skd.data.torch_baseline import ViewDraws
-from dali_skd.preview import describe, draw, layout_for, preview_samples, shown_frames
 
 NO_COLOUR = {"p_contrast": 0.0, "p_brightness": 0.0, "p_hue": 0.0, "p_blur": 0.0, "p_channel_split": 0.0}
 
@@ -26,8 +27,8 @@ def gradients(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def preview_config(data: Path, augment: AugmentConfig, **kw) -> PreviewConfig:
-    loader = LoaderConfig(data=str(data), device="cpu", clip_len=8, crop=64, threads=1)
-    return PreviewConfig(samples=3, loader=loader, augment=augment, **kw)
+    clip, loader = ClipConfig(length=8, crop=64), LoaderConfig(threads=1)
+    return PreviewConfig(data=str(data), device="cpu", samples=3, clip=clip, loader=loader, augment=augment, **kw)
 
 
 def gradient_at(column: int | np.ndarray, size: int) -> np.ndarray:
@@ -52,14 +53,14 @@ def test_the_panels_are_the_loaders_views_and_the_labels_their_draws(gradients: 
                     assert np.array_equal(panel, view[t].repeat(2, 0).repeat(2, 1)), (s, v, r, t)
             # what the label says is what the pixels show: the window's corner, the mirror, the frames
             draws, view = sample.draws[v], sample.views[v].astype(float)
-            columns = draws.left + np.arange(64)[:: -1 if draws.flip else 1]
+            columns = draws.left + np.arange(64)[:: -1 if "flip" in draws.applied else 1]
             assert np.abs(view[..., 0].mean(axis=(0, 1)) - gradient_at(columns, 170)).max() < 3
             assert np.abs(view[..., 1].mean(axis=(0, 2)) - gradient_at(draws.top + np.arange(64), 128)).max() < 3
             frames = np.array(sample.frames[v])
             assert np.abs(view[..., 2].mean(axis=(1, 2)) - (BLUE_BASE + BLUE_STEP * frames)).max() < 3
             assert list(frames) == list(range(frames[0], frames[0] + 8))
     draws = [d for sample in samples for d in sample.draws]
-    assert len({(d.top, d.left, d.flip) for d in draws}) > 3  # each view its own window
+    assert len({(d.top, d.left, "flip" in d.applied) for d in draws}) > 3  # each view its own window
 
 
 @pytest.mark.slow
@@ -75,15 +76,28 @@ def test_the_baseline_makes_dalis_views_from_the_same_draws(gradients: Path) -> 
 
 
 def test_the_drawn_augmentations_read_as_text() -> None:
-    draws = ViewDraws(top=5, left=12, contrast=1.214, hue=-12.4, blur_sigma=1.3, channel=1, flip=True)
-    assert describe(draws, 112) == "crop 112 at x 12, y 5, flip, contrast 1.21x, hue -12°, blur σ 1.30, split G"
+    draws = ViewDraws(5, 12, {"flip": None, "contrast": 1.214, "hue": -12.4, "blur": 1.3, "channel_split": 1})
+    assert describe(draws, 112) == "crop 112 at x 12, y 5, contrast 1.21x, hue -12°, blur σ 1.30, split G, flip"
     assert describe(ViewDraws(top=0, left=3), 64) == "crop 64 at x 3, y 0"
 
 
 def test_preview_writes_the_png_and_refuses_what_it_cannot_draw(gradients: Path, tmp_path: Path) -> None:
     out = tmp_path / "sub" / "views.png"
-    common = ("--data", str(gradients), "--device", "cpu", "--clip-len", "8", "--crop", "64", "--threads", "1")
-    result = invoke("preview", *common, "--samples", "2", "--frames", "2", "--out", str(out))
+    common = (
+        "--data",
+        str(gradients),
+        "--device",
+        "cpu",
+        "--clip.length",
+        "8",
+        "--clip.crop",
+        "64",
+        "--loader.threads",
+        "1",
+    )
+    with config_reads() as reads:
+        result = invoke("preview", *common, "--samples", "2", "--frames", "2", "--out", str(out))
+    assert unread(PreviewConfig, reads) == []  # preview offers no flag that does nothing
     assert f"wrote {out}: 2 samples x 2 views" in result.output
     assert Image.open(out).size == (2 * 2 * (128 + 4) + 24, 2 * (22 + 44 + 128 + 4 + 4))
     result = invoke("preview", *common, "--samples", "0", "--out", str(out), expect_error=True)

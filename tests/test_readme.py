@@ -77,7 +77,7 @@ def test_the_slurm_examples_start_commands_that_parse(tmp_path: Path, monkeypatc
     monkeypatch.setattr("preprocess.run.run_preprocess", lambda cfg: started["preprocess"].append(cfg) or "")
     merged = SimpleNamespace(splits={}, failures=0)
     monkeypatch.setattr("preprocess.shards.merge_parts", lambda out: started["merge"].append(str(out)) or merged)
-    monkeypatch.setattr("dali_skd.train.train", lambda cfg: started["train"].append(cfg))
+    monkeypatch.setattr("dali_skd.training.train", lambda cfg: started["train"].append(cfg))
     recorded = [json.loads(line) for line in calls.read_text().splitlines()]
     assert [call[0] for call in recorded] == ["python", "torchrun", "python"]
     for program, *args in recorded:
@@ -98,7 +98,7 @@ def test_the_slurm_examples_start_commands_that_parse(tmp_path: Path, monkeypatc
     )
     assert started["merge"] == ["data/k400"]
     (train,) = started["train"]
-    assert isinstance(train, TrainConfig) and (train.loader.data, train.out, train.resume) == (
+    assert isinstance(train, TrainConfig) and (train.data, train.out, train.resume) == (
         "data/k400",
         "runs/k400",
         "auto",

@@ -15,19 +15,18 @@ from pathlib import Path
 import pytest
 from clickit import invoke
 from clipdata import noise_frames, write_dataset
+from conftest import write_checkpoint
 from shardserver import ShardServer
 
-from dali_skd.checkpoint import save_checkpoint
-from dali_skd.config import LoaderConfig, TrainConfig, to_dict
+from dali_skd.config import ClipConfig, TrainConfig
 from dali_skd.data import shards
 from dali_skd.data.shards import PartReader, RankPart, SourceStats, load_manifest, shard_records
 from dali_skd.data.source import BackgroundBatches, LoaderStalled
 from dali_skd.format import FormatError
-from dali_skd.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ("--arch", "r3d10-tiny", "--epochs", "1", "--batch-size", "4", "--clip-len", "8", "--crop", "32")
-TINY += ("--shuffle-buffer", "2", "--threads", "1", "--device", "cpu")
+TINY = ("--arch", "r3d10-tiny", "--epochs", "1", "--batch-size", "4", "--clip.length", "8", "--clip.crop", "32")
+TINY += ("--sampling.shuffle-buffer", "2", "--loader.threads", "1", "--device", "cpu")
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="http(s) shards are read through curl")
 
@@ -133,7 +132,7 @@ def test_a_pipe_command_that_stalls_on_the_manifest_or_a_shard(dataset: Path, tm
         load_manifest(location, read_timeout=0.5)
     assert time.monotonic() - started < 30
     result = invoke(
-        "train", "--data", location, "--read-timeout", "0.5", "--out", str(tmp_path), *TINY, expect_error=True
+        "train", "--data", location, "--loader.read-timeout", "0.5", "--out", str(tmp_path), *TINY, expect_error=True
     )
     assert result.output.count("\n") == 1 and result.output.startswith(f"Error: cannot read pipe:{nap}; cat ")
     url = f"pipe:case {{}} in *.tar) {nap};; esac; cat {dataset}/{{}}".replace("{}", SHARD)
@@ -167,7 +166,9 @@ def test_the_watchdog_names_the_shard_being_read() -> None:
         yield {}
 
     source = BackgroundBatches(stuck, stall_timeout=0.2, reader=reader)
-    with pytest.raises(LoaderStalled, match=r"no batch for 0.2 s \(--stall-timeout\), while reading http://example"):
+    with pytest.raises(
+        LoaderStalled, match=r"no batch for 0.2 s \(--loader.stall-timeout\), while reading http://example"
+    ):
         source()
     hold.set()
     source.close()
@@ -181,7 +182,10 @@ def test_train_on_a_stalling_server_stops_with_one_line(dataset: Path, tmp_path:
         command = [sys.executable, str(REPO / "cli.py"), "train", "--data", server.url, "--out", str(tmp_path), *TINY]
         started = time.monotonic()
         done = subprocess.run(
-            [*command, "--read-timeout", "600", "--stall-timeout", "3"], capture_output=True, text=True, timeout=300
+            [*command, "--loader.read-timeout", "600", "--loader.stall-timeout", "3"],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         took = time.monotonic() - started
         left = running(server.url.removeprefix("http://"))  # while the server still holds its connections open
@@ -189,7 +193,7 @@ def test_train_on_a_stalling_server_stops_with_one_line(dataset: Path, tmp_path:
     assert done.returncode == 1
     assert done.stderr.count("Error: ") == 1  # after the progress bar, on its line: no newline ends a bar
     last = done.stderr[done.stderr.index("Error: ") :].splitlines()[0]
-    assert last.startswith("Error: the loader produced no batch for 3 s (--stall-timeout), while reading ")
+    assert last.startswith("Error: the loader produced no batch for 3 s (--loader.stall-timeout), while reading ")
     assert f"{server.url}/train/shard-00000" in last and "Traceback" not in done.stderr
     assert took < 150
 
@@ -199,12 +203,10 @@ def test_an_eval_that_scored_no_video_exits_non_zero(dataset: Path, tmp_path: Pa
     shutil.copytree(dataset, served)
     for shard in (served / "test").iterdir():
         shard.unlink()  # answered with 404
-    trained = TrainConfig(arch="r3d10-tiny", loader=LoaderConfig(clip_len=8, crop=32))
-    state = {"config": to_dict(trained), "classes": ["a", "b"], "model": build_model("r3d10-tiny", 2).state_dict()}
-    save_checkpoint(tmp_path / "best.pt", state)
+    write_checkpoint(tmp_path / "best.pt", TrainConfig(arch="r3d10-tiny", clip=ClipConfig(length=8, crop=32)))
     with ShardServer(served, "ok") as server:
         result = invoke(
             "eval", "--data", server.url, "--checkpoint", str(tmp_path / "best.pt"), "--device", "cpu",
-            "--threads", "1", expect_error=True,
+            "--loader.threads", "1", expect_error=True,
         )  # fmt: skip
     assert "Error: " in result.output and "on test: no video could be scored (2 skipped as unreadable" in result.output

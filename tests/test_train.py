@@ -10,11 +10,11 @@ import pytest
 import torch
 from clickit import invoke
 from clipdata import noise_frames, write_dataset
-from conftest import run_two_ranks
+from conftest import config_reads, run_two_ranks, unread
 
-from dali_skd.config import LoaderConfig, TrainConfig, to_dict
+from dali_skd.config import ClipConfig, LoaderConfig, OptimConfig, SamplingConfig, TrainConfig, to_dict
 from dali_skd.distributed import init_distributed
-from dali_skd.train import Trainer, train
+from dali_skd.training import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,8 +28,13 @@ def data(tmp_path_factory) -> Path:
 
 
 def tiny(data: Path, out: Path, **kw) -> TrainConfig:
-    loader = LoaderConfig(data=str(data), clip_len=8, crop=32, shuffle_buffer=2, threads=2, device="cpu")
-    return TrainConfig(**{"arch": "r3d10-tiny", "out": str(out), "epochs": 2, "batch_size": 4, "loader": loader, **kw})
+    return TrainConfig(
+        **{
+            "arch": "r3d10-tiny", "data": str(data), "out": str(out), "epochs": 2, "batch_size": 4, "device": "cpu",
+            "clip": ClipConfig(length=8, crop=32), "sampling": SamplingConfig(shuffle_buffer=2),
+            "loader": LoaderConfig(threads=2), **kw,
+        }
+    )  # fmt: skip
 
 
 def metrics(out: Path) -> list[dict]:
@@ -83,9 +88,11 @@ def test_resume_refuses_changed_settings_and_fresh_runs_refuse_old_dirs(data: Pa
     train(tiny(data, tmp_path / "run", epochs=2))
     with pytest.raises(FileExistsError, match="add --resume"):
         train(tiny(data, tmp_path / "run", epochs=2))
-    cfg = tiny(data, tmp_path / "run", epochs=3, lr=0.5, resume=True)
-    cfg.loader.crop = 48
-    with pytest.raises(ValueError, match=r"other settings \(loader.crop: 32 then, 48 now; lr: 0.01 then, 0.5 now\)"):
+    cfg = tiny(data, tmp_path / "run", epochs=3, optim=OptimConfig(lr=0.5), resume=True)
+    cfg.clip.crop = 48
+    with pytest.raises(
+        ValueError, match=r"other settings \(clip.crop: 32 then, 48 now; optim.lr: 0.01 then, 0.5 now\)"
+    ):
         train(cfg)
     with pytest.raises(ValueError, match="has trained 2 epochs, more than --epochs 1: resume with --epochs 2 or more"):
         train(tiny(data, tmp_path / "run", epochs=1, resume=True))
@@ -95,7 +102,7 @@ RANK_SCRIPT = """
 import sys, torch
 from dali_skd.config import TrainConfig, from_dict
 from dali_skd.distributed import init_distributed, shutdown
-from dali_skd.train import Trainer
+from dali_skd.training import Trainer
 import json
 cfg = from_dict(TrainConfig, json.loads(sys.argv[1]))
 ctx = init_distributed("cpu")
@@ -127,7 +134,7 @@ def test_eval_counts_every_video_and_clip(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval.json"
     result = invoke(
         "eval", "--data", str(data), "--checkpoint", str(tmp_path / "run" / "best.pt"), "--clips-per-video", "3",
-        "--clip-len", "8", "--crop", "32", "--device", "cpu", "--json", str(out),
+        "--clip.length", "8", "--clip.crop", "32", "--device", "cpu", "--json", str(out),
     )  # fmt: skip
     figures = json.loads(out.read_text())
     assert figures["videos"] == 4 and figures["clips"] == 12
@@ -167,7 +174,7 @@ def test_teacher_with_other_classes_is_refused(data: Path, tmp_path: Path) -> No
         tmp_path / "three", {"train": [(noise_frames(12, seed=i), i) for i in range(3)]}, ["a", "b", "c"]
     )
     cfg = tiny(data, tmp_path / "student", method="kd", teacher=str(tmp_path / "teacher" / "best.pt"))
-    cfg.loader.data = str(other)
+    cfg.data = str(other)
     with pytest.raises(ValueError, match="trained on 2 classes, this dataset has 3"):
         train(cfg)
 
@@ -185,3 +192,29 @@ def test_plot_command_redraws_the_curves(data: Path, tmp_path: Path) -> None:
     (tmp_path / "run" / "curves.png").unlink()
     invoke("plot", str(tmp_path / "run"))
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_train_reads_every_flag_it_offers(data: Path, tmp_path: Path) -> None:
+    """Every field of TrainConfig is read by a run of `cli.py train`: skd-srl's, then kd's, whose loss reads the
+    terms skd-srl's does not."""
+    tiny_flags = ["--data", str(data), "--arch", "r3d10-tiny", "--epochs", "1", "--batch-size", "4", "--device", "cpu",
+                  "--clip.length", "8", "--clip.crop", "32", "--sampling.shuffle-buffer", "2"]  # fmt: skip
+    with config_reads() as reads:
+        invoke("train", *tiny_flags, "--out", str(tmp_path / "skd"))
+        teacher = str(tmp_path / "skd" / "best.pt")
+        invoke("train", *tiny_flags, "--out", str(tmp_path / "kd"), "--method", "kd", "--teacher", teacher)
+    assert unread(TrainConfig, reads) == []
+
+
+def test_the_epoch_line_counts_what_went_wrong_in_words() -> None:
+    from dali_skd.training import _epoch_line
+
+    record = {"epoch": 2, "loss": 1.5, "train_top1": 0.5, "samples_per_s": 10.0, "data_wait": 0.1, "epoch_seconds": 9,
+              "val_top1": 0.25, "val_top5": 0.75, "val_videos": 48, "best_top1": 0.3}  # fmt: skip
+    assert _epoch_line(record, 5, 2).endswith("(48 videos), best so far")
+    record.update(skipped=1, scaler_skipped_steps=3, val_nonfinite_clips=0)
+    line = _epoch_line(record, 5, 1)
+    assert line.endswith(
+        "best 30.00% (epoch 1); 1 damaged or unreadable training sample skipped; 3 fp16 steps skipped"
+    ), line

@@ -19,18 +19,19 @@ import pytest
 import torch
 from clickit import invoke
 from clipdata import noise_frames, write_dataset
+from conftest import write_checkpoint
 
-from dali_skd.checkpoint import nonfinite_tensors, save_checkpoint
-from dali_skd.config import LoaderConfig, TrainConfig, to_dict
+from dali_skd.checkpoint import nonfinite_tensors
+from dali_skd.config import ClipConfig, LoaderConfig, SamplingConfig, TrainConfig
 from dali_skd.data.loader import EvalLoader
 from dali_skd.distributed import init_distributed
-from dali_skd.evaluate import EvalResult, evaluate
+from dali_skd.evaluation import EvalResult, evaluate
 from dali_skd.models import build_model
 from dali_skd.signals import EXIT_STOPPED
-from dali_skd.train import Diverged, train
+from dali_skd.training import Diverged, train
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING = ("samples_per_s", "data_wait", "epoch_seconds")  # the metrics that differ between two runs
+TIMING = ("samples_per_s", "data_wait", "epoch_seconds", "val_seconds")  # the metrics that differ between two runs
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +43,20 @@ def data(tmp_path_factory) -> Path:
 
 
 def tiny(data: Path, out: Path, **kw) -> TrainConfig:
-    loader = LoaderConfig(data=str(data), clip_len=8, crop=32, shuffle_buffer=2, threads=1, device="cpu")
-    return TrainConfig(**{"arch": "r3d10-tiny", "out": str(out), "epochs": 2, "batch_size": 2, "loader": loader, **kw})
+    return TrainConfig(
+        **{
+            "arch": "r3d10-tiny", "data": str(data), "out": str(out), "epochs": 2, "batch_size": 2, "device": "cpu",
+            "clip": ClipConfig(length=8, crop=32), "sampling": SamplingConfig(shuffle_buffer=2),
+            "loader": LoaderConfig(threads=1), **kw,
+        }
+    )  # fmt: skip
 
 
 def flags(cfg: TrainConfig) -> list[str]:
     """`cli.py train` flags for `tiny`'s settings."""
-    return ["--data", cfg.loader.data, "--out", cfg.out, "--arch", cfg.arch, "--epochs", str(cfg.epochs),
-            "--batch-size", str(cfg.batch_size), "--clip-len", "8", "--crop", "32", "--shuffle-buffer", "2",
-            "--threads", "1", "--device", "cpu"]  # fmt: skip
+    return ["--data", cfg.data, "--out", cfg.out, "--arch", cfg.arch, "--epochs", str(cfg.epochs),
+            "--batch-size", str(cfg.batch_size), "--clip.length", "8", "--clip.crop", "32",
+            "--sampling.shuffle-buffer", "2", "--loader.threads", "1", "--device", "cpu"]  # fmt: skip
 
 
 def start(*args: str) -> subprocess.Popen:
@@ -159,7 +165,7 @@ def test_a_second_train_into_a_running_run_fails_at_once_and_leaves_it_alone(dat
     first = start(*flags(cfg))
     started = next(line for line in first.stdout if line.startswith("epoch 1/2: 1/8 steps"))
     config = (tmp_path / "run" / "config.json").read_bytes()
-    for again in (["--lr", "0.5"], ["--resume"]):  # an sbatch sent twice; a job requeued while its old copy lives
+    for again in (["--optim.lr", "0.5"], ["--resume"]):  # an sbatch sent twice; a job requeued while its old copy lives
         message = invoke("train", *flags(cfg), *again, expect_error=True).output
         assert f"{cfg.out} is in use by host " in message and f", pid {first.pid} (lock {cfg.out}/.lock)" in message
     assert (tmp_path / "run" / "config.json").read_bytes() == config and not (tmp_path / "run" / "last.pt").exists()
@@ -202,10 +208,10 @@ def test_a_full_disk_while_saving_names_the_checkpoint_keeps_the_last_and_the_ru
 @pytest.mark.slow
 def test_a_diverging_lr_stops_naming_the_step_and_leaves_no_nonfinite_checkpoint(data: Path, tmp_path: Path) -> None:
     cfg = tiny(data, tmp_path / "run", epochs=4, batch_size=4)
-    message = invoke("train", *flags(cfg), "--batch-size", "4", "--lr", "1e4", expect_error=True).output
+    message = invoke("train", *flags(cfg), "--batch-size", "4", "--optim.lr", "1e4", expect_error=True).output
     terms = r"loss (nan|inf|-inf), loss_ce \S+, loss_kl \S+, loss_sim \S+"
     assert re.search(rf"the loss is not finite at epoch \d, step \d of 4 \({terms}\): training diverged", message)
-    assert "a lower --lr (this run: 10000)" in message and "Traceback" not in message
+    assert "a lower --optim.lr (this run: 10000)" in message and "Traceback" not in message
     for name in ("last.pt", "best.pt"):
         if (tmp_path / "run" / name).exists():
             assert not nonfinite_tensors(torch.load(tmp_path / "run" / name, weights_only=True)["method"])
@@ -224,10 +230,10 @@ def test_eval_refuses_a_checkpoint_with_nonfinite_weights(data: Path, tmp_path: 
     weights = build_model("r3d10-tiny", 2).state_dict()
     weights["fc.weight"][0, 0] = float("nan")
     path = tmp_path / "diverged.pt"
-    save_checkpoint(path, {"model": weights, "config": to_dict(TrainConfig(arch="r3d10-tiny")), "classes": ["a", "b"]})
+    write_checkpoint(path, TrainConfig(arch="r3d10-tiny"), weights)
     for command in (["eval", "--data", str(data)], ["features", "--data", str(data), "--out", str(tmp_path / "f")]):
         message = invoke(*command, "--checkpoint", str(path), "--device", "cpu", expect_error=True).output
-        assert f"{path} holds non-finite weights (1 of {len(weights)} tensors, e.g. fc.weight)" in message
+        assert f"{path} holds non-finite weights (1 of {len(weights)} tensors, e.g. model.fc.weight)" in message
 
 
 class NaNModel(torch.nn.Module):
@@ -236,7 +242,8 @@ class NaNModel(torch.nn.Module):
 
 
 def test_evaluation_counts_the_clips_scored_nan(data: Path) -> None:
-    loader = EvalLoader(tiny(data, Path("unused")).loader, "test", batch_size=4, clips_per_video=2)
+    cfg = tiny(data, Path("unused"))
+    loader = EvalLoader(cfg.data, "test", clip=cfg.clip, loader=cfg.loader, batch_size=4, clips_per_video=2)
     result = evaluate(NaNModel(), loader, init_distributed("cpu"), "fp32")
     assert result.nonfinite_clips == result.clips == 8 and "8 clips scored NaN or infinity" in result.format()
 
@@ -251,7 +258,7 @@ def test_a_validation_with_nonfinite_scores_is_never_the_best(data: Path, tmp_pa
             return dataclasses.replace(validations[-1], video_top1=1.0, nonfinite_clips=4)
         return validations[-1]
 
-    monkeypatch.setattr("dali_skd.train.evaluate", overflowing_in_epoch_2)
+    monkeypatch.setattr("dali_skd.training.evaluate", overflowing_in_epoch_2)
     summary = train(tiny(data, tmp_path / "run"))
     rows = metrics(tmp_path / "run")
     assert rows[0]["val_top1"] < 1.0 and rows[1]["val_top1"] == 1.0 and rows[1]["val_nonfinite_clips"] == 4

@@ -9,22 +9,22 @@ import os
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 from clickit import invoke
 from clipdata import noise_frames, write_dataset
+from conftest import write_checkpoint
 
-from dali_skd.checkpoint import save_checkpoint
-from dali_skd.config import LoaderConfig, TrainConfig, to_dict
+from dali_skd.config import ClipConfig, LoaderConfig, SamplingConfig, TrainConfig
 from dali_skd.data.loader import EvalLoader, TrainLoader
 from dali_skd.data.shards import join_location, shard_records
 from dali_skd.format import SCHEMA, FormatError, SampleMeta, ShardManifest
-from dali_skd.models import build_model
 
-TINY = ("--arch", "r3d10-tiny", "--epochs", "1", "--batch-size", "4", "--clip-len", "8", "--crop", "32")
-TINY += ("--shuffle-buffer", "2", "--threads", "1", "--device", "cpu")
+TINY = ("--arch", "r3d10-tiny", "--epochs", "1", "--batch-size", "4", "--clip.length", "8", "--clip.crop", "32")
+TINY += ("--sampling.shuffle-buffer", "2", "--loader.threads", "1", "--device", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,14 @@ def edited(dataset: Path, tmp_path: Path, edit: Callable[[dict], object]) -> Pat
     return data
 
 
-def loader_cfg(data: Path, **kw) -> LoaderConfig:
-    return LoaderConfig(data=str(data), clip_len=8, crop=32, shuffle_buffer=2, threads=1, device="cpu", **kw)
+CLIP = ClipConfig(length=8, crop=32)
+
+
+def train_loader(data: Path, **kw) -> TrainLoader:
+    return TrainLoader(
+        str(data), clip=CLIP, loader=LoaderConfig(threads=1), sampling=SamplingConfig(shuffle_buffer=2),
+        device=torch.device("cpu"), **kw,
+    )  # fmt: skip
 
 
 def one_line_error(output: str) -> str:
@@ -168,7 +174,7 @@ def test_shard_paths_outside_the_dataset_are_refused(dataset: Path, tmp_path: Pa
     shutil.copy(dataset / "train" / "shard-000000.tar", tmp_path / "outside" / "secret.tar")
     data = edited(dataset, tmp_path, lambda m: first_shard(m).update(path=path))
     with pytest.raises(FormatError) as error:
-        TrainLoader(loader_cfg(data), batch_size=4)
+        train_loader(data, batch_size=4)
     message = str(error.value)
     assert f'splits.train.shards[0].path is "{path}"; expected a relative path' in message
     assert "root:" not in message  # no byte of a file outside
@@ -184,13 +190,13 @@ def test_symlinks_out_of_the_dataset_are_refused_but_shards_the_user_names_are_r
     with pytest.raises(
         FormatError, match=r"train/shard-000000\.tar resolves to /etc/passwd, outside the dataset folder"
     ):
-        TrainLoader(loader_cfg(data), batch_size=4)
+        train_loader(data, batch_size=4)
     shutil.rmtree(data / "train")
     (data / "train").symlink_to(dataset / "train")  # a whole folder elsewhere
     with pytest.raises(FormatError, match=r"outside the dataset folder .*name them with --train-shards"):
-        TrainLoader(loader_cfg(data), batch_size=4)
+        train_loader(data, batch_size=4)
     shards = f"{dataset}/train/shard-{{000000..000003}}.tar"  # typed by the user: theirs to point anywhere
-    assert TrainLoader(loader_cfg(data, train_shards=shards), batch_size=4).steps_per_epoch == 2
+    assert train_loader(data, shards=shards, batch_size=4).steps_per_epoch == 2
 
 
 # -- samples --------------------------------------------------------------------------------------------------------
@@ -224,7 +230,7 @@ def test_sample_metadata_fields_are_checked(case: str) -> None:
 
 def test_labels_outside_the_classes_are_skipped_and_named(dataset: Path, tmp_path: Path) -> None:
     data = edited(dataset, tmp_path, lambda m: m.update(classes=["a"]))  # label 1 is outside
-    loader = TrainLoader(loader_cfg(data), batch_size=2)
+    loader = train_loader(data, batch_size=2)
     labels = [label for batch in loader.epoch(0) for label in batch.labels.tolist()]
     assert labels and set(labels) == {0}
     assert loader.stats.skipped >= 1
@@ -234,7 +240,7 @@ def test_labels_outside_the_classes_are_skipped_and_named(dataset: Path, tmp_pat
 
 def test_more_classes_than_labels_warn_after_the_first_epoch(dataset: Path, tmp_path: Path, caplog) -> None:
     data = edited(dataset, tmp_path, lambda m: m.update(classes=["a", "b", "c", "d"]))
-    loader = TrainLoader(loader_cfg(data), batch_size=4)
+    loader = train_loader(data, batch_size=4)
     with caplog.at_level(logging.WARNING):
         list(loader.epoch(0))
         assert "lists 4 classes, but the first epoch's samples (rank 0) used the labels of only 2" in caplog.text
@@ -251,7 +257,7 @@ def test_epoch_length_comes_from_the_samples_found(dataset: Path, tmp_path: Path
         m["splits"]["train"]["samples"] = 80
 
     with caplog.at_level(logging.WARNING):
-        loader = TrainLoader(loader_cfg(edited(dataset, tmp_path, more)), batch_size=4)
+        loader = train_loader(edited(dataset, tmp_path, more), batch_size=4)
     assert loader.steps_per_epoch == 2 and len(list(loader.epoch(0))) == 2
     assert "says split train holds 80 samples, but its shards hold 8: an epoch goes through the 8 found" in caplog.text
 
@@ -304,20 +310,20 @@ def test_a_broken_tar_header_skips_the_rest_of_the_shard(
 def test_eval_shards_from_two_splits_are_distinct_videos(dataset: Path, tmp_path: Path) -> None:
     """train-0000000 and test-0000000 are two videos: 12 videos from 4 + 2 shards, and their keys in the
     predictions file."""
-    trained = TrainConfig(arch="r3d10-tiny", loader=loader_cfg(dataset))
-    state = {"config": to_dict(trained), "classes": ["a", "b"], "model": build_model("r3d10-tiny", 2).state_dict()}
-    save_checkpoint(tmp_path / "best.pt", state)
+    write_checkpoint(tmp_path / "best.pt", TrainConfig(arch="r3d10-tiny", clip=CLIP))
     shards = f"{dataset}/train/shard-{{000000..000003}}.tar {dataset}/test/shard-{{000000..000001}}.tar"
     out = tmp_path / "eval.json"
     invoke(
         "eval", "--data", str(dataset), "--eval-shards", shards, "--checkpoint", str(tmp_path / "best.pt"),
-        "--clips-per-video", "1", "--device", "cpu", "--threads", "1", "--json", str(out),
+        "--clips-per-video", "1", "--device", "cpu", "--loader.threads", "1", "--json", str(out),
     )  # fmt: skip
     assert json.loads(out.read_text())["videos"] == 12
     rows = [json.loads(line) for line in out.with_suffix(".predictions.jsonl").read_text().splitlines()]
     keys = [f"train-{i:07d}" for i in range(8)] + [f"test-{i:07d}" for i in range(4)]
     assert [row["key"] for row in rows] == keys
     assert [row["source"] for row in rows] == [f"{key.split('-')[0]}/{int(key[-7:])}.avi" for key in keys]
-    loader = EvalLoader(replace(loader_cfg(dataset), eval_shards=shards), "test", batch_size=4, clips_per_video=1)
+    loader = EvalLoader(
+        str(dataset), "test", clip=CLIP, loader=LoaderConfig(threads=1), shards=shards, batch_size=4, clips_per_video=1
+    )
     assert len({vid for batch in loader.epoch() for vid in batch.video_ids.tolist()}) == 12
     assert os.path.exists(out.with_suffix(".confusion.png"))

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dali_skd.config import AugmentConfig, LoaderConfig
+from dali_skd.config import AugmentConfig, ClipConfig, LoaderConfig, SamplingConfig
 from dali_skd.data.pipeline import DecoderOptions, clip_pipeline
 from dali_skd.data.shards import (
     PartReader,
@@ -71,6 +71,14 @@ def dali_threads(requested: int, decoders: int = 0) -> int:
     if requested > 0:
         return requested
     return max(1, local_cpu_share() // decoders) if decoders else min(16, local_cpu_share())
+
+
+def held_out_split(splits: list[str]) -> str:
+    """The split evaluation reads unless told: the held-out one (`test`, or `val` for Kinetics)."""
+    held_out = [s for s in splits if s != "train"]
+    if not held_out:
+        raise ValueError("the dataset has no held-out split (test or val) to evaluate on: pass --split")
+    return held_out[0]
 
 
 def process_threads() -> int | None:
@@ -145,14 +153,17 @@ class _Feed:
 
 
 class ClipLoader:
-    """What training and evaluation loaders share: the split's shards for one rank of `world`, the host side,
-    and one DALI pipeline, built the first time it is needed."""
+    """What training and evaluation loaders share: the split's shards of `data` (or `shards`) for one rank of
+    `world`, the host side, and one DALI pipeline, built the first time it is needed, cutting clips as `clip` says
+    and running as `loader` says (each by default as their defaults say)."""
 
     def __init__(
         self,
-        cfg: LoaderConfig,
-        split: str,
+        data: str,
+        split: str | None,
         *,
+        clip: ClipConfig | None,
+        loader: LoaderConfig | None,
         shards: str | None,
         batch_size: int,
         num_views: int,
@@ -164,33 +175,36 @@ class ClipLoader:
         world: int,
         channels_last: bool = False,
     ) -> None:
-        self.cfg, self.split, self.batch_size, self.augment, self.dtype = cfg, split, batch_size, augment, dtype
+        self.data, self.clip, self.loader = data, clip or ClipConfig(), loader or LoaderConfig()
+        clip, loader = self.clip, self.loader
+        self.batch_size, self.augment, self.dtype = batch_size, augment, dtype
         self.channels_last = channels_last  # clips come as N x C x T x H x W views of channels_last_3d memory
         self.rank, self.world = rank, world
-        self.device = device if device is not None else resolve_device(cfg.device)
-        self.manifest = load_manifest(cfg.data, cfg.read_timeout)
-        self.num_videos = self.manifest.split(split, cfg.data).samples
-        if self.manifest.short_side < cfg.crop:
+        self.device = device if device is not None else resolve_device("auto")
+        self.manifest = load_manifest(data, loader.read_timeout)
+        self.split = split = split or held_out_split(list(self.manifest.splits))
+        self.num_videos = self.manifest.split(split, data).samples
+        if self.manifest.short_side < clip.crop:
             raise FormatError(
-                f"{cfg.data}: frames are stored at short side {self.manifest.short_side}, smaller than the "
-                f"{cfg.crop}-pixel crop: re-run preprocess with a larger --short-side, or lower --crop"
+                f"{data}: frames are stored at short side {self.manifest.short_side}, smaller than the "
+                f"{clip.crop}-pixel crop: re-run preprocess with a larger --short-side, or lower --clip.crop"
             )
-        self.urls = split_urls(cfg.data, self.manifest, split, shards)
+        self.urls = split_urls(data, self.manifest, split, shards)
         self.part = rank_part(self.urls, rank, world)
-        if cfg.frame_stride < 1:
-            raise ValueError(f"--frame-stride must be 1 or more, not {cfg.frame_stride}")
+        if clip.frame_stride < 1:
+            raise ValueError(f"--clip.frame-stride must be 1 or more, not {clip.frame_stride}")
         self.layout = InputLayout(
             self.manifest.format,
             num_views,
-            cfg.clip_len,
+            clip.length,
             self.manifest.frames_per_jpeg,
             augmented=augment is not None,
             with_video_id=with_video_id,
-            frame_stride=cfg.frame_stride,
+            frame_stride=clip.frame_stride,
             splits=tuple(self.manifest.splits),
         )
         self.stats = SourceStats()
-        self.reader = PartReader(self.part, self.stats, self.layout.media_ext, self._admit, cfg.read_timeout)
+        self.reader = PartReader(self.part, self.stats, self.layout.media_ext, self._admit, loader.read_timeout)
         self.pipeline_builds = 0
         self.build_seconds = 0.0  # of the last build
         self.undecodable: dict[str, str] = {}  # "shard: key" -> why: the videos DALI's decoders failed on
@@ -198,7 +212,7 @@ class ClipLoader:
         # mixed decoders, one per view and strip slot (one for all views for vp9), each with its own thread pool
         self.decoders = self.layout.num_views * self.layout.slots if self.layout.format == "jpeg" else 1
         gpu = self.device.type == "cuda"
-        self.num_threads = dali_threads(cfg.threads, self.decoders if gpu else 0)
+        self.num_threads = dali_threads(loader.threads, self.decoders if gpu else 0)
         self._feed = _Feed(self.stats)
         self._pipe = None
 
@@ -213,17 +227,17 @@ class ClipLoader:
             self._pipe = clip_pipeline(
                 source=self._feed,
                 layout=self.layout,
-                crop=self.cfg.crop,
+                crop=self.clip.crop,
                 augment=self.augment,
                 dtype="fp32" if self.dtype == "fp32" else "fp16",  # DALI has no bf16: converted on the device
                 gpu=gpu,
-                in_flight=self.cfg.prefetch + 2,
-                input_norm=self.cfg.input_norm,
+                in_flight=self.loader.prefetch + 2,
+                input_norm=self.clip.norm,
                 decoder_options=self._decoder_options(),
                 batch_size=self.batch_size,
                 num_threads=self.num_threads,
                 device_id=self.device.index if gpu else None,
-                prefetch_queue_depth=self.cfg.prefetch,
+                prefetch_queue_depth=self.loader.prefetch,
                 clip_layout="FHWC" if self.channels_last else "CFHW",
             )
             with warnings.catch_warnings():
@@ -237,9 +251,9 @@ class ClipLoader:
     def _decoder_options(self) -> DecoderOptions:
         """The GPU decoders' settings; -1 hints: a strip of this dataset in a 16:9 frame."""
         short, fpj = self.manifest.short_side, max(self.manifest.frames_per_jpeg, 1)
-        width, height = self.cfg.preallocate_width_hint, self.cfg.preallocate_height_hint
+        width, height = self.loader.preallocate_width_hint, self.loader.preallocate_height_hint
         return DecoderOptions(
-            hw_decoder_load=self.cfg.hw_decoder_load,
+            hw_decoder_load=self.loader.hw_decoder_load,
             preallocate_width_hint=math.ceil(short * 16 / 9) if width < 0 else width,
             preallocate_height_hint=fpj * short if height < 0 else height,
         )
@@ -248,7 +262,7 @@ class ClipLoader:
         """The pipeline's outputs, by name, for the host batches `make()` produces; the pipeline is reset at the
         end, or after draining what it prefetched when the caller stops early. A video DALI cannot decode is
         skipped (`_skip_undecodable`)."""
-        source = BackgroundBatches(make, self.cfg.prefetch + 2, self.cfg.stall_timeout, self.reader)
+        source = BackgroundBatches(make, self.loader.prefetch + 2, self.loader.stall_timeout, self.reader)
         self._feed.start(source)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         ended = failed = False
@@ -298,7 +312,7 @@ class ClipLoader:
             detail = next((line for line in reversed(message.splitlines()) if "rror" in line or "ailed" in line), "")
             raise RuntimeError(
                 f"the DALI pipeline failed on a batch from {', '.join(shards) or 'no known shard'}"
-                f"{f' ({detail.strip()})' if detail else ''}: run `python cli.py preprocess verify {self.cfg.data}` "
+                f"{f' ({detail.strip()})' if detail else ''}: run `python cli.py preprocess verify {self.data}` "
                 "to find damaged samples (DALI_SKD_DEBUG=1 shows DALI's whole message)"
             ) from error
         record = failed[int(match[1])]
@@ -311,12 +325,12 @@ class ClipLoader:
         self._check_unusable()
 
     def _check_unusable(self) -> None:
-        if self.stats.unusable > self.cfg.max_bad_samples:
+        if self.stats.unusable > self.loader.max_bad_samples:
             examples = "; ".join(self.stats.examples[:5])
             raise RuntimeError(
-                f"{self.stats.unusable} samples of {self.split} could not be used, more than --max-bad-samples "
-                f"{self.cfg.max_bad_samples} (first: {examples}): run `python cli.py preprocess verify "
-                f"{self.cfg.data}` to list every damaged one, then re-run preprocess for them (or raise the limit)"
+                f"{self.stats.unusable} samples of {self.split} could not be used, more than --loader.max-bad-samples "
+                f"{self.loader.max_bad_samples} (first: {examples}): run `python cli.py preprocess verify "
+                f"{self.data}` to list every damaged one, then re-run preprocess for them (or raise the limit)"
             )
 
     def undecodable_ids(self) -> set[int]:
@@ -371,9 +385,13 @@ class TrainLoader(ClipLoader):
 
     def __init__(
         self,
-        cfg: LoaderConfig,
+        data: str,
         split: str = "train",
         *,
+        clip: ClipConfig | None = None,
+        loader: LoaderConfig | None = None,
+        sampling: SamplingConfig | None = None,
+        shards: str | None = None,
         batch_size: int,
         num_views: int = 1,
         augment: AugmentConfig | None = None,
@@ -385,24 +403,25 @@ class TrainLoader(ClipLoader):
         channels_last: bool = False,
     ) -> None:
         super().__init__(
-            cfg, split, shards=cfg.train_shards, batch_size=batch_size, num_views=num_views, augment=augment,
-            with_video_id=False, dtype=dtype, device=device, rank=rank, world=world, channels_last=channels_last,
+            data, split, clip=clip, loader=loader, shards=shards, batch_size=batch_size, num_views=num_views,
+            augment=augment, with_video_id=False, dtype=dtype, device=device, rank=rank, world=world,
+            channels_last=channels_last,
         )  # fmt: skip
-        self.seed = seed
-        self.epoch_samples = self._epoch_samples(cfg, split)
+        self.sampling, self.seed = sampling or SamplingConfig(), seed
+        self.epoch_samples = self._epoch_samples(split, shards)
         self.steps_per_epoch = max(1, self.epoch_samples // (world * batch_size))
         self._classes_checked = False
 
-    def _epoch_samples(self, cfg: LoaderConfig, split: str) -> int:
+    def _epoch_samples(self, split: str, shards: str | None) -> int:
         """The samples an epoch goes through: those the shards hold (local data; every rank counts all the split's
         shards, so all agree), else the manifest's count, which its schema bounds by the shards' sizes."""
         if is_remote(self.urls[0]):
             return self.num_videos
         found = sum(count_samples(url) for url in self.urls)
-        if found != self.num_videos and not cfg.train_shards:
+        if found != self.num_videos and not shards:
             log.warning(
                 "%s/%s says split %s holds %d samples, but its shards hold %d: an epoch goes through the %d found",
-                cfg.data, MANIFEST_NAME, split, self.num_videos, found, found,
+                self.data, MANIFEST_NAME, split, self.num_videos, found, found,
             )  # fmt: skip
         return found
 
@@ -420,8 +439,8 @@ class TrainLoader(ClipLoader):
         """The host side's batches of epoch `epoch`: steps `start_step` to `steps`, or endless with None."""
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, self.rank]))
         batches = train_batches(
-            self.reader, self.layout, self.batch_size, rng, shuffle_buffer=self.cfg.shuffle_buffer,
-            same_clip=self.cfg.same_clip, augment=self.augment, stats=self.stats,
+            self.reader, self.layout, self.batch_size, rng, shuffle_buffer=self.sampling.shuffle_buffer,
+            same_clip=self.sampling.same_clip, augment=self.augment, stats=self.stats,
         )  # fmt: skip
         return itertools.islice(batches, start_step, steps)
 
@@ -440,23 +459,26 @@ class TrainLoader(ClipLoader):
             log.warning(
                 "%s/%s lists %d classes, but the first epoch's samples (rank %d) used the labels of only %d; never "
                 "seen: %s: check the manifest's class list",
-                self.cfg.data, MANIFEST_NAME, len(classes), self.rank, len(classes) - len(unused),
+                self.data, MANIFEST_NAME, len(classes), self.rank, len(classes) - len(unused),
                 ", ".join(unused[:10]) + (f" and {len(unused) - 10} more" if len(unused) > 10 else ""),
             )  # fmt: skip
 
 
 class EvalLoader(ClipLoader):
-    """Evaluation batches: each video of the split exactly once over all ranks, as `clips_per_video` clips, each
-    through `spatial_crops` windows (1: the centre; 3: both ends and the centre of the long side); the last batch
-    may be short."""
+    """Evaluation batches: each video of the split (default: the held-out one) exactly once over all ranks, as
+    `clips_per_video` clips, each through `spatial_crops` windows (1: the centre; 3: both ends and the centre of the
+    long side); the last batch may be short."""
 
     def __init__(
         self,
-        cfg: LoaderConfig,
-        split: str,
+        data: str,
+        split: str | None = None,
         *,
+        clip: ClipConfig | None = None,
+        loader: LoaderConfig | None = None,
+        shards: str | None = None,
         batch_size: int,
-        clips_per_video: int | None = None,
+        clips_per_video: int = 10,
         spatial_crops: int = 1,
         dtype: str = "fp32",
         device: torch.device | None = None,
@@ -467,10 +489,10 @@ class EvalLoader(ClipLoader):
         if spatial_crops not in SPATIAL_CROPS:
             raise ValueError(f"--spatial-crops takes {' or '.join(map(str, SPATIAL_CROPS))}, not {spatial_crops}")
         super().__init__(
-            cfg, split, shards=cfg.eval_shards, batch_size=batch_size, num_views=1, augment=None,
+            data, split, clip=clip, loader=loader, shards=shards, batch_size=batch_size, num_views=1, augment=None,
             with_video_id=True, dtype=dtype, device=device, rank=rank, world=world, channels_last=channels_last,
         )  # fmt: skip
-        self.clips_per_video = clips_per_video or cfg.clips_per_video
+        self.clips_per_video = clips_per_video
         self.spatial_crops = spatial_crops
 
     def epoch(self) -> Iterator[EvalBatch]:

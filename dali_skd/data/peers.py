@@ -3,22 +3,21 @@ files, decoded by decord, PyAV or torchcodec, each called the way its users call
 `DecordDecode` does, PyAV seeking to the keyframe before a clip, torchcodec as its examples do), one decoding thread
 per worker and the workers filling the cores.
 
-Each produces what the project's loader produces: two views of `--clip-len` frames (every `--frame-stride`-th)
-from two random starts, each with its own crop window, flip and, with `--augment paper`, the paper's other
-augmentations, values normalised by `--input-norm`, N x 3 x T x crop x crop float. The augmentations are the
+Each produces what the project's loader produces: two views of `--clip.length` frames (every `--clip.frame-stride`-th)
+from two random starts, each with its own crop window, flip and, with `--augment.policy paper`, the paper's other
+augmentations, values normalised by `--clip.norm`, N x 3 x T x crop x crop float. The augmentations are the
 DataLoader baseline's torch implementation (`torch_baseline.TwoViews`), which applies DALI's operators as DALI
 does: torchvision.transforms.v2 would be the usual choice, but PyPI's torchvision does not import beside the CPU
 build of torch the project pins ('operator torchvision::nms does not exist').
 
 The peers are an optional extra (`pip install -e '.[peers]'`); one that is missing, or whose library does not load
-here, is skipped with the reason (`peer_problem`).
+here, is skipped with the reason (`peer_problem`). The videos they read are made by `cli.py bench`
+(`commands/bench.py: peer_videos`), with `preprocess`'s transcoding.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -28,10 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from dali_skd.config import AugmentConfig, LoaderConfig, PreprocessConfig
-from dali_skd.data.shards import PartReader, SourceStats, is_remote, load_manifest, rank_part, split_urls
+from dali_skd.config import AugmentConfig, ClipConfig
+from dali_skd.data.shards import PartReader, SourceStats, rank_part, split_urls
 from dali_skd.data.torch_baseline import TwoViews
-from dali_skd.files import write_atomic
 from dali_skd.format import STRIPS_EXT, VIDEO_EXT, ShardManifest
 
 INSTALL = "pip install -e '.[peers]'"
@@ -56,51 +54,6 @@ class PeerVideos:
     skipped: list[str]  # `source: why`, of the videos left out
 
 
-def peer_videos(data: str, videos: str | None, cache: str, as_is: bool, workers: int) -> PeerVideos:
-    """The training videos for the peers: the sources preprocess recorded in DATA's training shards, found under
-    `videos` (default DATA/videos, where the synthetic set keeps them), or, when `videos` does not hold them, the
-    class-folder tree `videos` (`DIR/<class>/<video>`). Unless `as_is`, each is read re-encoded to the dataset's
-    short side and frame rate as h264 mp4 (`preprocess`'s transcode), kept under `cache` in a folder per dataset
-    and setting, so that a second run, or a machine without ffmpeg or the originals, reads the same files."""
-    from preprocess.datasets import list_folder
-    from preprocess.transcode import DEFAULT_QUALITY
-
-    manifest = load_manifest(data)
-    root = Path(videos) if videos else None if is_remote(data) else Path(data) / "videos"
-    if videos and not root.is_dir():
-        raise FileNotFoundError(f"--videos {videos}: not a folder; give the folder of the dataset's videos")
-    recorded, skipped = recorded_sources(data, manifest)
-    if root is not None and videos and not any((root / source).is_file() for source, _ in recorded[:50]):
-        listing = list_folder(PreprocessConfig(dataset="folder", val_fraction=0.0), root)
-        sources = [(v.source, v.label) for v in listing.splits["train"]]
-        where = f"folder-{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]}"
-    else:
-        sources = recorded
-        dataset = json.dumps(manifest.to_dict(), sort_keys=True).encode()
-        where = f"dataset-{hashlib.sha1(dataset).hexdigest()[:12]}"
-    if as_is:
-        if root is None:
-            raise ValueError(f"{data} is not local: pass --videos with the folder of its videos")
-        files = [VideoFile(root / source, label) for source, label in sources if (root / source).is_file()]
-        skipped += [f"{source}: missing under {root}" for source, label in sources if not (root / source).is_file()]
-        form = "the original files"
-    else:
-        settings_name = f"h264-s{manifest.short_side}-fps{manifest.fps or 'source'}-crf{DEFAULT_QUALITY['h264']}"
-        folder = Path(cache) / where / settings_name
-        files, failed = fair_copies(sources, root, folder, manifest.short_side, manifest.fps, workers)
-        skipped += failed
-        form = f"h264 mp4, short side {manifest.short_side}{f', {manifest.fps:g} fps' if manifest.fps else ''}"
-    if not files:
-        raise ValueError(
-            f"no video for the peer loaders ({skipped[0] if skipped else 'the training split is empty'}): pass "
-            "--videos with the folder of the dataset's videos, or a class-folder tree"
-        )
-    if skipped:
-        print(f"peers: {len(skipped)} videos left out, e.g. {skipped[0]}", flush=True)
-    size = sum(f.path.stat().st_size for f in files) / len(files)
-    return PeerVideos(files, form, size, skipped)
-
-
 def recorded_sources(data: str, manifest: ShardManifest) -> tuple[list[tuple[str, int]], list[str]]:
     """(source, label) of each video of the training split, as preprocess recorded them, and why any was left out:
     a source is a relative path that stays inside the videos' folder, or it is not read."""
@@ -114,40 +67,6 @@ def recorded_sources(data: str, manifest: ShardManifest) -> tuple[list[tuple[str
         else:
             sources.append((record.meta.source, record.meta.label))
     return sources, skipped
-
-
-def fair_copies(
-    sources: list[tuple[str, int]], root: Path | None, folder: Path, short_side: int, fps: float | None, workers: int
-) -> tuple[list[VideoFile], list[str]]:
-    """`folder/<source>.mp4` for each source, transcoded from `root/<source>` the first time (atomically: an
-    interrupted run leaves no half file); and why any is missing."""
-
-    def target(source: str) -> Path:
-        return folder / f"{source}.mp4"
-
-    todo = [(s, label) for s, label in sources if not target(s).is_file()]
-    failed: list[str] = []
-    if todo:  # only then ffmpeg: a machine without it (the GPU check's) reads copies made elsewhere
-        from preprocess.run import find_ffmpeg, ordered_map
-        from preprocess.transcode import DEFAULT_QUALITY, TranscodeSettings, VideoError, transcode
-
-        print(f"peers: re-encoding {len(todo)} videos into {folder} (once; later runs reuse them) ...", flush=True)
-        settings = TranscodeSettings(find_ffmpeg(None), "h264", short_side, fps, DEFAULT_QUALITY["h264"], 0)
-
-        def encode(item: tuple[str, int]) -> str | None:
-            source = item[0]
-            original = root / source if root is not None else None
-            if original is None or not original.is_file():
-                return f"{source}: missing{f' under {root}' if root is not None else ''}, and not in {folder}"
-            try:
-                write_atomic(target(source), transcode(original, settings).media)
-            except VideoError as e:
-                return f"{source}: {e}"
-            return None
-
-        failed = [why for why in ordered_map(encode, todo, workers) if why is not None]
-    files = [VideoFile(target(s), label) for s, label in sources if target(s).is_file()]
-    return files, failed
 
 
 def read_decord(path: Path, choose: ChooseFrames) -> list[torch.Tensor]:
@@ -244,9 +163,9 @@ class PeerClips(torch.utils.data.Dataset):
     """(view1, view2, label) of video i, read by one peer library: a map-style dataset, as its users write one."""
 
     def __init__(
-        self, videos: list[VideoFile], peer: str, cfg: LoaderConfig, aug: AugmentConfig | None, seed: int = 0
+        self, videos: list[VideoFile], peer: str, clip: ClipConfig, aug: AugmentConfig | None, seed: int = 0
     ) -> None:
-        self.videos, self.peer, self.read, self.views = videos, peer, PEERS[peer].read, TwoViews(cfg, aug, seed)
+        self.videos, self.peer, self.read, self.views = videos, peer, PEERS[peer].read, TwoViews(clip, aug, seed)
 
     def __len__(self) -> int:
         return len(self.videos)
@@ -262,11 +181,11 @@ class PeerClips(torch.utils.data.Dataset):
 
 
 def peer_loader(
-    videos: list[VideoFile], peer: str, cfg: LoaderConfig, aug: AugmentConfig | None, batch_size: int, workers: int
+    videos: list[VideoFile], peer: str, clip: ClipConfig, aug: AugmentConfig | None, batch_size: int, workers: int
 ) -> torch.utils.data.DataLoader:
     """Endless (view1, view2, labels) batches: shuffled epochs back to back, so every batch is full however few the
     videos. The workers live as long as an iterator of it."""
-    clips = PeerClips(videos, peer, cfg, aug)
+    clips = PeerClips(videos, peer, clip, aug)
     return torch.utils.data.DataLoader(
         clips,
         batch_size=batch_size,

@@ -17,7 +17,8 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import DataNode
 
 from dali_skd.config import AugmentConfig
-from dali_skd.data.source import CHOICES, COINS, INPUT_NORMS, VALUES, Batch, InputLayout
+from dali_skd.data.augment import AUGMENTATIONS, Augmentation
+from dali_skd.data.source import INPUT_NORMS, Batch, InputLayout, draw_columns
 
 OUTPUT_DTYPES = {"fp32": types.FLOAT, "fp16": types.FLOAT16}
 
@@ -46,19 +47,19 @@ class DecoderOptions:
 
 
 class Draws:
-    """One view's random draws (from its `coin`, `value` and `choice` inputs), by name."""
+    """One view's random draws (from its `value`, `coin` and `choice` inputs), by name (`source.draw_columns`)."""
 
-    def __init__(self, inputs: dict[str, DataNode], view: int) -> None:
-        self._inputs, self._view = inputs, view
+    def __init__(self, inputs: dict[str, DataNode], view: int, augmented: bool) -> None:
+        self._inputs, self._view, self._columns = inputs, view, draw_columns(augmented)
 
-    def coin(self, name: str) -> DataNode:
-        return self._inputs["coin"][self._view, COINS.index(name)]
+    def __call__(self, kind: str, name: str) -> DataNode:
+        """The draw `kind` ("value", "coin", "choice") of `name` (an augmentation, or crop_x and crop_y)."""
+        return self._inputs[kind][self._view, self._columns[kind].index(name)]
 
-    def value(self, name: str) -> DataNode:
-        return self._inputs["value"][self._view, VALUES.index(name)]
-
-    def choice(self, name: str) -> DataNode:
-        return self._inputs["choice"][self._view, CHOICES.index(name)]
+    def parameter(self, aug: Augmentation) -> DataNode | None:
+        if aug.range is not None:
+            return self("value", aug.name)
+        return self("choice", aug.name) if aug.choices else None
 
 
 def decode_clips(
@@ -66,7 +67,7 @@ def decode_clips(
 ) -> list[DataNode]:
     """One FHWC uint8 clip per view, cropped to its window: each decoded piece is cropped before the pieces are
     joined, so the joins copy only the window."""
-    windows = [crop_window(crop, Draws(inputs, v)) for v in range(layout.num_views)]
+    windows = [crop_window(crop, Draws(inputs, v, layout.augmented)) for v in range(layout.num_views)]
     if layout.format == "vp9":
         # both views in one call: the decoder seeks once per video
         frames = fn.decoders.video(inputs["video"], frames=inputs["frames"], device=decoder)
@@ -96,7 +97,7 @@ def decode_clips(
 def crop_window(crop: int, draws: Draws) -> Callable[[DataNode], DataNode]:
     """A crop x crop window at the drawn place (0.5, 0.5: the centre): applied to every piece of a clip, it cuts
     the same window from all of its frames."""
-    x, y = draws.value("crop_x"), draws.value("crop_y")
+    x, y = draws("value", "crop_x"), draws("value", "crop_y")
 
     def window(frames: DataNode) -> DataNode:
         return fn.crop(frames, crop=(crop, crop), crop_pos_x=x, crop_pos_y=y)
@@ -104,31 +105,25 @@ def crop_window(crop: int, draws: Draws) -> Callable[[DataNode], DataNode]:
     return window
 
 
-def augment_clip(clip: DataNode, aug: AugmentConfig, draws: Draws) -> DataNode:
-    """The paper's colour and blur augmentations, each applied with its own probability, one draw per clip.
-    An augmentation of probability 0 is left out of the graph, one of probability 1 applied without a branch.
-
-    The flip is left to `to_network_input`, which mirrors while it normalises.
-    """
-    if _applies(aug.p_contrast, draws, "contrast"):
-        clip = fn.brightness_contrast(clip, contrast=draws.value("contrast"))
-    if _applies(aug.p_brightness, draws, "brightness"):
-        clip = fn.brightness_contrast(clip, brightness=draws.value("brightness"))
-    if _applies(aug.p_hue, draws, "hue"):
-        clip = fn.hue(clip, hue=draws.value("hue"))
-    if _applies(aug.p_blur, draws, "blur"):
-        clip = fn.gaussian_blur(clip, sigma=draws.value("blur_sigma"))
-    if _applies(aug.p_channel_split, draws, "split"):
-        channel = clip[:, :, :, draws.choice("channel")]
-        clip = fn.stack(channel, channel, channel, axis=3, axis_name="C")
-    return clip
+def augment_clip(clip: DataNode, aug: AugmentConfig, draws: Draws) -> tuple[DataNode, DataNode | int]:
+    """The table's augmentations (`data/augment.py`), in its order, each applied with its own probability, one draw
+    per clip; and the mirror `to_network_input` applies (the flip, done as it normalises). An augmentation of
+    probability 0 is left out of the graph, one of probability 1 applied without a branch."""
+    mirror: DataNode | int = 0
+    for a in AUGMENTATIONS.values():
+        applies = _applies(getattr(aug, f"p_{a.name}"), draws, a.name)
+        if a.dali is None:
+            mirror = fn.cast(applies, dtype=types.INT32) if isinstance(applies, DataNode) else int(applies)
+        elif applies:
+            clip = a.dali(fn, clip, draws.parameter(a))
+    return clip, mirror
 
 
 def _applies(p: float, draws: Draws, name: str) -> DataNode | bool:
     """The clip's coin for an augmentation; a plain bool when p is 0 or 1 (no work, no branch)."""
     if p <= 0 or p >= 1:
         return p >= 1
-    return draws.coin(name)
+    return draws("coin", name)
 
 
 def to_network_input(
@@ -165,11 +160,10 @@ def clip_pipeline(
     inputs = named_inputs(source, layout, in_flight)
     views = []
     for v, clip in enumerate(decode_clips(inputs, layout, "mixed" if gpu else "cpu", crop, decoder_options)):
-        draws = Draws(inputs, v)
+        mirror: DataNode | int = 0
         if augment is not None:
-            clip = augment_clip(clip, augment, draws)
-        flip = draws.choice("flip") if augment is not None and augment.p_flip > 0 else 0
-        views.append(to_network_input(clip, flip, dtype, input_norm, clip_layout))
+            clip, mirror = augment_clip(clip, augment, Draws(inputs, v, augmented=True))
+        views.append(to_network_input(clip, mirror, dtype, input_norm, clip_layout))
     extras = [inputs["label"]] + ([inputs["video_id"]] if layout.with_video_id else [])
     if gpu:  # copied by DALI, ordered on its stream: PyTorch gets them on the device without a blocking copy
         extras = [e.gpu() for e in extras]

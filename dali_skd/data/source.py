@@ -11,6 +11,7 @@ randomness is drawn here from one numpy generator per epoch, so an epoch is a pu
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 import zlib
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from dali_skd.config import AugmentConfig
+from dali_skd.data.augment import AUGMENTATIONS, CROP, chosen, draw_layout, ranged
 from dali_skd.data.clips import clip_frames, plan_strips, random_starts, spaced_starts, strip_slots
 from dali_skd.data.shards import PartReader, SourceStats, VideoRecord, jpeg_problem, webm_problem
 from dali_skd.format import SampleMeta, ShardFormat
@@ -29,10 +31,30 @@ from dali_skd.format import SampleMeta, ShardFormat
 Batch = dict[str, Any]  # input name -> a stacked array (uniform columns) or a list of 1-D uint8 arrays (bytes)
 RECORDS = "records"  # the batch column that is no pipeline input: each row's VideoRecord, to name a failed row
 
-# The random draws of one view, by column of its `coin`, `value` and `choice` inputs.
-COINS = ("contrast", "brightness", "hue", "blur", "split")  # apply the augmentation to this clip?
-VALUES = ("crop_x", "crop_y", "contrast", "brightness", "hue", "blur_sigma")  # crop window in [0, 1], factors
-CHOICES = ("flip", "channel")  # mirror (0/1); the channel a split copies
+
+def draw_columns(augmented: bool) -> dict[str, tuple[str, ...]]:
+    """The names of the columns of each draws input of a view, from the augmentation table: `value` (the crop
+    window's place in [0, 1], then each ranged parameter), `coin` (apply each augmentation to this clip?) and
+    `choice` (each chosen parameter); only the crop window's place without the augmentations."""
+    if not augmented:
+        return {"value": CROP}
+    return {
+        "value": (*CROP, *(a.name for a in ranged())),
+        "coin": tuple(AUGMENTATIONS),
+        "choice": tuple(a.name for a in chosen()),
+    }
+
+
+DATA_STREAM_REVISION = 1  # raise it when the host side draws in another order (`train_batches`), not by the table
+
+
+def data_stream() -> str:
+    """The version of the stream of random draws a training run's epochs are made of: this code's order of draws and
+    the augmentation table's layout of them (`augment.draw_layout`). A checkpoint records it; a run is resumed only
+    on the stream it was trained on."""
+    digest = hashlib.sha1(",".join(draw_layout()).encode()).hexdigest()[:8]
+    return f"{DATA_STREAM_REVISION}-{digest}"
+
 
 # (x - mean) / std of 0-255 pixels: the paper's [-1, 1], or what Hara et al.'s Kinetics models were trained on
 # (3D-ResNets-PyTorch): the 2020 release, mean 0.4345 0.4051 0.3775 and std 0.2768 0.2713 0.2737 of [0, 1] values
@@ -85,9 +107,8 @@ class InputLayout:
             ]
         else:
             out += [Input("video", np.uint8, None), Input("frames", np.int32, (views * self.clip_len,))]
-        out.append(Input("value", np.float32, (views, len(VALUES))))
-        if self.augmented:
-            out += [Input("coin", np.bool_, (views, len(COINS))), Input("choice", np.int32, (views, len(CHOICES)))]
+        dtypes = {"value": np.float32, "coin": np.bool_, "choice": np.int32}
+        out += [Input(name, dtypes[name], (views, len(cols))) for name, cols in draw_columns(self.augmented).items()]
         out.append(Input("label", np.int64, ()))
         if self.with_video_id:
             out.append(Input("video_id", np.int64, ()))
@@ -259,19 +280,20 @@ def _video_columns(records: Sequence[VideoRecord], indices: np.ndarray) -> Batch
 
 def augment_draws(rng: np.random.Generator, n: int, num_views: int, augment: AugmentConfig | None) -> Batch:
     """Every random choice for n training samples: per view, the crop window's place and, with `augment`, whether
-    each augmentation applies and its factor, the flip and the channel a split copies."""
-    u = rng.random((n, num_views, len(VALUES) + len(COINS) + len(CHOICES)), np.float32)
-    value = np.full((n, num_views, len(VALUES)), 0.5, np.float32)  # factors of no augmentation are not read
-    value[..., :2] = u[..., :2]  # crop_x, crop_y
+    each augmentation applies and its parameter (`augment.draw_layout`: the same uniform draws either way)."""
+    table, values, choices = list(AUGMENTATIONS.values()), ranged(), chosen()
+    u = rng.random((n, num_views, len(draw_layout())), np.float32)
+    crop, value, coin, choice = np.split(u, np.cumsum([len(CROP), len(values), len(table)]), axis=-1)
     if augment is None:
-        return {"value": value}
-    ranges = np.array([augment.contrast, augment.brightness, augment.hue, augment.blur_sigma], np.float32)
-    value[..., 2:] = ranges[:, 0] + u[..., 2:6] * (ranges[:, 1] - ranges[:, 0])
-    p = [augment.p_contrast, augment.p_brightness, augment.p_hue, augment.p_blur, augment.p_channel_split]
-    choice = np.empty((n, num_views, len(CHOICES)), np.int32)
-    choice[..., 0] = u[..., 11] < augment.p_flip
-    choice[..., 1] = np.minimum((u[..., 12] * 3).astype(np.int32), 2)
-    return {"value": value, "coin": u[..., 6:11] < np.array(p, np.float32), "choice": choice}
+        return {"value": np.ascontiguousarray(crop)}
+    ranges = np.array([getattr(augment, a.name) for a in values], np.float32).reshape(-1, 2)
+    p = np.array([getattr(augment, f"p_{a.name}") for a in table], np.float32)
+    sizes = np.array([len(a.choices) for a in choices], np.float32)
+    return {
+        "value": np.concatenate([crop, ranges[:, 0] + value * (ranges[:, 1] - ranges[:, 0])], axis=-1),
+        "coin": coin < p,
+        "choice": np.minimum((choice * sizes).astype(np.int32), sizes.astype(np.int32) - 1),
+    }
 
 
 # -- batches ------------------------------------------------------------------------------------------------------
@@ -377,7 +399,7 @@ def eval_batches(
             [spaced_starts(r.meta.frames, layout.clip_len, clips_per_video, layout.frame_stride) for r in group]
         )
         columns, ok = clip_columns(layout, clips, np.repeat(starts, len(places))[:, None], stats)
-        value = np.full((len(clips), 1, len(VALUES)), 0.5, np.float32)
+        value = np.full((len(clips), 1, len(CROP)), 0.5, np.float32)
         landscape = np.fromiter((r.meta.width >= r.meta.height for r in clips), bool, len(clips))
         along = np.tile(places, len(starts))
         value[:, 0, 0] = np.where(landscape, along, 0.5)  # crop_x
@@ -429,7 +451,7 @@ def _concat(parts: list[Batch]) -> Batch:
 
 
 class LoaderStalled(RuntimeError):
-    """No batch for the loader's --stall-timeout."""
+    """No batch for the loader's --loader.stall-timeout."""
 
 
 class BackgroundBatches:
@@ -491,9 +513,9 @@ class BackgroundBatches:
         reading = self._reader.reading if self._reader else None
         doing = f"while reading {reading}" if reading else "between shards"
         return (
-            f"the loader produced no batch for {self._stall_timeout:g} s (--stall-timeout), {doing}: check that the "
-            "storage answers (open the URL, run the pipe: command, or list the folder by hand), or raise "
-            "--stall-timeout"
+            f"the loader produced no batch for {self._stall_timeout:g} s (--loader.stall-timeout), {doing}: check "
+            "that the storage answers (open the URL, run the pipe: command, or list the folder by hand), or raise "
+            "--loader.stall-timeout"
         )
 
     def close(self) -> None:

@@ -9,12 +9,15 @@ A run survives what a cluster does to it:
   epoch and the epoch's running sums (`EpochSums`), and `Stopped` is raised: `--resume` goes on from that step with
   the batches, RNG and schedule of an uninterrupted run, to the same weights. Under torchrun the ranks agree to
   stop at the next check (`--log-every` steps: a collective every step would cost every step).
+- A run resumes only with the settings it was trained with (but those of `RESUMABLE_CHANGES`) and on the stream of
+  draws it was trained on (`source.data_stream`): never silently on another.
 - A loss that is not finite, a checkpoint whose weights would not be, or `max_skipped_steps` fp16 steps in a row
   skipped by the grad scaler stop the run (`Diverged`); a validation with non-finite outputs is never the best.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -26,13 +29,23 @@ from typing import Any
 
 import torch
 
-from dali_skd.checkpoint import check_finite, load_checkpoint, load_classifier, nonfinite_tensors, save_checkpoint
-from dali_skd.config import TrainConfig, changed_settings, format_changes, from_dict, save_json, to_dict
+from dali_skd.checkpoint import (
+    TrainedRun,
+    check_finite,
+    load_checkpoint,
+    nonfinite_tensors,
+    run_config,
+    save_checkpoint,
+)
+from dali_skd.config import LoaderConfig, TrainConfig, changed_settings, format_changes, save_json, to_dict
+from dali_skd.data.augment import draw_layout
 from dali_skd.data.loader import EvalLoader, TrainLoader
 from dali_skd.data.shards import load_manifest
+from dali_skd.data.source import data_stream
 from dali_skd.distributed import DistContext, init_distributed, shutdown
-from dali_skd.evaluate import EvalResult, eval_split, evaluate, topk_hits
+from dali_skd.evaluation import EvalResult, evaluate, topk_hits
 from dali_skd.files import DirectoryBusy, append_line, lock_directory, write_atomic
+from dali_skd.methods import method_class
 from dali_skd.models import build_model
 from dali_skd.plot import parse_metrics, plot_curves
 from dali_skd.pretrained import init_from_pretrained
@@ -41,25 +54,19 @@ from dali_skd.signals import Stopped, stop_on_signals, stop_requested, work_save
 from dali_skd.step import build_train_step
 
 # settings that may change when a run is resumed, as they leave the result as it was: where the shards and the run
-# are (moved to another disk), how the loader runs, logging and the number of epochs; any other change is refused
+# are (moved to another disk), the device, how the loader runs (all of `loader`), logging and the number of epochs;
+# any other change is refused
 RESUMABLE_CHANGES = {
     "out",
     "epochs",
     "resume",
     "log_every",
     "max_skipped_steps",
-    "loader.data",
-    "loader.train_shards",
-    "loader.eval_shards",
-    "loader.threads",
-    "loader.prefetch",
-    "loader.device",
-    "loader.hw_decoder_load",
-    "loader.preallocate_width_hint",
-    "loader.preallocate_height_hint",
-    "loader.read_timeout",
-    "loader.stall_timeout",
-    "loader.max_bad_samples",
+    "data",
+    "train_shards",
+    "eval_shards",
+    "device",
+    *(f"loader.{f.name}" for f in dataclasses.fields(LoaderConfig)),
 }
 
 
@@ -77,8 +84,8 @@ class TrainSummary:
         skipped = ""
         if self.skipped:
             skipped = (
-                f"\n{self.skipped} damaged or unreadable samples skipped (each named once above): "
-                "`python cli.py preprocess verify DATA` lists them all"
+                f"\n{self.skipped} damaged or unreadable sample{'s' * (self.skipped != 1)} skipped (each named once "
+                "above): `python cli.py preprocess verify DATA` lists them all"
             )
         return (
             f"best validation top-1 {self.best_top1:.2%} (video-level) at epoch {self.best_epoch} of {self.epochs}; "
@@ -94,8 +101,9 @@ class Diverged(RuntimeError):
 
 
 def train(cfg: TrainConfig) -> TrainSummary:
+    method_class(cfg.method)  # an unknown one is said before anything starts
     with stop_on_signals():  # until the process group is gone too
-        ctx = init_distributed(cfg.loader.device)
+        ctx = init_distributed(cfg.device)
         try:
             with main_rank_lock(ctx, Path(cfg.out)):
                 return Trainer(cfg, ctx).run()
@@ -114,7 +122,7 @@ def main_rank_lock(ctx: DistContext, directory: Path) -> Iterator[None]:
                 held.enter_context(lock_directory(directory))
             except DirectoryBusy as e:
                 busy = e
-        if ctx.sum([busy is not None])[0]:
+        if ctx.any(busy is not None):
             raise busy or DirectoryBusy(f"{directory} is in use by another run (rank 0 says which)")
         yield
 
@@ -122,7 +130,7 @@ def main_rank_lock(ctx: DistContext, directory: Path) -> Iterator[None]:
 def agreed_stop(ctx: DistContext) -> str | None:
     """The signal that asked this process or any other rank to stop (every rank must call it at the same point)."""
     asked = stop_requested()
-    if ctx.distributed and ctx.sum([asked is not None])[0] and asked is None:
+    if ctx.any(asked is not None) and asked is None:
         return "a signal to another rank"
     return asked
 
@@ -159,13 +167,14 @@ class EpochSums:
         self.samples += samples
 
     def saved(self, ctx: DistContext) -> dict[str, Any]:
-        """The sums over all ranks, for a checkpoint (every rank must call it)."""
-        names = sorted(self.terms)
-        totals = ctx.sum([float(self.terms[k]) for k in names] + [*self.hits.tolist(), self.samples])
+        """The sums over all ranks, for a checkpoint or the epoch's line (every rank must call it)."""
+        names = sorted(self.terms)  # every rank's method logs the same terms
+        terms = {f"term {k}": float(self.terms[k]) for k in names}
+        total = ctx.sum_named({**terms, "hits": self.hits.tolist(), "samples": self.samples})
         return {
-            "terms": dict(zip(names, totals, strict=False)),
-            "hits": totals[len(names) : len(names) + 2],
-            "samples": int(totals[-1]),
+            "terms": {k: total[f"term {k}"] for k in names},
+            "hits": total["hits"],
+            "samples": int(total["samples"]),
             "waited": self.waited,
             "seconds": self.seconds,
             "skipped": self.scaler_skipped_steps,
@@ -175,7 +184,7 @@ class EpochSums:
 class Trainer:
     def __init__(self, cfg: TrainConfig, ctx: DistContext) -> None:
         self.cfg, self.ctx, self.out = cfg, ctx, Path(cfg.out)
-        manifest = load_manifest(cfg.loader.data, cfg.loader.read_timeout)
+        manifest = load_manifest(cfg.data, cfg.loader.read_timeout)
         self.classes = manifest.classes
         self.preprocessing = manifest.preprocessing()  # saved with the model, for `cli.py predict`
         resume = self._resume_state() if cfg.resume else None
@@ -185,13 +194,13 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         teacher = None
         if cfg.teacher:
-            teacher = load_classifier(cfg.teacher, ctx.device, manifest.num_classes)[0]
+            teacher = TrainedRun.load(cfg.teacher, ctx.device, manifest.num_classes).classifier
         model = build_model(cfg.arch, manifest.num_classes, shortcut=cfg.shortcut)
         if cfg.init and resume is None:  # a resume restores every weight from last.pt
             report = init_from_pretrained(model, cfg.init)
             if ctx.is_main:
                 print(report.format())
-                if note := report.input_norm_note(cfg.loader.input_norm):
+                if note := report.input_norm_note(cfg.clip.norm):
                     print(note)
         model.freeze(cfg.freeze)
         step = build_train_step(cfg, model, manifest.num_classes, ctx.device, teacher, ctx.distributed)
@@ -199,7 +208,7 @@ class Trainer:
         self.method, self.optimizer, self.scaler = step.method, step.optimizer, step.scaler
         self.precision, self.channels_last = step.precision, step.channels_last
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience
+            self.optimizer, mode="max", factor=cfg.optim.lr_factor, patience=cfg.optim.lr_patience
         )
         self.start_epoch, self.best_top1, self.best_epoch = 0, -1.0, 0
         self.start_step, self.start_sums = 0, None  # where in its epoch a mid-epoch checkpoint stopped
@@ -210,25 +219,20 @@ class Trainer:
         self.optimizer.register_step_post_hook(self._count_optimizer_step)
 
         common = {
-            "dtype": self.precision, "device": ctx.device, "rank": ctx.rank, "world": ctx.world,
-            "channels_last": self.channels_last,
+            "clip": cfg.clip, "loader": cfg.loader, "batch_size": cfg.batch_size, "dtype": self.precision,
+            "device": ctx.device, "rank": ctx.rank, "world": ctx.world, "channels_last": self.channels_last,
         }  # fmt: skip
         self.train_loader = TrainLoader(
-            cfg.loader,
+            cfg.data,
             "train",
-            batch_size=cfg.batch_size,
+            sampling=cfg.sampling,
+            shards=cfg.train_shards,
             num_views=self.method.num_views,
             augment=cfg.augment if self.method.augment else None,
             seed=cfg.seed,
             **common,
         )
-        self.val_loader = EvalLoader(
-            cfg.loader,
-            eval_split(list(manifest.splits), None),
-            batch_size=cfg.batch_size,
-            clips_per_video=cfg.val_clips,
-            **common,
-        )
+        self.val_loader = EvalLoader(cfg.data, shards=cfg.eval_shards, clips_per_video=cfg.val_clips, **common)
         for loader in (self.train_loader, self.val_loader):  # skipped from the start, as the interrupted run did
             loader.mark_undecodable(resume.get("bad_samples", []) if resume else [], str(self.out / "last.pt"))
         if self.start_step:
@@ -247,7 +251,14 @@ class Trainer:
             return None
         state = load_checkpoint(path)
         check_finite(state["method"], path)
-        saved = from_dict(TrainConfig, state["config"], f"{path} config")
+        if state.get("data_stream") != data_stream():
+            then = state.get("data_stream"), ", ".join(state.get("draws") or ["(not recorded)"])
+            raise ValueError(
+                f"{path} was trained on data stream {then[0]!r} (draws per view: {then[1]}), and this code draws "
+                f"stream {data_stream()!r} ({', '.join(draw_layout())}): resuming would go on with other clips and "
+                "augmentations than the run's; pass a new --out (or resume with the code that wrote it)"
+            )
+        saved = run_config(state, path)
         changes = changed_settings(to_dict(saved), to_dict(self.cfg))
         refused = {name: values for name, values in changes.items() if name not in RESUMABLE_CHANGES}
         if refused:
@@ -264,7 +275,7 @@ class Trainer:
         return state
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.method.load_state_dict(state["method"])
+        self.method.load_trained_state(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -299,7 +310,7 @@ class Trainer:
 
             self.writer = SummaryWriter(str(self.out / "tb"), purge_step=self.start_epoch + 1)
             print(
-                f"training {cfg.method} / {cfg.arch} on {cfg.loader.data} ({len(self.classes)} classes) "
+                f"training {cfg.method} / {cfg.arch} on {cfg.data} ({len(self.classes)} classes) "
                 f"with {ctx.world} process(es) on {ctx.device}, precision {self.precision}, "
                 f"{self.train_loader.steps_per_epoch} steps per epoch"
                 + (f"; resuming epoch {self.start_epoch + 1} at step {self.start_step + 1}" if self.start_step else ""),
@@ -312,7 +323,9 @@ class Trainer:
                 first = self.start_step if epoch == self.start_epoch else 0
                 record = self._train_epoch(epoch, first, self.start_sums if first else None)
                 ctx.average_buffers(self.method)
+                validated = time.perf_counter()
                 val = evaluate(self.method.model, self.val_loader, ctx, self.precision, self.channels_last)
+                record["val_seconds"] = time.perf_counter() - validated
                 self.scheduler.step(val.video_top1)
                 if val.video_top1 > self.best_top1 and not val.nonfinite_clips:  # a NaN model "predicts" class 0
                     self.best_top1, self.best_epoch = val.video_top1, epoch + 1
@@ -329,7 +342,8 @@ class Trainer:
                 self.writer.close()
             self.train_loader.close()  # their DALI pipelines and threads go now, not when the trainer is collected
             self.val_loader.close()
-        skipped = int(ctx.sum([float(self.train_loader.stats.unusable + self.val_loader.stats.unusable)])[0])
+        unusable = self.train_loader.stats.unusable + self.val_loader.stats.unusable
+        skipped = int(ctx.sum_named({"unusable": unusable})["unusable"])
         summary = TrainSummary(
             self.out, cfg.epochs, self.best_top1, self.best_epoch, record, time.perf_counter() - started, skipped
         )
@@ -388,20 +402,19 @@ class Trainer:
             self._check_weights(f"at epoch {epoch + 1}, step {step + 1}")
             # the loader was reset when the loop left
             self._save_state(epoch, self._bad_samples(), step=step + 1, sums=sums.saved(ctx))
-            ctx.sum([0.0])  # no rank ends before rank 0 has saved: torchrun would signal it as the first one ended
+            ctx.barrier()  # no rank ends before rank 0 has saved: torchrun would signal it as the first one ended
             raise self._stopped(stop, f"at epoch {epoch + 1}, step {step + 1} of {steps}")
-        names = sorted(sums.terms)
-        totals = ctx.sum([float(sums.terms[k]) for k in names] + [*sums.hits.tolist(), sums.samples])
-        n_all = totals[-1]
+        total = sums.saved(ctx)
+        n_all = total["samples"]
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
-        record.update({("loss" if k == "loss" else f"loss_{k}"): totals[i] / n_all for i, k in enumerate(names)})
+        record.update({("loss" if k == "loss" else f"loss_{k}"): v / n_all for k, v in total["terms"].items()})
         record.update(
-            train_top1=totals[len(names)] / n_all,
-            train_top5=totals[len(names) + 1] / n_all,
+            train_top1=total["hits"][0] / n_all,
+            train_top5=total["hits"][1] / n_all,
             samples_per_s=n_all / ctx.max(sums.seconds),
             data_wait=sums.waited / sums.seconds,
             epoch_seconds=sums.seconds,
-            skipped=int(ctx.sum([loader.stats.skipped - skipped_before])[0]),
+            skipped=int(ctx.sum_named({"skipped": loader.stats.skipped - skipped_before})["skipped"]),
             scaler_skipped_steps=sums.scaler_skipped_steps,
         )
         return record
@@ -417,7 +430,7 @@ class Trainer:
             raise Diverged(
                 f"the fp16 gradients were not finite at any scale for {self.skipped_in_a_row} steps in a row, up to "
                 f"epoch {epoch + 1}, step {step + 1}: training diverged ({self._last_good()}). Start again into a "
-                f"new --out with a lower --lr (this run: {self.cfg.lr:g}) or --amp bf16"
+                f"new --out with a lower --optim.lr (this run: {self.cfg.optim.lr:g}) or --amp bf16"
             )
 
     def _check(self, recent: list[tuple[int, dict[str, torch.Tensor]]], epoch: int, steps: int) -> str | None:
@@ -429,10 +442,10 @@ class Trainer:
         bad = next((i for i, ok in enumerate(finite.tolist()) if not ok), None)
         signal = stop_requested()
         if self.ctx.distributed:
-            anywhere = self.ctx.sum([bad is not None, signal is not None])
-            if anywhere[0] and bad is None:
+            anywhere = self.ctx.sum_named({"diverged": bad is not None, "signalled": signal is not None})
+            if anywhere["diverged"] and bad is None:
                 raise Diverged(f"another rank's loss was not finite by epoch {epoch + 1}, step {recent[-1][0] + 1}")
-            if anywhere[1] and signal is None:
+            if anywhere["signalled"] and signal is None:
                 signal = "a signal to another rank"
         if bad is None:
             return signal
@@ -442,16 +455,18 @@ class Trainer:
         )
         raise Diverged(
             f"the loss is not finite at epoch {epoch + 1}, step {step + 1} of {steps} ({values}): training diverged "
-            f"({self._last_good()}). Start again into a new --out with a lower --lr (this run: {self.cfg.lr:g})"
+            f"({self._last_good()}). Start again into a new --out with a lower --optim.lr "
+            f"(this run: {self.cfg.optim.lr:g})"
         )
 
     def _check_weights(self, when: str) -> None:
         """A checkpoint never holds non-finite weights: `Diverged` instead (every rank checks its own copy)."""
-        bad = nonfinite_tensors(self.method.state_dict())
+        bad = nonfinite_tensors(self.method.trained_state())
         if bad:
             raise Diverged(
                 f"the weights are not finite {when} ({len(bad)} tensors, e.g. {bad[0]}): training diverged "
-                f"({self._last_good()}). Start again into a new --out with a lower --lr (this run: {self.cfg.lr:g})"
+                f"({self._last_good()}). Start again into a new --out with a lower --optim.lr "
+                f"(this run: {self.cfg.optim.lr:g})"
             )
 
     def _last_good(self) -> str:
@@ -492,7 +507,7 @@ class Trainer:
         best.pt if `best`, then last.pt, where a resume starts, so that a disk full between the two leaves a pair a
         resume makes whole (it redoes the epoch)."""
         state = {
-            "method": self.method.state_dict(),  # the classifier is its "model." entries
+            "method": self.method.trained_state(),  # the classifier is its "model." entries; a kd teacher is not in it
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -504,6 +519,8 @@ class Trainer:
             "preprocessing": self.preprocessing,
             "metrics": record or {},
             "bad_samples": bad_samples,  # undecodable videos: a resumed run skips them from the start
+            "data_stream": data_stream(),  # the order of the random draws its batches came from
+            "draws": list(draw_layout()),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if self.ctx.device.type == "cuda" else [],
@@ -539,12 +556,15 @@ def _epoch_line(record: dict[str, Any], epochs: int, best_epoch: int) -> str:
     line += (
         ", best so far" if best_epoch == record["epoch"] else f", best {record['best_top1']:.2%} (epoch {best_epoch})"
     )
-    notes = {
-        "skipped": "unreadable samples skipped",
-        "scaler_skipped_steps": "fp16 steps skipped",
-        "val_nonfinite_clips": "validation clips with non-finite scores",
+    notes = {  # a count's noun, in the singular, and what follows it
+        "skipped": ("damaged or unreadable training sample", "skipped"),
+        "scaler_skipped_steps": ("fp16 step", "skipped"),
+        "val_nonfinite_clips": ("validation clip", "with non-finite scores"),
     }
-    return line + "".join(f"; {record[k]} {text}" for k, text in notes.items() if record.get(k))
+    for key, (noun, rest) in notes.items():
+        if n := record.get(key):
+            line += f"; {n} {noun}{'s' * (n != 1)} {rest}"
+    return line
 
 
 def _truncate_metrics(path: Path, epochs_done: int) -> None:

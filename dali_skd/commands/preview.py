@@ -4,7 +4,7 @@ bad normalisation shows at a glance.
 
 The samples go through the training loader's own DALI pipeline, in one batch whose clips and draws the host side's
 functions made here (`source.clip_columns`, `source.augment_draws`), so each view's label is the very draw its
-pixels came from. The pixels are the network's input mapped back through `--input-norm`. `--compare-baseline` adds,
+pixels came from. The pixels are the network's input mapped back through `--clip.norm`. `--compare-baseline` adds,
 under each view, the DataLoader baseline's view of the same frames with the same draws (`torch_baseline.augment`):
 where the two loaders disagree, the rows differ.
 """
@@ -20,17 +20,44 @@ import matplotlib
 import numpy as np
 import torch
 
-from dali_skd.config import PreviewConfig
+from dali_skd.config import (
+    AugmentConfig,
+    ClipConfig,
+    Device,
+    LoaderConfig,
+    data_field,
+    device_field,
+    setting,
+)
+from dali_skd.data.augment import AUGMENTATIONS
 from dali_skd.data.clips import clip_frames, random_starts
 from dali_skd.data.loader import TrainLoader
 from dali_skd.data.shards import VideoRecord
 from dali_skd.data.source import INPUT_NORMS, Batch, augment_draws, clip_columns
 from dali_skd.data.torch_baseline import ViewDraws, augment, decode_clip, input_norm
+from dali_skd.runtime import resolve_device
 
 matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt
 
-CHANNELS = "RGB"
+
+@dataclass
+class PreviewConfig:
+    """`cli.py preview`: what the training loader feeds the network, drawn, with the augmentations it drew."""
+
+    data: str = data_field()
+    split: str = setting("train", "the split whose samples are drawn")
+    samples: int = setting(4, "samples drawn: the first usable ones of the split")
+    frames: int = setting(4, "frames drawn of each view, evenly spaced over its clip")
+    compare_baseline: bool = setting(
+        False, "also draw the DataLoader baseline's views of the same samples with the same draws, under DALI's"
+    )
+    out: str = setting("views.png", "the PNG to write")
+    seed: int = setting(0, "seed for the clips' starts and the augmentations' draws")
+    device: Device = device_field()
+    clip: ClipConfig = setting(ClipConfig(), "clips")
+    augment: AugmentConfig = setting(AugmentConfig(), "augmentations")
+    loader: LoaderConfig = setting(LoaderConfig(), "data loading")
 
 
 @dataclass
@@ -56,31 +83,32 @@ def preview_samples(cfg: PreviewConfig) -> list[PreviewSample]:
     """Both views of the split's first `cfg.samples` usable samples, through the training loader's pipeline."""
     if cfg.samples < 1 or cfg.frames < 1:
         raise ValueError(f"--samples {cfg.samples} --frames {cfg.frames}: draw at least one sample and one frame")
-    loader = _OneBatch(cfg.loader, cfg.split, batch_size=cfg.samples, num_views=2, augment=cfg.augment)
+    loader = _OneBatch(
+        cfg.data, cfg.split, clip=cfg.clip, loader=cfg.loader, batch_size=cfg.samples, num_views=2,
+        augment=cfg.augment, device=resolve_device(cfg.device),
+    )  # fmt: skip
     if cfg.compare_baseline and loader.layout.format != "jpeg":
-        raise ValueError(f"{cfg.loader.data}: --compare-baseline needs jpeg shards (the baseline's), not vp9")
+        raise ValueError(f"{cfg.data}: --compare-baseline needs jpeg shards (the baseline's), not vp9")
     rng = np.random.default_rng(cfg.seed)
     records, starts = _usable(loader, cfg.samples, rng)
     loader.batch_size = len(records)  # a split smaller than --samples: all of it
     loader.batch, _ = clip_columns(loader.layout, records, starts, loader.stats)
     loader.batch.update(augment_draws(rng, len(records), 2, cfg.augment))
     batches = loader.epoch(0)
-    views = [to_pixels(v, cfg.loader.input_norm) for v in next(batches).views]  # per view: N x T x c x c x 3
+    views = [to_pixels(v, cfg.clip.norm) for v in next(batches).views]  # per view: N x T x c x c x 3
     batches.close()
-    frames = clip_frames(
-        np.array([r.meta.frames for r in records]), starts, cfg.loader.clip_len, cfg.loader.frame_stride
-    )
+    frames = clip_frames(np.array([r.meta.frames for r in records]), starts, cfg.clip.length, cfg.clip.frame_stride)
     samples = []
     for i, record in enumerate(records):
-        meta, crop = record.meta, cfg.loader.crop
+        meta, crop = record.meta, cfg.clip.crop
         draws = [ViewDraws.from_columns(loader.batch, i, v, cfg.augment, meta.height, meta.width, crop) for v in (0, 1)]
         baseline = None
         if cfg.compare_baseline:
-            norm = input_norm(cfg.loader.input_norm)
+            norm = input_norm(cfg.clip.norm)
             baseline = [
                 to_pixels(
                     augment(decode_clip(meta, record.media, frames[i, v].tolist()), draws[v], crop, norm)[None],
-                    cfg.loader.input_norm,
+                    cfg.clip.norm,
                 )[0]
                 for v in (0, 1)
             ]
@@ -95,7 +123,7 @@ def _usable(loader: TrainLoader, count: int, rng: np.random.Generator) -> tuple[
     records, starts = [], []
     for record in loader.reader.records():
         start = random_starts(
-            np.array([record.meta.frames]), loader.cfg.clip_len, rng.random((1, 2)), loader.cfg.frame_stride
+            np.array([record.meta.frames]), loader.clip.length, rng.random((1, 2)), loader.clip.frame_stride
         )
         _, ok = clip_columns(loader.layout, [record], start, loader.stats)  # checks the strips the clips need
         if ok[0]:
@@ -106,7 +134,7 @@ def _usable(loader: TrainLoader, count: int, rng: np.random.Generator) -> tuple[
         if len(records) == count:
             break
     if not records:
-        raise ValueError(f"{loader.cfg.data}: no usable sample in the {loader.split} split")
+        raise ValueError(f"{loader.data}: no usable sample in the {loader.split} split")
     return records, np.concatenate(starts)
 
 
@@ -118,18 +146,10 @@ def to_pixels(views: torch.Tensor, norm: str) -> np.ndarray:
 
 
 def describe(draws: ViewDraws, crop: int) -> str:
-    """A view's draws, as text: `crop 112 at x 12, y 5, flip, contrast 1.21x, hue -12°, blur σ 1.30, split G`."""
+    """A view's draws, as text, in the order they were applied: `crop 112 at x 12, y 5, contrast 1.21x, hue -12°,
+    blur σ 1.30, split G, flip`."""
     words = [f"crop {crop} at x {draws.left}, y {draws.top}"]
-    words += ["flip"] if draws.flip else []
-    for name, value, unit in (
-        ("contrast", draws.contrast, "x"),
-        ("brightness", draws.brightness, "x"),
-        ("hue", draws.hue, "°"),
-        ("blur σ", draws.blur_sigma, ""),
-    ):
-        if value is not None:
-            words.append(f"{name} {value:.2f}{unit}" if unit != "°" else f"{name} {value:+.0f}°")
-    words += [f"split {CHANNELS[draws.channel]}"] if draws.channel is not None else []
+    words += [a.describe(draws.applied[name]) for name, a in AUGMENTATIONS.items() if name in draws.applied]
     return ", ".join(words)
 
 

@@ -2,13 +2,15 @@
 
 Generates the videos, preprocesses them into shards, trains SKD-SRL with a tiny 3D ResNet, evaluates it with
 several clips per video and prints the accuracy against chance. `--compare` also trains the plain cross-entropy
-baseline on the same data, within the same budget.
+baseline on the same data, within the same budget. The training and evaluation are a comparison
+(`comparison.run_comparison`, as `cli.py compare` runs it) of the demo's plan: OUT/table.md, OUT/runs/.
 
 The work is planned from this machine's speed, so that the whole demo ends within `--minutes`:
 1. a few training steps on random clips give the seconds per step, from which the number of videos is chosen
    (their preparation takes at most a quarter of the budget);
-2. after the videos, one real epoch of each method gives the seconds per epoch, from which the number of epochs
-   is chosen to fill what is left (the run then continues from that epoch: resuming is exact).
+2. after the videos, one real epoch of each method gives the seconds per epoch and per validation, from which the
+   number of epochs is chosen to fill what is left once the final evaluations are done (the runs then continue
+   from that epoch: resuming is exact).
 The plan is printed and kept in OUT/plan.json; re-running the demo continues where it stopped, after a kill or
 after a SIGTERM, SIGINT or SIGUSR1, on which it stops as `train` does.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
@@ -25,14 +28,35 @@ from pathlib import Path
 
 import torch
 
-from dali_skd.config import EvalConfig, LoaderConfig, PreprocessConfig, TrainConfig
-from dali_skd.evaluate import run_eval
+from dali_skd.comparison import ComparisonPlan, run_comparison
+from dali_skd.config import (
+    Device,
+    OptimConfig,
+    PreprocessConfig,
+    TrainConfig,
+    TrainSettings,
+    device_field,
+    setting,
+)
 from dali_skd.files import write_atomic
 from dali_skd.models import build_model
+from dali_skd.plot import read_metrics
 from dali_skd.runtime import resolve_device
 from dali_skd.signals import Stopped, stop_on_signals, stop_requested
 from dali_skd.step import build_train_step
-from dali_skd.train import train
+from dali_skd.training import train
+from preprocess.run import run_preprocess
+
+
+@dataclass
+class DemoConfig:
+    """`cli.py demo`."""
+
+    out: str = setting("runs/demo", "where the data, runs and results go")
+    minutes: float = setting(6.0, "time budget for the whole demo on this machine")
+    compare: bool = setting(False, "also train the plain cross-entropy baseline, within the same budget")
+    json: str | None = setting(None, "also write the results to this file")
+    device: Device = device_field()
 
 
 @dataclass(frozen=True)
@@ -47,8 +71,10 @@ class DemoPreset:
     lr: float = 0.01
     lr_patience: int = 3
     eval_clips: int = 5
-    # One video's generation and preprocessing, in training steps of this preset (measured on the 2-core
-    # machine of docs/benchmarks.md): the probe measures a step, this turns it into seconds per video.
+    # One video's generation and preprocessing, in training steps of this preset, measured on the 2-core machine of
+    # docs/benchmarks.md (both are CPU work there). On a machine whose steps run on a GPU it underrates a video; if it
+    # is wrong, the videos take more or less than their `prep_share` of the budget, and the epochs, planned after
+    # the videos from the time then left, take up the difference (down to the fewest epochs that learn).
     steps_per_video: float = 0.35
     prep_share: float = 0.25  # of the budget, at most, for the videos
     margin: float = 0.08  # of the budget, kept free for what the plan cannot see
@@ -61,6 +87,7 @@ class DemoPlan:
     videos_per_class: int
     epochs: int = 0  # chosen after the first epoch
     epoch_seconds: dict[str, float] | None = None  # the first epoch of each method, validation included
+    evaluation_seconds: float = 0.0  # the final evaluations, all methods: from the first epoch's validations
 
     def describe(self) -> str:
         text = (
@@ -69,128 +96,110 @@ class DemoPlan:
         )
         if self.epoch_seconds:
             per_epoch = ", ".join(f"{m} {s:.0f} s/epoch" for m, s in self.epoch_seconds.items())
-            text += f"; {per_epoch}; training {self.epochs} epochs to fit {self.minutes:g} minutes"
+            text += (
+                f"; {per_epoch}; evaluations {self.evaluation_seconds:.0f} s; training {self.epochs} epochs to fit "
+                f"{self.minutes:g} minutes"
+            )
         return text
 
 
-def run_demo(
-    out: str = "runs/demo",
-    compare: bool = False,
-    json_path: str | None = None,
-    device: str = "auto",
-    minutes: float = 6.0,
-    preset: DemoPreset = DemoPreset(),
-) -> dict:
+def run_demo(cfg: DemoConfig, preset: DemoPreset = DemoPreset()) -> dict:
     with stop_on_signals():
         try:
-            return _demo(out, compare, json_path, device, minutes, preset)
+            return _demo(cfg, preset)
         except Exception as e:
             if (signal := stop_requested()) is None:
                 raise
             what = e.what if isinstance(e, Stopped) else f"demo stopped by {signal}"  # e.g. its ffmpeg killed too
-            raise Stopped(what, f"run `python cli.py demo --out {out}` again to continue") from e
+            raise Stopped(what, f"run `python cli.py demo --out {cfg.out}` again to continue") from e
 
 
-def _demo(out: str, compare: bool, json_path: str | None, device: str, minutes: float, preset: DemoPreset) -> dict:
-    from preprocess.run import run_preprocess  # the heaviest import of the demo, needed only here
-
+def _demo(cfg: DemoConfig, preset: DemoPreset) -> dict:
     started = time.perf_counter()
-    deadline = started + minutes * 60 * (1 - preset.margin)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    methods = ["skd-srl"] + (["baseline"] if compare else [])
-    plan_path = out_dir / "plan.json"
+    deadline = started + cfg.minutes * 60 * (1 - preset.margin)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = ("skd-srl", "baseline") if cfg.compare else ("skd-srl",)
+    plan_path = out / "plan.json"
     if plan_path.exists():  # a re-run keeps its plan
         plan = DemoPlan(**json.loads(plan_path.read_text()))
     else:
-        plan = _plan_videos(preset, minutes, resolve_device(device), len(methods))
+        plan = _plan_videos(preset, cfg.minutes, resolve_device(cfg.device))
         write_atomic(plan_path, json.dumps(asdict(plan), indent=2) + "\n")
     print(plan.describe(), flush=True)
 
-    data = out_dir / "data"
+    data = out / "data"
     if not (data / "manifest.json").exists():
         run_preprocess(
             PreprocessConfig(
                 dataset="synthetic",
                 out=str(data),
-                root=str(out_dir / "videos"),
+                root=str(out / "videos"),
                 classes=preset.classes,
                 videos_per_class=plan.videos_per_class,
                 workers=os.cpu_count() or 1,
                 resume=data.exists(),
             )
         )
-    loader = LoaderConfig(data=str(data), device=device, clips_per_video=preset.eval_clips)
-    configs = {
-        method: TrainConfig(
-            method=method,
-            arch=preset.arch,
-            out=str(out_dir / method),
-            epochs=1,
-            batch_size=preset.batch_size,
-            lr=preset.lr,
-            lr_patience=preset.lr_patience,
-            loader=loader,
-            resume="auto",
-        )
-        for method in methods
-    }
-    if not plan.epochs:  # one real epoch of each method, then as many epochs as the rest of the budget holds
-        plan.epoch_seconds = {}
-        for method, cfg in configs.items():
+    settings = TrainSettings(
+        arch=preset.arch,
+        data=str(data),
+        out=str(out),
+        epochs=1,
+        batch_size=preset.batch_size,
+        device=cfg.device,
+        optim=OptimConfig(lr=preset.lr, lr_patience=preset.lr_patience),
+    )
+    if not plan.epochs:  # one real epoch of each method, where the comparison's runs go on from
+        plan.epoch_seconds, validations = {}, 0.0
+        for method in methods:
+            run_dir = out / "runs" / f"{method}-seed0"
             epoch_started = time.perf_counter()
-            train(cfg)
+            train(TrainConfig.of(settings, method=method, seed=0, out=str(run_dir), resume="auto"))
             plan.epoch_seconds[method] = time.perf_counter() - epoch_started
-        plan.epochs = plan_epochs(plan.epoch_seconds, deadline - time.perf_counter(), preset)
+            validations += read_metrics(run_dir)[0]["val_seconds"]
+        val_clips = TrainSettings().val_clips
+        plan.evaluation_seconds = validations * preset.eval_clips / val_clips  # the same videos, more clips
+        plan.epochs = plan_epochs(plan.epoch_seconds, plan.evaluation_seconds, deadline - time.perf_counter(), preset)
         write_atomic(plan_path, json.dumps(asdict(plan), indent=2) + "\n")
         print(plan.describe(), flush=True)
-    rows = []
-    for method, cfg in configs.items():
-        method_started = time.perf_counter()
-        summary = train(replace(cfg, epochs=plan.epochs))
-        result = run_eval(EvalConfig(checkpoint=str(out_dir / method / "best.pt"), batch_size=32, loader=loader))
-        rows.append(
-            {
-                "method": method,
-                "test_top1": result.video_top1,
-                "test_top5": result.video_top5,
-                "clip_top1": result.clip_top1,
-                "best_val_epoch": summary.best_epoch,
-                "epochs": plan.epochs,
-                "seconds": time.perf_counter() - method_started,
-            }
-        )
+    command = ["python", "cli.py", "demo", "--out", cfg.out, "--minutes", f"{cfg.minutes:g}"]
+    comparison = ComparisonPlan(
+        replace(settings, epochs=plan.epochs),
+        methods,
+        clips_per_video=preset.eval_clips,
+        command=shlex.join(command + (["--compare"] if cfg.compare else [])),
+    )
+    table = run_comparison(comparison)
     report = {
-        "device": str(resolve_device(device)),
-        "method": rows[0]["method"],
-        "test_top1": rows[0]["test_top1"],
+        "device": str(resolve_device(cfg.device)),
+        "method": methods[0],
+        "test_top1": table.runs[0].test_top1,
         "chance": 1 / preset.classes,
-        "minutes_budget": minutes,
+        "minutes_budget": cfg.minutes,
         "seconds": time.perf_counter() - started,
         "plan": asdict(plan),
-        "rows": rows,
+        "rows": [asdict(run) for run in table.runs],
     }
     print(format_demo(report))
-    if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
-def plan_epochs(epoch_seconds: dict[str, float], seconds_left: float, preset: DemoPreset) -> int:
-    """Epochs for every method (the first one is done) that fit `seconds_left`, final evaluations included.
-
-    An evaluation sees eval_clips x (test videos = a quarter of the training videos) single-view clips forward
-    only: about 0.05 x eval_clips of a two-view training epoch (a training clip costs about 3 forward passes)."""
+def plan_epochs(
+    epoch_seconds: dict[str, float], evaluation_seconds: float, seconds_left: float, preset: DemoPreset
+) -> int:
+    """Epochs for every method (the first one is done) that fit `seconds_left` with the final evaluations."""
     per_epoch = sum(epoch_seconds.values())
-    evaluations = 0.05 * preset.eval_clips * per_epoch
-    fits = 1 + int(max(0.0, seconds_left - evaluations) // per_epoch)
+    fits = 1 + int(max(0.0, seconds_left - evaluation_seconds) // per_epoch)
     fewest, most = preset.epochs
     if fits < fewest:
         print(f"demo: the budget holds fewer than {fewest} epochs here; training {fewest}, the fewest that learn well")
     return max(fewest, min(most, fits))
 
 
-def _plan_videos(preset: DemoPreset, minutes: float, device: torch.device, methods: int) -> DemoPlan:
+def _plan_videos(preset: DemoPreset, minutes: float, device: torch.device) -> DemoPlan:
     """Measures a training step of the preset on random clips and picks the number of videos per class whose
     generation and preprocessing fit `prep_share` of the budget (within the preset's limits)."""
     step = measure_step(preset, device)
@@ -204,9 +213,9 @@ def measure_step(preset: DemoPreset, device: torch.device, steps: int = 3) -> fl
     """Seconds per SKD-SRL training step (the trainer's own) of the preset's model and batch on random clips:
     the median of `steps`, after one warm-up."""
     torch.manual_seed(0)
-    cfg = TrainConfig(arch=preset.arch, batch_size=preset.batch_size, lr=preset.lr)
+    cfg = TrainConfig(arch=preset.arch, batch_size=preset.batch_size, optim=OptimConfig(lr=preset.lr))
     step = build_train_step(cfg, build_model(preset.arch, preset.classes), preset.classes, device)
-    shape = (preset.batch_size, 3, cfg.loader.clip_len, cfg.loader.crop, cfg.loader.crop)
+    shape = (preset.batch_size, 3, cfg.clip.length, cfg.clip.crop, cfg.clip.crop)
     views = [torch.rand(shape, device=device) * 2 - 1 for _ in range(2)]
     labels = torch.randint(0, preset.classes, (preset.batch_size,), device=device)
     times = []

@@ -14,13 +14,20 @@ from pathlib import Path
 
 import numpy as np
 
-from dali_skd.checkpoint import load_classifier
-from dali_skd.config import FeaturesConfig, TrainConfig, from_dict
-from dali_skd.data.loader import EvalLoader
+from dali_skd.checkpoint import TrainedRun
+from dali_skd.config import ScoreSettings, data_field, setting
 from dali_skd.data.shards import load_manifest
 from dali_skd.distributed import init_distributed, shutdown
-from dali_skd.evaluate import video_means, video_sources
+from dali_skd.evaluation import video_means, video_sources
 from dali_skd.runtime import resolve_precision
+
+
+@dataclass
+class FeaturesConfig(ScoreSettings):
+    """`cli.py features`: a checkpoint's encoder applied to every split of a dataset."""
+
+    data: str = data_field()
+    out: str = setting("features", "output directory: <split>.npy (float16, videos x channels) and <split>.jsonl")
 
 
 @dataclass
@@ -36,30 +43,23 @@ class SplitFeatures:
 
 
 def run_features(cfg: FeaturesConfig) -> list[SplitFeatures]:
-    ctx = init_distributed(cfg.clips.device)
+    ctx = init_distributed(cfg.device)
     try:
-        manifest = load_manifest(cfg.data)
-        model, state = load_classifier(cfg.checkpoint, ctx.device)
-        trained = from_dict(TrainConfig, state["config"], f"{cfg.checkpoint} config")
-        loader_cfg = cfg.clips.loader_config(trained.loader, cfg.data)
-        precision = resolve_precision(cfg.clips.amp, ctx.device)
+        manifest = load_manifest(cfg.data, cfg.loader.read_timeout)
+        run = TrainedRun.load(cfg.checkpoint, ctx.device)
+        precision = resolve_precision(cfg.amp, ctx.device)
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
-        model.eval()
+        model = run.classifier.eval()
         written = []
         for split, info in manifest.splits.items():
             if not info.samples:
                 continue
-            loader = EvalLoader(
-                loader_cfg,
-                split,
-                batch_size=cfg.clips.batch_size,
-                spatial_crops=cfg.clips.spatial_crops,
-                dtype=precision,
-                device=ctx.device,
-                rank=ctx.rank,
-                world=ctx.world,
-            )
+            loader = run.eval_loader(
+                cfg.data, split, clip=cfg.clip, loader=cfg.loader, batch_size=cfg.batch_size,
+                clips_per_video=cfg.clips_per_video, spatial_crops=cfg.spatial_crops, dtype=precision,
+                rank=ctx.rank, world=ctx.world,
+            )  # fmt: skip
             features = video_means(model.forward_features, model.num_features, loader, ctx, precision, progress=True)
             sources = video_sources(loader, ctx)
             loader.close()

@@ -2,13 +2,13 @@
 accuracy, per-class top-1, mean-class accuracy and the video-level confusion matrix, each video counted exactly
 once over all ranks.
 
-The scoring (`clip_outputs`, `VideoMeans`) also serves `cli.py predict` (class probabilities of new videos) and
-`cli.py features` (the encoder's pooled features): the same loader, the same clips, the same averaging.
+What the commands share: `evaluate` serves `eval`, the trainer's validation and `compare`; the scoring
+(`clip_outputs`, `VideoMeans`) also serves `predict` (class probabilities of new videos) and `features` (the
+encoder's pooled features): the same loader, the same clips, the same averaging.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from dali_skd.checkpoint import load_classifier
-from dali_skd.config import EvalConfig
+from dali_skd.checkpoint import TrainedRun
+from dali_skd.config import ClipConfig, LoaderConfig
 from dali_skd.data.loader import EvalBatch, EvalLoader
-from dali_skd.data.shards import load_manifest
 from dali_skd.data.source import video_id
-from dali_skd.distributed import DistContext, init_distributed, shutdown
-from dali_skd.plot import plot_confusion
+from dali_skd.distributed import DistContext
 from dali_skd.progress import Progress
 from dali_skd.runtime import autocast, resolve_precision
 
@@ -274,111 +272,57 @@ def evaluate(
     videos = means.local()
     confusion = confusion_matrix(videos.values, videos.labels, len(classes))
     (top5,) = topk_correct(torch.from_numpy(videos.values), torch.from_numpy(videos.labels), (5,))
-    unreadable = loader.stats.skipped - skipped_before
-    c1, c5, n_clips, v5, skipped, bad, *cells = ctx.sum(
-        [*clip_hits, clips, top5, unreadable, nonfinite, *confusion.ravel()]
+    total = ctx.sum_named(
+        {
+            "clip_hits": clip_hits,
+            "clips": clips,
+            "video_top5": top5,
+            "unreadable": loader.stats.skipped - skipped_before,
+            "nonfinite": nonfinite,
+            "confusion": confusion.ravel(),
+        }
     )
-    confusion = np.rint(cells).astype(np.int64).reshape(confusion.shape)
-    n_videos = int(confusion.sum())
+    confusion = np.rint(total["confusion"]).astype(np.int64).reshape(confusion.shape)
+    n_videos, n_clips = int(confusion.sum()), int(total["clips"])
     return EvalResult(
-        clip_top1=c1 / max(n_clips, 1),
-        clip_top5=c5 / max(n_clips, 1),
+        clip_top1=total["clip_hits"][0] / max(n_clips, 1),
+        clip_top5=total["clip_hits"][1] / max(n_clips, 1),
         video_top1=int(np.trace(confusion)) / max(n_videos, 1),
-        video_top5=v5 / max(n_videos, 1),
-        clips=int(n_clips),
+        video_top5=total["video_top5"] / max(n_videos, 1),
+        clips=n_clips,
         videos=n_videos,
-        skipped=int(skipped),
+        skipped=int(total["unreadable"]),
         classes=list(classes),
         confusion=confusion.tolist(),
         scores=VideoOutputs.concat(ctx.gather(videos)) if keep_scores else None,
-        nonfinite_clips=int(bad),
+        nonfinite_clips=int(total["nonfinite"]),
     )
 
 
-def eval_split(manifest_splits: list[str], split: str | None) -> str:
-    """The split to evaluate on: as asked, else the held-out one (`test`, or `val` for Kinetics)."""
-    if split:
-        return split
-    held_out = [s for s in manifest_splits if s != "train"]
-    if not held_out:
-        raise ValueError("the dataset has no held-out split (test or val) to evaluate on: pass --split")
-    return held_out[0]
-
-
-def evaluate_checkpoint(cfg: EvalConfig, ctx: DistContext, progress: bool = False) -> tuple[EvalResult, EvalLoader]:
-    """A checkpoint's figures on the held-out split (or `cfg.split`), and the loader that read it."""
-    manifest = load_manifest(cfg.loader.data, cfg.loader.read_timeout)
-    model, _ = load_classifier(cfg.checkpoint, ctx.device, manifest.num_classes)
-    precision = resolve_precision(cfg.amp, ctx.device)
-    loader = EvalLoader(
-        cfg.loader,
-        eval_split(list(manifest.splits), cfg.split),
-        batch_size=cfg.batch_size,
-        clips_per_video=cfg.loader.clips_per_video,
-        spatial_crops=cfg.spatial_crops,
-        dtype=precision,
-        device=ctx.device,
-        rank=ctx.rank,
-        world=ctx.world,
-    )
-    return evaluate(model, loader, ctx, precision, progress=progress, keep_scores=cfg.json is not None), loader
-
-
-def run_eval(cfg: EvalConfig) -> EvalResult:
-    """`cli.py eval`: a checkpoint on the held-out split, printed; with --json also written, with the per-video
-    predictions (`<stem>.predictions.jsonl`) and the confusion matrix (`<stem>.confusion.png`) beside it."""
-    ctx = init_distributed(cfg.loader.device)
-    try:
-        result, loader = evaluate_checkpoint(cfg, ctx, progress=True)
-        if not result.videos:
-            why = f"{result.skipped} skipped as unreadable, named above" if result.skipped else "its shards hold none"
-            raise RuntimeError(
-                f"{cfg.checkpoint} on {loader.split}: no video could be scored ({why}): check the shards, or --data"
-            )
-        sources = video_sources(loader, ctx) if cfg.json else {}
-        if ctx.is_main:
-            print(
-                f"{cfg.checkpoint} on {loader.split} ({loader.clips_per_video} clips x {loader.spatial_crops} "
-                "crops per video):"
-            )
-            print(result.format())
-            if cfg.json:
-                written = write_eval_files(Path(cfg.json), result, cfg, loader.split, sources)
-                print("wrote " + ", ".join(map(str, written)))
-        return result
-    finally:
-        shutdown(ctx)
-
-
-def write_eval_files(
-    path: Path, result: EvalResult, cfg: EvalConfig, split: str, sources: dict[int, tuple[str, str]]
-) -> list[Path]:
-    """`path` (the figures), `<stem>.predictions.jsonl` (a line per video: key, source, label, top-5 classes with
-    their probabilities) and `<stem>.confusion.png`."""
-    predictions, png = path.with_suffix(".predictions.jsonl"), path.with_suffix(".confusion.png")
-    scores = result.scores
-    assert scores is not None, "evaluate(keep_scores=True) keeps the scores the predictions file needs"
-    with open(predictions, "w") as f:
-        for vid, label, probabilities in zip(scores.ids, scores.labels, scores.values, strict=True):
-            key, source = sources[int(vid)]
-            row = {
-                "key": key,
-                "source": source,
-                "label": int(label),
-                "label_name": result.classes[label],
-                "top": top_classes(probabilities, result.classes, 5),
-            }
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    title = f"{Path(cfg.checkpoint).name} on {split}: video-level top-1 {result.video_top1:.1%}"
-    plot_confusion(result.confusion, result.classes, png, title)
-    figures = {
-        "checkpoint": cfg.checkpoint,
-        "split": split,
-        "clips_per_video": cfg.loader.clips_per_video,
-        "spatial_crops": cfg.spatial_crops,
-        **result.to_json(),
-        "predictions": str(predictions),
-        "confusion_png": str(png),
-    }
-    path.write_text(json.dumps(figures, indent=2, ensure_ascii=False) + "\n")
-    return [path, predictions, png]
+def evaluate_checkpoint(
+    path: str | Path,
+    data: str,
+    ctx: DistContext,
+    *,
+    amp: str,
+    batch_size: int,
+    clips_per_video: int,
+    spatial_crops: int = 1,
+    split: str | None = None,
+    clip: ClipConfig | None = None,
+    loader: LoaderConfig | None = None,
+    shards: str | None = None,
+    keep_scores: bool = False,
+    progress: bool = False,
+) -> tuple[EvalResult, EvalLoader]:
+    """The figures of the checkpoint at `path` on `data`'s `split` (default: the held-out one), its clips cut as
+    the run was trained (`clip`: otherwise), and the loader that read them (`eval` and `compare`)."""
+    precision = resolve_precision(amp, ctx.device)
+    run = TrainedRun.load(path, ctx.device)
+    reader = run.eval_loader(
+        data, split, clip=clip, loader=loader or LoaderConfig(), shards=shards, batch_size=batch_size,
+        clips_per_video=clips_per_video, spatial_crops=spatial_crops, dtype=precision, rank=ctx.rank, world=ctx.world,
+    )  # fmt: skip
+    run.check_classes(reader.manifest.num_classes)
+    result = evaluate(run.classifier, reader, ctx, precision, progress=progress, keep_scores=keep_scores)
+    return result, reader

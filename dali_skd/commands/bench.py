@@ -3,10 +3,10 @@ instead: a plain DataLoader over the same shards, and DataLoaders over video fil
 torchcodec (`data/peers.py`)?
 
 All loaders run in this process tree, alternating in `--rounds`, and apply the same augmentations
-(`--augment crop-flip|paper`). For each: two-view samples/s (per round: the median of `repeats` windows after
+(`--augment.policy crop-flip|paper`). For each: two-view samples/s (per round: the median of `repeats` windows after
 warm-up; reported: the median round), its ratio to the DALI loader, frames delivered and decoded per second, the
 machine's CPU use and the CPU time per sample of this process and its children (DataLoader workers included), and
-the bytes on disk per video of what it reads. With `--train-arch`, training-step samples/s on synthetic data
+the bytes on disk per video of what it reads. With `--train.arch`, training-step samples/s on synthetic data
 already on the device versus on the real loader, and the fraction of step time spent waiting for data. The `host`
 row is the loader's host side alone: the same code, its batches handed to a DALI pipeline that only passes them
 through.
@@ -18,6 +18,7 @@ its decoders and their threads, and the threads the process holds; each row coun
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -27,25 +28,103 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from dali_skd.config import AugmentConfig, BenchConfig, LoaderConfig, TrainConfig, to_dict
+from dali_skd.config import (
+    Amp,
+    AugmentConfig,
+    ClipConfig,
+    Device,
+    LoaderConfig,
+    PreprocessConfig,
+    SamplingConfig,
+    TrainConfig,
+    amp_field,
+    channels_last_field,
+    data_field,
+    device_field,
+    setting,
+    to_dict,
+)
+from dali_skd.data.augment import AUGMENTATIONS
 from dali_skd.data.clips import clip_frames, spaced_starts
 from dali_skd.data.loader import EvalLoader, TrainLoader, dali_threads, process_threads
-from dali_skd.data.peers import PEERS, PeerVideos, peer_loader, peer_problem, peer_videos
+from dali_skd.data.peers import PEERS, PeerVideos, VideoFile, peer_loader, peer_problem, recorded_sources
 from dali_skd.data.pipeline import passthrough_pipeline
-from dali_skd.data.shards import load_manifest
+from dali_skd.data.shards import is_remote, load_manifest
 from dali_skd.data.source import RECORDS, BackgroundBatches, Batch, strip_problem
 from dali_skd.data.torch_baseline import dataloader_baseline, decode_clip
+from dali_skd.files import write_atomic
 from dali_skd.methods import MethodOutput
 from dali_skd.models import build_model
 from dali_skd.runtime import TORCH_DTYPES, resolve_device, resolve_precision
 from dali_skd.step import build_train_step
+from preprocess.datasets import list_folder
+from preprocess.run import find_ffmpeg, ordered_map
+from preprocess.transcode import DEFAULT_QUALITY, TranscodeSettings, VideoError, transcode
 
 LOADERS = ("host", "dali", "dataloader", *PEERS)
+
+
+@dataclass
+class BenchAugmentConfig(AugmentConfig):  # type: ignore[valid-type, misc]
+    """The augmentations, and which of them every loader applies."""
+
+    policy: Literal["crop-flip", "paper"] = setting(
+        "paper",
+        "what every loader applies: crop-flip (a random crop and flip per view) or paper (the paper's six "
+        "augmentations, with the --augment.p-* and range flags)",
+    )
+
+
+@dataclass
+class BenchTrainConfig:
+    """The training steps `bench` times (the trainer's own, SKD-SRL with the paper's SGD settings)."""
+
+    arch: str | None = setting(None, "also measure training steps of this encoder (e.g. r3d18)")
+    batch_size: int = setting(32, "samples per training step")
+    channels_last: bool = channels_last_field()
+
+
+@dataclass
+class BenchConfig:
+    """`cli.py bench`."""
+
+    data: str = data_field()
+    loaders: str = setting(
+        "dali,dataloader",
+        "loaders to measure, comma-separated: host (the host side alone), dali, dataloader, and the loaders users "
+        "pick instead, each a DataLoader over video files: decord, pyav, torchcodec (pip install -e '.[peers]')",
+    )
+    batch_size: int = setting(64, "two-view samples per batch")
+    seconds: float = setting(30.0, "measuring time per loader and round, after warm-up")
+    repeats: int = setting(5, "the measuring time is split into this many windows; the median is reported")
+    rounds: int = setting(
+        3, "rounds; in each, every loader is measured once, one after another; the median is reported"
+    )
+    workers: int = setting(os.cpu_count() or 1, "DataLoader worker processes of the baseline and the peers")
+    amp: Amp = amp_field()
+    device: Device = device_field()
+    json: str | None = setting(None, "also write the figures to this JSON file")
+    videos: str | None = setting(
+        None,
+        "the peers' videos: the dataset's root, where the sources preprocess recorded lie (default DATA/videos, "
+        "where the synthetic set keeps them), or a class-folder tree DIR/<class>/<video>",
+    )
+    videos_as_is: bool = setting(
+        False, "the peers read the videos as they are, not re-encoded to the dataset's short side and frame rate"
+    )
+    cache: str = setting(
+        "runs/bench-cache", "where the peers' re-encoded videos are kept and reused, a folder per dataset and setting"
+    )
+    train: BenchTrainConfig = setting(BenchTrainConfig(), "training steps")
+    clip: ClipConfig = setting(ClipConfig(), "clips")
+    sampling: SamplingConfig = setting(SamplingConfig(), "training samples")
+    augment: BenchAugmentConfig = setting(BenchAugmentConfig(), "augmentations")
+    loader: LoaderConfig = setting(LoaderConfig(), "data loading")
 
 
 def cpu_busy_seconds() -> float | None:
@@ -142,17 +221,17 @@ def _sync(device: torch.device) -> Callable[[], None]:
 def bench_augment(cfg: BenchConfig) -> AugmentConfig:
     """What every loader applies: the paper's augmentations (`cfg.augment`), or (crop-flip) only the random crop
     and flip."""
-    if cfg.augment_policy == "paper":
+    if cfg.augment.policy == "paper":
         return cfg.augment
-    return replace(cfg.augment, p_contrast=0.0, p_brightness=0.0, p_hue=0.0, p_blur=0.0, p_channel_split=0.0)
+    return replace(cfg.augment, **{f"p_{name}": 0.0 for name in AUGMENTATIONS if name != "flip"})
 
 
 def _train_loader(
     cfg: BenchConfig, device: torch.device, precision: str, batch_size: int, channels_last: bool = False
 ) -> TrainLoader:
     return TrainLoader(
-        cfg.loader, batch_size=batch_size, num_views=2, augment=bench_augment(cfg), dtype=precision, device=device,
-        channels_last=channels_last,
+        cfg.data, clip=cfg.clip, loader=cfg.loader, sampling=cfg.sampling, batch_size=batch_size, num_views=2,
+        augment=bench_augment(cfg), dtype=precision, device=device, channels_last=channels_last,
     )  # fmt: skip
 
 
@@ -218,7 +297,7 @@ def bench_dali(cfg: BenchConfig, device: torch.device, precision: str) -> Rate:
     # JPEG rows decoded per frame delivered: strips are decoded from their top down to the last frame needed
     overhead = loader.stats.decoded_frames / max(loader.stats.clip_frames, 1)
     rate.extra.update(
-        decoded_frames_per_s=rate.samples_per_s * 2 * cfg.loader.clip_len * overhead,
+        decoded_frames_per_s=rate.samples_per_s * 2 * cfg.clip.length * overhead,
         skipped=loader.stats.skipped,
         pipeline_build_s=loader.build_seconds,
         decoders=loader.decoders,
@@ -233,36 +312,40 @@ LUMA = (0.299, 0.587, 0.114)  # JPEG's (JFIF, BT.601) Y from RGB
 
 
 def decode_parity(
-    cfg: LoaderConfig,
+    data: str,
     devices: Sequence[str],
     split: str = "train",
     videos: int = 8,
     clips_per_video: int = 2,
     hw_loads: Sequence[float] = (0.0,),
+    clip: ClipConfig | None = None,
+    loader: LoaderConfig | None = None,
 ) -> dict[str, Any]:
     """The same unaugmented clips (centred windows) of the first `videos` videos of `split`, decoded by the DALI
     pipeline on each of `devices` (on "cuda", once per `hw_loads`: the share of the hardware JPEG decoder, 0 the
     CUDA decoder alone) and by Pillow (libjpeg-turbo, as the DataLoader baseline does): the largest and the mean
     absolute difference of each pair, in pixel levels (0-255), of the RGB values and of their luma."""
+    clip, loader = clip or ClipConfig(), loader or LoaderConfig()
     clips: dict[str, torch.Tensor] = {}
     for device in devices:
-        for load in hw_loads if device == "cuda" else (cfg.hw_decoder_load,):
-            loader = EvalLoader(
-                replace(cfg, device=device, hw_decoder_load=load), split, batch_size=videos * clips_per_video,
-                clips_per_video=clips_per_video,
+        for load in hw_loads if device == "cuda" else (loader.hw_decoder_load,):
+            reader = EvalLoader(
+                data, split, clip=clip, loader=replace(loader, hw_decoder_load=load), device=torch.device(device),
+                batch_size=videos * clips_per_video, clips_per_video=clips_per_video,
             )  # fmt: skip
-            batches = loader.epoch()
+            batches = reader.epoch()
             name = f"dali-{device}" + (f"-hw{load:g}" if device == "cuda" else "")
             clips[name] = (next(batches).clips.float().cpu() + 1) * 127.5
             batches.close()
-    records = list(itertools.islice(loader.reader.records(), videos))
+    records = list(itertools.islice(reader.reader.records(), videos))
     reference = []
+    crop = clip.crop
     for record in records:
-        starts = spaced_starts(record.meta.frames, cfg.clip_len, clips_per_video)
-        for frames in clip_frames(np.array([record.meta.frames]), starts[None], cfg.clip_len)[0]:
-            clip = decode_clip(record.meta, record.media, frames.tolist())  # T x H x W x 3
-            top, left = (clip.shape[1] - cfg.crop) // 2, (clip.shape[2] - cfg.crop) // 2
-            reference.append(clip[:, top : top + cfg.crop, left : left + cfg.crop].permute(3, 0, 1, 2).float())
+        starts = spaced_starts(record.meta.frames, clip.length, clips_per_video)
+        for frames in clip_frames(np.array([record.meta.frames]), starts[None], clip.length)[0]:
+            pixels = decode_clip(record.meta, record.media, frames.tolist())  # T x H x W x 3
+            top, left = (pixels.shape[1] - crop) // 2, (pixels.shape[2] - crop) // 2
+            reference.append(pixels[:, top : top + crop, left : left + crop].permute(3, 0, 1, 2).float())
     clips["pillow"] = torch.stack(reference)
     names = list(clips)
     report: dict[str, Any] = {"clips": len(reference), "videos": len(records), "pairs": {}}
@@ -281,13 +364,88 @@ def decode_parity(
 
 
 def bench_dataloader(cfg: BenchConfig, device: torch.device, precision: str) -> Rate:
-    return _dataloader_rate(
-        dataloader_baseline(cfg.loader, bench_augment(cfg), cfg.batch_size, cfg.workers), cfg, device, precision
-    )
+    baseline = dataloader_baseline(cfg.data, cfg.clip, cfg.sampling, bench_augment(cfg), cfg.batch_size, cfg.workers)
+    return _dataloader_rate(baseline, cfg, device, precision)
+
+
+# -- the peers' videos ---------------------------------------------------------------------------------------
+
+
+def peer_videos(data: str, videos: str | None, cache: str, as_is: bool, workers: int) -> PeerVideos:
+    """The training videos for the peers: the sources preprocess recorded in DATA's training shards, found under
+    `videos` (default DATA/videos, where the synthetic set keeps them), or, when `videos` does not hold them, the
+    class-folder tree `videos` (`DIR/<class>/<video>`). Unless `as_is`, each is read re-encoded to the dataset's
+    short side and frame rate as h264 mp4 (`preprocess`'s transcode), kept under `cache` in a folder per dataset
+    and setting, so that a second run, or a machine without ffmpeg or the originals, reads the same files."""
+    manifest = load_manifest(data)
+    root = Path(videos) if videos else None if is_remote(data) else Path(data) / "videos"
+    if videos and not root.is_dir():
+        raise FileNotFoundError(f"--videos {videos}: not a folder; give the folder of the dataset's videos")
+    recorded, skipped = recorded_sources(data, manifest)
+    if root is not None and videos and not any((root / source).is_file() for source, _ in recorded[:50]):
+        listing = list_folder(PreprocessConfig(dataset="folder", val_fraction=0.0), root)
+        sources = [(v.source, v.label) for v in listing.splits["train"]]
+        where = f"folder-{hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]}"
+    else:
+        sources = recorded
+        dataset = json.dumps(manifest.to_dict(), sort_keys=True).encode()
+        where = f"dataset-{hashlib.sha1(dataset).hexdigest()[:12]}"
+    if as_is:
+        if root is None:
+            raise ValueError(f"{data} is not local: pass --videos with the folder of its videos")
+        files = [VideoFile(root / source, label) for source, label in sources if (root / source).is_file()]
+        skipped += [f"{source}: missing under {root}" for source, label in sources if not (root / source).is_file()]
+        form = "the original files"
+    else:
+        settings_name = f"h264-s{manifest.short_side}-fps{manifest.fps or 'source'}-crf{DEFAULT_QUALITY['h264']}"
+        folder = Path(cache) / where / settings_name
+        files, failed = fair_copies(sources, root, folder, manifest.short_side, manifest.fps, workers)
+        skipped += failed
+        form = f"h264 mp4, short side {manifest.short_side}{f', {manifest.fps:g} fps' if manifest.fps else ''}"
+    if not files:
+        raise ValueError(
+            f"no video for the peer loaders ({skipped[0] if skipped else 'the training split is empty'}): pass "
+            "--videos with the folder of the dataset's videos, or a class-folder tree"
+        )
+    if skipped:
+        print(f"peers: {len(skipped)} videos left out, e.g. {skipped[0]}", flush=True)
+    size = sum(f.path.stat().st_size for f in files) / len(files)
+    return PeerVideos(files, form, size, skipped)
+
+
+def fair_copies(
+    sources: list[tuple[str, int]], root: Path | None, folder: Path, short_side: int, fps: float | None, workers: int
+) -> tuple[list[VideoFile], list[str]]:
+    """`folder/<source>.mp4` for each source, transcoded from `root/<source>` the first time (atomically: an
+    interrupted run leaves no half file); and why any is missing."""
+
+    def target(source: str) -> Path:
+        return folder / f"{source}.mp4"
+
+    todo = [(s, label) for s, label in sources if not target(s).is_file()]
+    failed: list[str] = []
+    if todo:  # only then ffmpeg: a machine without it (the GPU check's) reads copies made elsewhere
+        print(f"peers: re-encoding {len(todo)} videos into {folder} (once; later runs reuse them) ...", flush=True)
+        settings = TranscodeSettings(find_ffmpeg(None), "h264", short_side, fps, DEFAULT_QUALITY["h264"], 0)
+
+        def encode(item: tuple[str, int]) -> str | None:
+            source = item[0]
+            original = root / source if root is not None else None
+            if original is None or not original.is_file():
+                return f"{source}: missing{f' under {root}' if root is not None else ''}, and not in {folder}"
+            try:
+                write_atomic(target(source), transcode(original, settings).media)
+            except VideoError as e:
+                return f"{source}: {e}"
+            return None
+
+        failed = [why for why in ordered_map(encode, todo, workers) if why is not None]
+    files = [VideoFile(target(s), label) for s, label in sources if target(s).is_file()]
+    return files, failed
 
 
 def bench_peer(name: str, videos: PeerVideos, cfg: BenchConfig, device: torch.device, precision: str) -> Rate:
-    loader = peer_loader(videos.files, name, cfg.loader, bench_augment(cfg), cfg.batch_size, cfg.workers)
+    loader = peer_loader(videos.files, name, cfg.clip, bench_augment(cfg), cfg.batch_size, cfg.workers)
     return _dataloader_rate(loader, cfg, device, precision)
 
 
@@ -315,13 +473,13 @@ def _dataloader_rate(
 def bench_train(cfg: BenchConfig, device: torch.device, precision: str) -> dict[str, float]:
     """The trainer's step (`step.TrainStep`) with the paper's SKD-SRL and SGD settings: on one synthetic batch
     already on the device, then fed by the DALI loader."""
-    num_classes = load_manifest(cfg.loader.data, cfg.loader.read_timeout).num_classes
-    train_cfg = TrainConfig(arch=cfg.train_arch, amp=cfg.amp, channels_last=cfg.channels_last)
+    num_classes = load_manifest(cfg.data, cfg.loader.read_timeout).num_classes
+    train_cfg = TrainConfig(arch=cfg.train.arch, amp=cfg.amp, channels_last=cfg.train.channels_last)
     model = build_model(train_cfg.arch, num_classes, shortcut=train_cfg.shortcut)
     step = build_train_step(train_cfg, model, num_classes, device)
-    b, crop = cfg.train_batch_size, cfg.loader.crop
+    b, crop = cfg.train.batch_size, cfg.clip.crop
     dtype = TORCH_DTYPES[precision]
-    views = [torch.rand(b, 3, cfg.loader.clip_len, crop, crop, device=device, dtype=dtype) * 2 - 1 for _ in range(2)]
+    views = [torch.rand(b, 3, cfg.clip.length, crop, crop, device=device, dtype=dtype) * 2 - 1 for _ in range(2)]
     labels = torch.randint(0, num_classes, (b,), device=device)
 
     def synthetic() -> Iterator[MethodOutput]:
@@ -344,7 +502,7 @@ def bench_train(cfg: BenchConfig, device: torch.device, precision: str) -> dict[
 
     real_rate, seconds = measure(real(), b, half, cfg.repeats, _sync(device), lambda: waited.__setitem__(0, 0.0))
     return {
-        "arch": cfg.train_arch,
+        "arch": cfg.train.arch,
         "batch_size": b,
         "precision": precision,
         "channels_last": step.channels_last,
@@ -359,7 +517,7 @@ def run_bench(cfg: BenchConfig, on_round: Callable[[dict[str, Any]], None] | Non
     """Every loader of `cfg.loaders`, once per round, then the training steps; prints the table and returns its
     figures (`on_round` gets them after each round). A peer that is not installed, does not load or fails while
     it runs is skipped, with the reason, and the others go on."""
-    device = resolve_device(cfg.loader.device)
+    device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.amp, device)
     names = [n.strip() for n in cfg.loaders.split(",") if n.strip()]
     unknown = set(names) - set(LOADERS)
@@ -367,15 +525,15 @@ def run_bench(cfg: BenchConfig, on_round: Callable[[dict[str, Any]], None] | Non
         raise ValueError(f"unknown loader(s) {', '.join(sorted(unknown))}; known: {', '.join(LOADERS)}")
     if cfg.rounds < 1:
         raise ValueError(f"--rounds {cfg.rounds}: use 1 or more")
-    manifest = load_manifest(cfg.loader.data, cfg.loader.read_timeout)
+    manifest = load_manifest(cfg.data, cfg.loader.read_timeout)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_cores": os.cpu_count(),
-        "data": cfg.loader.data,
+        "data": cfg.data,
         "format": manifest.format,
         "frames_per_jpeg": manifest.frames_per_jpeg,
         "precision": precision,
-        "augment": cfg.augment_policy,
+        "augment": cfg.augment.policy,
         "rounds": cfg.rounds,
         "date": time.strftime("%Y-%m-%d"),
         "loaders": {},
@@ -385,13 +543,13 @@ def run_bench(cfg: BenchConfig, on_round: Callable[[dict[str, Any]], None] | Non
         if name in PEERS and (problem := peer_problem(name)):
             report["skipped"][name] = problem
     running = [n for n in names if n not in report["skipped"]]
-    shards = manifest.split("train", cfg.loader.data)
+    shards = manifest.split("train", cfg.data)
     reads = {
         n: (f"{manifest.format} shards", sum(s.bytes for s in shards.shards) / max(shards.samples, 1)) for n in running
     }
     videos = None
     if any(n in PEERS for n in running):
-        videos = peer_videos(cfg.loader.data, cfg.videos, cfg.cache, cfg.videos_as_is, cfg.workers)
+        videos = peer_videos(cfg.data, cfg.videos, cfg.cache, cfg.videos_as_is, cfg.workers)
         reads.update({n: (videos.form, videos.bytes_per_video) for n in running if n in PEERS})
         report["videos"] = {"files": len(videos.files), "form": videos.form, "left_out": videos.skipped[:20]}
     benches = {"host": bench_host, "dali": bench_dali, "dataloader": bench_dataloader}
@@ -417,8 +575,8 @@ def run_bench(cfg: BenchConfig, on_round: Callable[[dict[str, Any]], None] | Non
     loaders = report["loaders"]
     if {"dali", "dataloader"} <= set(loaders):
         report["ratio_dali_over_dataloader"] = loaders["dali"]["samples_per_s"] / loaders["dataloader"]["samples_per_s"]
-    if cfg.train_arch:
-        print(f"measuring {cfg.train_arch} training steps for {cfg.seconds:.0f} s ...", flush=True)
+    if cfg.train.arch:
+        print(f"measuring {cfg.train.arch} training steps for {cfg.seconds:.0f} s ...", flush=True)
         report["train"] = bench_train(cfg, device, precision)
     report["config"] = to_dict(cfg)
     print(format_report(report))
@@ -435,7 +593,7 @@ def _summary(rates: list[Rate], reads: tuple[str, float], cfg: BenchConfig) -> d
     return {
         "samples_per_s": samples_per_s,
         "rounds": [r.samples_per_s for r in rates],
-        "frames_per_s": samples_per_s * 2 * cfg.loader.clip_len,
+        "frames_per_s": samples_per_s * 2 * cfg.clip.length,
         "cpu_cores_busy": None if None in busy else median(busy),
         "cpu_us_per_sample": median(r.cpu_us_per_sample for r in rates),
         "windows": [w for r in rates for w in r.windows],

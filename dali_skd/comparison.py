@@ -1,17 +1,17 @@
-"""`cli.py compare`: the paper's Table II as one command.
+"""The comparison engine: every method x seed of a `ComparisonPlan` trained with the same settings, each best
+checkpoint evaluated as `eval` evaluates one, and the table written. `cli.py compare` (the paper's Table II) and
+`cli.py demo` hand it their plans.
 
-Every method x seed is trained with the same settings (any `train` flag applies to all), its best checkpoint
-evaluated with `eval`'s protocol, and the table written: mean +- std of video-level top-1 and top-5 per method,
-each run's figures and wall time, and the exact command. The `kd` baseline needs a teacher: unless `--teacher`
-names one, a `--teacher-arch` model is trained first (with cross-entropy and the augmentations), and its own
-accuracy goes into the table too.
+The table: mean +- std of video-level top-1 and top-5 per method, each run's figures and wall time, and the exact
+command. The `kd` baseline needs a teacher: unless the settings name one (`--teacher`), a `teacher_arch` model is
+trained first (with cross-entropy and the augmentations), and its own accuracy goes into the table too.
 
-DIR after a comparison:
+DIR (the settings' `out`) after a comparison:
 
     DIR/table.md, DIR/table.json    the table
     DIR/compare.png                 validation top-1 per epoch: one colour per method, a thin line per seed
     DIR/runs/<method>-seed<k>/      each run's directory (`cli.py train`'s), plus result.json once evaluated
-    DIR/runs/teacher/               the kd teacher, when compare trained it
+    DIR/runs/teacher/               the kd teacher, when the comparison trained it
 
 A run whose result.json exists is reused, and an interrupted run resumes from its last.pt: a killed comparison
 started again trains only what is missing. A SIGTERM, SIGINT or SIGUSR1 stops it as it stops `train` (the run in
@@ -37,24 +37,32 @@ import matplotlib
 matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt
 
-from dali_skd.config import (
-    CompareConfig,
-    EvalConfig,
-    TrainConfig,
-    changed_settings,
-    format_changes,
-    load_json,
-    to_dict,
-)
+from dali_skd.config import TrainConfig, TrainSettings, changed_settings, format_changes, load_json, to_dict
 from dali_skd.distributed import DistContext, init_distributed, shutdown
-from dali_skd.evaluate import evaluate_checkpoint
+from dali_skd.evaluation import evaluate_checkpoint
 from dali_skd.files import write_atomic
 from dali_skd.methods import METHODS
 from dali_skd.plot import read_metrics
 from dali_skd.signals import Stopped, stop_on_signals
-from dali_skd.train import RESUMABLE_CHANGES, Trainer, agreed_stop, main_rank_lock
+from dali_skd.training import RESUMABLE_CHANGES, Trainer, agreed_stop, main_rank_lock
 
-TEACHER_METHOD = "baseline-aug"  # how compare trains a kd teacher: cross-entropy with the paper's augmentations
+TEACHER_METHOD = "baseline-aug"  # how a kd teacher is trained: cross-entropy with the paper's augmentations
+
+
+@dataclass(frozen=True)
+class ComparisonPlan:
+    """What to compare: `methods` x `seeds` runs of `settings` (its `out`: the comparison's folder), each evaluated
+    with `clips_per_video` clips per video; a kd teacher, when none is named, of `teacher_arch` (default r3d50,
+    r3d50-tiny for -tiny students) trained for `teacher_epochs` (default the settings' epochs). `command` is what
+    the table says reproduces it."""
+
+    settings: TrainSettings
+    methods: tuple[str, ...]
+    seeds: int = 1
+    teacher_arch: str | None = None
+    teacher_epochs: int | None = None
+    clips_per_video: int = 10
+    command: str = ""
 
 
 @dataclass
@@ -68,7 +76,7 @@ class RunResult:
     best_epoch: int
     epochs: int
     seconds: float  # training and evaluation
-    arch: str = ""  # "" in results written before it was recorded
+    arch: str
 
 
 @dataclass
@@ -83,41 +91,42 @@ class CompareReport:
     seconds: float = 0.0
 
 
-def run_compare(cfg: CompareConfig, command: str) -> CompareReport:
-    """Trains and evaluates every method x seed of `cfg` with the settings of `cfg.train` (one process per GPU under
-    torchrun, the runs one after another), then writes the table and the plot (rank 0)."""
-    base, out = cfg.train, Path(cfg.train.out)
-    methods = tuple(m.strip() for m in cfg.methods.split(",") if m.strip())
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
+def run_comparison(plan: ComparisonPlan) -> CompareReport:
+    """Trains and evaluates every run of `plan` (one process per GPU under torchrun, the runs one after another),
+    then writes the table and the plot (rank 0)."""
+    base, out = plan.settings, Path(plan.settings.out)
+    unknown = [m for m in plan.methods if m not in METHODS]
+    if unknown or not plan.methods:
         raise ValueError(
             f"compare: unknown method(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(METHODS)}"
         )
-    if cfg.seeds < 1:
-        raise ValueError(f"compare: --seeds must be 1 or more, not {cfg.seeds}")
+    if plan.seeds < 1:
+        raise ValueError(f"compare: --seeds must be 1 or more, not {plan.seeds}")
     started = time.perf_counter()
-    ctx = init_distributed(base.loader.device)
+    ctx = init_distributed(base.device)
     held = ExitStack()
     try:
         held.enter_context(stop_on_signals())
         held.enter_context(main_rank_lock(ctx, out))
         teacher_path, teacher = base.teacher, None
-        if "kd" in methods and teacher_path is None:
-            arch = cfg.teacher_arch or ("r3d50-tiny" if base.arch.endswith("-tiny") else "r3d50")
-            teacher_cfg = replace(
-                base, method=TEACHER_METHOD, arch=arch, epochs=cfg.teacher_epochs or base.epochs, seed=0,
-                shortcut=None, init=None, freeze="none", lr_backbone=1.0,
+        if "kd" in plan.methods and teacher_path is None:
+            arch = plan.teacher_arch or ("r3d50-tiny" if base.arch.endswith("-tiny") else "r3d50")
+            teacher_cfg = TrainConfig.of(
+                base, method=TEACHER_METHOD, seed=0, arch=arch, epochs=plan.teacher_epochs or base.epochs,
+                shortcut=None, init=None, freeze="none", optim=replace(base.optim, lr_backbone=1.0),
             )  # fmt: skip
-            teacher = _run(teacher_cfg, out / "runs" / "teacher", "teacher", ctx, train_on="--teacher-epochs")
+            teacher = _run(plan, teacher_cfg, out / "runs" / "teacher", "teacher", ctx, train_on="--teacher-epochs")
             teacher_path = str(out / "runs" / "teacher" / "best.pt")
         runs = []
-        for method in methods:
-            for seed in range(cfg.seeds):
+        for method in plan.methods:
+            for seed in range(plan.seeds):
                 name = f"{method}-seed{seed}"
-                run_cfg = replace(base, method=method, seed=seed, teacher=teacher_path if method == "kd" else None)
-                runs.append(_run(run_cfg, out / "runs" / name, name, ctx))
-        report = CompareReport(command, base.loader.data, base.arch, base.epochs, runs, teacher)
-        report.rows = summarise(runs, methods)
+                run_cfg = TrainConfig.of(
+                    base, method=method, seed=seed, teacher=teacher_path if method == "kd" else None
+                )
+                runs.append(_run(plan, run_cfg, out / "runs" / name, name, ctx))
+        report = CompareReport(plan.command, base.data, base.arch, base.epochs, runs, teacher)
+        report.rows = summarise(runs, plan.methods)
         report.seconds = time.perf_counter() - started
         if ctx.is_main:
             write_report(report, out)
@@ -130,7 +139,14 @@ def run_compare(cfg: CompareConfig, command: str) -> CompareReport:
         held.close()
 
 
-def _run(train_cfg: TrainConfig, run_dir: Path, name: str, ctx: DistContext, train_on: str | None = None) -> RunResult:
+def _run(
+    plan: ComparisonPlan,
+    train_cfg: TrainConfig,
+    run_dir: Path,
+    name: str,
+    ctx: DistContext,
+    train_on: str | None = None,
+) -> RunResult:
     """One run: reused if it has its result.json (and was made with these settings), resumed if it has a
     last.pt, else trained from the start; then its best checkpoint evaluated with `eval`'s protocol.
 
@@ -138,8 +154,9 @@ def _run(train_cfg: TrainConfig, run_dir: Path, name: str, ctx: DistContext, tra
     epochs instead (the teacher's); one asked for fewer epochs is refused."""
     train_cfg = replace(train_cfg, out=str(run_dir), resume="auto")
     result_path = run_dir / "result.json"
-    if signal := agreed_stop(ctx):  # under torchrun also a barrier: every rank decides from the same files
+    if signal := agreed_stop(ctx):
         raise Stopped(f"compare stopped by {signal} before {name}")
+    ctx.barrier()  # every rank decides from the same files
     earlier = 0.0  # seconds of a finished run trained on
     if result_path.exists():
         _check_same_settings(run_dir, train_cfg)
@@ -161,10 +178,11 @@ def _run(train_cfg: TrainConfig, run_dir: Path, name: str, ctx: DistContext, tra
         print(f"compare: training {name} -> {run_dir}", flush=True)
     started = time.perf_counter() - earlier
     summary = Trainer(train_cfg, ctx).run()
-    evaluation = EvalConfig(
-        checkpoint=str(run_dir / "best.pt"), batch_size=train_cfg.batch_size, amp=train_cfg.amp, loader=train_cfg.loader
-    )
-    result, _ = evaluate_checkpoint(evaluation, ctx)
+    result, loader = evaluate_checkpoint(
+        run_dir / "best.pt", train_cfg.data, ctx, amp=train_cfg.amp, batch_size=train_cfg.batch_size,
+        clips_per_video=plan.clips_per_video, loader=train_cfg.loader, shards=train_cfg.eval_shards,
+    )  # fmt: skip
+    loader.close()
     run = RunResult(
         name=name,
         method=train_cfg.method,
@@ -228,7 +246,7 @@ def format_table(report: CompareReport) -> str:
         )
     if report.teacher is not None:
         t = report.teacher
-        lines.append(f"| (kd teacher: {t.arch + ', ' if t.arch else ''}{TEACHER_METHOD}, {t.epochs} epochs) | "
+        lines.append(f"| (kd teacher: {t.arch}, {TEACHER_METHOD}, {t.epochs} epochs) | "
                      f"{100 * t.test_top1:.1f} | {100 * t.test_top5:.1f} | 1 | {t.seconds / 60:.1f} |")  # fmt: skip
     lines += ["", "| run | top-1 (%) | top-5 (%) | clip top-1 (%) | best epoch | minutes |", "|---" * 6 + "|"]
     for r in report.runs:
