@@ -130,8 +130,11 @@ class TrainedRun:
         classes = state["classes"]
         check_finite(state["method"], path)
         config = run_config(state, path)
-        classifier = build_model(config.arch, len(classes), shortcut=config.shortcut)
-        classifier.load_state_dict(classifier_state(state, path))
+        try:
+            classifier = build_model(config.arch, len(classes), shortcut=config.shortcut)
+            classifier.load_state_dict(classifier_state(state, path))
+        except (ValueError, RuntimeError) as e:  # a model it does not name, weights of another shape
+            raise ValueError(f"{path}: {str(e).rstrip('.')}; pass the best.pt or last.pt of a run, unchanged") from e
         device = torch.device(device)
         run = cls(Path(path), config, classes, state["preprocessing"], classifier.to(device), device, state["method"])
         if num_classes is not None:

@@ -298,3 +298,24 @@ def test_cli_flags_and_their_errors(data: Path, tmp_path: Path) -> None:
         "--device", "cpu", expect_error=True,
     )  # fmt: skip
     assert "pass --arch r3d50-tiny --shortcut B" in result.output and "Traceback" not in result.output
+
+
+def test_a_checkpoint_changed_by_hand_is_refused_naming_it(tmp_path: Path) -> None:
+    """A checkpoint is input from anyone: a config value of the wrong type, a model it does not name, weights of
+    another shape; each refused with the file's name, none with a traceback."""
+    from conftest import write_checkpoint
+
+    from dali_skd.config import TrainConfig
+
+    good = write_checkpoint(tmp_path / "good.pt", TrainConfig(arch="r3d10-tiny"))
+    state = load_checkpoint(good)
+    cases = {
+        "types": ({**state, "config": {**state["config"], "epochs": "5; rm -rf /"}}, "config.epochs is '5; rm -rf /'"),
+        "arch": ({**state, "config": {**state["config"], "arch": "r3d18\x00"}}, "unknown model 'r3d18\\x00'"),
+        "shape": ({**state, "method": {**state["method"], "model.fc.weight": torch.zeros(3)}}, "size mismatch"),
+    }
+    for name, (changed, message) in cases.items():
+        torch.save(changed, tmp_path / f"{name}.pt")
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name}.pt")) as e:
+            TrainedRun.load(tmp_path / f"{name}.pt")
+        assert message in str(e.value), name
