@@ -252,9 +252,12 @@ class Trainer:
         state = load_checkpoint(path)
         check_finite(state["method"], path)
         if state.get("data_stream") != data_stream():
-            then = state.get("data_stream"), ", ".join(state.get("draws") or ["(not recorded)"])
+            draws = state.get("draws")
+            if not (isinstance(draws, list) and draws and all(isinstance(d, str) for d in draws)):
+                draws = ["(not recorded)"]
             raise ValueError(
-                f"{path} was trained on data stream {then[0]!r} (draws per view: {then[1]}), and this code draws "
+                f"{path} was trained on data stream {state.get('data_stream')!r:.40} (draws per view: "
+                f"{', '.join(draws):.300}), and this code draws "
                 f"stream {data_stream()!r} ({', '.join(draw_layout())}): resuming would go on with other clips and "
                 "augmentations than the run's; pass a new --out (or resume with the code that wrote it)"
             )
