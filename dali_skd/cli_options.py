@@ -132,7 +132,7 @@ def build_config(
         for key in path[:-1]:
             node = node[key]
         node[path[-1]] = value
-    return from_dict(cls, base)
+    return from_dict(cls, base, where="", flags=True)
 
 
 def _merge(base: dict[str, Any], partial: dict[str, Any]) -> None:

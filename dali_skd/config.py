@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -27,7 +28,8 @@ InputNorm = Literal["paper", "kinetics", "kinetics-2018"]
 
 
 def setting(default: Any, help: str, **meta: Any) -> Any:
-    """A config field with its CLI help text (`meta`: more for `cli_options`, e.g. `choices`)."""
+    """A config field with its CLI help text (`meta`: more for `cli_options`, e.g. `choices`; for a number, or each
+    number of a range, its limits `at_least`, `more_than`, `at_most`, checked wherever a config is read)."""
     if isinstance(default, list | dict | tuple) or dataclasses.is_dataclass(default):
         return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help, **meta})
     return field(default=default, metadata={"help": help, **meta})
@@ -72,9 +74,9 @@ def augment_config(table: Mapping[str, Augmentation] = AUGMENTATIONS) -> type:
     `--augment.p-NAME` and `--augment.NAME LO HI` follow from the table (`data/augment.py`)."""
     fields: list[tuple[str, type, Any]] = []
     for a in table.values():
-        fields.append((f"p_{a.name}", float, setting(a.p, f"probability of {a.what}")))
+        fields.append((f"p_{a.name}", float, setting(a.p, f"probability of {a.what}", at_least=0, at_most=1)))
         if a.range is not None:
-            fields.append((a.name, tuple[float, float], setting(a.range, a.range_help)))
+            fields.append((a.name, tuple[float, float], setting(a.range, a.range_help, **a.limits)))
     doc = "The paper's augmentations (`data/augment.py`), each applied with its probability, one draw per clip."
     return dataclasses.make_dataclass("AugmentConfig", fields, namespace={"__doc__": doc, "__module__": __name__})
 
@@ -104,7 +106,7 @@ def channels_last_field() -> Any:
 
 
 def clips_per_video_field() -> Any:
-    return setting(10, "clips per video, uniformly spaced")
+    return setting(10, "clips per video, uniformly spaced", at_least=1)
 
 
 @dataclass
@@ -112,9 +114,11 @@ class ClipConfig:
     """How a clip is cut from a video, and the pixel values the network sees: what a model learns on. `eval`,
     `predict` and `features` take a checkpoint's unless told otherwise."""
 
-    length: int = setting(16, "frames per clip")
-    frame_stride: int = setting(1, "take every S-th frame: a clip spans (length - 1) x S + 1 frames of the video")
-    crop: int = setting(112, "side of the square window cropped from every frame of a clip")
+    length: int = setting(16, "frames per clip", at_least=1)
+    frame_stride: int = setting(
+        1, "take every S-th frame: a clip spans (length - 1) x S + 1 frames of the video", at_least=1
+    )
+    crop: int = setting(112, "side of the square window cropped from every frame of a clip", at_least=1)
     norm: InputNorm = setting(
         "paper",
         "pixel values the network sees: paper: [-1, 1]; kinetics: (x / 255 - mean) / std with the Kinetics mean "
@@ -131,27 +135,40 @@ class LoaderConfig:
         0,
         "DALI CPU threads (0: one per core, at most 16; on a GPU, each JPEG decoder's pool, 0: the cores shared "
         "among the decoders)",
+        at_least=0,
     )
-    prefetch: int = setting(2, "batches DALI prepares ahead")
+    prefetch: int = setting(2, "batches DALI prepares ahead", at_least=1)
     hw_decoder_load: float = setting(
-        0.65, "GPU: share of the JPEG strips given to the hardware JPEG decoder (A100/H100/H200), the rest to CUDA"
+        0.65,
+        "GPU: share of the JPEG strips given to the hardware JPEG decoder (A100/H100/H200), the rest to CUDA",
+        at_least=0,
+        at_most=1,
     )
     preallocate_width_hint: int = setting(
-        -1, "GPU: widest strip the JPEG decoders preallocate for (-1: from the shards; 0: no preallocation)"
+        -1,
+        "GPU: widest strip the JPEG decoders preallocate for (-1: from the shards; 0: no preallocation)",
+        at_least=-1,
     )
     preallocate_height_hint: int = setting(
-        -1, "GPU: tallest strip the JPEG decoders preallocate for (-1: from the shards; 0: no preallocation)"
+        -1,
+        "GPU: tallest strip the JPEG decoders preallocate for (-1: from the shards; 0: no preallocation)",
+        at_least=-1,
     )
     read_timeout: float = setting(
         60.0,
         "http(s) and pipe: data: seconds without a byte before a read is cut and retried (3 tries, resuming where "
         "it was cut); a shard that still fails is skipped",
+        more_than=0,
     )
     stall_timeout: float = setting(
-        300.0, "stop the run when no batch comes for this many seconds (keep it over 3x --loader.read-timeout)"
+        300.0,
+        "stop the run when no batch comes for this many seconds (keep it over 3x --loader.read-timeout)",
+        more_than=0,
     )
     max_bad_samples: int = setting(
-        100, "stop once more samples than this were skipped as damaged or unreadable (each is named in the log)"
+        100,
+        "stop once more samples than this were skipped as damaged or unreadable (each is named in the log)",
+        at_least=0,
     )
 
 
@@ -159,7 +176,7 @@ class LoaderConfig:
 class SamplingConfig:
     """How training draws its samples."""
 
-    shuffle_buffer: int = setting(256, "samples held for shuffling (the shards are already shuffled)")
+    shuffle_buffer: int = setting(256, "samples held for shuffling (the shards are already shuffled)", at_least=1)
     same_clip: bool = setting(False, "make both views from one clip (default: two independently trimmed clips)")
 
 
@@ -167,30 +184,32 @@ class SamplingConfig:
 class OptimConfig:
     """SGD and the plateau schedule."""
 
-    lr: float = setting(0.01, "SGD learning rate")
-    momentum: float = setting(0.9, "SGD momentum")
-    weight_decay: float = setting(5e-4, "SGD weight decay")
-    lr_patience: int = setting(10, "epochs without validation improvement before the lr is divided")
-    lr_factor: float = setting(0.1, "factor applied to the lr on a plateau")
+    lr: float = setting(0.01, "SGD learning rate", more_than=0)
+    momentum: float = setting(0.9, "SGD momentum", at_least=0, at_most=1)
+    weight_decay: float = setting(5e-4, "SGD weight decay", at_least=0)
+    lr_patience: int = setting(10, "epochs without validation improvement before the lr is divided", at_least=0)
+    lr_factor: float = setting(0.1, "factor applied to the lr on a plateau", more_than=0, at_most=1)
     lr_backbone: float = setting(
-        1.0, "the encoder learns at this times --optim.lr; fc and the method's heads at --optim.lr"
+        1.0, "the encoder learns at this times --optim.lr; fc and the method's heads at --optim.lr", at_least=0
     )
 
 
 @dataclass
 class ObjectiveConfig:
-    tau: float = setting(10.0, "softmax temperature of the self-distillation target (Eq. 2)")
-    alpha: float = setting(0.1, "weight of the KL term (Eq. 5)")
-    beta: float = setting(1.0, "weight of the Siamese term (Eq. 5)")
+    tau: float = setting(10.0, "softmax temperature of the self-distillation target (Eq. 2)", more_than=0)
+    alpha: float = setting(0.1, "weight of the KL term (Eq. 5)", at_least=0)
+    beta: float = setting(1.0, "weight of the Siamese term (Eq. 5)", at_least=0)
     kl_detach_target: bool = setting(
         False,
         "stop the gradient through the soft target softmax((p1+p2)/tau) (the paper does not say; default: it flows)",
     )
     kl_tau_squared: bool = setting(False, "scale the KL term by tau^2 as Hinton et al. do (paper: no)")
-    proj_dim: int = setting(2048, "projector g output width")
-    pred_hidden: int = setting(512, "predictor q hidden width")
-    kd_tau: float = setting(4.0, "kd baseline: temperature of teacher and student softmax (Hinton et al.)")
-    kd_alpha: float = setting(0.9, "kd baseline: loss = (1 - alpha) CE + alpha tau^2 KL(teacher || student)")
+    proj_dim: int = setting(2048, "projector g output width", at_least=1)
+    pred_hidden: int = setting(512, "predictor q hidden width", at_least=1)
+    kd_tau: float = setting(4.0, "kd baseline: temperature of teacher and student softmax (Hinton et al.)", more_than=0)
+    kd_alpha: float = setting(
+        0.9, "kd baseline: loss = (1 - alpha) CE + alpha tau^2 KL(teacher || student)", at_least=0, at_most=1
+    )
 
 
 @dataclass
@@ -200,7 +219,7 @@ class ScoreSettings:
     checkpoint's (`cli.py` layers it: defaults, the checkpoint's, --config, the flags given), and the loader's."""
 
     checkpoint: str = setting("runs/run/best.pt", "checkpoint of a run: its best.pt or last.pt")
-    batch_size: int = setting(32, "clips per batch")
+    batch_size: int = setting(32, "clips per batch", at_least=1)
     clips_per_video: int = clips_per_video_field()
     spatial_crops: int = setting(
         1, "windows per clip: 1 (the centre) or 3 (both ends and the centre of the long side, the Kinetics protocol)"
@@ -227,9 +246,9 @@ class TrainSettings:
     train_shards: str | None = setting(None, "training shards instead of the manifest's: brace patterns or URLs")
     eval_shards: str | None = setting(None, "held-out shards instead of the manifest's: brace patterns or URLs")
     out: str = setting("runs/run", "run directory: config, metrics, checkpoints, curves")
-    epochs: int = setting(200, "training epochs")
-    batch_size: int = setting(32, "samples per GPU (or per process on the CPU)")
-    val_clips: int = setting(1, "clips per video for the per-epoch validation")
+    epochs: int = setting(200, "training epochs", at_least=1)
+    batch_size: int = setting(32, "samples per GPU (or per process on the CPU)", at_least=1)
+    val_clips: int = setting(1, "clips per video for the per-epoch validation", at_least=1)
     shortcut: Literal["A", "B"] | None = setting(
         None,
         "encoder shortcut: A (zero-padded identity) or B (1x1x1 conv + BN); default: A for r3d10/18/34, B for 50/101",
@@ -249,10 +268,14 @@ class TrainSettings:
     channels_last: bool = channels_last_field()
     device: Device = device_field()
     log_every: int = setting(
-        20, "steps between TensorBoard scalars and checks of the loss (and, under torchrun, of a stop signal)"
+        20,
+        "steps between TensorBoard scalars and checks of the loss (and, under torchrun, of a stop signal)",
+        at_least=1,
     )
     max_skipped_steps: int = setting(
-        100, "fp16: stop when the grad scaler skips this many steps in a row (their gradients overflow at any scale)"
+        100,
+        "fp16: stop when the grad scaler skips this many steps in a row (their gradients overflow at any scale)",
+        at_least=0,
     )
     optim: OptimConfig = setting(OptimConfig(), "the optimizer")
     clip: ClipConfig = setting(ClipConfig(), "clips")
@@ -269,7 +292,7 @@ class TrainConfig(TrainSettings):
     method: str = setting(
         "skd-srl", "training objective: the paper's method or one of its baselines", choices=method_names
     )
-    seed: int = setting(0, "seed for weights, data order and augmentation draws")
+    seed: int = setting(0, "seed for weights, data order and augmentation draws", at_least=0)
     resume: bool | Literal["auto"] = setting(
         False, "continue from OUT/last.pt (it must exist); --resume auto: continue if OUT holds one, else start"
     )
@@ -289,9 +312,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls: type[T], raw: dict[str, Any], where: str = "config") -> T:
+def from_dict(cls: type[T], raw: dict[str, Any], where: str = "config", flags: bool = False) -> T:
     """Build `cls` from a (possibly partial) nested dict (a saved config, a checkpoint's: input from anyone); an
-    unknown key, or a value not of its setting's type, is an error that names it."""
+    unknown key, or a value not of its setting's type or outside its limits, is an error that names it: by its
+    dotted path under `where`, or (`flags`: the command line's settings) as the flag that sets it."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where} is {raw!r:.60}, not a group of settings")
     kwargs: dict[str, Any] = {}
@@ -301,8 +325,35 @@ def from_dict(cls: type[T], raw: dict[str, Any], where: str = "config") -> T:
         if key not in fields:
             raise ValueError(f"{where}: unknown setting {key!r} (known: {', '.join(fields)})")
         sub = _nested_type(cls, key)
-        kwargs[key] = from_dict(sub, value, f"{where}.{key}") if sub else _checked(hints[key], value, f"{where}.{key}")
+        path = f"{where}.{key}" if where else key
+        if sub:
+            kwargs[key] = from_dict(sub, value, path, flags)
+        else:
+            name = "--" + path.replace("_", "-") if flags else path
+            kwargs[key] = _in_limits(fields[key], _checked(hints[key], value, name), name)
     return cls(**kwargs)
+
+
+def _in_limits(f: dataclasses.Field, value: Any, name: str) -> Any:
+    """`value`, if it is no number, or a finite one within its setting's limits (`setting`'s `at_least`, `more_than`,
+    `at_most`); a range (LO, HI) also needs LO not above HI. Else a ValueError that names the setting."""
+    numbers = [x for x in (value if isinstance(value, tuple) else (value,)) if type(x) in (int, float)]
+    limits = [
+        (f.metadata.get("at_least"), lambda x, v: x >= v, "at least"),
+        (f.metadata.get("more_than"), lambda x, v: x > v, "more than"),
+        (f.metadata.get("at_most"), lambda x, v: x <= v, "at most"),
+    ]
+    shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+    for x in numbers:
+        if not math.isfinite(x):
+            raise ValueError(f"{name} is {shown}; it must be a finite number")
+        for limit, within, words in limits:
+            if limit is not None and not within(x, limit):
+                each = "each of its numbers" if isinstance(value, tuple) else "it"
+                raise ValueError(f"{name} is {shown}; {each} must be {words} {limit}")
+    if isinstance(value, tuple) and len(numbers) == 2 and numbers[0] > numbers[1]:
+        raise ValueError(f"{name} is {shown}; a range is LO HI, with LO not above HI")
+    return value
 
 
 def _checked(kind: Any, value: Any, where: str) -> Any:

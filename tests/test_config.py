@@ -188,3 +188,37 @@ def test_a_saved_config_of_the_wrong_types_is_refused_naming_the_setting(
     cfg = parsed("train", "--config", str(tmp_path / "ok.json"))
     assert (cfg.epochs, cfg.optim.lr, cfg.augment.contrast) == (5, 1.0, (0.5, 2.0))
     assert isinstance(cfg.optim.lr, float)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epochs", "-3"], "--epochs is -3; it must be at least 1"),
+        (["--batch-size", "0"], "--batch-size is 0; it must be at least 1"),
+        (["--optim.lr", "-1"], "--optim.lr is -1.0; it must be more than 0"),
+        (["--optim.lr", "nan"], "--optim.lr is nan; it must be a finite number"),
+        (["--loader.stall-timeout", "inf"], "--loader.stall-timeout is inf; it must be a finite number"),
+        (["--augment.p-flip", "1.5"], "--augment.p-flip is 1.5; it must be at most 1"),
+        (["--augment.hue", "-200", "30"], "--augment.hue is -200.0 30.0; each of its numbers must be at least -180"),
+        (["--augment.blur", "2", "1"], "--augment.blur is 2.0 1.0; a range is LO HI, with LO not above HI"),
+        (["--augment.blur", "0", "1"], "--augment.blur is 0.0 1.0; each of its numbers must be more than 0"),
+    ],
+)
+def test_a_number_outside_its_limits_is_refused_naming_the_flag(args: list[str], message: str) -> None:
+    """`--epochs -3` trained nothing and exited 0; `--batch-size 0` ended in a ZeroDivisionError."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parsed("train", *args)
+    result = invoke("train", *args, expect_error=True)
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_limits_hold_for_a_saved_config_and_the_defaults_are_within_them(tmp_path: Path) -> None:
+    (tmp_path / "c.json").write_text(json.dumps({"objective": {"tau": 0}, "loader": {"prefetch": 2}}))
+    with pytest.raises(ValueError, match=re.escape("c.json.objective.tau is 0.0; it must be more than 0")):
+        parsed("train", "--config", str(tmp_path / "c.json"))
+    for name in COMMANDS:  # every command's defaults pass its own checks
+        parsed(name)
+    assert parsed("train", "--loader.preallocate-width-hint", "-1", "--augment.hue", "-180", "180").augment.hue == (
+        -180.0,
+        180.0,
+    )

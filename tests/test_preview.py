@@ -101,6 +101,6 @@ def test_preview_writes_the_png_and_refuses_what_it_cannot_draw(gradients: Path,
     assert f"wrote {out}: 2 samples x 2 views" in result.output
     assert Image.open(out).size == (2 * 2 * (128 + 4) + 24, 2 * (22 + 44 + 128 + 4 + 4))
     result = invoke("preview", *common, "--samples", "0", "--out", str(out), expect_error=True)
-    assert "Error: --samples 0 --frames 4: draw at least one sample and one frame" in result.output
+    assert "Error: --samples is 0; it must be at least 1" in result.output
     result = invoke("preview", "--data", str(tmp_path), "--out", str(out), expect_error=True)
     assert f"no manifest.json in {tmp_path}" in result.output

@@ -85,7 +85,7 @@ class BenchTrainConfig:
     """The training steps `bench` times (the trainer's own, SKD-SRL with the paper's SGD settings)."""
 
     arch: str | None = setting(None, "also measure training steps of this encoder (e.g. r3d18)")
-    batch_size: int = setting(32, "samples per training step")
+    batch_size: int = setting(32, "samples per training step", at_least=1)
     channels_last: bool = channels_last_field()
 
 
@@ -99,13 +99,13 @@ class BenchConfig:
         "loaders to measure, comma-separated: host (the host side alone), dali, dataloader, and the loaders users "
         "pick instead, each a DataLoader over video files: decord, pyav, torchcodec (pip install -e '.[peers]')",
     )
-    batch_size: int = setting(64, "two-view samples per batch")
-    seconds: float = setting(30.0, "measuring time per loader and round, after warm-up")
-    repeats: int = setting(5, "the measuring time is split into this many windows; the median is reported")
+    batch_size: int = setting(64, "two-view samples per batch", at_least=1)
+    seconds: float = setting(30.0, "measuring time per loader and round, after warm-up", more_than=0)
+    repeats: int = setting(5, "the measuring time is split into this many windows; the median is reported", at_least=1)
     rounds: int = setting(
-        3, "rounds; in each, every loader is measured once, one after another; the median is reported"
+        3, "rounds; in each, every loader is measured once, one after another; the median is reported", at_least=1
     )
-    workers: int = setting(os.cpu_count() or 1, "DataLoader worker processes of the baseline and the peers")
+    workers: int = setting(os.cpu_count() or 1, "DataLoader worker processes of the baseline and the peers", at_least=0)
     amp: Amp = amp_field()
     device: Device = device_field()
     json: str | None = setting(None, "also write the figures to this JSON file")

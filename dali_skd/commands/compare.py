@@ -19,11 +19,13 @@ class CompareConfig(TrainSettings):
     """`cli.py compare`: what to compare, and the settings every run shares."""
 
     methods: str = setting("baseline,baseline-aug,kd,self-kd,skd-srl", "methods to compare, comma-separated")
-    seeds: int = setting(3, "runs per method, with seeds 0, 1, ...")
+    seeds: int = setting(3, "runs per method, with seeds 0, 1, ...", at_least=1)
     teacher_arch: str | None = setting(
         None, "kd without --teacher: the teacher compare trains first (default r3d50; r3d50-tiny for -tiny students)"
     )
-    teacher_epochs: int | None = setting(None, "kd without --teacher: the teacher's epochs (default: --epochs)")
+    teacher_epochs: int | None = setting(
+        None, "kd without --teacher: the teacher's epochs (default: --epochs)", at_least=1
+    )
     clips_per_video: int = clips_per_video_field()
     out: str = setting("runs/compare", "the comparison's folder: its table, plot, and a folder per run")
 

@@ -53,7 +53,7 @@ class DemoConfig:
     """`cli.py demo`."""
 
     out: str = setting("runs/demo", "where the data, runs and results go")
-    minutes: float = setting(6.0, "time budget for the whole demo on this machine")
+    minutes: float = setting(6.0, "time budget for the whole demo on this machine", more_than=0)
     compare: bool = setting(False, "also train the plain cross-entropy baseline, within the same budget")
     json: str | None = setting(None, "also write the results to this file")
     device: Device = device_field()

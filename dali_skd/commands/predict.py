@@ -32,15 +32,15 @@ SPLIT = "predict"  # the temporary dataset's one split
 class PredictConfig(ScoreSettings):
     """`cli.py predict`: a checkpoint applied to video files."""
 
-    top_k: int = setting(5, "classes listed per video, most probable first")
+    top_k: int = setting(5, "classes listed per video, most probable first", at_least=1)
     json: str | None = setting(None, "also write the predictions to this JSON file")
     short_side: int | None = setting(
         None, "transcode to this short side (default: the checkpoint's, from its dataset's manifest)"
     )
     fps: float | None = setting(
-        None, "transcode to this frame rate (default: the checkpoint's, from its dataset's manifest)"
+        None, "transcode to this frame rate (default: the checkpoint's, from its dataset's manifest)", more_than=0
     )
-    workers: int = setting(os.cpu_count() or 1, "videos transcoded at once")
+    workers: int = setting(os.cpu_count() or 1, "videos transcoded at once", at_least=1)
 
 
 @dataclass

@@ -47,13 +47,13 @@ class PreviewConfig:
 
     data: str = data_field()
     split: str = setting("train", "the split whose samples are drawn")
-    samples: int = setting(4, "samples drawn: the first usable ones of the split")
-    frames: int = setting(4, "frames drawn of each view, evenly spaced over its clip")
+    samples: int = setting(4, "samples drawn: the first usable ones of the split", at_least=1)
+    frames: int = setting(4, "frames drawn of each view, evenly spaced over its clip", at_least=1)
     compare_baseline: bool = setting(
         False, "also draw the DataLoader baseline's views of the same samples with the same draws, under DALI's"
     )
     out: str = setting("views.png", "the PNG to write")
-    seed: int = setting(0, "seed for the clips' starts and the augmentations' draws")
+    seed: int = setting(0, "seed for the clips' starts and the augmentations' draws", at_least=0)
     device: Device = device_field()
     clip: ClipConfig = setting(ClipConfig(), "clips")
     augment: AugmentConfig = setting(AugmentConfig(), "augmentations")

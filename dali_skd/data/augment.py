@@ -14,8 +14,8 @@ Light on purpose: the CLI reads this table before torch or DALI are imported, so
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -65,6 +65,7 @@ class Augmentation:
     dali: Callable[[Any, Any, Any], Any] | None
     range: tuple[float, float] | None = None  # a flag --augment.NAME LO HI
     range_help: str = ""
+    limits: Mapping[str, float] = field(default_factory=lambda: {"at_least": 0})  # of the range's ends (`setting`)
     choices: str = ""
     label: str = "{}"  # the preview's words for a draw, formatted with the parameter (`{}`) or the choice's character
 
@@ -93,12 +94,14 @@ AUGMENTATIONS: dict[str, Augmentation] = {
             torch=rotate_hue,
             dali=lambda fn, clip, h: fn.hue(clip, hue=h),
             range=(-30.0, 30.0), range_help="hue rotation range in degrees", label="hue {:+.0f}°",
+            limits={"at_least": -180, "at_most": 180},
         ),
         Augmentation(
             "blur", 0.5, "a Gaussian blur",
             torch=gaussian_blur,
             dali=lambda fn, clip, s: fn.gaussian_blur(clip, sigma=s),
             range=(0.1, 2.0), range_help="Gaussian blur sigma range in pixels", label="blur σ {:.2f}",
+            limits={"more_than": 0},
         ),
         Augmentation(
             "channel_split", 0.5, "copying one random colour channel into all three",
