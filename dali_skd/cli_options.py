@@ -97,7 +97,7 @@ def config_options(cls: type) -> Callable[[Callable], Callable]:
     def decorate(command: Callable) -> Callable:
         for path, f, kind in reversed(leaves(cls)):
             default = functools.reduce(lambda node, key: node[key], path, defaults)
-            help_text = f"{f.metadata.get('help', '')}  [default: {_show(default)}]"
+            help_text = f"{f.metadata.get('help', '')}  [default: {_show(default)}{_limits(f)}]"
             if kind is bool:
                 decl = f"{flag(path)}/{flag(path, negated=True)}"
                 command = click.option(decl, _key(path), default=None, help=help_text)(command)
@@ -109,6 +109,13 @@ def config_options(cls: type) -> Callable[[Callable], Callable]:
         return command
 
     return decorate
+
+
+def _limits(f: dataclasses.Field) -> str:
+    """A setting's limits for its help: `; at least 1`, `; more than 0, at most 1`."""
+    words = {"at_least": "at least", "more_than": "more than", "at_most": "at most"}
+    said = [f"{text} {f.metadata[key]}" for key, text in words.items() if key in f.metadata]
+    return "; " + ", ".join(said) if said else ""
 
 
 def _show(value: Any) -> str:

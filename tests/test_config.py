@@ -216,6 +216,7 @@ def test_limits_hold_for_a_saved_config_and_the_defaults_are_within_them(tmp_pat
     (tmp_path / "c.json").write_text(json.dumps({"objective": {"tau": 0}, "loader": {"prefetch": 2}}))
     with pytest.raises(ValueError, match=re.escape("c.json.objective.tau is 0.0; it must be more than 0")):
         parsed("train", "--config", str(tmp_path / "c.json"))
+    assert "training epochs  [default: 200; at least 1]" in invoke("train", "--help").output  # said in the help
     for name in COMMANDS:  # every command's defaults pass its own checks
         parsed(name)
     assert parsed("train", "--loader.preallocate-width-hint", "-1", "--augment.hue", "-180", "180").augment.hue == (
