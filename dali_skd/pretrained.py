@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dali_skd.checkpoint import checked_state, classifier_state
+from dali_skd.checkpoint import checked_state, classifier_state, nonfinite_tensors
 from dali_skd.methods import Method
 from dali_skd.models import MODELS, Bottleneck, ResNet3d
 
@@ -178,6 +178,11 @@ def init_from_pretrained(model: ResNet3d, path: str | Path) -> InitReport:
         raise ValueError(
             f"--init: {path} does not fit the model ({mine or 'this --arch'}): {problems[0]} "
             f"({len(problems)} tensors differ); {advice}"
+        )
+    if bad := nonfinite_tensors({k: weights[k] for k in report.loaded}):
+        raise ValueError(
+            f"--init: {path} holds non-finite weights ({len(bad)} of {len(report.loaded)} tensors, e.g. {bad[0]}): "
+            "the run that wrote it diverged, or the file is damaged; pass another file"
         )
     model.load_state_dict({**ours, **{k: weights[k] for k in report.loaded}})
     return report

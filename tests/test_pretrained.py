@@ -319,3 +319,16 @@ def test_a_checkpoint_changed_by_hand_is_refused_naming_it(tmp_path: Path) -> No
         with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name}.pt")) as e:
             TrainedRun.load(tmp_path / f"{name}.pt")
         assert message in str(e.value), name
+
+
+def test_init_refuses_a_file_with_non_finite_weights(tmp_path: Path) -> None:
+    source = kinetics_model("r3d10-tiny", 400, "A", seed=2)
+    with torch.no_grad():
+        source.layer2[0].conv1.weight[0, 0, 0, 0, 0] = float("nan")
+    path = save_2018_file(source, tmp_path / "diverged.pth")
+    model = build_model("r3d10-tiny", 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=re.escape(f"--init: {path} holds non-finite weights (1 of ")) as e:
+        init_from_pretrained(model, path)
+    assert "e.g. layer2.0.conv1.weight" in str(e.value)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # nothing loaded
