@@ -10,6 +10,7 @@ classifier, method, config, classes and preprocessing, and an `EvalLoader` that 
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -40,8 +41,41 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable dali-skd checkpoint ({e})") from e
+        raise ValueError(
+            f"{path} is not a readable dali-skd checkpoint ({load_failure(e)}): pass the last.pt or best.pt of a "
+            "`cli.py train` run"
+        ) from e
     return checked_state(state, path)
+
+
+# what a pickle calls to run code as it is loaded: torch blocks some modules outright ("whose module os is blocked"),
+# and refuses these with every other global
+_RUNS_CODE = re.compile(
+    r"((builtins|__builtin__)\.)?(eval|exec|compile|__import__|getattr|open|system)$"
+    r"|(os|posix|nt|sys|subprocess|commands|runpy|pty|shutil|socket|importlib|builtins|__builtin__)\."
+)
+
+
+def refused_global(error: Exception) -> tuple[str, bool] | None:
+    """What `torch.load(weights_only=True)` refused in a file, from its error: the pickled global's name, and whether
+    it is a call that runs code (`posix.system`, `eval`); None for any other error."""
+    match = re.search(r"GLOBAL (\S+)( whose module \S+ is blocked)?", str(error))
+    if match is None:
+        return None
+    return match[1], bool(match[2] or _RUNS_CODE.match(match[1]))
+
+
+def load_failure(error: Exception) -> str:
+    """Why `torch.load(weights_only=True)` failed, in one line (torch's own text runs to eight, with advice to load
+    the file without `weights_only` even when the file would run a shell command)."""
+    refused = refused_global(error)
+    if refused is None:
+        lines = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines()  # the reason, past the advice
+        return lines[0][:200] if lines else type(error).__name__
+    name, runs_code = refused
+    if runs_code:
+        return f"it holds a pickled call of {name}, code that would run as the file is loaded: never load it"
+    return f"it holds a pickled object of class {name}, which a weights-only load refuses"
 
 
 def checked_state(state: object, path: str | Path) -> dict[str, Any]:

@@ -19,8 +19,6 @@ difference is an error that says which --arch and --shortcut the file holds.
 
 from __future__ import annotations
 
-import pickle
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dali_skd.checkpoint import checked_state, classifier_state, nonfinite_tensors
+from dali_skd.checkpoint import checked_state, classifier_state, load_failure, nonfinite_tensors, refused_global
 from dali_skd.methods import Method
 from dali_skd.models import MODELS, Bottleneck, ResNet3d
 
@@ -84,21 +82,17 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str, str | None]:
         raise FileNotFoundError(f"--init: no file at {path}: pass a dali-skd checkpoint or a Kinetics model file")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's message: "... WeightsUnpickler error: <reason> ... Check the documentation ..."
-        reason = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].strip()
-        refused = re.search(r"GLOBAL (\S+)", reason)
-        if refused is None:
-            raise ValueError(f"--init: {path} is not a PyTorch checkpoint ({reason})") from e
+    except Exception as e:
+        refused = refused_global(e)
+        if refused is None or refused[1]:  # not a pickle of an object, or one that would run code: no way round
+            raise ValueError(f"--init: {path} is not a PyTorch checkpoint ({load_failure(e)})") from e
         resaved = path.with_name(path.stem + "-weights.pth")
         raise ValueError(
-            f"--init: {path} holds an object of class {refused[1]}, which torch.load(weights_only=True) refuses. "
+            f"--init: {path} holds an object of class {refused[0]}, which torch.load(weights_only=True) refuses. "
             "If you trust the file, keep only its weights, in a Python session: "
             f"import torch; torch.save({{'state_dict': torch.load('{path}', map_location='cpu', "
             f"weights_only=False)['state_dict']}}, '{resaved}')  -- then pass --init {resaved}"
         ) from e
-    except Exception as e:
-        raise ValueError(f"--init: {path} is not a readable PyTorch checkpoint ({e})") from e
 
     if isinstance(raw, dict) and "checkpoint_version" in raw:
         run = checked_state(raw, path)

@@ -304,6 +304,33 @@ def test_a_broken_tar_header_skips_the_rest_of_the_shard(
     assert skipped[0][0] == url and re.fullmatch(f"shard unreadable from here on: {reason}", skipped[0][1]), skipped
 
 
+# -- checkpoints ----------------------------------------------------------------------------------------------------
+
+
+class _RunsAShellCommand:
+    def __reduce__(self) -> tuple:
+        return os.system, ("touch pwned",)
+
+
+def test_a_checkpoint_that_would_run_code_is_one_line_and_no_advice_to_load_it(
+    dataset: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A pickle that calls posix.system: `eval` and `--init` refuse it in one line naming the call, without torch's
+    eight lines (their advice to load it with weights_only=False included), and nothing runs."""
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "best.pt"
+    torch.save({"method": {}, "checkpoint_version": 2, "x": _RunsAShellCommand()}, evil)
+    result = invoke("eval", "--data", str(dataset), "--checkpoint", str(evil), "--device", "cpu", expect_error=True)
+    line = one_line_error(result.output)
+    assert f"{evil} is not a readable dali-skd checkpoint (it holds a pickled call of posix.system" in line
+    assert "weights_only=False" not in line and "likely succeed" not in line
+    result = invoke("train", "--data", str(dataset), "--init", str(evil), "--out", str(tmp_path / "run"), *TINY,
+                    expect_error=True)  # fmt: skip
+    line = one_line_error(result.output)
+    assert "--init: " in line and "pickled call of posix.system" in line and "weights_only=False" not in line
+    assert not (tmp_path / "pwned").exists()
+
+
 # -- video identity ---------------------------------------------------------------------------------------------------
 
 
