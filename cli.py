@@ -47,9 +47,10 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except Stopped as e:
-            if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker ending: torchrun signals the others meanwhile
-                for s in STOP_SIGNALS:
-                    signal.signal(s, signal.SIG_IGN)
+            # the work is saved and the process ends with EXIT_STOPPED, which a scheduler requeues: a signal now (a
+            # person insisting, torchrun signalling the other workers as one ends) must not turn it into 128 + N
+            for s in STOP_SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
             if os.environ.get("RANK", "0") == "0":  # one line for a torchrun job, whose every rank stops
                 click.echo(str(e), err=True)
             raise click.exceptions.Exit(EXIT_STOPPED) from e

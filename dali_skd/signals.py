@@ -8,7 +8,8 @@ current step), saves where it is and raises `Stopped`, which the CLI prints as o
 process at once (exit status 128 + its number). One within that time is the same signal delivered twice, not a
 person insisting: SLURM signals every process of a job step, and torchrun forwards what it receives to its workers.
 Once the work is saved (`work_saved`), signals are ignored: torchrun sends one to the workers still running as soon
-as one of them exits, and they are on their way out already.
+as one of them exits, and they are on their way out already. The CLI ignores them from then on, to the end of the
+process, so that it exits with 75 (requeue me), never 128 + N, however often it is signalled on its way out.
 
 Signals are watched from a thread (`signal.set_wakeup_fd`): Python runs its handlers only between two bytecodes of
 the main thread, which a training step spends seconds in C++ without reaching, or forever if it hangs; so each

@@ -11,6 +11,7 @@ import inspect
 import os
 import pkgutil
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +38,21 @@ def _staged_packages() -> None:
 
 
 _staged_packages()
+
+# --- Signal handlers (every test) -------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored() -> Iterator[None]:
+    """A command run in-process and stopped by a signal leaves SIGTERM, SIGINT and SIGUSR1 ignored, as a process on
+    its way out with exit code 75 should (cli.user_errors): they are the test session's own again after the test."""
+    from dali_skd.signals import STOP_SIGNALS
+
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    yield
+    for s, handler in before.items():
+        signal.signal(s, handler)
+
 
 # --- Two ranks under torchrun (tests/test_train.py, tests/test_evaluate.py) ------------------------------------
 

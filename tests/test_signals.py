@@ -58,3 +58,36 @@ def test_a_second_signal_later_ends_the_process_at_once() -> None:
 def test_once_its_work_is_saved_a_process_ignores_signals() -> None:
     done = run("SIGTERM", "saved")
     assert done.returncode == 0 and "still alive" in done.stdout
+
+
+STOPPED_COMMAND = """
+import atexit, os, signal, time
+import click
+from cli import user_errors
+from dali_skd.signals import Stopped, stop_on_signals, stop_requested, work_saved
+
+@click.command()
+@user_errors
+def command():
+    with stop_on_signals():
+        os.kill(os.getpid(), signal.SIGTERM)
+        while stop_requested() is None:
+            time.sleep(0.01)
+        work_saved()
+        raise Stopped("stopped by SIGTERM at step 3")
+
+def insist():  # a second SIGTERM as the process ends (its threads and DALI's pipelines take a moment there)
+    time.sleep(1.5)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)
+    print("exiting", flush=True)
+
+atexit.register(insist)
+command()
+"""
+
+
+def test_a_signal_after_the_work_was_saved_still_exits_75_to_be_requeued() -> None:
+    done = subprocess.run([sys.executable, "-c", STOPPED_COMMAND], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 75 and "exiting" in done.stdout, (done.returncode, done.stderr)
+    assert "stopped by SIGTERM at step 3; run the same command again to continue" in done.stderr
