@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from dali_skd.config import changed_settings, format_changes
-from dali_skd.files import AtomicFile, append_line, write_atomic
+from dali_skd.files import AtomicFile, DiskFull, append_line, write_atomic
 from dali_skd.format import FAILED_NAME, MANIFEST_NAME, ShardInfo, ShardManifest, SplitInfo
 from preprocess.datasets import PreprocessError
 
@@ -117,8 +117,12 @@ class ShardWriter:
         self.members_bytes = 0
 
     def add(self, members: list[tuple[str, bytes]]) -> None:
-        for name, data in members:
-            self._tar.addfile(member_info(name, len(data)), io.BytesIO(data))
+        try:
+            for name, data in members:
+                self._tar.addfile(member_info(name, len(data)), io.BytesIO(data))
+        except DiskFull:
+            self._file.discard()  # the space its partial .tmp holds is given back: the disk is not left full
+            raise
         self.samples += 1
         self.members_bytes += members_tar_bytes(members)
 

@@ -15,6 +15,7 @@ from conftest import lock_held_elsewhere
 
 from dali_skd.checkpoint import save_checkpoint
 from dali_skd.files import DirectoryBusy, DiskFull, append_line, lock_directory, open_atomic, write_atomic
+from preprocess.shards import ShardWriter
 
 
 def test_write_atomic_replaces_the_file_and_fsyncs_it_and_its_folder(tmp_path: Path, monkeypatch) -> None:
@@ -66,6 +67,15 @@ def test_a_full_disk_names_a_shard_and_a_metrics_file(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
     with pytest.raises(DiskFull, match=r"cannot write .*metrics\.jsonl: the disk is full.*--resume"):
         append_line(tmp_path / "metrics.jsonl", '{"epoch": 3}')
+
+
+@needs_dev_full
+def test_a_shard_that_meets_a_full_disk_leaves_no_partial_file_to_hold_the_space(tmp_path: Path) -> None:
+    (tmp_path / "shard-000000.tar.tmp").symlink_to("/dev/full")
+    writer = ShardWriter(tmp_path / "shard-000000.tar")
+    with pytest.raises(DiskFull, match=r"cannot write .*shard-000000\.tar: the disk is full"):
+        writer.add([("train-0000000.jpgs", b"x" * 1_000_000)])  # past the write buffer: written at once
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- one writer per folder -----------------------------------------------------------------------------------------
