@@ -149,8 +149,9 @@ def _kinetics_rows(path: Path) -> list[tuple[str, str]]:
 
 
 def list_folder(cfg: PreprocessConfig, root: Path) -> DatasetListing:
-    """`ROOT/<class>/<video>` (any depth below the class folder); a deterministic `val_fraction` of each class,
-    chosen by a hash of the file's path, is the test split: adding videos never moves the others."""
+    """`ROOT/<class>/<video>` (any depth below the class folder; every entry that is not a subfolder is a video, or
+    fails with its reason: a FIFO, a broken link, a folder named like a video); a deterministic `val_fraction` of
+    each class, chosen by a hash of the file's path, is the test split: adding videos never moves the others."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise PreprocessError(f"{root} holds no class folders: --dataset folder reads ROOT/<class>/<video>")
@@ -159,13 +160,23 @@ def list_folder(cfg: PreprocessConfig, root: Path) -> DatasetListing:
         sources = [
             path.relative_to(root).as_posix()
             for path in (root / class_name).rglob("*")
-            if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)
+            if _may_be_a_video(path) and not any(part.startswith(".") for part in path.relative_to(root).parts)
         ]
         by_hash = sorted(sources, key=lambda source: hashlib.sha1(source.encode()).hexdigest())
         held_out = min(len(sources) - 1, max(1, round(len(sources) * cfg.val_fraction))) if cfg.val_fraction else 0
         for i, source in enumerate(by_hash):
             splits["test" if i < held_out else "train"].append(Video(source, label))
     return DatasetListing(classes, splits)
+
+
+# a folder named so is listed (and fails, named in failed.jsonl), not taken for a subfolder of videos
+VIDEO_SUFFIXES = {".avi", ".mp4", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts"}
+
+
+def _may_be_a_video(path: Path) -> bool:
+    """Every entry of a class folder is listed but the subfolders it holds videos in: a FIFO, a link that leads
+    nowhere or to a folder, a folder named like a video are listed too, and fail with their reason (`transcode`)."""
+    return path.is_symlink() or not path.is_dir() or path.suffix.lower() in VIDEO_SUFFIXES
 
 
 def list_synthetic(cfg: PreprocessConfig, root: Path) -> DatasetListing:

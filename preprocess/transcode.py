@@ -11,8 +11,11 @@ the same ffmpeg run's log, so each video costs one process.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import signal
+import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -150,12 +153,26 @@ def ffmpeg_command(source: Path, settings: TranscodeSettings, output: str) -> li
     )
 
 
+def file_problem(source: Path) -> str | None:
+    """Why `source` is no file ffmpeg could read, found before it is opened (ffmpeg would wait forever on a FIFO or
+    read a device without end), or None."""
+    try:
+        mode = source.stat()
+    except FileNotFoundError:
+        return f"a symbolic link to {os.readlink(source)}, which does not exist" if source.is_symlink() else "missing"
+    except OSError as e:
+        return "a symbolic link loop" if e.errno == errno.ELOOP else f"cannot be read ({e.strerror})"
+    if stat.S_ISREG(mode.st_mode):
+        return "zero-byte file" if mode.st_size == 0 else None
+    kinds = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket"}
+    kind = next((name for test, name in kinds.items() if test(mode.st_mode)), "a device file")
+    return f"{kind}, not a video file"
+
+
 def transcode(source: Path, settings: TranscodeSettings) -> EncodedVideo:
     """Decode, resample and scale `source`; raise VideoError with the reason when it cannot be used."""
-    if not source.is_file():
-        raise VideoError("missing")
-    if source.stat().st_size == 0:
-        raise VideoError("zero-byte file")
+    if problem := file_problem(source):
+        raise VideoError(problem)
     with (
         tempfile.TemporaryFile() as log_file,
         tempfile.TemporaryFile() as jpeg_file,

@@ -4,6 +4,7 @@ the CLI as a user types it."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,17 @@ def test_predict_agrees_with_eval_and_reports_a_bad_file(
             [c["probability"] for c in prediction["top"]], [c["probability"] for c in row["top"]], atol=1e-4
         )
         assert f"{prediction['video']}: {row['top'][0]['class']} " in result.stdout
+
+
+def test_predict_names_a_folder_and_a_fifo_for_what_they_are(trained: dict[str, Path], tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "clip.mp4")
+    (tmp_path / "other.mp4").mkdir()
+    result = invoke(
+        "predict", str(tmp_path / "clip.mp4"), str(tmp_path / "other.mp4"), "--checkpoint", str(trained["checkpoint"]),
+        "--device", "cpu", expect_error=True,
+    )  # fmt: skip
+    assert f"{tmp_path / 'clip.mp4'}: a FIFO, not a video file; not predicted" in result.stderr
+    assert f"{tmp_path / 'other.mp4'}: a folder, not a video file; not predicted" in result.stderr
 
 
 def test_predict_transcodes_as_the_training_data_was_unless_told(trained: dict[str, Path], tmp_path: Path) -> None:

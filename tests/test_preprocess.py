@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -321,8 +322,25 @@ def folder_tree(root: Path, videos: dict[str, Path]) -> Path:
     return root
 
 
+def odd_entries(folder: Path) -> dict[str, str]:
+    """What else a class folder may hold, by name, and the reason preprocess gives for each."""
+    os.mkfifo(folder / "bad_fifo.mp4")  # ffmpeg would wait on it for ever
+    (folder / "bad_folder.mp4").mkdir()
+    (folder / "bad_dangling.mp4").symlink_to(folder / "gone.mp4")
+    (folder / "bad_loop.mp4").symlink_to(folder / "bad_loop.mp4")
+    (folder / "bad_link_to_a_folder").symlink_to(folder / "bad_folder.mp4")
+    return {
+        "bad_fifo.mp4": "a FIFO, not a video file",
+        "bad_folder.mp4": "a folder, not a video file",
+        "bad_dangling.mp4": f"a symbolic link to {folder / 'gone.mp4'}, which does not exist",
+        "bad_loop.mp4": "a symbolic link loop",
+        "bad_link_to_a_folder": "a folder, not a video file",
+    }
+
+
 def test_folder_with_every_odd_and_bad_input(tmp_path: Path, sample_videos: dict[str, Path]) -> None:
     root = folder_tree(tmp_path / "videos", sample_videos)
+    odd = odd_entries(root / "jump rope")
     cfg = config(dataset="folder", root=str(root), out=str(tmp_path / "out"), val_fraction=0.25)
     summary = run_preprocess(cfg, progress=False)
     manifest, samples = read_dataset(tmp_path / "out")
@@ -331,7 +349,9 @@ def test_folder_with_every_odd_and_bad_input(tmp_path: Path, sample_videos: dict
     assert len(kept["train"]) == 6 and len(kept["test"]) == 2
     assert all(manifest.classes[label] == source.split("/")[0] for split in kept.values() for source, label in split)
     failures = read_failures(tmp_path / "out")
-    assert {Path(f["source"]).stem: f["reason"].split(":")[0] for f in failures} == {
+    reasons = {Path(f["source"]).name: f["reason"] for f in failures}
+    assert {name: reasons.pop(name) for name in odd} == odd  # each said, none left out without a word
+    assert {Path(name).stem: reason.split(":")[0] for name, reason in reasons.items()} == {
         "bad_zero_bytes": "zero-byte file",
         "bad_random_bytes": "ffmpeg",
         "bad_text": "ffmpeg",
@@ -339,8 +359,8 @@ def test_folder_with_every_odd_and_bad_input(tmp_path: Path, sample_videos: dict
         "bad_truncated": "truncated or corrupt",
         "bad_image": "not a video",
     }
-    assert summary.failures == manifest.failures == 6 and summary.short_videos == 1
-    assert str(summary).count("\n") >= 3 and "6 failed" in str(summary)
+    assert summary.failures == manifest.failures == 11 and summary.short_videos == 1
+    assert str(summary).count("\n") >= 3 and "11 failed" in str(summary)
 
 
 def test_synthetic_generates_into_out_videos_then_lists_it(tmp_path: Path) -> None:
