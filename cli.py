@@ -266,12 +266,13 @@ def preprocess_merge(out: str) -> None:
 @click.option(
     "--report",
     type=click.Path(dir_okay=False),
-    help="the JSONL of damaged members  [default: OUT/damaged.jsonl; ./damaged.jsonl for a remote OUT]",
+    help="the JSONL of damaged members (never written into OUT)  [default: ./damaged.jsonl]",
 )
 @user_errors
 def preprocess_verify(out: str, workers: int, report: str | None) -> None:
     """Check every member of every shard of OUT (a folder, http(s) URL prefix or pipe: command, as --data takes):
-    checksums, headers, metadata, labels. Lists damaged members in a JSONL; exits 1 if there are any."""
+    checksums, headers, metadata, labels. Prints the first damaged members and lists them all in a JSONL; exits 1 if
+    there are any."""
     from preprocess.verify import verify_dataset
 
     summary = verify_dataset(out, workers, Path(report) if report else None)

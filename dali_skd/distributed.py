@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -23,6 +23,7 @@ class DistContext:
     world: int
     local_rank: int
     device: torch.device
+    host_group: Any = None  # gloo, for agreements on the CPU; None: the default group (gloo already, or no ranks)
 
     @property
     def is_main(self) -> bool:
@@ -57,6 +58,16 @@ class DistContext:
         """Whether any rank's `flag` is set (on every rank)."""
         return bool(self.sum_named({"flag": flag})["flag"]) if self.distributed else flag
 
+    def every(self, flag: bool) -> bool:
+        """Whether every rank's `flag` is set (on every rank): one number reduced on the CPU, which never waits for
+        the GPU's queue, so that the trainer can ask it every step (has every rank a batch?) at tens of
+        microseconds."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.host_group)
+        return bool(t.item())
+
     def barrier(self) -> None:
         """Waits until every rank has come here."""
         if self.distributed:
@@ -90,7 +101,9 @@ class DistContext:
 
 
 def init_distributed(device: str) -> DistContext:
-    """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK; joins the process group (NCCL on GPUs, gloo on CPUs)."""
+    """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK; joins the process group (NCCL on GPUs, gloo on CPUs; and a gloo
+    group beside NCCL for `every`)."""
+    global _host_group
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -107,9 +120,17 @@ def init_distributed(device: str) -> DistContext:
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if ctx.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=ctx.device if wants_gpu else None)
+    if world > 1 and ctx.device.type == "cuda":
+        _host_group = _host_group or dist.new_group(backend="gloo")  # once a process: made by every rank together
+        ctx = replace(ctx, host_group=_host_group)
     return ctx
 
 
+_host_group: Any = None
+
+
 def shutdown(ctx: DistContext) -> None:
+    global _host_group
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
+        _host_group = None

@@ -18,6 +18,7 @@ A run survives what a cluster does to it:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import sys
 import time
@@ -78,14 +79,20 @@ class TrainSummary:
     best_epoch: int
     last: dict[str, Any]
     seconds: float
-    skipped: int = 0  # samples skipped as damaged or unreadable, over both loaders and all ranks
+    skipped: int = 0  # distinct training samples skipped as damaged or unreadable, over all ranks
+    val_skipped: int = 0  # distinct validation videos
 
     def format(self) -> str:
         skipped = ""
-        if self.skipped:
+        if self.skipped or self.val_skipped:
+            counts = [
+                f"{n} {what}{'s' * (n != 1)}"
+                for n, what in ((self.skipped, "training sample"), (self.val_skipped, "validation video"))
+                if n
+            ]
             skipped = (
-                f"\n{self.skipped} damaged or unreadable sample{'s' * (self.skipped != 1)} skipped (each named once "
-                "above): `python cli.py preprocess verify DATA` lists them all"
+                f"\ndamaged or unreadable, skipped: {' and '.join(counts)} (each named once above): "
+                "`python cli.py preprocess verify DATA` lists them all"
             )
         return (
             f"best validation top-1 {self.best_top1:.2%} (video-level) at epoch {self.best_epoch} of {self.epochs}; "
@@ -94,6 +101,9 @@ class TrainSummary:
             f"run directory {self.out}: best.pt, last.pt, metrics.jsonl, curves.png, "
             f"tb/ (tensorboard --logdir {self.out / 'tb'})" + skipped
         )
+
+
+LOST_WARNING = 0.05  # an epoch line warns when more than this share of the epoch's training samples was lost
 
 
 class Diverged(RuntimeError):
@@ -345,11 +355,11 @@ class Trainer:
                 self.writer.close()
             self.train_loader.close()  # their DALI pipelines and threads go now, not when the trainer is collected
             self.val_loader.close()
-        unusable = self.train_loader.stats.unusable + self.val_loader.stats.unusable
-        skipped = int(ctx.sum_named({"unusable": unusable})["unusable"])
+        unusable = ctx.sum_named({"train": self.train_loader.stats.unusable, "val": self.val_loader.stats.unusable})
         summary = TrainSummary(
-            self.out, cfg.epochs, self.best_top1, self.best_epoch, record, time.perf_counter() - started, skipped
-        )
+            self.out, cfg.epochs, self.best_top1, self.best_epoch, record, time.perf_counter() - started,
+            int(unusable["train"]), int(unusable["val"]),
+        )  # fmt: skip
         if ctx.is_main:
             print(summary.format())
         return summary
@@ -367,7 +377,11 @@ class Trainer:
         started = before = time.perf_counter()
         samples = waited = 0.0  # in this process, for the progress figures
         stop = None
-        for step, batch in enumerate(loader.epoch(epoch, first), first):
+        batches = loader.epoch(epoch, first)
+        for step in itertools.count(first):
+            batch = next(batches, None)
+            if not ctx.every(batch is not None):  # a rank's pass ended early (samples were lost): every rank ends here
+                break
             waited += time.perf_counter() - before
             optimizer_steps = self.optimizer_steps
             output = self.train_step(batch.views, batch.labels)
@@ -396,19 +410,25 @@ class Trainer:
             before = time.perf_counter()
             if stop:
                 break
+        batches.close()  # the loader is reset, after draining what it prefetched when the epoch ended early
         bar.close()
         sums.seconds += time.perf_counter() - started
         sums.waited += waited
+        if recent:  # stopped between checks, or the epoch ended early: the losses since the last one are looked at
+            self._check(recent, epoch, steps)
         if stop:
-            if recent:  # alone, stopped between checks: the losses since the last one are looked at first
-                self._check(recent, epoch, steps)
             self._check_weights(f"at epoch {epoch + 1}, step {step + 1}")
-            # the loader was reset when the loop left
             self._save_state(epoch, self._bad_samples(), step=step + 1, sums=sums.saved(ctx))
             ctx.barrier()  # no rank ends before rank 0 has saved: torchrun would signal it as the first one ended
             raise self._stopped(stop, f"at epoch {epoch + 1}, step {step + 1} of {steps}")
         total = sums.saved(ctx)
         n_all = total["samples"]
+        lost = int(ctx.sum_named({"skipped": loader.stats.skipped - skipped_before})["skipped"])
+        if not n_all:
+            raise RuntimeError(
+                f"epoch {epoch + 1} made no batch of {cfg.batch_size}: {lost} of its {loader.epoch_samples} training "
+                f"samples were damaged or unreadable (named above): run `python cli.py preprocess verify {cfg.data}`"
+            )
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
         record.update({("loss" if k == "loss" else f"loss_{k}"): v / n_all for k, v in total["terms"].items()})
         record.update(
@@ -417,7 +437,9 @@ class Trainer:
             samples_per_s=n_all / ctx.max(sums.seconds),
             data_wait=sums.waited / sums.seconds,
             epoch_seconds=sums.seconds,
-            skipped=int(ctx.sum_named({"skipped": loader.stats.skipped - skipped_before})["skipped"]),
+            steps=step,  # fewer than steps_per_epoch where samples were lost
+            skipped=lost,
+            epoch_samples=loader.epoch_samples,
             scaler_skipped_steps=sums.scaler_skipped_steps,
         )
         return record
@@ -539,6 +561,7 @@ class Trainer:
 
 def _val_fields(val: EvalResult) -> dict[str, float]:
     return {
+        "val_skipped": val.skipped,
         "val_top1": val.video_top1,
         "val_top5": val.video_top5,
         "val_clip_top1": val.clip_top1,
@@ -561,12 +584,20 @@ def _epoch_line(record: dict[str, Any], epochs: int, best_epoch: int) -> str:
     )
     notes = {  # a count's noun, in the singular, and what follows it
         "skipped": ("damaged or unreadable training sample", "skipped"),
+        "val_skipped": ("damaged or unreadable validation video", "skipped"),
         "scaler_skipped_steps": ("fp16 step", "skipped"),
         "val_nonfinite_clips": ("validation clip", "with non-finite scores"),
     }
     for key, (noun, rest) in notes.items():
         if n := record.get(key):
             line += f"; {n} {noun}{'s' * (n != 1)} {rest}"
+        held = record.get("epoch_samples", 0)
+        if key == "skipped" and held and n > LOST_WARNING * held:
+            steps = record["steps"]
+            line += (
+                f" ({n / held:.0%} of the epoch's {held}, over the {LOST_WARNING:.0%} this warns at: the epoch trained "
+                f"{steps} step{'s' * (steps != 1)} on what was left; `python cli.py preprocess verify DATA` lists them)"
+            )
     return line
 
 

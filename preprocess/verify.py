@@ -8,11 +8,14 @@ webm) matches its CRC-32 and has a sound header. Shards written before checksums
 full decode of every strip with Pillow instead, which misses some damage (a strip cut short and closed with an end
 marker decodes to grey): re-run preprocess to give them checksums.
 
-Damaged members go to a JSONL report, a line each: shard, key, member and what is wrong (key and member null for
-damage outside the members, e.g. in a tar header). A local shard that was checked before, unchanged since (size and
-modification time), is not read again: each finished shard is appended to `<report>.progress.jsonl`, so an
-interrupted verify resumes, and one run after some shards were replaced reads only those. A remote shard (http(s),
-`pipe:`) is streamed and checked afresh every time: nothing cheap tells that it did not change.
+Nothing is opened before every shard the manifest lists is known to lie inside the dataset folder, by the loader's
+rule (`shards.check_inside`), and nothing is written into the dataset: a read-only copy is verified as any other.
+Damaged members go to a JSONL report (`--report`, default `./damaged.jsonl`), a line each: shard, key, member and
+what is wrong (key and member null for damage outside the members, e.g. in a tar header); the first ten are printed
+too. A local shard that was checked before, unchanged since (size and modification time), is not read again: each
+finished shard is appended to `<report>.progress.jsonl`, so an interrupted verify resumes, and one run after some
+shards were replaced reads only those. A remote shard (http(s), `pipe:`) is streamed and checked afresh every time:
+nothing cheap tells that it did not change.
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ from typing import Any
 
 from PIL import Image
 
-from dali_skd.data.shards import is_remote, join_location, load_manifest, shard_samples
+from dali_skd.data.shards import check_inside, is_remote, join_location, load_manifest, shard_samples
 from dali_skd.data.source import strip_problem, video_problem
 from dali_skd.files import write_atomic
 from dali_skd.format import STRIPS_EXT, VIDEO_EXT, FormatError, SampleMeta, ShardInfo, ShardManifest
 
 REPORT_NAME = "damaged.jsonl"
+SHOWN = 10  # damaged members printed; the report lists them all
 
 
 @dataclass
@@ -50,6 +54,7 @@ class ShardCheck:
     damaged: list[dict[str, Any]] = field(default_factory=list)  # report lines
     bytes: int | None = None  # size and modification time of a local shard, to know it unchanged on a rerun
     mtime_ns: int | None = None
+    location: str | None = None  # the dataset's folder (resolved) or URL: a rerun reuses only its own shards
 
 
 @dataclass
@@ -89,6 +94,12 @@ class VerifySummary:
                 f"listed in {self.report}; the loader skips them; re-run preprocess for their videos, or copy the "
                 "shards again from a sound copy"
             )
+            lines += [
+                f"    {line['shard']}" + (f": {line['member']}" if line["member"] else "") + f": {line['problem']}"
+                for line in damaged[:SHOWN]
+            ]
+            if len(damaged) > SHOWN:
+                lines.append(f"    ... and {len(damaged) - SHOWN} more in {self.report}")
         else:
             lines.append(f"  nothing damaged (report: {self.report})")
         return "\n".join(lines)
@@ -103,17 +114,22 @@ def _count(n: int, one: str, many: str | None = None) -> str:
 
 def verify_dataset(location: str, workers: int, report: Path | None = None) -> VerifySummary:
     """Check every shard of the dataset at `location` (a folder, http(s) URL prefix or `pipe:` command) and write
-    the damaged members to `report` (default: OUT/damaged.jsonl, or ./damaged.jsonl for a remote location)."""
+    the damaged members to `report` (default: ./damaged.jsonl)."""
     if workers < 1:
         raise ValueError(f"--workers {workers}: use 1 or more")
     started = time.perf_counter()
     manifest = load_manifest(location)
-    report = report or (Path(REPORT_NAME) if is_remote(location) else Path(location) / REPORT_NAME)
+    infos = [info for split in manifest.splits.values() for info in split.shards]
+    if not is_remote(location):
+        check_inside(location, [join_location(location, info.path) for info in infos])
+        location_id = os.path.realpath(location)
+    else:
+        location_id = location
+    report = (report or Path(REPORT_NAME)).absolute()
     if report.exists() and not report.is_file():
         raise ValueError(f"--report {report} exists and is not a file: pass the path of a JSONL file to write")
     progress = report.with_name(report.name.removesuffix(".jsonl") + ".progress.jsonl")
-    infos = [info for split in manifest.splits.values() for info in split.shards]
-    done = _finished(progress)
+    done = _finished(progress, location_id)
     results: dict[str, ShardCheck] = {}
     todo = []
     for info in infos:
@@ -130,6 +146,7 @@ def verify_dataset(location: str, workers: int, report: Path | None = None) -> V
             futures = [pool.submit(check_shard, location, info, manifest) for info in todo]
             for future in as_completed(futures):
                 check = future.result()
+                check.location = location_id
                 results[check.path] = check
                 log.write(json.dumps(asdict(check), ensure_ascii=False) + "\n")
                 log.flush()
@@ -158,8 +175,12 @@ def check_shard(location: str, info: ShardInfo, manifest: ShardManifest) -> Shar
             check.samples, check.whole_file = info.samples, True
             return check
         whole_file_damaged = info.crc32 is not None
+
+    def damaged(offset: int, why: str) -> None:  # a tar header: the sample it belonged to lacks a member
+        check.damaged.append(_line(url, None, None, why))
+
     try:
-        for key, members in shard_samples(url):
+        for key, members in shard_samples(url, damaged=damaged):
             check.samples += 1
             problems, checked, decoded = sample_problems(key, members, manifest)
             check.strips += checked
@@ -252,8 +273,8 @@ def _line(shard: str, key: str | None, member: str | None, problem: str) -> dict
     return {"shard": shard, "key": key, "member": member, "problem": problem}
 
 
-def _finished(progress: Path) -> dict[str, ShardCheck]:
-    """The shards an earlier verify finished (a line cut short by a kill is ignored), by path."""
+def _finished(progress: Path, location: str) -> dict[str, ShardCheck]:
+    """The shards of `location` an earlier verify finished (a line cut short by a kill is ignored), by path."""
     if not progress.is_file():
         return {}
     done = {}
@@ -262,7 +283,8 @@ def _finished(progress: Path) -> dict[str, ShardCheck]:
             check = ShardCheck(**json.loads(line))
         except (ValueError, TypeError):
             continue
-        done[check.path] = check
+        if check.location == location:
+            done[check.path] = check
     return done
 
 

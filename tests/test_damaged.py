@@ -18,7 +18,7 @@ from dali_skd.commands.bench import BenchConfig, run_bench
 from dali_skd.config import AugmentConfig, ClipConfig, LoaderConfig, SamplingConfig, TrainConfig
 from dali_skd.data.loader import EvalLoader, TrainLoader, dali_threads
 from dali_skd.data.pipeline import DecoderOptions
-from dali_skd.data.source import VIDEOS_PER_SPLIT
+from dali_skd.data.source import RECORDS, VIDEOS_PER_SPLIT
 from dali_skd.distributed import init_distributed
 from dali_skd.evaluation import evaluate
 from dali_skd.format import SampleMeta, ShardManifest
@@ -256,7 +256,10 @@ def test_training_skips_an_undecodable_sample_and_resumes_skipping_it(unchecked:
                            loader=LoaderConfig(threads=2), method="baseline", resume=resume)  # fmt: skip
 
     straight = train(config("straight", 2))
-    assert straight.skipped == 2 and "2 damaged or unreadable samples skipped" in straight.format()
+    assert (straight.skipped, straight.val_skipped) == (1, 1)
+    assert "damaged or unreadable, skipped: 1 training sample and 1 validation video" in straight.format()
+    lines = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [(line["skipped"], line["val_skipped"]) for line in lines] == [(1, 1), (1, 1)]  # once an epoch, each
     state = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     assert sorted(s.rsplit(": ", 1)[1] for s in state["bad_samples"]) == ["test-0000003", "train-0000006"]
     train(config("resumed", 1))
@@ -295,7 +298,12 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_verify_lists_every_damaged_member_and_exits_1(clean: Path, tmp_path: Path) -> None:
+def files_in(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def test_verify_lists_every_damaged_member_and_exits_1(clean: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
     damaged = copy(clean, tmp_path / "d")
     damage_strip(damaged, "test", "test-0000004", "garble", strip=1)
     damage_strip(damaged, "train", "train-0000001", "huffman", strip=3)
@@ -309,9 +317,14 @@ def test_verify_lists_every_damaged_member_and_exits_1(clean: Path, tmp_path: Pa
     shard.write_bytes(bytes(raw))
     assert invoke("preprocess", "verify", str(clean), "--workers", "2").output.count("nothing damaged") == 1
 
+    before = files_in(damaged)
     result = invoke("preprocess", "verify", str(damaged), "--workers", "2", expect_error=True)
+    assert files_in(damaged) == before  # nothing written into the dataset: a read-only copy is verified alike
     assert result.exit_code == 1 and "3 problems: 3 damaged members of 3 samples, in 3 shards" in result.output
-    lines = _lines(damaged / "damaged.jsonl")
+    assert f"listed in {tmp_path / 'damaged.jsonl'}" in result.output  # the current folder's, named
+    lines = _lines(tmp_path / "damaged.jsonl")
+    for line in lines:  # on screen too
+        assert f"    {line['shard']}: {line['member']}: {line['problem']}\n" in result.output
     assert [(Path(x["shard"]).relative_to(damaged).as_posix(), x["key"], x["member"]) for x in lines] == [
         ("train/shard-000000.tar", "train-0000001", "train-0000001.jpgs"),
         ("train/shard-000002.tar", "train-0000007", "train-0000007.cls"),
@@ -325,28 +338,57 @@ def test_verify_lists_every_damaged_member_and_exits_1(clean: Path, tmp_path: Pa
     shard.write_bytes(bytes(raw))
     result = invoke("preprocess", "verify", str(damaged), "--workers", "1", expect_error=True)
     assert "5 unchanged since the last verify" in result.output  # the shards not touched are not read again
-    lines = _lines(damaged / "damaged.jsonl")
+    lines = _lines(tmp_path / "damaged.jsonl")
     header = [x for x in lines if x["key"] is None]
     assert len(lines) == 3 and len(header) == 1 and header[0]["shard"].endswith("train/shard-000002.tar")
     assert "outside every member" in header[0]["problem"]
+    result = invoke("preprocess", "verify", str(clean), "--workers", "1")  # another dataset, the same report
+    assert "nothing damaged" in result.output and "6 unchanged since the last verify" in result.output
+
+
+def test_verify_and_the_loader_read_past_a_broken_tar_header(clean: Path, tmp_path: Path, monkeypatch) -> None:
+    """A header whose checksum is wrong: its size cannot be trusted, so both look for the next sound header. The
+    sample whose .jpgs it was is lost, the one before and the ones after are read; an epoch uses each of those
+    once (none repeated to fill it) and counts the lost one once."""
+    monkeypatch.chdir(tmp_path)
+    damaged = copy(clean, tmp_path / "d")
+    shard = damaged / "train" / "shard-000000.tar"  # train-0000000, -0000001, -0000002
+    raw = bytearray(shard.read_bytes())
+    at = raw.find(b"train-0000001.jpgs")
+    raw[at + 148 : at + 156] = b"0000000\0"
+    shard.write_bytes(bytes(raw))
+    result = invoke("preprocess", "verify", str(damaged), "--workers", "1", expect_error=True)
+    problems = [(Path(x["shard"]).name, x["member"], x["problem"]) for x in _lines(tmp_path / "damaged.jsonl")]
+    assert problems == [
+        ("shard-000000.tar", None, f"broken tar header at byte {at} (its checksum does not match): read on from the "
+         f"next sound header, at byte {problems[0][2].rsplit(' ', 1)[1]}"),
+        ("shard-000000.tar", "train-0000001.jpgs", "missing"),
+    ]  # fmt: skip
+    assert "unreadable after" not in result.output and "samples, the manifest says" not in result.output
+
+    loader = train_loader(damaged, batch_size=1)
+    keys = [r.key for batch in loader.host_batches(0, loader.steps_per_epoch) for r in batch[RECORDS]]
+    assert sorted(keys) == [f"train-{i:07d}" for i in range(8) if i != 1]
+    assert loader.stats.skipped == loader.stats.unusable == 1 and loader.steps_per_epoch == 8
+    assert len(list(loader.epoch(1))) == 7  # the pipeline's epoch ends with the pass
 
 
 def test_verify_old_shards_by_decoding_and_remote_ones_by_streaming(
     unchecked: Path, tmp_path: Path, monkeypatch
 ) -> None:
+    monkeypatch.chdir(tmp_path)
     damaged = copy(unchecked, tmp_path / "d")
     damage_strip(damaged, "test", "test-0000004", "huffman", strip=1)
     result = invoke("preprocess", "verify", str(damaged), expect_error=True)
     assert "written before checksums" in result.output and "full Pillow decode" in result.output
-    local = _lines(damaged / "damaged.jsonl")
+    local = _lines(tmp_path / "damaged.jsonl")
     assert [(x["key"], x["member"]) for x in local] == [("test-0000004", "test-0000004.jpgs")]
     assert local[0]["problem"].startswith("strip 1: does not decode")
 
-    monkeypatch.chdir(tmp_path)
     for _ in range(2):  # a remote shard is read again every time
         result = invoke("preprocess", "verify", f"pipe:cat {damaged}/{{}}", "--workers", "2", expect_error=True)
         assert "unchanged since" not in result.output
-    remote = _lines(tmp_path / "damaged.jsonl")  # a remote location's report goes to the working folder
+    remote = _lines(tmp_path / "damaged.jsonl")
     assert [{**x, "shard": x["shard"].removeprefix("pipe:cat ")} for x in remote] == local
 
 
@@ -400,7 +442,7 @@ def test_no_test_imports_an_ffmpeg_helper_when_collected() -> None:
 def test_verify_summary_counts_one_of_each_in_the_singular(tmp_path: Path) -> None:
     from preprocess.verify import ShardCheck, VerifySummary
 
-    line = {"shard": "train/shard-000000.tar", "key": "train-0000001", "member": "train-0000001.jpgs"}
+    line = {"shard": "train/shard-000000.tar", "key": "train-0000001", "member": "train-0000001.jpgs", "problem": "x"}
     one = ShardCheck("train/shard-000000.tar", samples=1, strips=1, decoded=True, damaged=[line])
     text = VerifySummary("data", tmp_path / "damaged.jsonl", [one], 0.1).format()
     assert "verified 1 shard (1 sample) of data" in text and "(1 strip or video checked)" in text

@@ -3,6 +3,7 @@ bounded in time, ending in a retry that resumes, a skipped shard named by URL, o
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ from shardserver import ShardServer
 
 from dali_skd.config import ClipConfig, TrainConfig
 from dali_skd.data import shards
-from dali_skd.data.shards import PartReader, RankPart, SourceStats, load_manifest, shard_records
+from dali_skd.data.shards import Lost, PartReader, RankPart, SourceStats, load_manifest, shard_records
 from dali_skd.data.source import BackgroundBatches, LoaderStalled
 from dali_skd.format import FormatError
 
@@ -46,10 +47,10 @@ def quick_retries(monkeypatch) -> None:
 
 
 def records_of(url: str, read_timeout: float = 10.0) -> tuple[list[tuple[str, bytes]], list[tuple[str, str]]]:
-    """(key, media bytes) of a shard's samples, and what was skipped."""
-    skipped: list[tuple[str, str]] = []
-    records = shard_records(url, "jpgs", lambda *where_why: skipped.append(where_why), read_timeout)
-    return [(r.key, bytes(r.media)) for r in records], skipped
+    """(key, media bytes) of a shard's samples, and (where, why) of what was lost."""
+    items = list(shard_records(url, "jpgs", read_timeout))
+    lost = [(item.where, item.reason) for item in items if isinstance(item, Lost)]
+    return [(r.key, bytes(r.media)) for r in items if not isinstance(r, Lost)], lost
 
 
 def running(marker: str, within: float = 10.0) -> list[str]:
@@ -81,7 +82,10 @@ def test_a_stalling_server_is_cut_and_its_shard_skipped(dataset: Path, quick_ret
         records, skipped = records_of(url, read_timeout=0.5)
         took = time.monotonic() - started
     assert [key for key, _ in records] == ["train-0000002"]  # the whole sample in the half that came
-    assert skipped == [(url, "shard unreadable from here on: no byte for 0.5 s (gave up after 3 tries)")]
+    assert skipped == [
+        (f"{url}: sample train-0000003", "no .jpgs member"),  # the one cut: its metadata came
+        (url, "shard unreadable from here on: no byte for 0.5 s (gave up after 3 tries)"),
+    ]
     assert took < 30
     assert [wanted for path, wanted in server.requests if path == SHARD][1].startswith("bytes=")  # resumed
 
@@ -104,10 +108,32 @@ def test_a_server_that_always_resets_gets_the_shard_skipped_by_url(dataset: Path
         url = f"{server.url}/{SHARD}"
         records, skipped = records_of(url)
     assert [key for key, _ in records] == ["train-0000002"]
-    ((where, why),) = skipped
+    assert skipped[0] == (f"{url}: sample train-0000003", "no .jpgs member")
+    ((where, why),) = skipped[1:]
     assert where == url and why.startswith("shard unreadable from here on: the ")
     assert "(curl exit " in why and why.endswith("(gave up after 3 tries)")
     assert "[" not in why and "{" not in why  # words, not a repr of the command
+
+
+@pytest.mark.slow
+def test_a_shard_that_fails_is_read_once_an_epoch_and_its_losses_counted_once_in_every_line(
+    dataset: Path, tmp_path: Path, quick_retries
+) -> None:
+    """Every shard resets half-way, every time: an epoch is one pass over the shards, each tried (3 times) once; the
+    half of each that came is trained on, nothing is repeated to fill the epoch, and the samples lost are counted
+    once, the same in the epoch's line and at the end, which says that half the epoch was lost."""
+    with ShardServer(dataset, "reset") as server:
+        result = invoke("train", "--data", server.url, "--out", str(tmp_path / "run"), *TINY)
+    asked = [path for path, _ in server.requests if path.endswith(".tar")]
+    assert {path: asked.count(path) for path in asked} == {
+        f"{split}/shard-{i:06d}.tar": 3 for split, shards in (("train", 4), ("test", 2)) for i in range(shards)
+    }
+    (epoch,) = [line for line in result.output.splitlines() if line.startswith("epoch 1/1: loss")]
+    assert "; 4 damaged or unreadable training samples skipped (50% of the epoch's 8, over the 5% this warns" in epoch
+    assert "; 2 damaged or unreadable validation videos skipped" in epoch
+    assert "damaged or unreadable, skipped: 4 training samples and 2 validation videos" in result.output
+    (metrics,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert (metrics["steps"], metrics["skipped"], metrics["val_videos"]) == (1, 4, 2)  # 4 samples of the 8: 1 batch
 
 
 def test_a_missing_shard_is_not_asked_for_again(dataset: Path, quick_retries) -> None:
@@ -209,4 +235,4 @@ def test_an_eval_that_scored_no_video_exits_non_zero(dataset: Path, tmp_path: Pa
             "eval", "--data", server.url, "--checkpoint", str(tmp_path / "best.pt"), "--device", "cpu",
             "--loader.threads", "1", expect_error=True,
         )  # fmt: skip
-    assert "Error: " in result.output and "on test: no video could be scored (2 skipped as unreadable" in result.output
+    assert "Error: " in result.output and "on test: no video could be scored (4 skipped as unreadable" in result.output

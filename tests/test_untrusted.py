@@ -20,8 +20,9 @@ from conftest import write_checkpoint
 
 from dali_skd.config import ClipConfig, LoaderConfig, SamplingConfig, TrainConfig
 from dali_skd.data.loader import EvalLoader, TrainLoader
-from dali_skd.data.shards import join_location, shard_records
+from dali_skd.data.shards import Lost, count_samples, join_location, shard_records
 from dali_skd.format import SCHEMA, FormatError, SampleMeta, ShardManifest
+from preprocess import verify
 
 TINY = ("--arch", "r3d10-tiny", "--epochs", "1", "--batch-size", "4", "--clip.length", "8", "--clip.crop", "32")
 TINY += ("--sampling.shuffle-buffer", "2", "--loader.threads", "1", "--device", "cpu")
@@ -199,6 +200,25 @@ def test_symlinks_out_of_the_dataset_are_refused_but_shards_the_user_names_are_r
     assert train_loader(data, shards=shards, batch_size=4).steps_per_epoch == 2
 
 
+@pytest.mark.parametrize("target", ["/etc/passwd", "a sound tar"])
+def test_verify_refuses_a_symlink_out_of_the_dataset_before_reading_anything(
+    dataset: Path, tmp_path: Path, monkeypatch, target: str
+) -> None:
+    """By the loader's rule: /etc/passwd is not parsed as a tar, and a sound tar outside is not called sound."""
+    outside = tmp_path / "outside.tar"
+    shutil.copy(dataset / "train" / "shard-000000.tar", outside)
+    data = edited(dataset, tmp_path, lambda m: None)
+    shard = data / "test" / "shard-000001.tar"
+    shard.unlink()
+    shard.symlink_to("/etc/passwd" if target == "/etc/passwd" else outside)
+    read = []
+    monkeypatch.setattr(verify, "check_shard", lambda *args: read.append(args))
+    monkeypatch.chdir(tmp_path)
+    line = one_line_error(invoke("preprocess", "verify", str(data), expect_error=True).output)
+    assert f"test/shard-000001.tar resolves to {Path(str(shard.readlink())).resolve()}, outside the dataset" in line
+    assert read == [] and not (tmp_path / "damaged.jsonl").exists()
+
+
 # -- samples --------------------------------------------------------------------------------------------------------
 
 GOOD_SAMPLE = {
@@ -282,26 +302,54 @@ def _break_header(raw: bytearray, at: int, how: str) -> None:
 @pytest.mark.parametrize(
     ("how", "reason"),
     [
-        ("octal", "broken tar header at byte 1024 \\(its size field is not an octal number\\)"),
-        ("negative", "broken tar header at byte 1024 \\(its size field is not an octal number\\)"),
-        ("name", "broken tar header at byte 1024 \\(a member name that is not UTF-8\\)"),
-        ("checksum", "broken tar header at byte 1024 \\(its checksum does not match\\)"),
-        ("beyond", "(sample train-0000002|member train-0000002.cls) is cut short \\(the shard was truncated\\)"),
+        ("octal", r"broken tar header at byte \d+ \(its size field is not an octal number\): read on from the "
+         r"next sound header, at byte \d+$"),
+        ("negative", r"broken tar header at byte \d+ \(its size field is not an octal number\): read on from"),
+        ("checksum", r"broken tar header at byte \d+ \(its checksum does not match\): read on from the next sound"),
+        ("name", r"broken tar header at byte \d+ \(a member name that is not UTF-8\): its member skipped"),
     ],
-)
+)  # fmt: skip
+@pytest.mark.parametrize("member", ["cls", "jpgs"])
 @pytest.mark.parametrize("where", ["local", "pipe"])
-def test_a_broken_tar_header_skips_the_rest_of_the_shard(
-    dataset: Path, tmp_path: Path, how: str, reason: str, where: str
+def test_a_broken_tar_header_costs_its_sample_not_the_rest_of_the_shard(
+    dataset: Path, tmp_path: Path, how: str, reason: str, member: str, where: str
+) -> None:
+    """A header whose size cannot be trusted is passed over to the next sound header, 512 bytes at a time; one whose
+    size can (its checksum matches) is passed over by its size. Either way the other sample of the shard is read,
+    and the sample whose header broke is lost only if it needed that member (a loader does not read the .cls)."""
+    tar = tmp_path / "shard.tar"
+    raw = bytearray((dataset / "train" / "shard-000001.tar").read_bytes())  # train-0000002, train-0000003
+    at = raw.find(f"train-0000002.{member}".encode())
+    _break_header(raw, at, how)
+    tar.write_bytes(bytes(raw))
+    url = str(tar) if where == "local" else f"pipe:cat {tar}"
+    items = list(shard_records(url, "jpgs"))
+    records = [item.key for item in items if not isinstance(item, Lost)]
+    lost = [(item.where, item.reason, item.samples) for item in items if isinstance(item, Lost)]
+    assert lost[0][0] == f"{url}: byte {at}" and re.match(reason, lost[0][1]) and lost[0][2] == 0, lost
+    if member == "cls":
+        assert records == ["train-0000002", "train-0000003"] and len(lost) == 1
+    else:
+        assert records == ["train-0000003"] and lost[1:] == [(f"{url}: sample train-0000002", "no .jpgs member", 1)]
+    assert count_samples(str(tar)) == 2
+
+
+@pytest.mark.parametrize("where", ["local", "pipe"])
+def test_a_tar_header_giving_a_size_past_the_end_is_a_shard_cut_short(
+    dataset: Path, tmp_path: Path, where: str
 ) -> None:
     tar = tmp_path / "shard.tar"
     raw = bytearray((dataset / "train" / "shard-000001.tar").read_bytes())
-    _break_header(raw, raw.find(b"train-0000002.cls"), how)  # the header of the first sample's second member
+    _break_header(raw, raw.find(b"train-0000002.cls"), "beyond")
     tar.write_bytes(bytes(raw))
     url = str(tar) if where == "local" else f"pipe:cat {tar}"
-    skipped: list[tuple[str, str]] = []
-    records = list(shard_records(url, "jpgs", lambda *where_why: skipped.append(where_why)))
-    assert records == [] and len(skipped) == 1
-    assert skipped[0][0] == url and re.fullmatch(f"shard unreadable from here on: {reason}", skipped[0][1]), skipped
+    items = list(shard_records(url, "jpgs", expected=2))
+    assert [(item.where, item.samples) for item in items] == [(f"{url}: sample train-0000002", 1), (url, 1)]
+    assert re.fullmatch(
+        "shard unreadable from here on: (sample train-0000002|member train-0000002.cls) is cut short \\(the shard "
+        "was truncated\\)",
+        items[1].reason,
+    )
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------------

@@ -105,19 +105,17 @@ class EvalBatch:
 class _Feed:
     """The pipeline's external source: the current epoch's batches, replaced at every epoch. It remembers the
     batches DALI took and has not output yet (`pending`, oldest first), and leaves out the rows of videos found
-    unusable after their batch was made, counting each such video once an epoch."""
+    unusable after their batch was made, counting each such video (once an epoch: `SourceStats`)."""
 
     def __init__(self, stats: SourceStats) -> None:
         self._next: Callable[[], Batch] | None = None
         self._stats = stats
         self._replay: deque[Batch] = deque()
-        self._counted: set[str] = set()
         self.pending: deque[Batch] = deque()
         self.source_error: BaseException | None = None
 
     def start(self, batches: Callable[[], Batch]) -> None:
         self._next = batches
-        self._counted.clear()
         self.pending.clear()
 
     def replay(self, batches: Iterable[Batch]) -> None:
@@ -144,9 +142,7 @@ class _Feed:
                 raise
             batch, unusable = without_unusable(batch)
             for record in unusable:
-                if record.where not in self._counted:
-                    self._counted.add(record.where)
-                    self._stats.skip(record.where, record.problem or "unusable")
+                self._stats.skip(record.where, record.problem or "unusable")
             if len(batch["label"]):
                 self.pending.append(batch)
                 return batch
@@ -204,7 +200,10 @@ class ClipLoader:
             splits=tuple(self.manifest.splits),
         )
         self.stats = SourceStats()
-        self.reader = PartReader(self.part, self.stats, self.layout.media_ext, self._admit, loader.read_timeout)
+        self.shard_samples = self._shard_samples(shards)
+        self.reader = PartReader(
+            self.part, self.stats, self.layout.media_ext, self._admit, loader.read_timeout, self.shard_samples
+        )
         self.pipeline_builds = 0
         self.build_seconds = 0.0  # of the last build
         self.undecodable: dict[str, str] = {}  # "shard: key" -> why: the videos DALI's decoders failed on
@@ -215,6 +214,17 @@ class ClipLoader:
         self.num_threads = dali_threads(loader.threads, self.decoders if gpu else 0)
         self._feed = _Feed(self.stats)
         self._pipe = None
+
+    def _shard_samples(self, shards: str | None) -> dict[str, int]:
+        """The samples each shard holds, where known: local ones are counted from their tar headers (every rank
+        counts all the split's shards, so all agree); remote ones are the manifest's count, unless the user named
+        the shards (`shards`)."""
+        if not is_remote(self.urls[0]):
+            return {url: count_samples(url) for url in self.urls}
+        if shards:
+            return {}
+        listed = self.manifest.split(self.split, self.data).shards
+        return {url: info.samples for url, info in zip(self.urls, listed, strict=True)}
 
     def _admit(self, record: VideoRecord) -> str | None:
         """Why a sample cannot be used: it does not fit the pipeline's layout, or does not belong to the dataset."""
@@ -370,6 +380,15 @@ class ClipLoader:
         self._pipe = None
 
 
+def _part_samples(urls: list[str], counts: list[int], rank: int, world: int) -> int:
+    """The samples of `rank`'s part (`shards.rank_part`), from the samples of each shard."""
+    part = rank_part(urls, rank, world)
+    if part.stride == 1:
+        held = dict(zip(urls, counts, strict=True))
+        return sum(held[url] for url in part.urls)
+    return len(range(part.offset, sum(counts), part.stride))
+
+
 def _drain(pipe) -> None:
     """Runs out what the pipeline prefetched, so that a reset starts the next epoch clean."""
     while True:
@@ -409,21 +428,37 @@ class TrainLoader(ClipLoader):
         )  # fmt: skip
         self.sampling, self.seed = sampling or SamplingConfig(), seed
         self.epoch_samples = self._epoch_samples(split, shards)
-        self.steps_per_epoch = max(1, self.epoch_samples // (world * batch_size))
+        self.steps_per_epoch = self._steps(split)
         self._classes_checked = False
 
     def _epoch_samples(self, split: str, shards: str | None) -> int:
-        """The samples an epoch goes through: those the shards hold (local data; every rank counts all the split's
-        shards, so all agree), else the manifest's count, which its schema bounds by the shards' sizes."""
-        if is_remote(self.urls[0]):
+        """The samples an epoch goes through: those the shards hold where they are counted, else the manifest's."""
+        if len(self.shard_samples) < len(self.urls):
             return self.num_videos
-        found = sum(count_samples(url) for url in self.urls)
+        found = sum(self.shard_samples.values())
         if found != self.num_videos and not shards:
             log.warning(
                 "%s/%s says split %s holds %d samples, but its shards hold %d: an epoch goes through the %d found",
                 self.data, MANIFEST_NAME, split, self.num_videos, found, found,
             )  # fmt: skip
         return found
+
+    def _steps(self, split: str) -> int:
+        """Steps an epoch: the whole batches of the part of the rank that reads the fewest samples, so that every
+        rank makes as many from one pass over its part (an epoch ends sooner where samples are lost). A batch
+        larger than that part is refused: it would be made of samples repeated."""
+        counts = [self.shard_samples.get(url) for url in self.urls]
+        if None in counts:  # shards the user named, read remotely: as evenly spread as they can be
+            least = self.epoch_samples // self.world
+        else:
+            least = min(_part_samples(self.urls, counts, rank, self.world) for rank in range(self.world))
+        if least < self.batch_size:
+            each = f"each of {self.world} processes reads {least}" if self.world > 1 else f"it holds {least}"
+            raise ValueError(
+                f"--batch-size {self.batch_size} is larger than split {split} of {self.data} ({each} samples): "
+                f"lower --batch-size to {max(least, 1)} or less"
+            )
+        return least // self.batch_size
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TrainBatch]:
         """The batches of epoch `epoch` (from 0), from step `start_step` on: the earlier ones are made on the host
@@ -436,11 +471,12 @@ class TrainLoader(ClipLoader):
         return self._batches(epoch, None)
 
     def host_batches(self, epoch: int, steps: int | None, start_step: int = 0) -> Iterator[Batch]:
-        """The host side's batches of epoch `epoch`: steps `start_step` to `steps`, or endless with None."""
+        """The host side's batches of epoch `epoch`: steps `start_step` to `steps` of its one pass over the shards
+        (fewer where samples were lost), or endless batches of endless passes with None."""
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, self.rank]))
         batches = train_batches(
             self.reader, self.layout, self.batch_size, rng, shuffle_buffer=self.sampling.shuffle_buffer,
-            same_clip=self.sampling.same_clip, augment=self.augment, stats=self.stats,
+            same_clip=self.sampling.same_clip, augment=self.augment, stats=self.stats, endless=steps is None,
         )  # fmt: skip
         return itertools.islice(batches, start_step, steps)
 

@@ -285,7 +285,7 @@ def split_urls(location: str, manifest: ShardManifest, split: str, override: str
     else:
         urls = [join_location(location, s.path) for s in manifest.split(split, location).shards]
         if not is_remote(location):
-            _check_inside(location, urls)
+            check_inside(location, urls)
     if not urls:
         raise FormatError(f"{location}: split {split!r} has no shards")
     missing = [u for u in urls if not is_remote(u) and not os.path.isfile(u)]
@@ -297,7 +297,7 @@ def split_urls(location: str, manifest: ShardManifest, split: str, override: str
     return urls
 
 
-def _check_inside(location: str, paths: list[str]) -> None:
+def check_inside(location: str, paths: list[str]) -> None:
     """Refuses a manifest's shard that resolves (symlinks too) to a file outside the dataset folder."""
     root = os.path.realpath(location)
     for path in paths:
@@ -311,7 +311,7 @@ def _check_inside(location: str, paths: list[str]) -> None:
 
 
 def count_samples(path: str) -> int:
-    """The samples of a local shard, from its tar headers alone (up to a broken header or a cut)."""
+    """The samples of a local shard, from its tar headers alone (past a damaged header, up to a cut)."""
     count = 0
     with contextlib.suppress(FormatError, OSError):
         for _ in _local_samples(path):
@@ -358,14 +358,34 @@ def _long_name(record: bytes, kind: bytes) -> str:
     return ""
 
 
-def iter_tar_members(block: Callable[[int, int], bytes], where: str) -> Iterator[tuple[str, int, int]]:
+def _sound_header(header: bytes) -> bool:
+    """A 512-byte block whose checksum matches: a tar header, not member data (whose bytes match by chance about
+    never). A damaged header's member is skipped up to the next one."""
+    try:
+        stored = _octal(header[148:156], "checksum")  # the sum of the header's bytes, its own as spaces
+    except FormatError:
+        return False
+    return header != _ZERO_BLOCK and (
+        stored == sum(header) - sum(header[148:156]) + 256 or stored in tarfile.calc_chksums(header)
+    )
+
+
+TarDamage = Callable[[int, str], None]  # (the byte of a damaged header, what was wrong and where reading went on)
+
+
+def iter_tar_members(
+    block: Callable[[int, int], bytes], where: str, damaged: TarDamage
+) -> Iterator[tuple[str, int, int]]:
     """(name, data offset, size) of the regular files of a tar; `block(offset, size)` returns those bytes of it.
 
-    A lean parser for the USTAR, PAX and GNU headers shards use, several times faster than `tarfile`. A header
-    that is not one (its checksum, an octal field, a size, a name that is not UTF-8) raises FormatError."""
-    offset, long_name = 0, ""
+    A lean parser for the USTAR, PAX and GNU headers shards use, several times faster than `tarfile`. A damaged
+    header costs its own member, not the rest of the tar: one whose size can be trusted (its checksum matches, but
+    its name is not UTF-8) is skipped by its size; any other (its checksum, an octal field, a size past any member)
+    is skipped up to the next sound header, 512-byte block by block (`_sound_header`). Either way `damaged(offset,
+    why)` is told. A tar cut short raises FormatError."""
+    offset, long_name, found = 0, "", b""
     while True:
-        header = block(offset, _BLOCK)
+        header, found = found or block(offset, _BLOCK), b""  # a streamed block is read once: the one found is kept
         if len(header) < _BLOCK:
             if header:
                 raise FormatError(f"{where}: truncated tar header at byte {offset} (the shard was cut short)")
@@ -373,13 +393,20 @@ def iter_tar_members(block: Callable[[int, int], bytes], where: str) -> Iterator
         if header == _ZERO_BLOCK:
             return
         try:
-            stored = _octal(header[148:156], "checksum")  # the sum of the header's bytes, its own as spaces
-            if stored != sum(header) - sum(header[148:156]) + 256 and stored not in tarfile.calc_chksums(header):
+            if not _sound_header(header):
+                _octal(header[148:156], "checksum")
                 raise FormatError("its checksum does not match")
             size, kind = _octal(header[124:136], "size"), header[156:157]
             if size > (_MAX_NAME_RECORD if kind in (b"x", b"L") else MAX_MEMBER_BYTES):
                 raise FormatError(f"it gives a member of {size:,} bytes")
-            data_at = offset + _BLOCK
+        except FormatError as e:
+            offset, found = _next_sound_header(block, offset, damaged, f"broken tar header at byte {offset} ({e})")
+            long_name = ""
+            if not found:
+                return
+            continue
+        data_at = offset + _BLOCK
+        try:
             if kind in (b"x", b"L"):
                 long_name = _long_name(block(data_at, size), kind)
             elif kind in (b"0", b"\0", b"7"):
@@ -387,40 +414,68 @@ def iter_tar_members(block: Callable[[int, int], bytes], where: str) -> Iterator
                 prefix = header[345:500].rstrip(b"\0").decode() if header[257:262] == b"ustar" else ""
                 yield long_name or (f"{prefix}/{name}" if prefix else name), data_at, size
                 long_name = ""
-        except (FormatError, UnicodeDecodeError) as e:
-            why = "a member name that is not UTF-8" if isinstance(e, UnicodeDecodeError) else e
-            raise FormatError(f"{where}: broken tar header at byte {offset} ({why})") from None
+        except UnicodeDecodeError:
+            damaged(offset, f"broken tar header at byte {offset} (a member name that is not UTF-8): its member skipped")
+            long_name = ""
         offset = data_at + (size + _BLOCK - 1) // _BLOCK * _BLOCK
 
 
+def _next_sound_header(
+    block: Callable[[int, int], bytes], broken: int, damaged: TarDamage, why: str
+) -> tuple[int, bytes]:
+    """The offset and bytes of the first sound header after the broken one at `broken` (no bytes at the end of the
+    tar); says which to `damaged`."""
+    offset = broken + _BLOCK
+    while len(header := block(offset, _BLOCK)) == _BLOCK:
+        if _sound_header(header):
+            damaged(broken, f"{why}: read on from the next sound header, at byte {offset}")
+            return offset, header
+        offset += _BLOCK
+    damaged(broken, f"{why}: no sound header after it, the rest of the shard is lost")
+    return offset, b""
+
+
 def _group_by_key(members: Iterator[tuple[str, int, int]]) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
-    """Consecutive members with one key form a sample: (key, {extension: (offset, size)})."""
+    """Consecutive members with one key form a sample: (key, {extension: (offset, size)}). The sample being
+    gathered when the tar turns out cut short is still given, with the members it has."""
     key, group = None, {}
-    for name, offset, size in members:
-        k, ext = split_member_name(name)
-        if k != key:
-            if key is not None:
-                yield key, group
-            key, group = k, {}
-        group[ext] = (offset, size)
+    try:
+        for name, offset, size in members:
+            k, ext = split_member_name(name)
+            if k != key:
+                if key is not None:
+                    yield key, group
+                key, group = k, {}
+            group[ext] = (offset, size)
+    except (FormatError, OSError):
+        if key is not None:
+            yield key, group
+        raise
     if key is not None:
         yield key, group
 
 
-def _local_samples(path: str) -> Iterator[tuple[str, dict[str, memoryview]]]:
+def _ignore_damage(offset: int, why: str) -> None:
+    pass
+
+
+def _local_samples(path: str, damaged: TarDamage = _ignore_damage) -> Iterator[tuple[str, dict[str, memoryview]]]:
     """Maps the file: walking the headers and slicing a member cost no copy (DALI copies what it is fed once)."""
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             return
         view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-    for key, group in _group_by_key(iter_tar_members(lambda off, n: view[off : off + n].tobytes(), path)):
+    for key, group in _group_by_key(iter_tar_members(lambda off, n: view[off : off + n].tobytes(), path, damaged)):
         members = {ext: view[offset : offset + size] for ext, (offset, size) in group.items()}
-        if any(len(m) != size for m, (_, size) in zip(members.values(), group.values(), strict=True)):
+        whole = {ext: member for ext, member in members.items() if len(member) == group[ext][1]}
+        yield key, whole
+        if len(whole) < len(members):  # given without the member cut short: a reader finds it missing
             raise FormatError(f"{path}: sample {key} is cut short (the shard was truncated)")
-        yield key, members
 
 
-def _streamed_samples(url: str, read_timeout: float) -> Iterator[tuple[str, dict[str, memoryview]]]:
+def _streamed_samples(
+    url: str, read_timeout: float, damaged: TarDamage = _ignore_damage
+) -> Iterator[tuple[str, dict[str, memoryview]]]:
     """Reads the tar front to back (http, pipe), holding the members of the sample at hand in memory."""
     with RemoteStream(url, read_timeout) as stream:
         pos = 0
@@ -439,7 +494,7 @@ def _streamed_samples(url: str, read_timeout: float) -> Iterator[tuple[str, dict
         held: dict[int, bytes] = {}
 
         def members() -> Iterator[tuple[str, int, int]]:
-            for name, offset, size in iter_tar_members(block, url):
+            for name, offset, size in iter_tar_members(block, url, damaged):
                 held[offset] = block(offset, size)  # now, while the stream is at this member's data
                 if len(held[offset]) != size:
                     raise FormatError(f"{url}: member {name} is cut short (the shard was truncated)")
@@ -451,30 +506,43 @@ def _streamed_samples(url: str, read_timeout: float) -> Iterator[tuple[str, dict
 
 @dataclass
 class SourceStats:
-    """What the loader's source did: samples it could not use (counted each time, warned about once, so a run can
-    report them at the end), and the frames its clips hold and the frames the decoder must decode for them (for
-    the benchmark)."""
+    """What the loader's source did: the samples it could not use, each counted once a pass over the shards (an
+    epoch is one pass) and named once in the log, so that every line of a run counts each one once; and the frames
+    its clips hold and the frames the decoder must decode for them (for the benchmark).
 
-    skipped: int = 0
+    What is skipped is named by where it is: a sample (`shard: sample KEY`), or the unread rest of a shard (the
+    shard), which counts as the samples it held past the cut."""
+
+    skipped: int = 0  # samples skipped, counted once in every pass that met them
     examples: list[str] = field(default_factory=list)
     clip_frames: int = 0
     decoded_frames: int = 0
-    _warned: set[str] = field(default_factory=set, repr=False)
     labels: set[int] = field(default_factory=set)  # of the usable samples read
+    _this_pass: dict[str, int] = field(default_factory=dict, repr=False)  # where -> samples, in the current pass
+    _ever: dict[str, int] = field(default_factory=dict, repr=False)  # where -> samples, over the run
 
-    def skip(self, where: str, reason: str) -> None:
-        self.skipped += 1
-        if where in self._warned:
+    def start_pass(self) -> None:
+        self._this_pass.clear()
+
+    def skip(self, where: str, reason: str, samples: int = 1) -> None:
+        """`samples` at `where` could not be used (0: damage that cost none, e.g. a tar header of a member the
+        loader does not read), for `reason`."""
+        if where in self._this_pass:
             return
-        self._warned.add(where)
+        self._this_pass[where] = samples
+        self.skipped += samples
+        if where in self._ever:
+            self._ever[where] = max(self._ever[where], samples)
+            return
+        self._ever[where] = samples
         if len(self.examples) < 20:
             self.examples.append(f"{where}: {reason}")
-        log.warning("%s: %s; skipped", where, reason)
+        log.warning("%s: %s%s", where, reason, "; skipped" if samples else "")
 
     @property
     def unusable(self) -> int:
-        """How many samples (or shards, read no further) were skipped at least once."""
-        return len(self._warned)
+        """How many distinct samples were skipped at least once."""
+        return sum(self._ever.values())
 
 
 @dataclass(eq=False)
@@ -500,22 +568,44 @@ class VideoRecord:
         return np.frombuffer(self.media, np.uint8)
 
 
-def shard_samples(url: str, read_timeout: float = READ_TIMEOUT) -> Iterator[tuple[str, dict[str, memoryview]]]:
-    """The samples of one shard in order, as (key, {extension: member bytes}): mapped (local) or streamed."""
-    return _streamed_samples(url, read_timeout) if is_remote(url) else _local_samples(url)
+@dataclass(frozen=True)
+class Lost:
+    """Samples of a shard that could not be read, where and why: a sample, the rest of a shard, or none (damage that
+    cost no sample: a tar header of a member a reader does not need)."""
+
+    where: str
+    reason: str
+    samples: int = 1
+
+
+def shard_samples(
+    url: str, read_timeout: float = READ_TIMEOUT, damaged: TarDamage = _ignore_damage
+) -> Iterator[tuple[str, dict[str, memoryview]]]:
+    """The samples of one shard in order, as (key, {extension: member bytes}): mapped (local) or streamed. A damaged
+    tar header is passed to `damaged(offset, why)`: the sample it belonged to lacks a member."""
+    return _streamed_samples(url, read_timeout, damaged) if is_remote(url) else _local_samples(url, damaged)
 
 
 def shard_records(
-    url: str, media_ext: str, skip: Callable[[str, str], None], read_timeout: float = READ_TIMEOUT
-) -> Iterator[VideoRecord]:
-    """The samples of one shard in order. A sample with broken metadata or without its `media_ext` member, or the
-    rest of a shard that is cut short, broken or unreadable, is passed to `skip(where, reason)` instead."""
+    url: str, media_ext: str, read_timeout: float = READ_TIMEOUT, expected: int | None = None
+) -> Iterator[VideoRecord | Lost]:
+    """The samples of one shard in order, and in their place what could not be read: a sample with broken metadata
+    or without its `media_ext` member, a damaged tar header (which costs no sample of its own), and the rest of a
+    shard that is cut short, broken or unreadable, as many samples as it held past the cut (of the `expected`, where
+    known; else one)."""
+    damage: list[Lost] = []
+    seen = 0
     try:
-        for key, members in shard_samples(url, read_timeout):
+        for key, members in shard_samples(
+            url, read_timeout, lambda at, why: damage.append(Lost(f"{url}: byte {at}", why, 0))
+        ):
+            yield from damage
+            damage.clear()
+            seen += 1
             try:
                 check_key(key)
             except FormatError as e:
-                skip(url, str(e))
+                yield Lost(f"{url}: sample {key[:40]!r}", str(e))
                 continue
             where = f"{url}: sample {key}"
             try:
@@ -527,24 +617,25 @@ def shard_records(
                     size = len(members[media_ext])
                     raise FormatError(f"its strips end at byte {offsets[-1]} of a {size}-byte member")
             except FormatError as e:
-                skip(where, str(e).removeprefix(f"{where}: "))
+                yield Lost(where, str(e).removeprefix(f"{where}: "))
                 continue
             yield VideoRecord(key, url, meta, members[media_ext], offsets)
     except (FormatError, OSError) as e:
-        skip(url, f"shard unreadable from here on: {str(e).removeprefix(f'{url}: ')}")
-
-
-@dataclass
-class _IndexedShard:
-    records: list[VideoRecord]
-    skipped: list[tuple[str, str]]  # (where, reason) of what could not be read: counted again on every pass
+        yield from damage
+        rest = max(0, expected - seen) if expected is not None else 1
+        yield Lost(url, f"shard unreadable from here on: {str(e).removeprefix(f'{url}: ')}", rest)
+        return
+    yield from damage
+    if expected is not None and seen < expected:  # a damaged header with no sound one after it
+        yield Lost(url, f"the shard ends after {seen} of its {expected} samples", expected - seen)
 
 
 class PartReader:
     """The samples of a rank's part, shard by shard. A local shard is indexed once, the first time it is read (its
     headers walked, its metadata parsed; its strips are checked as they are first used), and served from memory
     after that; a streamed shard is read afresh every time. Samples known to be unusable (`admit` says why) are
-    skipped and counted on every pass. `reading` names the shard being read, for the loader's watchdog."""
+    skipped and counted on every pass. `reading` names the shard being read, for the loader's watchdog;
+    `expected` holds the samples of the shards whose count is known, to count what a shard cut short lost."""
 
     def __init__(
         self,
@@ -553,46 +644,51 @@ class PartReader:
         media_ext: str,
         admit: Callable[[VideoRecord], str | None],
         read_timeout: float = READ_TIMEOUT,
+        expected: dict[str, int] | None = None,
     ) -> None:
         self.part, self.stats, self.media_ext, self._admit = part, stats, media_ext, admit
-        self.read_timeout = read_timeout
-        self._indexed: dict[str, _IndexedShard] = {}
+        self.read_timeout, self.expected = read_timeout, expected or {}
+        self._indexed: dict[str, list[VideoRecord | Lost]] = {}
         self.reading: str | None = None  # the shard being read
         self.known_bad: dict[str, str] = {}  # sample key -> why: found by the decoder, skipped from then on
 
     def records(self, shard_order: Iterable[int] | None = None) -> Iterator[VideoRecord]:
-        """The part's usable samples, its shards in `shard_order` (default: as listed)."""
-        index = 0
+        """One pass: the part's usable samples, its shards in `shard_order` (default: as listed)."""
+        self.stats.start_pass()
+        index = 0  # of the sample in the shards read: what ranks splitting shards by sample take turns on
         for i in shard_order if shard_order is not None else range(len(self.part.urls)):
             self.reading = self.part.urls[i]
-            for record in self._shard(self.part.urls[i]):
+            for item in self._shard(self.part.urls[i]):
+                if isinstance(item, Lost):
+                    mine = sum(map(self.part.keeps, range(index, index + item.samples)))
+                    index += item.samples
+                    if mine or not item.samples:
+                        self.stats.skip(item.where, item.reason, mine)
+                    continue
                 keep = self.part.keeps(index)
                 index += 1
                 if not keep:
                     continue
-                if record.problem is not None:
-                    self.stats.skip(record.where, record.problem)
+                if item.problem is not None:
+                    self.stats.skip(item.where, item.problem)
                     continue
-                self.stats.labels.add(record.meta.label)
-                yield record
+                self.stats.labels.add(item.meta.label)
+                yield item
         self.reading = None
 
-    def _shard(self, url: str) -> Iterable[VideoRecord]:
+    def _shard(self, url: str) -> Iterable[VideoRecord | Lost]:
+        expected = self.expected.get(url)
         if is_remote(url):
-            return self._admitted(shard_records(url, self.media_ext, self.stats.skip, self.read_timeout))
+            return self._admitted(shard_records(url, self.media_ext, self.read_timeout, expected))
         if url not in self._indexed:
-            skipped: list[tuple[str, str]] = []
-            records = self._admitted(shard_records(url, self.media_ext, lambda *where_why: skipped.append(where_why)))
-            self._indexed[url] = _IndexedShard(list(records), skipped)
-        shard = self._indexed[url]
-        for where, reason in shard.skipped:
-            self.stats.skip(where, reason)
-        return shard.records
+            self._indexed[url] = list(self._admitted(shard_records(url, self.media_ext, expected=expected)))
+        return self._indexed[url]
 
-    def _admitted(self, records: Iterator[VideoRecord]) -> Iterator[VideoRecord]:
-        for record in records:
-            record.problem = self._admit(record) or self.known_bad.get(record.key)
-            yield record
+    def _admitted(self, items: Iterator[VideoRecord | Lost]) -> Iterator[VideoRecord | Lost]:
+        for item in items:
+            if isinstance(item, VideoRecord):
+                item.problem = self._admit(item) or self.known_bad.get(item.key)
+            yield item
 
 
 def jpeg_problem(data: memoryview | np.ndarray, width: int, height: int) -> str | None:

@@ -12,6 +12,7 @@ randomness is drawn here from one numpy generator per epoch, so an epoch is a pu
 from __future__ import annotations
 
 import hashlib
+import itertools
 import queue
 import threading
 import zlib
@@ -45,7 +46,8 @@ def draw_columns(augmented: bool) -> dict[str, tuple[str, ...]]:
     }
 
 
-DATA_STREAM_REVISION = 1  # raise it when the host side draws in another order (`train_batches`), not by the table
+DATA_STREAM_REVISION = 2  # raise it when the host side draws in another order (`train_batches`), not by the table
+# (2: an epoch is one pass over the shards, its shuffle buffer emptied at the end)
 
 
 def data_stream() -> str:
@@ -299,9 +301,10 @@ def augment_draws(rng: np.random.Generator, n: int, num_views: int, augment: Aug
 # -- batches ------------------------------------------------------------------------------------------------------
 
 
-def passes(reader: PartReader, rng: np.random.Generator) -> Iterator[VideoRecord]:
-    """Endless passes over a rank's part, each in a fresh random shard order (in the listed order when ranks
-    split shards by sample, so that their parts stay disjoint)."""
+def passes(reader: PartReader, rng: np.random.Generator, endless: bool = False) -> Iterator[VideoRecord]:
+    """One pass over a rank's part (an epoch: each usable sample once, a shard that fails given up for the rest of
+    it), or endless passes (a benchmark's stream); each in a fresh random shard order (in the listed order when
+    ranks split shards by sample, so that their parts stay disjoint)."""
     urls = reader.part.urls
     while True:
         usable = 0
@@ -310,24 +313,36 @@ def passes(reader: PartReader, rng: np.random.Generator) -> Iterator[VideoRecord
             usable += 1
             yield record
         if not usable:
-            raise RuntimeError(f"no usable sample in {len(urls)} shard(s), first {urls[0]}")
+            raise RuntimeError(
+                f"no usable sample in {len(urls)} shard(s), first {urls[0]} ({reader.stats.skipped} skipped as damaged "
+                "or unreadable, named above): check the shards, or run `python cli.py preprocess verify` on them"
+            )
+        if not endless:
+            return
 
 
 def shuffled(records: Iterable[VideoRecord], size: int, rng: np.random.Generator) -> Iterator[VideoRecord]:
-    """webdataset's shuffle buffer: once `size` records are held, each new one sends out a random held one."""
+    """webdataset's shuffle buffer: once `size` records are held, each new one sends out a random held one; when
+    the records end, those still held go out in random order."""
     held: list[VideoRecord] = []
     draws = iter(())
-    for record in records:
-        held.append(record)
-        if len(held) < size:
-            continue
+
+    def pick() -> VideoRecord:
+        nonlocal draws
         u = next(draws, None)
         if u is None:
             draws = iter(rng.random(1024).tolist())
             u = next(draws)
         i = int(u * len(held))
         held[i], held[-1] = held[-1], held[i]
-        yield held.pop()
+        return held.pop()
+
+    for record in records:
+        held.append(record)
+        if len(held) >= size:
+            yield pick()
+    while held:
+        yield pick()
 
 
 def train_batches(
@@ -340,17 +355,21 @@ def train_batches(
     same_clip: bool,
     augment: AugmentConfig | None,
     stats: SourceStats,
+    endless: bool = False,
 ) -> Iterator[Batch]:
-    """Endless batches of training inputs: samples mixed in a shuffle buffer over passes of the rank's shards, each
-    view a clip at its own random start (or one clip for both views), a random crop window per clip and, with
-    `augment`, the paper's augmentations. A sample found broken is skipped and another takes its place."""
-    records = shuffled(passes(reader, rng), shuffle_buffer, rng)
+    """The batches of training inputs of one pass over the rank's shards (endless passes with `endless`): samples
+    mixed in a shuffle buffer, each view a clip at its own random start (or one clip for both views), a random
+    crop window per clip and, with `augment`, the paper's augmentations. A sample found broken is skipped and the
+    next one takes its place; the samples left at the end of the pass that make no whole batch are not used."""
+    records = shuffled(passes(reader, rng, endless), shuffle_buffer, rng)
     views = layout.num_views
     while True:
         parts: list[Batch] = []
         missing = batch_size
         while missing:
-            chosen = [next(records) for _ in range(missing)]
+            chosen = list(itertools.islice(records, missing))
+            if len(chosen) < missing:
+                return
             frames = np.fromiter((r.meta.frames for r in chosen), np.int64, missing)
             draws = rng.random((missing, 1 if same_clip else views))
             starts = random_starts(frames, layout.clip_len, draws, layout.frame_stride)
