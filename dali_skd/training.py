@@ -46,6 +46,7 @@ from dali_skd.data.source import data_stream
 from dali_skd.distributed import DistContext, init_distributed, shutdown
 from dali_skd.evaluation import EvalResult, evaluate, topk_hits
 from dali_skd.files import DirectoryBusy, append_line, lock_directory, write_atomic
+from dali_skd.memory import check_training_memory, training_memory
 from dali_skd.methods import method_class
 from dali_skd.models import build_model
 from dali_skd.plot import parse_metrics, plot_curves
@@ -245,6 +246,10 @@ class Trainer:
         self.val_loader = EvalLoader(cfg.data, shards=cfg.eval_shards, clips_per_video=cfg.val_clips, **common)
         for loader in (self.train_loader, self.val_loader):  # skipped from the start, as the interrupted run did
             loader.mark_undecodable(resume.get("bad_samples", []) if resume else [], str(self.out / "last.pt"))
+        if ctx.device.type == "cpu":  # the model and the clips in the host's memory, which the kernel would defend
+            held = sum(t.numel() * t.element_size() for t in self.method.state_dict().values())
+            memory = training_memory(cfg, manifest.num_classes, held, self.train_loader, self.val_loader)
+            check_training_memory(cfg, memory)
         if self.start_step:
             self._check_mid_epoch(resume)
 

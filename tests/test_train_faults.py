@@ -21,9 +21,10 @@ from clickit import invoke
 from clipdata import noise_frames, write_dataset
 from conftest import write_checkpoint
 
+from dali_skd import memory, training
 from dali_skd.checkpoint import nonfinite_tensors
 from dali_skd.config import ClipConfig, LoaderConfig, SamplingConfig, TrainConfig
-from dali_skd.data.loader import EvalLoader
+from dali_skd.data.loader import ClipLoader, EvalLoader
 from dali_skd.distributed import init_distributed
 from dali_skd.evaluation import EvalResult, evaluate
 from dali_skd.models import build_model
@@ -88,6 +89,33 @@ def metrics(out: Path) -> list[dict]:
 
 def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(value, b[key]) for key, value in a.items())
+
+
+def test_a_batch_larger_than_the_split_or_than_memory_is_refused_before_it_is_allocated(
+    data: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A batch larger than the split was made of samples repeated; one larger than memory got the process killed by
+    the kernel (--batch-size 100000: exit 137 after 70 s, no word). Both are one line naming --batch-size and the
+    largest that works, before a pipeline or a step runs (here memory is mocked: nothing large is allocated)."""
+    result = invoke("train", *flags(tiny(data, tmp_path / "a", batch_size=17)), expect_error=True)
+    assert result.output.count("\n") == 1 and "Error: --batch-size 17 is larger than split train of " in result.output
+    assert "(it holds 16 samples): lower --batch-size to 16 or less" in result.output
+    monkeypatch.setattr(memory, "available_memory", lambda: 56 << 20)  # the tiny model's weights leave a few MiB
+    built, estimates = [], []
+    monkeypatch.setattr(ClipLoader, "_pipeline", lambda self: built.append(self))
+    estimate = memory.training_memory
+    monkeypatch.setattr(training, "training_memory", lambda *a: estimates.append(estimate(*a)) or estimates[-1])
+    result = invoke("train", *flags(tiny(data, tmp_path / "b", batch_size=16)), expect_error=True)
+    line = result.output.strip().splitlines()[-1]
+    fits = re.fullmatch(
+        r"Error: --batch-size 16 needs about [\d.]+ GiB of memory here \(the model 0\.0 GiB, the training step's "
+        r"activations [\d.]+ GiB, the loaders' buffers [\d.]+ GiB\), and 0\.1 GiB is available: lower --batch-size "
+        r"to (\d+) or less \(or free memory, or use a GPU\)",
+        line,
+    )
+    assert fits and 0 < int(fits[1]) < 16 and built == [] and not (tmp_path / "b" / "last.pt").exists(), line
+    (needs,) = estimates  # the batch it names is the largest the estimate takes
+    assert needs.needed(int(fits[1])) <= 56 << 20 < needs.needed(int(fits[1]) + 1)
 
 
 @pytest.mark.slow
