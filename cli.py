@@ -34,7 +34,7 @@ import click
 
 from dali_skd.cli_options import build_config, command_line, config_options
 from dali_skd.config import PreprocessConfig
-from dali_skd.files import FULL_DISK_ERRNOS, DiskFull
+from dali_skd.files import FULL_DISK_ERRNOS, REFUSED_ERRNOS, DiskFull
 from dali_skd.signals import EXIT_STOPPED, STOP_SIGNALS, Stopped
 
 
@@ -58,10 +58,15 @@ def user_errors(command):
             if os.environ.get("DALI_SKD_DEBUG"):
                 raise
             raise click.ClickException(str(e)) from e
-        except OSError as e:  # a full disk met outside the writes that name their file
-            if e.errno not in FULL_DISK_ERRNOS or os.environ.get("DALI_SKD_DEBUG"):
+        except OSError as e:  # a full disk, or a file refused, met outside the writes that check and name theirs
+            if e.errno not in FULL_DISK_ERRNOS | REFUSED_ERRNOS or os.environ.get("DALI_SKD_DEBUG"):
                 raise
-            raise click.ClickException(str(DiskFull(e.filename or "a file", e))) from e
+            if e.errno in FULL_DISK_ERRNOS:
+                raise click.ClickException(str(DiskFull(e.filename or "a file", e))) from e
+            raise click.ClickException(
+                f"{e.filename or 'a file'}: {e.strerror}: check that this command may write (or read) it, or choose "
+                "another folder"
+            ) from e
 
     return run
 

@@ -6,6 +6,8 @@ fsync'd, renamed over `<name>`, and the folder is fsync'd so that the rename its
 disk (or quota) while writing is `DiskFull`, naming the file; the file it would have replaced is left as it was.
 
 `lock_directory`: one process writes into an output folder at a time (a kernel lock, gone with its process).
+`check_writable`: an output folder that cannot be written (a read-only mount, an immutable folder) is said at once,
+before the work whose results would go there.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import io
 import logging
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +28,7 @@ from typing import BinaryIO
 log = logging.getLogger(__name__)
 
 FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+REFUSED_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}  # a folder or file this process may not write (or read)
 
 
 class DiskFull(RuntimeError):
@@ -139,6 +143,24 @@ def append_line(path: str | Path, line: str) -> None:
         os.close(fd)
 
 
+def check_writable(folder: str | Path, flag: str) -> None:
+    """Fails at once, naming `folder` (given with `flag`) and why, if no file can be created in it; creates it if
+    need be. A file is made and removed again, where its permission bits alone would not tell: a read-only mount
+    (EROFS), an immutable folder (EPERM even for root), a network file system's own rules."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".dali-skd-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        if e.errno in FULL_DISK_ERRNOS:
+            raise DiskFull(folder, e) from e
+        raise RuntimeError(
+            f"{flag} {folder}: cannot write there ({e.strerror}): choose a folder you can write, or make it writable"
+        ) from e
+
+
 class DirectoryBusy(RuntimeError):
     """Another process holds the lock of an output folder."""
 
@@ -148,9 +170,10 @@ def lock_directory(directory: str | Path, name: str = ".lock") -> Iterator[None]
     """Holds an exclusive `flock` on `directory/name` (created with the folder) while the block runs; it is
     released when the process ends, however it ends, so a crash leaves nothing to clean up. The file names the
     holder (host, PID, SLURM job) for the message of a second process, which raises `DirectoryBusy` at once.
-    On a file system without locks (Lustre mounted without `flock`) it warns and goes on unlocked."""
+    On a file system without locks (Lustre mounted without `flock`) it warns and goes on unlocked. `directory` is
+    a command's --out: one that cannot be written is said first (`check_writable`)."""
+    check_writable(directory, "--out")
     path = Path(directory) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+") as f:  # not truncated before the lock is ours: it names the holder
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -35,7 +35,7 @@ from PIL import Image
 
 from dali_skd.data.shards import check_inside, is_remote, join_location, load_manifest, shard_samples
 from dali_skd.data.source import strip_problem, video_problem
-from dali_skd.files import write_atomic
+from dali_skd.files import check_writable, write_atomic
 from dali_skd.format import STRIPS_EXT, VIDEO_EXT, FormatError, SampleMeta, ShardInfo, ShardManifest
 
 REPORT_NAME = "damaged.jsonl"
@@ -128,6 +128,7 @@ def verify_dataset(location: str, workers: int, report: Path | None = None) -> V
     report = (report or Path(REPORT_NAME)).absolute()
     if report.exists() and not report.is_file():
         raise ValueError(f"--report {report} exists and is not a file: pass the path of a JSONL file to write")
+    check_writable(report.parent, "--report")
     progress = report.with_name(report.name.removesuffix(".jsonl") + ".progress.jsonl")
     done = _finished(progress, location_id)
     results: dict[str, ShardCheck] = {}

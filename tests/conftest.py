@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
+import errno
 import functools
 import importlib
 import importlib.util
 import inspect
+import io
 import os
 import pkgutil
 import shutil
@@ -185,6 +188,49 @@ def lock_held_elsewhere(directory: Path, name: str = ".lock") -> Iterator[subpro
     finally:
         holder.kill()
         holder.wait()
+
+
+# --- A read-only folder, for root too (tests/test_files.py) -----------------------------------------------------
+
+
+@contextlib.contextmanager
+def read_only(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """`folder` and what is under it as on a read-only mount: creating or writing a file or a folder there fails with
+    EROFS, for root too (the tests may run as root, whom permission bits do not stop; `chattr +i` and `mount -o ro`
+    need privileges a test does not have). Reads are untouched."""
+    root = str(folder.absolute())
+    real_open, real_mkdir, real_io_open = os.open, os.mkdir, io.open
+    writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+    def inside(path: Any) -> bool:
+        return isinstance(path, str | os.PathLike) and os.path.abspath(os.fspath(path)).startswith(root)
+
+    def refused(path: Any) -> OSError:
+        return OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+
+    def os_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & writes and inside(path):
+            raise refused(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def mkdir(path: Any, *args: Any, **kwargs: Any) -> None:
+        if inside(path) and os.path.exists(path):
+            raise FileExistsError(errno.EEXIST, "File exists", os.fspath(path))
+        if inside(path):
+            raise refused(path)
+        real_mkdir(path, *args, **kwargs)
+
+    def io_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if inside(path) and set(mode) & set("wax+"):
+            raise refused(path)
+        return real_io_open(path, mode, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "open", os_open)
+        patched.setattr(os, "mkdir", mkdir)
+        patched.setattr(io, "open", io_open)
+        patched.setattr(builtins, "open", io_open)
+        yield
 
 
 # --- Checkpoints made by hand (tests/test_train_faults.py, test_remote.py, test_untrusted.py, test_config.py) --------

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
+import re
 import stat
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import lock_held_elsewhere
+from clickit import invoke
+from clipdata import noise_frames, write_dataset
+from conftest import lock_held_elsewhere, read_only, write_checkpoint
 
 from dali_skd.checkpoint import save_checkpoint
+from dali_skd.config import ClipConfig, TrainConfig
 from dali_skd.files import DirectoryBusy, DiskFull, append_line, lock_directory, open_atomic, write_atomic
 from preprocess.shards import ShardWriter
 
@@ -99,3 +104,53 @@ def test_a_file_system_without_locks_is_said_and_not_fatal(tmp_path: Path, monke
     with lock_directory(tmp_path):
         pass
     assert "this file system has no locks" in caplog.text
+
+
+# --- an output folder that cannot be written ------------------------------------------------------------------------
+
+TINY = ("--arch", "r3d10-tiny", "--batch-size", "2", "--clip.length", "8", "--clip.crop", "32", "--device", "cpu")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    videos = [(noise_frames(8, seed=i, tint=i % 2), i % 2) for i in range(6)]
+    return write_dataset(tmp_path_factory.mktemp("data"), {"train": videos[:4], "test": videos[4:]}, ["a", "b"])
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line_before_the_work(
+    dataset: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """As on a read-only mount (or `chattr +i`): preprocess, train, features, eval --json and verify --report say
+    so in one line naming the folder, before they start (eval printed its scores, then a traceback)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    checkpoint = write_checkpoint(tmp_path / "best.pt", TrainConfig(arch="r3d10-tiny", clip=ClipConfig(8, crop=32)))
+    scoring = ["--data", str(dataset), "--checkpoint", str(checkpoint), "--device", "cpu"]
+    runs = {
+        "--out": [
+            ["preprocess", "--dataset", "synthetic", "--classes", "2", "--videos-per-class", "2", "--out", str(locked)],
+            ["train", "--data", str(dataset), "--out", str(locked / "run"), "--epochs", "1", *TINY],
+            ["features", *scoring, "--out", str(locked)],
+        ],
+        "--json": [["eval", *scoring, "--json", str(locked / "e.json")]],
+        "--report": [["preprocess", "verify", str(dataset), "--report", str(locked / "damaged.jsonl")]],
+    }
+    for flag, commands in runs.items():
+        for command in commands:
+            with read_only(locked, monkeypatch):
+                result = invoke(*command, expect_error=True)
+            assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+            assert result.output.count("\n") == 1, result.output  # no score, no progress, no traceback
+            said = rf"Error: {flag} {locked}(/run)?: cannot write there \(Read-only file system\): choose a folder "
+            assert re.fullmatch(said + r"you can write, or make it writable\n", result.output), result.output
+    assert list(locked.iterdir()) == []
+
+
+def test_a_refused_write_met_mid_work_is_one_line_naming_the_file(tmp_path: Path, monkeypatch) -> None:
+    """What the checks before the work cannot see (the folder made read-only while it runs): the CLI's boundary."""
+    row = {"epoch": 1, "loss": 0.5, "train_top1": 0.5, "val_top1": 0.5, "lr": 0.01}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    with read_only(tmp_path, monkeypatch):
+        result = invoke("plot", str(tmp_path), expect_error=True)
+    assert result.output.startswith(f"Error: {tmp_path}/") and "Read-only file system" in result.output
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output

@@ -11,6 +11,7 @@ from pathlib import Path
 from dali_skd.config import ScoreSettings, data_field, setting
 from dali_skd.distributed import init_distributed, shutdown
 from dali_skd.evaluation import EvalResult, evaluate_checkpoint, top_classes, video_sources
+from dali_skd.files import check_writable
 from dali_skd.plot import plot_confusion
 
 
@@ -32,6 +33,8 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     """A checkpoint on the held-out split (or `cfg.split`), printed by rank 0 (each video counted once over ranks)."""
     ctx = init_distributed(cfg.device)
     try:
+        if cfg.json and ctx.is_main:  # before the scores, which would be lost
+            check_writable(Path(cfg.json).parent, "--json")
         result, loader = evaluate_checkpoint(
             cfg.checkpoint, cfg.data, ctx, amp=cfg.amp, batch_size=cfg.batch_size, clips_per_video=cfg.clips_per_video,
             spatial_crops=cfg.spatial_crops, split=cfg.split, clip=cfg.clip, loader=cfg.loader,

@@ -19,6 +19,7 @@ from dali_skd.config import ScoreSettings, data_field, setting
 from dali_skd.data.shards import load_manifest
 from dali_skd.distributed import init_distributed, shutdown
 from dali_skd.evaluation import video_means, video_sources
+from dali_skd.files import check_writable
 from dali_skd.runtime import resolve_precision
 
 
@@ -45,6 +46,8 @@ class SplitFeatures:
 def run_features(cfg: FeaturesConfig) -> list[SplitFeatures]:
     ctx = init_distributed(cfg.device)
     try:
+        if ctx.is_main:
+            check_writable(cfg.out, "--out")
         manifest = load_manifest(cfg.data, cfg.loader.read_timeout)
         run = TrainedRun.load(cfg.checkpoint, ctx.device)
         precision = resolve_precision(cfg.amp, ctx.device)

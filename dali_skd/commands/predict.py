@@ -21,6 +21,7 @@ from dali_skd.checkpoint import TrainedRun
 from dali_skd.config import PreprocessConfig, ScoreSettings, setting
 from dali_skd.distributed import DistContext
 from dali_skd.evaluation import top_classes, video_means, video_sources
+from dali_skd.files import check_writable
 from dali_skd.runtime import resolve_device, resolve_precision
 from preprocess.datasets import DatasetListing, Video
 from preprocess.run import run_preprocess
@@ -93,6 +94,8 @@ def transcode_config(run: TrainedRun, cfg: PredictConfig, root: Path, out: Path)
 def run_predict(videos: list[str], cfg: PredictConfig) -> PredictResult:
     """The `cfg.top_k` most probable classes of each video, printed (a file that cannot be used: its reason, on
     stderr; then a RuntimeError saying how many)."""
+    if cfg.json:
+        check_writable(Path(cfg.json).parent, "--json")
     device = resolve_device(cfg.device)
     run = TrainedRun.load(cfg.checkpoint, device)
     paths = [Path(video).absolute() for video in videos]

@@ -35,6 +35,7 @@ from dali_skd.data.loader import TrainLoader
 from dali_skd.data.shards import VideoRecord
 from dali_skd.data.source import INPUT_NORMS, Batch, augment_draws, clip_columns
 from dali_skd.data.torch_baseline import ViewDraws, augment, decode_clip, input_norm
+from dali_skd.files import check_writable
 from dali_skd.runtime import resolve_device
 
 matplotlib.use("Agg")  # files only
@@ -247,6 +248,7 @@ def draw(samples: list[PreviewSample], shown: int, out: str | Path) -> Path:
 
 
 def run_preview(cfg: PreviewConfig) -> Path:
+    check_writable(Path(cfg.out).parent, "--out")
     samples = preview_samples(cfg)
     path = draw(samples, cfg.frames, cfg.out)
     print(
