@@ -118,6 +118,29 @@ def test_a_batch_larger_than_the_split_or_than_memory_is_refused_before_it_is_al
     assert needs.needed(int(fits[1])) <= 56 << 20 < needs.needed(int(fits[1]) + 1)
 
 
+def test_a_clip_longer_than_most_videos_is_refused_and_one_longer_than_some_said(
+    data: Path, tmp_path: Path, caplog
+) -> None:
+    """--clip.length 1000 on videos of about 125 frames was taken without a word: 5 min 18 s an epoch against 9 s,
+    each video looped 8 times. The shards' metadata holds every video's frames."""
+    result = invoke("train", *flags(tiny(data, tmp_path / "a")), "--clip.length", "13", expect_error=True)
+    assert result.output == (
+        f"Error: --clip.length 13 spans 13 frames, more than 16 of the 16 videos of split train of {data} hold "
+        "(median 12 frames): each would be looped to fill its clips, decoding the same frames again; lower "
+        "--clip.length (a clip of 12 frames fits half of them)\n"
+    )
+    result = invoke("train", *flags(tiny(data, tmp_path / "b")), "--clip.length", "7", "--clip.frame-stride", "2",
+                    expect_error=True)  # fmt: skip
+    assert "--clip.length 7 x --clip.frame-stride 2 spans 13 frames" in result.output
+    assert "lower --clip.length or --clip.frame-stride" in result.output
+    short = tmp_path / "short"  # 3 of 8 videos shorter than a clip of 10: said once, and trained on
+    videos = [(noise_frames(8 if i < 3 else 12, seed=i, tint=i % 2), i % 2) for i in range(10)]
+    write_dataset(short, {"train": videos[:8], "test": videos[8:]}, ["a", "b"], per_shard=4)
+    with caplog.at_level("WARNING"):
+        train(tiny(short, tmp_path / "c", epochs=1, clip=ClipConfig(length=10, crop=32)))
+    assert "3 of the 8 videos of split train are shorter than a clip (--clip.length 10: 10 frames)" in caplog.text
+
+
 @pytest.mark.slow
 def test_sigterm_and_sigint_mid_epoch_then_resume_give_the_weights_of_an_uninterrupted_run(
     data: Path, tmp_path: Path, monkeypatch, capfd

@@ -38,10 +38,10 @@ from dali_skd.data.shards import (
     PartReader,
     SourceStats,
     VideoRecord,
-    count_samples,
     is_remote,
     load_manifest,
     rank_part,
+    sample_frames,
     split_urls,
 )
 from dali_skd.data.source import (
@@ -200,6 +200,8 @@ class ClipLoader:
             splits=tuple(self.manifest.splits),
         )
         self.stats = SourceStats()
+        # the frames of each video of each local shard (every rank reads all the split's, so all agree)
+        self.video_frames = {url: sample_frames(url) for url in self.urls if not is_remote(url)}
         self.shard_samples = self._shard_samples(shards)
         self.reader = PartReader(
             self.part, self.stats, self.layout.media_ext, self._admit, loader.read_timeout, self.shard_samples
@@ -216,11 +218,10 @@ class ClipLoader:
         self._pipe = None
 
     def _shard_samples(self, shards: str | None) -> dict[str, int]:
-        """The samples each shard holds, where known: local ones are counted from their tar headers (every rank
-        counts all the split's shards, so all agree); remote ones are the manifest's count, unless the user named
-        the shards (`shards`)."""
-        if not is_remote(self.urls[0]):
-            return {url: count_samples(url) for url in self.urls}
+        """The samples each shard holds, where known: local ones are counted from their tar headers; remote ones
+        are the manifest's count, unless the user named the shards (`shards`)."""
+        if self.video_frames:
+            return {url: len(frames) for url, frames in self.video_frames.items()}
         if shards:
             return {}
         listed = self.manifest.split(self.split, self.data).shards
@@ -429,6 +430,7 @@ class TrainLoader(ClipLoader):
         self.sampling, self.seed = sampling or SamplingConfig(), seed
         self.epoch_samples = self._epoch_samples(split, shards)
         self.steps_per_epoch = self._steps(split)
+        self._check_clip_span(split)
         self._classes_checked = False
 
     def _epoch_samples(self, split: str, shards: str | None) -> int:
@@ -459,6 +461,40 @@ class TrainLoader(ClipLoader):
                 f"lower --batch-size to {max(least, 1)} or less"
             )
         return least // self.batch_size
+
+    def _check_clip_span(self, split: str) -> None:
+        """A clip longer than most videos of the split is refused: each such video is looped to fill it, decoding
+        the same frames again (--clip.length 1000 on videos of 125 frames: 5 min an epoch, against 9 s). Some
+        videos shorter than a clip are said, with their count; streamed shards are judged by the manifest's mean."""
+        clip = self.clip
+        span = (clip.length - 1) * clip.frame_stride + 1
+        frames = [f for shard in self.video_frames.values() for f in shard if f]
+        flags = f"--clip.length {clip.length}" + (
+            f" x --clip.frame-stride {clip.frame_stride}" * (clip.frame_stride > 1)
+        )
+        if not frames:
+            info = self.manifest.split(split, self.data)
+            mean = info.frames / max(info.samples, 1)
+            if span > mean:
+                log.warning(
+                    "%s spans %d frames, more than the %.0f frames the videos of split %s hold on average (the "
+                    "manifest's count): the shorter ones are looped to fill their clips", flags, span, mean, split,
+                )  # fmt: skip
+            return
+        shorter = sum(f < span for f in frames)
+        median = int(np.median(frames))
+        if 2 * shorter > len(frames):
+            raise ValueError(
+                f"{flags} spans {span} frames, more than {shorter} of the {len(frames)} videos of split {split} of "
+                f"{self.data} hold (median {median} frames): each would be looped to fill its clips, decoding the "
+                f"same frames again; lower {' or '.join(f for f in flags.split() if f.startswith('--'))} (a clip of "
+                f"{median} frames fits half of them)"
+            )
+        if shorter:
+            log.warning(
+                "%d of the %d videos of split %s are shorter than a clip (%s: %d frames): they are looped to fill it",
+                shorter, len(frames), split, flags, span,
+            )  # fmt: skip
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TrainBatch]:
         """The batches of epoch `epoch` (from 0), from step `start_step` on: the earlier ones are made on the host

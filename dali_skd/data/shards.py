@@ -310,13 +310,18 @@ def check_inside(location: str, paths: list[str]) -> None:
             )
 
 
-def count_samples(path: str) -> int:
-    """The samples of a local shard, from its tar headers alone (past a damaged header, up to a cut)."""
-    count = 0
+def sample_frames(path: str) -> list[int]:
+    """The frames of each sample of a local shard, from its tar headers and each sample's `.json` (0 where that
+    does not say), past a damaged header, up to a cut: how many samples it holds, and how long they are."""
+    frames: list[int] = []
     with contextlib.suppress(FormatError, OSError):
-        for _ in _local_samples(path):
-            count += 1
-    return count
+        for _, members in _local_samples(path):
+            try:
+                count = json.loads(members["json"].tobytes()).get("frames") if "json" in members else 0
+            except (ValueError, AttributeError):
+                count = 0
+            frames.append(count if type(count) is int else 0)
+    return frames
 
 
 @dataclass(frozen=True)
