@@ -93,7 +93,7 @@ class CompareReport:
 
 def run_comparison(plan: ComparisonPlan) -> CompareReport:
     """Trains and evaluates every run of `plan` (one process per GPU under torchrun, the runs one after another),
-    then writes the table and the plot (rank 0)."""
+    then writes the table and the plot (rank 0); the caller prints what it wants of the report."""
     base, out = plan.settings, Path(plan.settings.out)
     unknown = [m for m in plan.methods if m not in METHODS]
     if unknown or not plan.methods:
@@ -130,7 +130,6 @@ def run_comparison(plan: ComparisonPlan) -> CompareReport:
         report.seconds = time.perf_counter() - started
         if ctx.is_main:
             write_report(report, out)
-            print(format_table(report))
         return report
     except Stopped as e:
         raise Stopped(e.what, "run the same command again to continue: the runs it finished are kept") from e
@@ -152,7 +151,7 @@ def _run(
 
     A finished run asked for more epochs is trained on, unless `train_on` names the flag that must keep its
     epochs instead (the teacher's); one asked for fewer epochs is refused."""
-    train_cfg = replace(train_cfg, out=str(run_dir), resume="auto")
+    train_cfg = replace(train_cfg, out=str(run_dir), resume=(run_dir / "last.pt").exists())  # no --resume said
     result_path = run_dir / "result.json"
     if signal := agreed_stop(ctx):
         raise Stopped(f"compare stopped by {signal} before {name}")

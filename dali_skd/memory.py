@@ -5,7 +5,7 @@ The estimate, for a run on the CPU (its model and its loaders' buffers share the
 - the model: its weights, their gradients and SGD's momentum, and as much again for what the step allocates
   beside them (4 x the parameters' bytes);
 - the activations a training step keeps for its backward pass, per sample: measured by running the method once
-  on PyTorch's meta device (shapes, no memory) at batches of 1 and 2, under `saved_tensors_hooks`; the backward
+  on PyTorch's meta device (shapes, no memory) at batches of 2 and 4, under `saved_tensors_hooks`; the backward
   pass holds about as much again while it runs, so twice that (measured on the 2-core machine, r3d10-tiny and
   r3d18, 16 x 112 x 112 clips: the step's peak was 1.5 and 1.9 times the saved tensors);
 - the loaders' buffers, per sample: DALI holds `--loader.prefetch` + 1 batches of decoded strips, cropped clips
@@ -72,7 +72,7 @@ def saved_activations(cfg: TrainConfig, num_classes: int) -> int:
             method(views, torch.zeros(batch, dtype=torch.long, device="meta"))
         return sum(tensors.values())
 
-    return saved(2) - saved(1)  # the weights it saves too are the same at both batches
+    return (saved(4) - saved(2)) // 2  # the weights it saves too are the same at both (BatchNorm needs 2 samples)
 
 
 def loader_buffers(loader: ClipLoader, views: int, dtype_bytes: int) -> int:

@@ -34,10 +34,17 @@ def test_demo_runs_end_to_end_and_reports_against_chance(tmp_path: Path, capsys)
     assert [row["method"] for row in saved["rows"]] == ["skd-srl", "baseline"]
     plan = saved["plan"]
     assert plan["videos_per_class"] == 3 and plan["epochs"] in (1, 2) and set(plan["epoch_seconds"]) == set(METHODS)
-    assert plan["evaluation_seconds"] > 0  # the first epochs' validations, 2 clips a video where they took 1
+    assert all(plan["run_seconds"][m] > 0 and plan["step_seconds_on_shards"][m] > 0 for m in METHODS)
     out = capsys.readouterr().out
-    assert "chance 50.0%" in out and f"measured {plan['step_seconds']:.2f} s/step" in out
-    assert f"training {plan['epochs']} epochs to fit 1 minutes" in out
+    assert "chance 50.0%" in out and f"a training step on random clips takes {plan['step_seconds']:.2f} s" in out
+    assert "s of warm-up (pipelines built, first steps): skd-srl " in out
+    assert f"training {plan['epochs']} epochs (1 to 2), " in out
+    # one story: the plan, a line an epoch (of the epochs planned, none before), one table, what to run next
+    epochs = [line.split(":")[0] for line in out.splitlines() if line.startswith("epoch ")]
+    assert epochs == [f"epoch {e}/{plan['epochs']}" for _ in METHODS for e in range(1, plan["epochs"] + 1)]
+    assert "--resume" not in out and "| skd-srl |" not in out and out.count("test top-1") == 1
+    assert out.index("demo: 2 classes") < out.index("training skd-srl") < out.index("test top-1") < out.index("next:")
+    assert "python cli.py eval --data " in out.split("next:")[1]
     # the comparison engine ran the plan: compare's table, with the demo's command
     table = json.loads((tmp_path / "demo" / "table.json").read_text())
     assert [r["name"] for r in table["runs"]] == ["skd-srl-seed0", "baseline-seed0"] and table["epochs"] == plan[
@@ -51,14 +58,14 @@ def test_demo_runs_end_to_end_and_reports_against_chance(tmp_path: Path, capsys)
     assert "compare: skd-srl-seed0 done before, reusing" in capsys.readouterr().out
 
 
-def test_demo_plans_epochs_to_fill_the_budget(capsys) -> None:
+def test_demo_plans_epochs_to_fill_the_budget() -> None:
     preset = DemoPreset(epochs=(8, 16), eval_clips=5)
-    # 20 s + 10 s an epoch; the final evaluations take 7.5 s
-    assert plan_epochs({"skd-srl": 20.0, "baseline": 10.0}, 7.5, 307.5, preset) == 1 + 10
-    assert plan_epochs({"skd-srl": 20.0, "baseline": 10.0}, 7.5, 300.0, preset) == 1 + 9  # 292.5 s left to train
-    assert plan_epochs({"skd-srl": 20.0}, 0.0, 10_000.0, preset) == 16  # no more than worth training
-    assert plan_epochs({"skd-srl": 20.0}, 0.0, 60.0, preset) == 8  # no fewer than learn the classes well
-    assert "the budget holds fewer than 8 epochs here" in capsys.readouterr().out
+    # 20 s + 10 s a steady epoch; each run's set-up and final evaluation 5 s and 2.5 s
+    runs = {"skd-srl": 5.0, "baseline": 2.5}
+    assert plan_epochs({"skd-srl": 20.0, "baseline": 10.0}, runs, 307.5, preset) == (10, 10)
+    assert plan_epochs({"skd-srl": 20.0, "baseline": 10.0}, runs, 307.0, preset) == (9, 9)  # 299.5 s to train
+    assert plan_epochs({"skd-srl": 20.0}, {"skd-srl": 0.0}, 10_000.0, preset) == (16, 500)  # no more than worth it
+    assert plan_epochs({"skd-srl": 20.0}, {"skd-srl": 0.0}, 60.0, preset) == (8, 3)  # no fewer than learn well
 
 
 @pytest.mark.slow

@@ -136,6 +136,20 @@ def test_a_shard_that_fails_is_read_once_an_epoch_and_its_losses_counted_once_in
     assert (metrics["steps"], metrics["skipped"], metrics["val_videos"]) == (1, 4, 2)  # 4 samples of the 8: 1 batch
 
 
+@pytest.mark.slow
+def test_max_bad_samples_counts_the_samples_a_shard_cut_short_lost(tmp_path: Path, quick_retries) -> None:
+    """Two shards of 4 samples, each cut half-way: the first sample read, the second cut, the last two never
+    arrive. That is 6 samples lost, past a limit of 5 (counting shards, it was 2 and the run went on)."""
+    videos = [(noise_frames(12, seed=i, tint=i % 2), i % 2) for i in range(10)]
+    data = write_dataset(tmp_path / "data", {"train": videos[:8], "test": videos[8:]}, ["a", "b"], per_shard=4)
+    with ShardServer(data, "reset") as server:
+        result = invoke(
+            "train", "--data", server.url, "--out", str(tmp_path / "run"), *TINY, "--batch-size", "2",
+            "--loader.max-bad-samples", "5", expect_error=True,
+        )  # fmt: skip
+    assert "Error: 6 samples of train could not be used, more than --loader.max-bad-samples 5" in result.output
+
+
 def test_a_missing_shard_is_not_asked_for_again(dataset: Path, quick_retries) -> None:
     with ShardServer(dataset, "ok") as server:
         url = f"{server.url}/train/shard-000009.tar"
