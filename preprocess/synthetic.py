@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing as mp
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -506,7 +507,9 @@ def generate_synthetic(
         return root
     with (
         Progress(f"synthetic videos in {root}", len(missing), "video", enabled=progress) as bar,
-        ProcessPoolExecutor(max(1, min(workers, len(missing)))) as pool,
+        # forkserver: a fork of this process, whose other threads (torch's, DALI's: the demo's, the tests') may hold
+        # a lock at that moment, can leave a worker waiting on it for ever
+        ProcessPoolExecutor(max(1, min(workers, len(missing))), mp_context=mp.get_context("forkserver")) as pool,
     ):
         for _ in pool.map(_write_video, missing):
             bar.update()

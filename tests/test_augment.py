@@ -47,7 +47,7 @@ def test_the_table_gives_the_flags_the_draws_and_the_stream() -> None:
     assert -30 <= hue.min() < -25 and 25 < hue.max() <= 30  # its range
     assert set(np.unique(on["choice"])) == {0, 1, 2}  # R, G or B
     assert augment_draws(rng, 3, 2, None)["value"].shape == (3, 2, 2)  # only the crop window, from the same draws
-    assert re.fullmatch(r"1-[0-9a-f]{8}", data_stream())
+    assert re.fullmatch(r"2-[0-9a-f]{8}", data_stream())
 
 
 def noop(calls: list[str]) -> Augmentation:

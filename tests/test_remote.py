@@ -152,7 +152,7 @@ def test_max_bad_samples_counts_the_samples_a_shard_cut_short_lost(tmp_path: Pat
     lost = re.search(
         r"Error: (\d+) samples of train could not be used, more than --loader.max-bad-samples 2 ", result.output
     )
-    assert lost and int(lost[1]) >= 6, result.output  # half of each shard, or so
+    assert lost and int(lost[1]) >= 3, result.output  # half of the first shard read, or so
 
 
 def test_a_missing_shard_is_not_asked_for_again(dataset: Path, quick_retries) -> None:
