@@ -552,7 +552,7 @@ def test_checksums_of_every_strip_webm_and_shard_file(tmp_path: Path, twelve_vid
                 assert meta.strip_crc32 == strip_checksums(media, meta.strip_offsets) and len(meta.strip_crc32) > 1
             else:
                 assert meta.media_crc32 == zlib.crc32(members[f"{key}.webm"]) and meta.strip_crc32 == ()
-        summary = verify_dataset(str(out), workers=2)
+        summary = verify_dataset(str(out), workers=2, report=out.parent / f"damaged-{out.name}.jsonl")
         assert not summary.damaged and all(shard.whole_file for shard in summary.shards) and samples
     assert formats == {"jpeg", "vp9"}
 
