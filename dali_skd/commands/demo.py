@@ -105,12 +105,12 @@ class DemoPlan:
         fewest, most = preset.videos_per_class
         share = f"{preset.prep_share:.0%} of the budget"
         if self.videos_per_class == fewest and _affordable(preset, self.minutes, self.step_seconds) < fewest:
-            made = f"the fewest ({fewest} to {most}), more than {share} makes here"
+            made = f", the fewest of {fewest} to {most} ({share} makes fewer here)"
         else:
-            made = f"({fewest} to {most}), made in at most {share}"
+            made = f" (of {fewest} to {most}), made in at most {share}"
         return (
             f"  a training step on random clips takes {self.step_seconds:.2f} s here: {self.videos_per_class} videos "
-            f"per class {made}"
+            f"per class{made}"
         )
 
     def describe_epochs(self, preset: DemoPreset) -> str:
