@@ -116,7 +116,7 @@ def main() -> None:
 # -- here: the data to carry -------------------------------------------------------------------------------------
 
 
-def prepare(out: Path, classes: int = 2, videos_per_class: int = 3) -> None:
+def prepare(out: Path, classes: int = 2, videos_per_class: int = 2) -> None:
     """The built-in synthetic videos (5 s, 170 x 128 once preprocessed), preprocessed once per frames-per-JPEG."""
     from dali_skd.config import PreprocessConfig
     from preprocess.run import run_preprocess  # ffmpeg: only here, never on the GPU machine
