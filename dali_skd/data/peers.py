@@ -71,12 +71,13 @@ def recorded_sources(data: str, manifest: ShardManifest) -> tuple[list[tuple[str
     return sources, skipped
 
 
-def both_views(views: list[list[int]]) -> tuple[list[int], Callable[[torch.Tensor], list[torch.Tensor]]]:
+def both_views(views: list[list[int]]) -> tuple[list[int], Callable[[np.ndarray], list[torch.Tensor]]]:
     """The frames both views need, once each and in order (what a decoder reads in one forward pass), and how to
-    cut the views out of those frames decoded (N x H x W x 3)."""
+    cut the views out of those frames decoded (N x H x W x 3), in numpy: torch's indexing of a uint8 tensor by a
+    list is 70 times slower on the CPU (7.5 ms against 0.1 for a sample's frames)."""
     wanted = sorted({i for view in views for i in view})
     row = {index: k for k, index in enumerate(wanted)}
-    return wanted, lambda frames: [frames[[row[i] for i in view]] for view in views]
+    return wanted, lambda frames: [torch.from_numpy(frames[[row[i] for i in view]]) for view in views]
 
 
 def read_decord(path: Path, choose: ChooseFrames) -> list[torch.Tensor]:
@@ -87,7 +88,7 @@ def read_decord(path: Path, choose: ChooseFrames) -> list[torch.Tensor]:
 
     video = VideoReader(str(path), ctx=cpu(0), num_threads=1)
     wanted, cut = both_views(choose(len(video)))
-    return cut(torch.from_numpy(video.get_batch(wanted).asnumpy()))
+    return cut(video.get_batch(wanted).asnumpy())
 
 
 def read_pyav(path: Path, choose: ChooseFrames) -> list[torch.Tensor]:
@@ -101,7 +102,7 @@ def read_pyav(path: Path, choose: ChooseFrames) -> list[torch.Tensor]:
         fps = stream.average_rate or stream.guessed_rate or Fraction(25)
         wanted, cut = both_views(choose(_pyav_frames(container, stream, fps)))
         frames, _ = pyav_decode(container, stream, fps, wanted, path)
-        return cut(torch.from_numpy(frames))
+        return cut(frames)
 
 
 def _pyav_frames(container: Any, stream: Any, fps: Fraction) -> int:
@@ -158,7 +159,7 @@ def read_torchcodec(path: Path, choose: ChooseFrames) -> list[torch.Tensor]:
 
     decoder = VideoDecoder(str(path), dimension_order="NHWC", num_ffmpeg_threads=1, seek_mode="approximate")
     wanted, cut = both_views(choose(len(decoder)))
-    return cut(decoder.get_frames_at(wanted).data)
+    return cut(decoder.get_frames_at(wanted).data.numpy())
 
 
 @dataclass(frozen=True)
