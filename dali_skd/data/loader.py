@@ -69,7 +69,7 @@ def dali_threads(requested: int, decoders: int = 0, concurrency: str = "backend"
     machine), at most 16. It sizes the pool of the CPU operators and, on a GPU, each mixed JPEG decoder's own pool.
     Under DALI's default executor (operator concurrency `backend`) the mixed operators take turns, one at a time,
     so each decoder's pool gets the whole share; with `full` the pipeline's `decoders` run side by side and share
-    it (docs/pipeline.md, "Threads")."""
+    it (docs/pipeline.md, "One decoder per view and strip slot")."""
     if requested > 0:
         return requested
     if concurrency == "full" and decoders:
