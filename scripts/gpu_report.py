@@ -239,7 +239,11 @@ def section_sweep(args: argparse.Namespace) -> dict:
         left = _time_left(args, started)
         command = [sys.executable, "-u", __file__, "--variant", variant.name, *_common(args), "--limit", f"{left:.0f}"]
         # not a session of its own: it ends with the section's process group
-        subprocess.run(command, env={**os.environ, **env}, check=False)
+        code = subprocess.run(command, env={**os.environ, **env}, check=False).returncode
+        if code != 0:  # its rows that did not come: failed, not left out for time
+            measured = {row["frames_per_jpeg"] for row in _rows(args.out) if row["variant"] == variant.name}
+            for fpj in sorted(set(FRAMES_PER_JPEG) - measured):
+                _write_row(args, {"variant": variant.name, "frames_per_jpeg": fpj, "error": f"exit {code}"})
     seconds, _ = _sweep_sizes(args)
     if _time_left(args, started) > 3 * seconds + ROW_S:  # the host row measures twice, then checks a first pass
         _add_row(args, lambda: _sweep_row(args, "host", "host", 8, {}), "host", 8)
@@ -248,6 +252,7 @@ def section_sweep(args: argparse.Namespace) -> dict:
     ways = [(v.name, fpj) for v in SWEEP for fpj in FRAMES_PER_JPEG] + [("host", 8)]
     result = {
         "rows": rows,
+        "ways": {v.name: v.what for v in SWEEP},
         "not_run": [f"{name} fpj {fpj}: no time left" for name, fpj in ways if (name, fpj) not in done],
     }
     errors = [f"{row['variant']} fpj {row['frames_per_jpeg']}" for row in rows if "error" in row]
@@ -271,6 +276,10 @@ def _add_row(args: argparse.Namespace, measure: Callable[[], dict], variant: str
     except Exception as e:  # one way failing is its row's end, not the sweep's
         traceback.print_exc()
         row = {"variant": variant, "frames_per_jpeg": fpj, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    _write_row(args, row)
+
+
+def _write_row(args: argparse.Namespace, row: dict) -> None:
     rows = [*_rows(args.out), row]
     (args.out / "sweep.json").write_text(json.dumps({"rows": rows, "partial": True}, indent=2) + "\n")
 
@@ -569,6 +578,7 @@ def _sweep_lines(r: dict) -> list[str]:
                 f"strip checks: every read {w['check_every_read_us_per_sample']:+.0f} us/sample over first use; a "
                 f"first pass {w['first_pass_check_us_per_video']:.0f} us/video"
             )
+    lines += [f"{name}: {what}" for name, what in r.get("ways", {}).items()]
     return lines + [f"not run: {why}" for why in r.get("not_run", [])]
 
 

@@ -74,6 +74,23 @@ def test_the_peers_section_is_skipped_when_no_peer_loads(report_module, tmp_path
     assert set(result["skipped"]) == {"decord", "pyav", "torchcodec"}
 
 
+def test_a_sweep_way_whose_process_fails_fails_its_rows(report_module, tmp_path: Path, monkeypatch) -> None:
+    """A way that sets DALI's environment runs in a process of its own: should it die, its rows say so (not "no
+    time left"), and the sweep fails."""
+    unknown = report_module.Variant("unknown", "a way its own process does not know", env=lambda most: {"X": "1"})
+    monkeypatch.setattr(report_module, "SWEEP", (unknown,))
+    args = argparse.Namespace(data=tmp_path, out=tmp_path, device="cpu", quick=True, limit=15.0)
+    result = report_module.section_sweep(args)
+    assert [(r["frames_per_jpeg"], r["error"]) for r in result["rows"]] == [
+        (4, "exit 1"),
+        (8, "exit 1"),
+        (16, "exit 1"),
+    ]
+    assert result["status"] == "failed: unknown fpj 4, unknown fpj 8, unknown fpj 16 (sweep.log)"
+    assert result["not_run"] == ["host fpj 8: no time left"]
+    assert "unknown: a way its own process does not know" in report_module._sweep_lines(result)
+
+
 @pytest.mark.slow
 def test_the_tests_section_without_a_gpu_is_skipped_not_failed(report_module, tmp_path: Path) -> None:
     """The GPU tests on a machine without one: every one skips itself, so the section says skipped, and why."""
