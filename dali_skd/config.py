@@ -133,9 +133,15 @@ class LoaderConfig:
 
     threads: int = setting(
         0,
-        "DALI CPU threads (0: one per core, at most 16; on a GPU, each JPEG decoder's pool, 0: the cores shared "
-        "among the decoders)",
+        "DALI CPU threads (0: one per core, at most 16): the CPU operators' pool and, on a GPU, each JPEG decoder's "
+        "own pool (0 with --loader.concurrency full: the cores shared among the decoders)",
         at_least=0,
+    )
+    concurrency: Literal["backend", "full"] = setting(
+        "backend",
+        "DALI's operator concurrency: backend (DALI's default: operators of one kind take turns, so the GPU's JPEG "
+        "decoders decode one at a time) or full (they run side by side; DALI then needs DALI_EXEC2_NUM_THREADS set "
+        "before the process's first pipeline, which the loader does when it is not set)",
     )
     prefetch: int = setting(2, "batches DALI prepares ahead", at_least=1)
     hw_decoder_load: float = setting(

@@ -14,13 +14,15 @@ from dataclasses import dataclass
 
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.pipeline import DataNode
+from nvidia.dali.pipeline import DataNode, OperatorConcurrency
 
 from dali_skd.config import AugmentConfig
 from dali_skd.data.augment import AUGMENTATIONS, Augmentation
 from dali_skd.data.source import INPUT_NORMS, Batch, InputLayout, draw_columns
 
 OUTPUT_DTYPES = {"fp32": types.FLOAT, "fp16": types.FLOAT16}
+# --loader.concurrency: DALI's default (operators of one backend take turns), or every independent operator at once
+CONCURRENCY = {"backend": OperatorConcurrency.BACKEND, "full": OperatorConcurrency.FULL}
 
 
 @dataclass(frozen=True)
