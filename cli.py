@@ -224,7 +224,8 @@ class Commands(click.Group):
         return [*super().list_commands(ctx), *self.lazy]
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        return self.lazy[name]() if name in self.lazy else super().get_command(ctx, name)
+        # a command's imports may need an extra that is not installed (DALI): one line, as when it runs
+        return user_errors(self.lazy[name])() if name in self.lazy else super().get_command(ctx, name)
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
