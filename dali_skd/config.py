@@ -213,6 +213,25 @@ class ObjectiveConfig:
 
 
 @dataclass
+class TrackConfig:
+    """Where a run is logged besides its folder (metrics.jsonl, tb/ for TensorBoard, curves.png): Weights & Biases or
+    MLflow, from rank 0 (`tracking.py`). Their own variables set the rest: WANDB_ENTITY, WANDB_MODE=offline,
+    MLFLOW_TRACKING_URI."""
+
+    to: Literal["tensorboard", "wandb", "mlflow"] = setting(
+        "tensorboard",
+        "tensorboard: the run folder's tb/ only (always written); wandb or mlflow: to Weights & Biases or MLflow too "
+        "(the extra of that name)",
+    )
+    project: str | None = setting(
+        None, "W&B project or MLflow experiment (default: WANDB_PROJECT or MLFLOW_EXPERIMENT_NAME, else dali-skd)"
+    )
+    group: str | None = setting(
+        None, "group the run under this name: a W&B group, an MLflow parent run (compare: its folder's name)"
+    )
+
+
+@dataclass
 class ScoreSettings:
     """What a command that scores videos with a trained run takes (`eval`, `predict`, `features`): the checkpoint,
     the clips and crops of a video, the batch, the precision and the device; the `clip` part, which defaults to the
@@ -283,6 +302,7 @@ class TrainSettings:
         at_least=0,
     )
     optim: OptimConfig = setting(OptimConfig(), "the optimizer")
+    track: TrackConfig = setting(TrackConfig(), "experiment tracking")
     clip: ClipConfig = setting(ClipConfig(), "clips")
     sampling: SamplingConfig = setting(SamplingConfig(), "training samples")
     augment: AugmentConfig = setting(AugmentConfig(), "augmentations")
