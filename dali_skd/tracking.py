@@ -109,8 +109,11 @@ def tracked_run_dir(folder: Path, track: TrackConfig) -> Path | None:
     return folder if (folder / RECORD).is_file() and track.to in read_record(folder) else None
 
 
+RECORD_FIELDS = {"wandb": ("id", "project"), "mlflow": ("run_id", "tracking_uri")}  # and "logged", each
+
+
 def read_record(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """RUN_DIR/tracker.json, checked (empty if there is none)."""
+    """RUN_DIR/tracker.json, every field checked (empty if there is none)."""
     path = run_dir / RECORD
     if not path.is_file():
         return {}
@@ -118,15 +121,20 @@ def read_record(run_dir: Path) -> dict[str, dict[str, Any]]:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} is unreadable ({e}): delete it to log to new tracked runs") from e
-    fields = {"wandb": ("id", "project"), "mlflow": ("run_id", "tracking_uri")}
-    for kind, entry in raw.items() if isinstance(raw, dict) else [("", None)]:
-        ok = kind in fields and isinstance(entry, dict) and set(entry) == {*fields[kind], "logged"}
-        ok = ok and isinstance(entry["logged"], int) and not isinstance(entry["logged"], bool) and entry["logged"] >= 0
-        ok = ok and RUN_ID.fullmatch(str(entry[fields[kind][0]])) is not None
-        if not (ok and all(isinstance(entry[f], str) and len(entry[f]) < 1000 for f in fields[kind])):
-            raise ValueError(f"{path}: {kind or 'its content'} is not a tracked run's record: delete it to log to new "
-                             "tracked runs")  # fmt: skip
+    for kind, entry in raw.items() if isinstance(raw, dict) else [("its content", None)]:
+        if not _is_entry(kind, entry):
+            raise ValueError(f"{path}: {kind} is not a tracked run's record: delete it to log to new tracked runs")
     return raw
+
+
+def _is_entry(kind: str, entry: Any) -> bool:
+    names = RECORD_FIELDS.get(kind)
+    if names is None or not isinstance(entry, dict) or set(entry) != {*names, "logged"}:
+        return False
+    logged, texts = entry["logged"], [entry[name] for name in names]
+    if type(logged) is not int or logged < 0 or not all(isinstance(t, str) and len(t) < 1000 for t in texts):
+        return False
+    return RUN_ID.fullmatch(texts[0]) is not None
 
 
 class _Backend(Tracker):

@@ -267,3 +267,15 @@ def test_a_tracker_not_installed_or_not_named_is_one_line(
     assert not (tmp_path / "run" / "last.pt").exists()
     result = invoke("eval", "--data", str(data), "--track.project", "mine", expect_error=True)
     assert "--track.project and --track.group name a W&B or MLflow run: add --track.to wandb" in result.output
+
+
+@pytest.mark.parametrize(
+    "record",
+    [[], {"wandb": {"id": "../../x", "project": "p", "logged": 1}}, {"neptune": {}}, {"mlflow": {"run_id": "a"}}],
+)
+def test_a_damaged_tracker_record_is_a_one_line_error(tmp_path: Path, record: Any) -> None:
+    from dali_skd.tracking import read_record
+
+    (tmp_path / "tracker.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="is not a tracked run's record: delete it to log to new tracked runs"):
+        read_record(tmp_path)
