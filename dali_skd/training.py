@@ -65,8 +65,7 @@ from dali_skd.tracking import Tracker, check_tracking, track_training
 
 # settings that may change when a run is resumed, as they leave the result as it was: where the shards and the run
 # are (moved to another disk), the device, how the loader runs (all of `loader`), logging (`track` too) and the number
-# of epochs;
-# any other change is refused
+# of epochs; any other change is refused
 RESUMABLE_CHANGES = {
     "out",
     "epochs",
@@ -113,7 +112,7 @@ class Diverged(RuntimeError):
 
 
 def train(cfg: TrainConfig) -> TrainSummary:
-    method_class(cfg.method)  # an unknown one is said before anything starts, as a tracker not installed is
+    method_class(cfg.method)  # an unknown method, or a tracker not installed, is said before anything starts
     check_tracking(cfg.track)
     with stop_on_signals():  # until the process group is gone too
         ctx = init_distributed(cfg.device)

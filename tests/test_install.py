@@ -110,6 +110,7 @@ cli.main(sys.argv[2:])
 """
 
 
+@pytest.mark.slow
 def test_without_dali_a_command_names_the_extra_in_one_line() -> None:
     done = subprocess.run(
         [sys.executable, "-c", MISSING, "nvidia.dali", "eval", "--help"],

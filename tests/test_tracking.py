@@ -131,6 +131,7 @@ def wandb_run(run_dir: Path) -> dict[str, Any]:
 # -- the trainer ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_wandb_offline_holds_every_epoch_and_a_resume_continues_its_run(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -148,6 +149,7 @@ def test_wandb_offline_holds_every_epoch_and_a_resume_continues_its_run(
     assert "curves.png" in logged["files"]
 
 
+@pytest.mark.slow
 def test_mlflow_holds_every_epoch_a_resume_continues_its_run_and_eval_joins_it(
     data: Path, tmp_path: Path, mlflow_store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -182,6 +184,7 @@ def test_mlflow_holds_every_epoch_a_resume_continues_its_run_and_eval_joins_it(
     assert [step for step, _ in mlflow_history(other, moved, "val_top1")] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_comparisons_runs_are_grouped(data: Path, tmp_path: Path, mlflow_store: Path) -> None:
     out = tmp_path / "cmp"
     invoke("compare", "--data", str(data), "--out", str(out), "--methods", "baseline,baseline-aug", "--seeds", "1",
@@ -237,6 +240,7 @@ def test_only_rank_0_logs(data: Path, tmp_path: Path, mlflow_store: Path) -> Non
     assert mlflow_history(mlflow_store, runs["ddp"], "val_top1") == [(1, metrics(out)[0]["val_top1"])]
 
 
+@pytest.mark.slow
 def test_a_tracker_failing_mid_run_does_not_stop_it(
     data: Path, tmp_path: Path, mlflow_store: Path, monkeypatch: pytest.MonkeyPatch, caplog
 ) -> None:
@@ -254,6 +258,7 @@ def test_a_tracker_failing_mid_run_does_not_stop_it(
     assert json.loads((tmp_path / "run" / "tracker.json").read_text())["mlflow"]["logged"] == 0  # a resume logs them
 
 
+@pytest.mark.slow
 def test_a_tracker_not_installed_or_not_named_is_one_line(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

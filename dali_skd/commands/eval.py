@@ -68,8 +68,9 @@ def track_eval(cfg: EvalConfig, split: str, result: EvalResult, written: list[Pa
     """The figures (`eval/<split>/<name>`) and files to the tracker `--track.to` names, if any."""
     figures = {k: v for k, v in result.to_json().items() if type(v) in (int, float)}
     folder = Path(cfg.checkpoint) if Path(cfg.checkpoint).is_dir() else Path(cfg.checkpoint).parent  # of the run
+    settings = {"eval": to_dict(cfg)}  # apart from the training settings of the run it may join
     with open_tracker(
-        cfg.track, tracked_run_dir(folder, cfg.track), f"{folder.name}-eval", to_dict(cfg), "eval"
+        cfg.track, tracked_run_dir(folder, cfg.track), f"{folder.name}-eval", settings, "eval"
     ) as tracked:
         tracked.summary({f"eval/{split}/{k}": v for k, v in figures.items()})
         tracked.files(*written)
