@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import Tensor
 
+from dali_skd import __version__
 from dali_skd.config import ClipConfig, PreprocessConfig, TrainConfig, from_dict, to_dict
 from dali_skd.data.source import INPUT_NORMS
 from dali_skd.files import write_atomic
@@ -69,8 +70,6 @@ def model_config(
     onnx: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """config.json of a model trained with `config` (a run's settings)."""
-    from dali_skd import __version__
-
     settings = to_dict(config)
     return {
         "format": FOLDER_FORMAT,
@@ -129,14 +128,17 @@ def read_model_folder(path: str | Path, with_weights: bool = True) -> ModelFolde
     classes = raw["classes"]
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) and 0 < len(c) <= 200 for c in classes)):
         raise ValueError(f"{where}: classes is not a list of class names (each 1 to 200 characters)")
-    for name, settings in (("clip", ClipConfig), ("preprocessing", PreprocessConfig)):
-        expected = [f.name for f in fields(ClipConfig)] if name == "clip" else list(PREPROCESSING_SETTINGS)
+    parts = (("clip", ClipConfig, [f.name for f in fields(ClipConfig)]),
+             ("preprocessing", PreprocessConfig, list(PREPROCESSING_SETTINGS)))  # fmt: skip
+    for name, settings, expected in parts:
         if not isinstance(raw[name], dict) or sorted(raw[name]) != sorted(expected):
             raise ValueError(f"{where}: {name} must hold exactly {', '.join(expected)}")
         from_dict(settings, raw[name], f"{where} {name}")
     training = raw["training"]
     if not isinstance(training, dict) or any(k in training for k in TOP_SETTINGS):
-        raise ValueError(f"{where}: training is not the run's settings but {', '.join(TOP_SETTINGS)}")
+        raise ValueError(
+            f"{where}: training must hold the run's settings but {', '.join(TOP_SETTINGS)} (those are at the top)"
+        )
     top = {k: raw[k] for k in TOP_SETTINGS}
     config = from_dict(TrainConfig, {**training, **top}, str(where))
     if config.shortcut is None or config.arch not in MODELS:

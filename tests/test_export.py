@@ -194,7 +194,10 @@ HOSTILE_FOLDERS = {
         config_edit(lambda c: c["training"]["optim"].update(lr="0.1")),
         r"training\.optim\.lr|optim\.lr is '0\.1', not a number",
     ),
-    "arch inside training": (config_edit(lambda c: c["training"].update(arch="r3d50")), "training is not the run's"),
+    "arch inside training": (
+        config_edit(lambda c: c["training"].update(arch="r3d50")),
+        "training must hold the run's settings but arch, shortcut, clip",
+    ),
     "preprocessing of another type": (
         config_edit(lambda c: c["preprocessing"].update(short_side="big")),
         "preprocessing.short_side is 'big', not an integer",
