@@ -99,7 +99,7 @@ def test_the_extras_install_one_dali_each_and_the_base_none() -> None:
     extras = project["optional-dependencies"]
     for major, wheel in DALI_WHEELS.items():
         assert [d.split(">=")[0] for d in extras[f"cuda{major}"]] == [wheel]
-    assert "nvidia-dali-cuda130" in runtime.installed_dali_wheels()  # the tests' install (.ci/run)
+    assert len(runtime.installed_dali_wheels()) == 1  # the tests' install: cuda13's (.ci/run), or cuda12's
 
 
 MISSING = """
