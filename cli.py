@@ -7,6 +7,7 @@ python cli.py train --data data/ucf101 --out runs/ucf101-skd
 python cli.py eval --data data/ucf101 --checkpoint runs/ucf101-skd/best.pt --spatial-crops 3 --json eval.json
 python cli.py predict video.mp4 other.avi --checkpoint runs/ucf101-skd/best.pt
 python cli.py features --data data/ucf101 --checkpoint runs/ucf101-skd/best.pt --out features/ucf101
+python cli.py export --checkpoint runs/ucf101-skd/best.pt --out models/ucf101-skd --format onnx
 python cli.py bench --data data/ucf101
 python cli.py preview --data data/ucf101 --out views.png
 torchrun --nproc-per-node 8 cli.py train ...
@@ -197,6 +198,15 @@ def preview_command() -> click.Command:
     return config_command("preview", PreviewConfig, run_preview, about)
 
 
+def export_command() -> click.Command:
+    from dali_skd.commands.export import ExportConfig, run_export
+
+    about = """A checkpoint as a folder to share: model.safetensors, config.json (architecture, classes, clip settings,
+    input normalisation, preprocessing, training settings, evaluation figures) and a README.md model card; --format
+    onnx adds model.onnx, checked against PyTorch. eval, predict, features, --init and --teacher take the folder."""
+    return config_command("export", ExportConfig, run_export, about)
+
+
 def plot_command() -> click.Command:
     from dali_skd.commands.plot import run_plot
 
@@ -224,13 +234,15 @@ class Commands(click.Group):
         "bench": bench_command,
         "preview": preview_command,
         "plot": plot_command,
+        "export": export_command,
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [*super().list_commands(ctx), *self.lazy]
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        return self.lazy[name]() if name in self.lazy else super().get_command(ctx, name)
+        # a command's imports may need an extra that is not installed (DALI): one line, as when it runs
+        return user_errors(self.lazy[name])() if name in self.lazy else super().get_command(ctx, name)
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})

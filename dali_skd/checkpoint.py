@@ -5,11 +5,13 @@ batches were drawn from, so resuming is one code path. Written atomically (`file
 `weights_only=True` (tensors and plain containers only), every field checked: a checkpoint may come from anyone.
 
 `TrainedRun` is a finished run as every command that applies one sees it: `TrainedRun.load(path)` gives its
-classifier, method, config, classes and preprocessing, and an `EvalLoader` that cuts clips as it was trained.
+classifier, method, config, classes and preprocessing, and an `EvalLoader` that cuts clips as it was trained. `path`
+may also be a folder `cli.py export` wrote (`exported.py`): its classifier, without the method's heads.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -20,6 +22,7 @@ import torch
 
 from dali_skd.config import ClipConfig, TrainConfig, from_dict
 from dali_skd.data.loader import EvalLoader
+from dali_skd.exported import EVALUATION_FIELDS, read_model_folder
 from dali_skd.files import open_atomic
 from dali_skd.methods import Method, build_method
 from dali_skd.models import ResNet3d, build_model
@@ -133,14 +136,32 @@ def check_finite(weights: dict[str, torch.Tensor], path: str | Path) -> None:
 
 
 def trained_clip(path: str | Path) -> dict[str, Any]:
-    """How the clips were cut for the run that wrote a checkpoint (its config's `clip` part), read without loading
-    its weights: the defaults of eval's, predict's and features' `--clip.*` flags. Empty for a file that is not a
-    readable checkpoint: loading it properly then says why."""
+    """How the clips were cut for the run that wrote a checkpoint or an exported folder (its config's `clip` part),
+    read without loading its weights: the defaults of eval's, predict's and features' `--clip.*` flags. Empty for a
+    file that is not a readable checkpoint: loading it properly then says why."""
     try:
+        if Path(path).is_dir():
+            return asdict(read_model_folder(path, with_weights=False).config.clip)
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return asdict(run_config(state, path).clip)
     except Exception:
         return {}
+
+
+def validation_figures(state: dict[str, Any], path: str | Path) -> dict[str, float]:
+    """A checkpoint's validation figures: its epoch's (`EVALUATION_FIELDS`, the metrics line's names), the
+    best so far, and the clips per video they were measured with; each checked to be a finite number."""
+    metrics = state.get("metrics") or {}
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path}: its metrics are not a record of an epoch: pass a checkpoint of a run")
+    figures = {k: metrics[k] for k in EVALUATION_FIELDS if k in metrics}
+    figures.update({k: state[k] for k in ("epoch", "best_epoch") if k in state})
+    if "val_top1" in figures:
+        figures["val_clips"] = run_config(state, path).val_clips
+    for key, value in figures.items():
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise ValueError(f"{path}: its {key} is {value!r:.40}, not a finite number")
+    return figures
 
 
 @dataclass
@@ -155,22 +176,37 @@ class TrainedRun:
     preprocessing: dict[str, Any]
     classifier: ResNet3d
     device: torch.device
-    weights: dict[str, torch.Tensor] = field(repr=False)  # the method's trained state
+    weights: dict[str, torch.Tensor] = field(repr=False)  # the method's trained state (an exported folder's: fc's)
+    figures: dict[str, float] = field(default_factory=dict)  # its validation figures (`validation_figures`)
+    exported: bool = False  # from a folder `cli.py export` wrote: the classifier only
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", num_classes: int | None = None) -> TrainedRun:
-        """The run of the checkpoint at `path`; with `num_classes`, it must predict that many classes (a dataset's)."""
-        state = load_checkpoint(path, device)
-        classes = state["classes"]
-        check_finite(state["method"], path)
-        config = run_config(state, path)
+        """The run of the checkpoint (or exported folder) at `path`; with `num_classes`, it must predict that many
+        classes (a dataset's)."""
+        if exported := Path(path).is_dir():
+            folder = read_model_folder(path)
+            config, classes, preprocessing, figures = (
+                folder.config,
+                folder.classes,
+                folder.preprocessing,
+                folder.evaluation,
+            )
+            weights = {f"model.{k}": v for k, v in folder.weights.items()}
+        else:
+            state = load_checkpoint(path, device)
+            config, classes, preprocessing = run_config(state, path), state["classes"], state["preprocessing"]
+            weights, figures = state["method"], validation_figures(state, path)
+        check_finite(weights, path)
+        unchanged = "the folder `cli.py export` wrote" if exported else "the best.pt or last.pt of a run"
         try:
             classifier = build_model(config.arch, len(classes), shortcut=config.shortcut)
-            classifier.load_state_dict(classifier_state(state, path))
+            classifier.load_state_dict(classifier_state({"method": weights}, path))
         except (ValueError, RuntimeError) as e:  # a model it does not name, weights of another shape
-            raise ValueError(f"{path}: {str(e).rstrip('.')}; pass the best.pt or last.pt of a run, unchanged") from e
+            said = " ".join(str(e).split()).rstrip(".")  # load_state_dict's list of problems, in one line
+            raise ValueError(f"{path}: {said}; pass {unchanged}, unchanged") from e
         device = torch.device(device)
-        run = cls(Path(path), config, classes, state["preprocessing"], classifier.to(device), device, state["method"])
+        run = cls(Path(path), config, classes, preprocessing, classifier.to(device), device, weights, figures, exported)
         if num_classes is not None:
             run.check_classes(num_classes)
         return run
@@ -186,6 +222,11 @@ class TrainedRun:
     @cached_property
     def method(self) -> Method:
         """The trained method around the classifier (a kd run's with its teacher, loaded from its `--teacher`)."""
+        if self.exported:
+            raise ValueError(
+                f"{self.path} is an exported model, its classifier only: the method's heads ({self.config.method}) are "
+                "in the checkpoint it was exported from; pass that"
+            )
         teacher = None
         if self.config.teacher:
             teacher = TrainedRun.load(self.config.teacher, self.device, len(self.classes)).classifier

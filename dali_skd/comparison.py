@@ -12,6 +12,10 @@ DIR (the settings' `out`) after a comparison:
     DIR/compare.png                 validation top-1 per epoch: one colour per method, a thin line per seed
     DIR/runs/<method>-seed<k>/      each run's directory (`cli.py train`'s), plus result.json once evaluated
     DIR/runs/teacher/               the kd teacher, when the comparison trained it
+    DIR/tracker.json                with `--track.to wandb|mlflow`: the comparison's tracked run (its table)
+
+Tracked (`--track.to`), the runs are grouped under `--track.group` (default: DIR's name) and each gets its test
+figures; the group's run gets the table (`tracking.py`).
 
 A run whose result.json exists is reused, and an interrupted run resumes from its last.pt: a killed comparison
 started again trains only what is missing. A SIGTERM, SIGINT or SIGUSR1 stops it as it stops `train` (the run in
@@ -44,9 +48,11 @@ from dali_skd.files import write_atomic
 from dali_skd.methods import METHODS
 from dali_skd.plot import read_metrics
 from dali_skd.signals import Stopped, stop_on_signals
+from dali_skd.tracking import check_tracking, open_tracker
 from dali_skd.training import RESUMABLE_CHANGES, Trainer, agreed_stop, main_rank_lock
 
 TEACHER_METHOD = "baseline-aug"  # how a kd teacher is trained: cross-entropy with the paper's augmentations
+SUMMARY = ("top1_mean", "top1_std", "top5_mean", "top5_std")  # per method, to the comparison's tracked run
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,11 @@ def run_comparison(plan: ComparisonPlan) -> CompareReport:
         )
     if plan.seeds < 1:
         raise ValueError(f"compare: --seeds must be 1 or more, not {plan.seeds}")
+    check_tracking(base.track)
     started = time.perf_counter()
+    if base.track.to != "tensorboard":  # the comparison's runs, grouped
+        base = replace(base, track=replace(base.track, group=base.track.group or out.resolve().name))
+    track = base.track
     ctx = init_distributed(base.device)
     held = ExitStack()
     try:
@@ -130,6 +140,9 @@ def run_comparison(plan: ComparisonPlan) -> CompareReport:
         report.seconds = time.perf_counter() - started
         if ctx.is_main:
             write_report(report, out)
+            with open_tracker(track, out, track.group, {"command": plan.command, **to_dict(base)}, "compare") as t:
+                t.summary({f"{row['method']}/{k}": row[k] for row in report.rows for k in SUMMARY if k in row})
+                t.files(out / "table.md", out / "table.json", out / "compare.png")
         return report
     except Stopped as e:
         raise Stopped(e.what, "run the same command again to continue: the runs it finished are kept") from e
@@ -196,6 +209,8 @@ def _run(
     )
     if ctx.is_main:
         write_atomic(result_path, json.dumps(asdict(run), indent=2) + "\n")
+        with open_tracker(train_cfg.track, run_dir, name, to_dict(train_cfg), "train") as tracked:
+            tracked.summary({"test_top1": run.test_top1, "test_top5": run.test_top5, "test_clip_top1": run.clip_top1})
     return run
 
 

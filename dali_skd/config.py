@@ -133,9 +133,15 @@ class LoaderConfig:
 
     threads: int = setting(
         0,
-        "DALI CPU threads (0: one per core, at most 16; on a GPU, each JPEG decoder's pool, 0: the cores shared "
-        "among the decoders)",
+        "DALI CPU threads (0: one per core, at most 16): the CPU operators' pool and, on a GPU, each JPEG decoder's "
+        "own pool (0 with --loader.concurrency full: the cores shared among the decoders)",
         at_least=0,
+    )
+    concurrency: Literal["backend", "full"] = setting(
+        "backend",
+        "DALI's operator concurrency: backend (DALI's default: operators of one kind take turns, so the GPU's JPEG "
+        "decoders decode one at a time) or full (they run side by side; DALI then needs DALI_EXEC2_NUM_THREADS set "
+        "before the process's first pipeline, which the loader does when it is not set)",
     )
     prefetch: int = setting(2, "batches DALI prepares ahead", at_least=1)
     hw_decoder_load: float = setting(
@@ -213,12 +219,33 @@ class ObjectiveConfig:
 
 
 @dataclass
+class TrackConfig:
+    """Where a run is logged besides its folder (metrics.jsonl, tb/ for TensorBoard, curves.png): Weights & Biases or
+    MLflow, from rank 0 (`tracking.py`). Their own variables set the rest: WANDB_ENTITY, WANDB_MODE=offline,
+    MLFLOW_TRACKING_URI."""
+
+    to: Literal["tensorboard", "wandb", "mlflow"] = setting(
+        "tensorboard",
+        "tensorboard: the run folder's tb/ only (always written); wandb or mlflow: to Weights & Biases or MLflow too "
+        "(the extra of that name)",
+    )
+    project: str | None = setting(
+        None, "W&B project or MLflow experiment (default: WANDB_PROJECT or MLFLOW_EXPERIMENT_NAME, else dali-skd)"
+    )
+    group: str | None = setting(
+        None, "group the run under this name: a W&B group, an MLflow parent run (compare: its folder's name)"
+    )
+
+
+@dataclass
 class ScoreSettings:
     """What a command that scores videos with a trained run takes (`eval`, `predict`, `features`): the checkpoint,
     the clips and crops of a video, the batch, the precision and the device; the `clip` part, which defaults to the
     checkpoint's (`cli.py` layers it: defaults, the checkpoint's, --config, the flags given), and the loader's."""
 
-    checkpoint: str = setting("runs/run/best.pt", "checkpoint of a run: its best.pt or last.pt")
+    checkpoint: str = setting(
+        "runs/run/best.pt", "checkpoint of a run (its best.pt or last.pt), or a folder `cli.py export` wrote"
+    )
     batch_size: int = setting(32, "clips per batch", at_least=1)
     clips_per_video: int = clips_per_video_field()
     spatial_crops: int = setting(
@@ -255,15 +282,18 @@ class TrainSettings:
     )
     init: str | None = setting(
         None,
-        "start from these weights, not a resume (optimizer, epoch and schedule start fresh): a dali-skd checkpoint "
-        "or a Kinetics model of Hara et al. (e.g. r3d18_K_200ep.pth); a classifier of another size is re-initialised",
+        "start from these weights, not a resume (optimizer, epoch and schedule start fresh): a dali-skd checkpoint or "
+        "exported folder, or a Kinetics model of Hara et al. (e.g. r3d18_K_200ep.pth); a classifier of another size is "
+        "re-initialised",
     )
     freeze: Literal["none", "stem", "layer1", "layer2", "layer3", "layer4", "encoder"] = setting(
         "none",
         "fix the encoder up to and including this stage (stem: conv1 + bn1; encoder: all of it, a linear probe): "
         "no gradients, BatchNorm statistics kept",
     )
-    teacher: str | None = setting(None, "kd: checkpoint of the frozen teacher (e.g. a trained r3d50)")
+    teacher: str | None = setting(
+        None, "kd: checkpoint (or exported folder) of the frozen teacher (e.g. a trained r3d50)"
+    )
     amp: Amp = amp_field()
     channels_last: bool = channels_last_field()
     device: Device = device_field()
@@ -278,6 +308,7 @@ class TrainSettings:
         at_least=0,
     )
     optim: OptimConfig = setting(OptimConfig(), "the optimizer")
+    track: TrackConfig = setting(TrackConfig(), "experiment tracking")
     clip: ClipConfig = setting(ClipConfig(), "clips")
     sampling: SamplingConfig = setting(SamplingConfig(), "training samples")
     augment: AugmentConfig = setting(AugmentConfig(), "augmentations")

@@ -48,6 +48,8 @@ class Method(nn.Module, ABC):
     augment: ClassVar[bool] = True
     needs_teacher: ClassVar[bool] = False
     given: ClassVar[tuple[str, ...]] = ()  # frozen submodules it is given, not trained: left out of a checkpoint
+    loss: ClassVar[str] = "CE"  # its loss in words (the table above; a model card says it)
+    settings: ClassVar[tuple[str, ...]] = ()  # the `ObjectiveConfig` fields its loss reads (a model card lists them)
 
     def __init__(self, model: ResNet3d, cfg: ObjectiveConfig) -> None:
         super().__init__()
@@ -99,6 +101,8 @@ class SelfKD(Method):
     """`self-kd`: two views, CE + CE + alpha L_KL; no Siamese term."""
 
     num_views = 2
+    loss = "CE + CE + alpha L_KL (Eq. 5 without L_sim)"
+    settings = ("tau", "alpha", "kl_detach_target", "kl_tau_squared")
 
     def forward(self, views: Sequence[Tensor], labels: Tensor) -> MethodOutput:
         p1, p2 = self.model.fc(self.encode(views)).chunk(2)
@@ -110,6 +114,8 @@ class SKDSRL(Method):
     BN, ReLU, Linear back to `proj_dim`, nothing after its output (SimSiam's predictor)."""
 
     num_views = 2
+    loss = "Eq. 5: CE + CE + alpha L_KL + beta L_sim (self-knowledge distillation with Siamese representation learning)"
+    settings = ("tau", "alpha", "beta", "kl_detach_target", "kl_tau_squared", "proj_dim", "pred_hidden")
 
     def __init__(self, model: ResNet3d, cfg: ObjectiveConfig) -> None:
         super().__init__(model, cfg)
@@ -136,6 +142,8 @@ class KnowledgeDistillation(Method):
 
     needs_teacher = True
     given = ("teacher",)
+    loss = "(1 - a) CE + a tau^2 KL(teacher || student) (Hinton et al.)"
+    settings = ("kd_tau", "kd_alpha")
 
     def __init__(self, model: ResNet3d, cfg: ObjectiveConfig, teacher: nn.Module | None) -> None:
         super().__init__(model, cfg)

@@ -1,8 +1,8 @@
 """Fine-tuning from pretrained weights: `--init` reads them into a fresh model, `--optim.lr-backbone` sets the
 encoder's share of the learning rate (`--freeze` lives on the model: `ResNet3d.freeze`).
 
-`--init` reads, with `torch.load(weights_only=True)` only:
-- this project's checkpoints (`checkpoint.py`);
+`--init` reads, with `torch.load(weights_only=True)` only (or, for a folder, safetensors):
+- this project's checkpoints (`checkpoint.py`) and the folders `cli.py export` writes (`exported.py`);
 - the Kinetics models of Hara et al. (kenshohara/3D-ResNets-PyTorch): a dict whose "state_dict" uses their
   names, which are ours but for the shortcut's (`downsample.0`/`.1` there, `shortcut.0`/`.1` here) and a
   "module." prefix in the 2018 release (saved from `nn.DataParallel`);
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from dali_skd.checkpoint import checked_state, classifier_state, load_failure, nonfinite_tensors, refused_global
+from dali_skd.exported import read_model_folder
 from dali_skd.methods import Method
 from dali_skd.models import MODELS, Bottleneck, ResNet3d
 
@@ -74,10 +75,13 @@ def _names(keys: list[str]) -> str:
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str, str | None]:
-    """The tensors of a checkpoint file under this project's names, the file's layout in words, and the
-    `--clip.norm` its model was trained on if the layout tells (a dali-skd checkpoint's config; Hara et al.'s 2018
-    release, saved from DataParallel, or their 2020 one)."""
+    """The tensors of a checkpoint file (or exported folder) under this project's names, the file's layout in words,
+    and the `--clip.norm` its model was trained on if the layout tells (a dali-skd checkpoint's or folder's config;
+    Hara et al.'s 2018 release, saved from DataParallel, or their 2020 one)."""
     path = Path(path)
+    if path.is_dir():
+        folder = read_model_folder(path)
+        return folder.weights, "dali-skd exported model", folder.config.clip.norm
     if not path.is_file():
         raise FileNotFoundError(f"--init: no file at {path}: pass a dali-skd checkpoint or a Kinetics model file")
     try:

@@ -2,17 +2,30 @@
 
 Everything that asks "GPU or CPU?" or "fp16, bf16 or fp32?" asks here, so the trainer, the evaluator, the loader
 and the benchmark always agree. Imports neither DALI nor the loader.
+
+NVIDIA DALI comes as one wheel per CUDA major version (`DALI_WHEELS`, the extras `cuda12` and `cuda13` of
+pyproject.toml). An NVIDIA driver runs what was built for its own CUDA major version or an older one, so on a
+machine whose driver is older than the wheel DALI's GPU pipeline fails at its first build, deep inside DALI:
+`resolve_device` says so in one line before anything starts, naming both versions and the wheel to install.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import importlib.metadata
+import logging
 import os
+import re
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 
 from dali_skd.config import Amp
+
+log = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "fp16", "bf16"]  # what a run computes in; `Amp` is what a user asks for
 
@@ -24,6 +37,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():
+        check_dali_cuda()
         return torch.device("cuda", torch.cuda.current_device())
     if device == "cuda":
         raise RuntimeError("--device cuda was asked for, but PyTorch sees no CUDA GPU: use --device cpu (or auto)")
@@ -53,3 +67,101 @@ def local_cpu_share() -> int:
     """The cores this process may use, divided among the processes torchrun started on this machine."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+# the NVIDIA DALI wheel built for each CUDA major version, and the extra of pyproject.toml that installs it
+DALI_WHEELS = {12: "nvidia-dali-cuda120", 13: "nvidia-dali-cuda130"}
+DALI_WHEEL_NAME = re.compile(r"nvidia-dali(?:-nightly|-weekly)?-cuda(\d\d)\d")  # cuda130: CUDA 13
+
+
+def dali_build_for(driver_major: int) -> int:
+    """The CUDA major version of the DALI build for a driver of CUDA `driver_major`: its own, else the newest older
+    one (a driver runs those too); its wheel is `DALI_WHEELS[...]`, its extra `cuda<major>`."""
+    return max((m for m in DALI_WHEELS if m <= driver_major), default=min(DALI_WHEELS))
+
+
+def dali_extra_here() -> str:
+    """The extra that installs DALI's build for this machine: for its driver's CUDA, or (no driver) cuda13, which
+    runs the CPU path as cuda12 does."""
+    driver = driver_cuda_version()
+    return f"cuda{dali_build_for(driver[0]) if driver else max(DALI_WHEELS)}"
+
+
+def driver_cuda_version() -> tuple[int, int] | None:
+    """The newest CUDA version the installed NVIDIA driver runs (libcuda's cuDriverGetVersion), None without a
+    driver."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int()
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return None
+    return version.value // 1000, version.value % 1000 // 10
+
+
+def installed_dali_wheels() -> dict[str, int]:
+    """The NVIDIA DALI wheels installed, by name, each with the CUDA major version it was built for."""
+    found = {}
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if match := DALI_WHEEL_NAME.fullmatch(name):
+            found[name] = int(match[1])
+    return found
+
+
+@dataclass(frozen=True)
+class DaliCudaCheck:
+    message: str
+    fatal: bool  # the GPU pipeline cannot run (else a note: it runs, and a better-fitting wheel exists)
+
+
+def compare_dali_cuda(driver: tuple[int, int] | None, wheels: dict[str, int]) -> DaliCudaCheck | None:
+    """What is wrong between the driver's CUDA version and the DALI wheels installed, if anything. Nothing to say
+    without a driver (the CPU path runs any wheel) or without a wheel (importing DALI then names the extra)."""
+    if driver is None or not wheels:
+        return None
+    major, minor = driver
+    build = dali_build_for(major)
+    fits = f"{DALI_WHEELS[build]} (the extra cuda{build})"
+    if len(wheels) > 1:
+        return DaliCudaCheck(
+            f"{' and '.join(sorted(wheels))} are all installed, into the same files, so none works for sure: pip "
+            f"uninstall -y {' '.join(sorted(wheels))}, then pip install {fits}; the driver runs CUDA {major}.{minor}",
+            fatal=True,
+        )
+    ((wheel, built_for),) = wheels.items()
+    if major < min(DALI_WHEELS):
+        return DaliCudaCheck(
+            f"the NVIDIA driver runs CUDA {major}.{minor} at most, and NVIDIA DALI needs CUDA {min(DALI_WHEELS)} or "
+            f"newer here ({wheel} is built for CUDA {built_for}): update the driver, or run on the CPU (--device cpu)",
+            fatal=True,
+        )
+    if built_for > major:
+        return DaliCudaCheck(
+            f"NVIDIA DALI here is {wheel}, built for CUDA {built_for}, and the NVIDIA driver runs CUDA {major}.{minor} "
+            f"at most: DALI's GPU pipeline cannot run. Install the build for CUDA {build}: pip uninstall -y {wheel}, "
+            f"then pip install {fits}; or update the driver to one for CUDA {built_for}; or run on the CPU "
+            "(--device cpu)",
+            fatal=True,
+        )
+    if built_for != build:
+        return DaliCudaCheck(
+            f"NVIDIA DALI here is {wheel}, built for CUDA {built_for}; the NVIDIA driver runs CUDA {major}.{minor}, "
+            f"which runs it too. The build for this driver: pip uninstall -y {wheel}, then pip install {fits}",
+            fatal=False,
+        )
+    return None
+
+
+@functools.cache
+def check_dali_cuda() -> None:
+    """Raises a RuntimeError if the installed DALI cannot run on this machine's driver; logs a note (rank 0) if it
+    runs but another wheel fits the driver better. Once per process."""
+    found = compare_dali_cuda(driver_cuda_version(), installed_dali_wheels())
+    if found is None:
+        return
+    if found.fatal:
+        raise RuntimeError(found.message)
+    if os.environ.get("RANK", "0") == "0":
+        log.warning("note: %s", found.message)

@@ -2,7 +2,8 @@
 schedule, checkpoints that resume exactly, and one process per GPU under torchrun.
 
 RUN_DIR after a run: config.json, metrics.jsonl (a line per epoch), tb/ (TensorBoard), last.pt, best.pt,
-curves.png, and .lock (held by the run that writes there: `files.lock_directory`).
+curves.png, and .lock (held by the run that writes there: `files.lock_directory`); with `--track.to wandb|mlflow`,
+tracker.json, the tracked run that gets the same (`tracking.py`).
 
 A run survives what a cluster does to it:
 - On SIGTERM, SIGINT or SIGUSR1 (`signals`) the current step finishes, last.pt is written with the step within the
@@ -38,7 +39,15 @@ from dali_skd.checkpoint import (
     run_config,
     save_checkpoint,
 )
-from dali_skd.config import LoaderConfig, TrainConfig, changed_settings, format_changes, save_json, to_dict
+from dali_skd.config import (
+    LoaderConfig,
+    TrackConfig,
+    TrainConfig,
+    changed_settings,
+    format_changes,
+    save_json,
+    to_dict,
+)
 from dali_skd.data.augment import draw_layout
 from dali_skd.data.loader import EvalLoader, TrainLoader
 from dali_skd.data.shards import load_manifest
@@ -54,10 +63,11 @@ from dali_skd.pretrained import init_from_pretrained
 from dali_skd.progress import Progress, duration
 from dali_skd.signals import Stopped, stop_on_signals, stop_requested, work_saved
 from dali_skd.step import build_train_step
+from dali_skd.tracking import Tracker, check_tracking, track_training
 
 # settings that may change when a run is resumed, as they leave the result as it was: where the shards and the run
-# are (moved to another disk), the device, how the loader runs (all of `loader`), logging and the number of epochs;
-# any other change is refused
+# are (moved to another disk), the device, how the loader runs (all of `loader`), logging (`track` too) and the number
+# of epochs; any other change is refused
 RESUMABLE_CHANGES = {
     "out",
     "epochs",
@@ -69,6 +79,7 @@ RESUMABLE_CHANGES = {
     "eval_shards",
     "device",
     *(f"loader.{f.name}" for f in dataclasses.fields(LoaderConfig)),
+    *(f"track.{f.name}" for f in dataclasses.fields(TrackConfig)),
 }
 
 
@@ -112,7 +123,8 @@ class Diverged(RuntimeError):
 
 
 def train(cfg: TrainConfig) -> TrainSummary:
-    method_class(cfg.method)  # an unknown one is said before anything starts
+    method_class(cfg.method)  # an unknown method, or a tracker not installed, is said before anything starts
+    check_tracking(cfg.track)
     with stop_on_signals():  # until the process group is gone too
         ctx = init_distributed(cfg.device)
         try:
@@ -224,6 +236,7 @@ class Trainer:
         self.start_epoch, self.best_top1, self.best_epoch = 0, -1.0, 0
         self.start_step, self.start_sums = 0, None  # where in its epoch a mid-epoch checkpoint stopped
         self.writer = None  # TensorBoard, rank 0 only
+        self.tracker = Tracker()  # W&B or MLflow (`--track.to`): rank 0's, opened as the run starts
         if resume is not None:
             self._restore(resume)
         self.optimizer_steps = self.skipped_in_a_row = 0  # a step the grad scaler skips does not step the optimizer
@@ -327,6 +340,7 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter  # slow to import; only rank 0 needs it
 
             self.writer = SummaryWriter(str(self.out / "tb"), purge_step=self.start_epoch + 1)
+            self.tracker = track_training(cfg, self.out)
             print(
                 f"training {cfg.method} / {cfg.arch} on {cfg.data} ({len(self.classes)} classes) "
                 f"with {ctx.world} process(es) on {ctx.device}, precision {self.precision}, "
@@ -355,6 +369,9 @@ class Trainer:
                     print(_epoch_line(record, cfg.epochs, self.best_epoch), flush=True)
                 if epoch + 1 < cfg.epochs and (signal := agreed_stop(ctx)):
                     raise self._stopped(signal, f"after epoch {epoch + 1} of {cfg.epochs}")
+        except BaseException as e:
+            self.tracker.close("stopped" if isinstance(e, Stopped) else "failed")
+            raise
         finally:
             if self.writer is not None:
                 self.writer.close()
@@ -367,6 +384,7 @@ class Trainer:
         )  # fmt: skip
         if ctx.is_main:
             print(summary.format())
+        self.tracker.finish({"best_val_top1": self.best_top1, "best_epoch": self.best_epoch}, self.out / "curves.png")
         return summary
 
     def _train_epoch(self, epoch: int, first: int = 0, saved: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -523,6 +541,7 @@ class Trainer:
         self.writer.flush()
         self._save_state(epoch + 1, bad_samples, record=record, best=is_best)
         plot_curves(self.out)
+        self.tracker.epoch(record)  # after last.pt: an epoch it holds is logged now, or on the resume
 
     def _save_state(
         self,

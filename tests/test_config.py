@@ -20,6 +20,7 @@ from dali_skd.cli_options import flag, leaves
 from dali_skd.config import (
     ClipConfig,
     OptimConfig,
+    ScoreSettings,
     TrainConfig,
     changed_settings,
     format_changes,
@@ -46,7 +47,7 @@ def parsed(name: str, *args: str) -> Any:
     options.pop("videos", None)
     config_file = options.pop("config_file")
     cls = config_of(name)
-    if hasattr(cls, "checkpoint"):
+    if issubclass(cls, ScoreSettings):  # eval, predict, features: the clip settings a checkpoint was trained with
         return cli.checkpoint_config(cls, options, config_file)
     return cli.build_config(cls, options, config_file)
 

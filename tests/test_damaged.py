@@ -4,19 +4,23 @@ skipped by the loader, training, evaluation and the benchmark, on the CPU."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from clickit import invoke
 from clipdata import damage_strip, noise_frames, write_dataset
+from nvidia.dali.pipeline import OperatorConcurrency
 
 from dali_skd.commands.bench import BenchConfig, run_bench
 from dali_skd.config import AugmentConfig, ClipConfig, LoaderConfig, SamplingConfig, TrainConfig
-from dali_skd.data.loader import EvalLoader, TrainLoader, dali_threads
+from dali_skd.data import loader as loader_module
+from dali_skd.data.loader import EvalLoader, TrainLoader, dali_threads, executor_threads_needed
 from dali_skd.data.pipeline import DecoderOptions
 from dali_skd.data.source import RECORDS, VIDEOS_PER_SPLIT
 from dali_skd.distributed import init_distributed
@@ -172,6 +176,28 @@ def test_the_failed_sample_is_mapped_to_its_row_and_nothing_else_is_lost(
     assert [ids[i] for i in kept] == [clean_ids[i] for i in clean_kept]
     assert torch.equal(clips[kept], clean_clips[clean_kept])
     assert ids.count(2) <= 1 and loader.undecodable_ids() == {VIDEOS_PER_SPLIT + 2} and loader.pipeline_builds == 2
+
+
+def test_the_failed_pipeline_is_released_before_the_next_is_built(unchecked: Path, tmp_path: Path, monkeypatch) -> None:
+    """Nothing holds a pipeline that failed once the loader drops it: its decoders (thread pools and, on a GPU,
+    preallocated buffers) never live beside the next pipeline's, however many rebuilds a run needs."""
+    damaged = copy(unchecked, tmp_path / "d")
+    for key in ("test-0000001", "test-0000005"):
+        damage_strip(damaged, "test", key, "huffman")
+    built: list[weakref.ref] = []
+    alive_at_build: list[int] = []
+    build = loader_module.clip_pipeline
+
+    def clip_pipeline(**kw):
+        alive_at_build.append(sum(ref() is not None for ref in built))
+        pipe = build(**kw)
+        built.append(weakref.ref(pipe))
+        return pipe
+
+    monkeypatch.setattr("dali_skd.data.loader.clip_pipeline", clip_pipeline)
+    loader, ids, _ = eval_clips(damaged)
+    assert sorted(set(ids)) == [0, 2, 3, 4, 6, 7] and loader.pipeline_builds == 3
+    assert alive_at_build == [0, 0, 0]
 
 
 def test_evaluation_drops_a_video_whose_later_clip_fails(unchecked: Path, tmp_path: Path) -> None:
@@ -396,14 +422,46 @@ def test_verify_old_shards_by_decoding_and_remote_ones_by_streaming(
 
 
 @pytest.mark.parametrize("frames_per_jpeg", [4, 8, 16])
-def test_one_decoder_per_view_and_slot_and_their_threads_fit_the_cores(tmp_path: Path, frames_per_jpeg: int) -> None:
+def test_one_decoder_per_view_and_slot_each_given_the_cores_in_its_turn(tmp_path: Path, frames_per_jpeg: int) -> None:
+    """DALI's default executor runs the mixed decoders one at a time (concurrency backend): each one's pool gets the
+    process's whole share of the cores; only side by side (concurrency full) do they split it."""
     data = make_data(tmp_path / "d", videos=2, frames_per_jpeg=frames_per_jpeg)
     loader = train_loader(data, ClipConfig(crop=32), threads=0, batch_size=2, num_views=2, augment=AugmentConfig())
-    serialized = loader._pipeline().serialize()
-    assert serialized.count(b"decoders__ImageSlice") == loader.decoders == {4: 10, 8: 6, 16: 4}[frames_per_jpeg]
-    cores = len(__import__("os").sched_getaffinity(0))
-    assert dali_threads(0, loader.decoders) * loader.decoders <= max(cores, loader.decoders)
+    pipe = loader._pipeline()
+    assert pipe.serialize().count(b"decoders__ImageSlice") == loader.decoders == {4: 10, 8: 6, 16: 4}[frames_per_jpeg]
+    assert pipe.concurrency == OperatorConcurrency.BACKEND and pipe.num_threads == loader.num_threads
+    cores = len(os.sched_getaffinity(0))
+    assert dali_threads(0, loader.decoders) == min(16, cores) == loader.num_threads
+    assert dali_threads(0, loader.decoders, "full") == max(1, cores // loader.decoders)
+    assert dali_threads(3, loader.decoders, "full") == dali_threads(3, loader.decoders) == 3  # as asked
     assert DecoderOptions().arguments(gpu=True)["affine"] is False and "affine" not in DecoderOptions().arguments(False)
+
+
+def test_concurrency_full_runs_the_same_clips(clean: Path) -> None:
+    """--loader.concurrency full (for the GPU's decoders side by side) changes how DALI schedules, not a clip."""
+    batches = {}
+    for concurrency in ("backend", "full"):
+        loader = TrainLoader(
+            str(clean), clip=CLIP, loader=LoaderConfig(threads=2, concurrency=concurrency), device=CPU,
+            sampling=SamplingConfig(shuffle_buffer=2), batch_size=3, num_views=2, augment=AugmentConfig(),
+        )  # fmt: skip
+        assert loader._pipeline().concurrency == {"backend": OperatorConcurrency.BACKEND,
+                                                  "full": OperatorConcurrency.FULL}[concurrency]  # fmt: skip
+        batches[concurrency] = list(loader.epoch(0))
+    for a, b in zip(batches["backend"], batches["full"], strict=True):
+        assert torch.equal(a.labels, b.labels) and all(map(torch.equal, a.views, b.views))
+
+
+def test_full_concurrency_asks_dali_for_enough_executor_threads(monkeypatch, caplog) -> None:
+    """DALI 2.4 runs at most min(num_threads, 4) operators at once unless DALI_EXEC2_NUM_THREADS says otherwise."""
+    monkeypatch.delenv("DALI_EXEC2_NUM_THREADS", raising=False)
+    loader_module._ask_executor_threads(13)
+    assert os.environ["DALI_EXEC2_NUM_THREADS"] == "13"
+    assert executor_threads_needed(10, 2) == 13  # fpj 4: ten decoders, two views' GPU operators, the CPU's
+    monkeypatch.setenv("DALI_EXEC2_NUM_THREADS", "4")
+    loader_module._ask_executor_threads(9)
+    assert os.environ["DALI_EXEC2_NUM_THREADS"] == "4"
+    assert "DALI_EXEC2_NUM_THREADS=4: with --loader.concurrency full, up to 9" in caplog.text
 
 
 def test_channels_last_clips_equal_todays_value_for_value(clean: Path) -> None:

@@ -52,7 +52,7 @@ def test_the_core_imports_neither_preprocess_nor_a_command() -> None:
 def test_a_command_never_imports_another() -> None:
     assert set(COMMANDS) == {
         f"dali_skd.commands.{c}"
-        for c in ("train", "eval", "predict", "features", "compare", "demo", "bench", "plot", "preview")
+        for c in ("train", "eval", "predict", "features", "compare", "demo", "bench", "plot", "preview", "export")
     }
     found = {
         name: sorted(n for n in imported(path) if within(n, "dali_skd.commands") and n != "dali_skd.commands")

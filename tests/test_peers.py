@@ -12,11 +12,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from clickit import invoke
 from clipdata import noise_frames, write_dataset
 from conftest import config_reads, ffmpeg_binary, unread
+from torch.overrides import TorchFunctionMode
 
-from dali_skd.commands.bench import BenchAugmentConfig, BenchConfig, bench_augment, peer_videos, tree_cpu_seconds
+from dali_skd.commands.bench import (
+    BenchAugmentConfig,
+    BenchConfig,
+    bench_augment,
+    peer_videos,
+    to_training_device,
+    tree_cpu_seconds,
+)
 from dali_skd.config import AugmentConfig, ClipConfig
 from dali_skd.data import peers
 from dali_skd.data.peers import PEERS, PeerClips, peer_loader, peer_problem, recorded_sources
@@ -26,12 +35,15 @@ from preprocess.shards import ShardWriter
 FRAMES, GREY_BASE, GREY_STEP = 30, 10, 8  # frame t of a counter video is grey 10 + 8 t: its pixels say its index
 
 
-def counter_video(path: Path, height: int = 48, width: int = 64) -> Path:
-    """An h264 mp4 whose frame t is a flat grey of GREY_BASE + GREY_STEP t."""
+def counter_video(path: Path, height: int = 48, width: int = 64, gop: int | None = None) -> Path:
+    """An h264 mp4 whose frame t is a flat grey of GREY_BASE + GREY_STEP t (`gop`: a keyframe every `gop` frames
+    exactly; else x264's default, one GOP here)."""
     frames = np.repeat(GREY_BASE + GREY_STEP * np.arange(FRAMES, dtype=np.uint8), height * width * 3)
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", "25", "-i", "-"]
-    command = [ffmpeg_binary(), "-loglevel", "error", *raw, "-c:v", "libx264", "-pix_fmt", "yuv420p", "-y", str(path)]
+    keyframes = ["-x264-params", f"keyint={gop}:min-keyint={gop}:scenecut=0"] if gop else []
+    command = [ffmpeg_binary(), "-loglevel", "error", *raw, "-c:v", "libx264", *keyframes, "-pix_fmt", "yuv420p",
+               "-y", str(path)]  # fmt: skip
     subprocess.run(command, input=frames.tobytes(), check=True)
     return path
 
@@ -86,6 +98,27 @@ def test_pyav_finds_every_frame_after_a_seek(tmp_path: Path) -> None:
         chosen = [[start, start + 5], [FRAMES - 1]]
         clips = peers.read_pyav(path, lambda n, chosen=chosen: chosen)
         assert [frame_indices((c.permute(3, 0, 1, 2).float().numpy() / 127.5) - 1) for c in clips] == chosen
+
+
+@pytest.mark.skipif("pyav" not in INSTALLED, reason="PyAV is not installed")
+def test_pyav_decodes_a_shared_gop_once_and_no_gop_between_far_views(tmp_path: Path) -> None:
+    """Both views in one forward pass where they share a GOP (not a pass each); a view past a later keyframe gets a
+    seek of its own, so the GOPs between them are not decoded."""
+    import av
+
+    one_gop, short_gops = counter_video(tmp_path / "one.mp4"), counter_video(tmp_path / "five.mp4", gop=5)
+    cases = [  # the video, the frames both views need, the most frames decoding them may take
+        (one_gop, [*range(2, 8), *range(20, 26)], 26),  # 0 to 25 once (a pass per view: 26 + 8)
+        (short_gops, [0, 1, 26, 27], 9),  # 0 to 5, where a keyframe shows the next view is further; then 25 to 27
+        (short_gops, [3, 4, 5, 6, 7, 8, 9], 10),  # a view across a keyframe: no second seek
+        (short_gops, [*range(24, 30)], 10),  # the last GOP (25 to 29) from the keyframe before it (20)
+    ]
+    for path, wanted, most in cases:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            frames, decoded = peers.pyav_decode(container, stream, stream.average_rate, wanted, path)
+        assert frame_indices((torch.from_numpy(frames).permute(3, 0, 1, 2).float().numpy() / 127.5) - 1) == wanted
+        assert decoded <= most, (path.name, wanted, decoded)
 
 
 @pytest.mark.slow
@@ -147,6 +180,27 @@ def test_tree_cpu_counts_live_and_ended_children() -> None:
     ended = tree_cpu_seconds()
     assert alive - before >= 0.7  # the live child's CPU counts
     assert abs(ended - alive) < 0.4  # once reaped, it counts once, not twice, and is not lost
+
+
+def test_a_dataloader_batch_is_copied_as_it_is_then_cast_on_the_device() -> None:
+    """As DALI casts on the GPU: cast first, a pinned batch would become new unpinned tensors (a synchronous copy,
+    and the cast on the main process's CPU). The meta device stands in for the GPU."""
+    seen: list[tuple[str, torch.dtype | None, bool]] = []
+
+    class Casts(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.Tensor.to:
+                dtype = next((a for a in (*args[1:], kwargs.get("dtype")) if isinstance(a, torch.dtype)), None)
+                seen.append((args[0].device.type, dtype, kwargs.get("non_blocking", False)))
+            return func(*args, **kwargs)
+
+    batch = (torch.zeros(2, 3, 4, 8, 8), torch.ones(2, 3, 4, 8, 8), torch.tensor([0, 1]))
+    with Casts():
+        v1, v2, labels = to_training_device(batch, torch.device("meta"), torch.float16)
+    assert (v1.device.type, v1.dtype, v2.dtype, labels.dtype) == ("meta", torch.float16, torch.float16, torch.int64)
+    copies, casts = seen[:3], seen[3:]
+    assert copies == [("cpu", None, True)] * 3 and casts == [("meta", torch.float16, False)] * 2
 
 
 def test_bench_augment_crop_flip_keeps_only_crop_and_flip() -> None:

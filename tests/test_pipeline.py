@@ -6,7 +6,10 @@ import functools
 import http.server
 import itertools
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
 import threading
 import zlib
@@ -522,3 +525,42 @@ def test_kinetics_input_norms_are_hara_et_al_mean_and_std(gradient_data: Path) -
     np.testing.assert_allclose(clips("kinetics"), (levels / 255 - mean) / std, atol=1e-4)
     activitynet = np.array([114.7748, 107.7354, 99.4750])[None, :, None, None, None]
     np.testing.assert_allclose(clips("kinetics-2018"), levels - activitynet, atol=1e-3)
+
+
+EXECUTOR_THREADS_SCRIPT = """
+import json, os
+import numpy as np
+from nvidia.dali import fn, pipeline_def
+
+@pipeline_def
+def crop():
+    return fn.crop(fn.external_source(source=lambda: [np.zeros((4, 4, 3), np.uint8)] * 2, batch=True), crop=(2, 2))
+
+held = {}
+for threads in (1, 2, 6, 8):
+    before = len(os.listdir("/proc/self/task"))
+    pipe = crop(batch_size=2, num_threads=threads, device_id=None)
+    pipe.build()
+    pipe.run()
+    held[threads] = len(os.listdir("/proc/self/task")) - before
+    del pipe
+print(json.dumps(held))
+"""
+
+
+@pytest.mark.slow
+def test_dali_runs_operators_on_at_most_four_threads_unless_told() -> None:
+    """What `loader.dali_threads` rests on, counted in /proc on the DALI installed (2.4): a pipeline holds its pool of
+    `num_threads` and its executor's threads, min(num_threads, 4) of them unless DALI_EXEC2_NUM_THREADS (read once
+    per process) says how many (executor_factory.cc, MakeExec2Config)."""
+    held = {}
+    for told in ("", "9"):
+        env = {k: v for k, v in os.environ.items() if k != "DALI_EXEC2_NUM_THREADS"}
+        env.update({"DALI_EXEC2_NUM_THREADS": told} if told else {})
+        done = subprocess.run([sys.executable, "-c", EXECUTOR_THREADS_SCRIPT], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        held[told] = {int(k): v for k, v in json.loads(done.stdout.splitlines()[-1]).items()}
+    default, nine = held[""], held["9"]
+    assert default[2] - default[1] == 2  # one more pool thread, one more executor thread
+    assert default[8] - default[6] == 2  # two more pool threads; the executor stays at 4
+    assert all(nine[t] - default[t] == 9 - min(t, 4) for t in (1, 2, 6, 8)), (default, nine)

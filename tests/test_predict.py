@@ -1,5 +1,5 @@
-"""eval's full report, predict and features after a tiny training run: real videos (ffmpeg), preprocess, training,
-the CLI as a user types it."""
+"""eval's full report, predict and features after a tiny training run, and predict on its exported folder: real videos
+(ffmpeg), preprocess, training, the CLI as a user types it."""
 
 from __future__ import annotations
 
@@ -143,6 +143,19 @@ def test_predict_transcodes_as_the_training_data_was_unless_told(trained: dict[s
     torch.save(state, tmp_path / "stripped.pt")
     result = invoke("predict", video, "--checkpoint", str(tmp_path / "stripped.pt"), *args, expect_error=True)
     assert f"{tmp_path / 'stripped.pt'}: it does not record how its training videos were preprocessed" in result.output
+
+
+def test_an_exported_folder_predicts_as_its_checkpoint(trained: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    invoke("export", "--checkpoint", str(trained["checkpoint"]), "--out", str(folder))
+    videos = sorted(map(str, trained["videos"].glob("*/*_[05].avi")))  # one of each size, of each class
+    args = ("--device", "cpu", "--clips-per-video", "2", "--spatial-crops", "3", "--top-k", "3")
+    predictions = []
+    for model in (trained["checkpoint"], folder):
+        out = tmp_path / f"{model.name}.json"
+        invoke("predict", *videos, "--checkpoint", str(model), *args, "--json", str(out))
+        predictions.append(json.loads(out.read_text())["videos"])
+    assert len(predictions[0]) == 6 and predictions[0] == predictions[1]  # the same classes and probabilities
 
 
 def test_features_match_their_rows_and_a_linear_probe_beats_chance(trained: dict[str, Path], tmp_path: Path) -> None:

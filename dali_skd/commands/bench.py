@@ -288,10 +288,10 @@ def first_pass_checks(loader: TrainLoader) -> tuple[float, int]:
 
 def bench_dali(cfg: BenchConfig, device: torch.device, precision: str) -> Rate:
     loader = _train_loader(cfg, device, precision, cfg.batch_size)
-    threads_before = process_threads()
+    threads_before, memory_before = process_threads(), device_memory_used(device)
     batches = loader.stream()
     rate, _ = measure(batches, cfg.batch_size, cfg.seconds, cfg.repeats, _sync(device))
-    threads = process_threads()
+    threads, memory = process_threads(), device_memory_used(device)
     batches.close()
     loader.close()
     # JPEG rows decoded per frame delivered: strips are decoded from their top down to the last frame needed
@@ -305,7 +305,17 @@ def bench_dali(cfg: BenchConfig, device: torch.device, precision: str) -> Rate:
     )
     if threads is not None and threads_before is not None:
         rate.extra.update(process_threads=threads, pipeline_threads=threads - threads_before)
+    if memory is not None and memory_before is not None:
+        rate.extra["device_memory_mib"] = (memory - memory_before) / 2**20
     return rate
+
+
+def device_memory_used(device: torch.device) -> int | None:
+    """Bytes in use on the GPU, by anyone (DALI's pools included, which PyTorch's counters do not see)."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free
 
 
 LUMA = (0.299, 0.587, 0.114)  # JPEG's (JFIF, BT.601) Y from RGB
@@ -449,17 +459,27 @@ def bench_peer(name: str, videos: PeerVideos, cfg: BenchConfig, device: torch.de
     return _dataloader_rate(loader, cfg, device, precision)
 
 
+def to_training_device(
+    batch: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A DataLoader's (view1, view2, labels) as a training loop takes them: copied as they are (from pinned memory,
+    without blocking), then cast on the device, as DALI casts on the GPU. Cast first, they would be new unpinned
+    tensors, copied synchronously, and the cast would cost the main process CPU time the workers need."""
+    v1, v2, labels = (t.to(device, non_blocking=True) for t in batch)
+    return v1.to(dtype), v2.to(dtype), labels
+
+
 def _dataloader_rate(
     loader: torch.utils.data.DataLoader, cfg: BenchConfig, device: torch.device, precision: str
 ) -> Rate:
-    """A DataLoader's batches, cast and copied to the device as a training loop would; its workers end with the
+    """A DataLoader's batches, copied to the device and cast as a training loop would; its workers end with the
     measurement, so that none holds a core or memory in the next loader's turn."""
     dtype = TORCH_DTYPES[precision]
     batches = iter(loader)
 
     def to_device() -> Iterator[tuple[torch.Tensor, ...]]:
-        for v1, v2, labels in batches:
-            yield tuple(t.to(device, non_blocking=True) for t in (v1.to(dtype), v2.to(dtype), labels))
+        for batch in batches:
+            yield to_training_device(batch, device, dtype)
 
     try:
         rate, _ = measure(to_device(), cfg.batch_size, cfg.seconds, cfg.repeats, _sync(device))
@@ -638,6 +658,7 @@ def format_report(report: dict[str, Any]) -> str:
             )
         if "pipeline_build_s" in r:
             threads = f", the process {r['process_threads']} threads" if "process_threads" in r else ""
+            threads += f", {r['device_memory_mib']:.0f} MiB of GPU memory" if "device_memory_mib" in r else ""
             lines.append(
                 f"{name} pipeline: {r['decoders']} decoders, {r['dali_threads']} DALI threads, built in "
                 f"{r['pipeline_build_s']:.1f} s{threads}"

@@ -1,6 +1,8 @@
 """`cli.py eval`: a checkpoint's clip- and video-level top-1/top-5, per-class top-1 and confusion matrix on the
 held-out split (`evaluation.evaluate_checkpoint`), printed; with `--json` also written, with the per-video
-predictions (`<stem>.predictions.jsonl`) and the confusion matrix (`<stem>.confusion.png`) beside it."""
+predictions (`<stem>.predictions.jsonl`) and the confusion matrix (`<stem>.confusion.png`) beside it. With
+`--track.to wandb|mlflow` the figures (and files) go to the tracked run of the checkpoint's training, when its folder
+records one there, else to a new run."""
 
 from __future__ import annotations
 
@@ -8,11 +10,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dali_skd.config import ScoreSettings, data_field, setting
+from dali_skd.config import ScoreSettings, TrackConfig, data_field, setting, to_dict
 from dali_skd.distributed import init_distributed, shutdown
 from dali_skd.evaluation import EvalResult, evaluate_checkpoint, top_classes, video_sources
 from dali_skd.files import check_writable
 from dali_skd.plot import plot_confusion
+from dali_skd.tracking import check_tracking, open_tracker, tracked_run_dir
 
 
 @dataclass
@@ -27,10 +30,12 @@ class EvalConfig(ScoreSettings):
         "also write the results to this JSON file, the per-video predictions to <stem>.predictions.jsonl and the "
         "confusion matrix to <stem>.confusion.png beside it",
     )
+    track: TrackConfig = setting(TrackConfig(), "experiment tracking")
 
 
 def run_eval(cfg: EvalConfig) -> EvalResult:
     """A checkpoint on the held-out split (or `cfg.split`), printed by rank 0 (each video counted once over ranks)."""
+    check_tracking(cfg.track)
     ctx = init_distributed(cfg.device)
     try:
         if cfg.json and ctx.is_main:  # before the scores, which would be lost
@@ -53,12 +58,25 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
                 "crops per video):"
             )
             print(result.format())
-            if cfg.json:
-                written = write_eval_files(Path(cfg.json), result, cfg, loader.split, sources)
+            written = write_eval_files(Path(cfg.json), result, cfg, loader.split, sources) if cfg.json else []
+            if written:
                 print("wrote " + ", ".join(map(str, written)))
+            track_eval(cfg, loader.split, result, written)
         return result
     finally:
         shutdown(ctx)
+
+
+def track_eval(cfg: EvalConfig, split: str, result: EvalResult, written: list[Path]) -> None:
+    """The figures (`eval/<split>/<name>`) and files to the tracker `--track.to` names, if any."""
+    figures = {k: v for k, v in result.to_json().items() if type(v) in (int, float)}
+    folder = Path(cfg.checkpoint) if Path(cfg.checkpoint).is_dir() else Path(cfg.checkpoint).parent  # of the run
+    settings = {"eval": to_dict(cfg)}  # apart from the training settings of the run it may join
+    with open_tracker(
+        cfg.track, tracked_run_dir(folder, cfg.track), f"{folder.name}-eval", settings, "eval"
+    ) as tracked:
+        tracked.summary({f"eval/{split}/{k}": v for k, v in figures.items()})
+        tracked.files(*written)
 
 
 def write_eval_files(

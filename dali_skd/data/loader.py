@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from dali_skd.config import AugmentConfig, ClipConfig, LoaderConfig, SamplingConfig
-from dali_skd.data.pipeline import DecoderOptions, clip_pipeline
+from dali_skd.data.pipeline import CONCURRENCY, DecoderOptions, clip_pipeline
 from dali_skd.data.shards import (
     PartReader,
     SourceStats,
@@ -64,13 +64,39 @@ log = logging.getLogger(__name__)
 _FAILED_SAMPLE = re.compile(r"Failed to decode sample #(\d+)")
 
 
-def dali_threads(requested: int, decoders: int = 0) -> int:
-    """DALI CPU threads: as asked, else this process's share of the cores (torchrun runs several per machine). A
-    GPU pipeline's `decoders` (mixed) each build a pool of this many threads, so with them the share is split:
-    all of their threads together never outnumber the cores this process may use."""
+def dali_threads(requested: int, decoders: int = 0, concurrency: str = "backend") -> int:
+    """A pipeline's `num_threads`: as asked, else this process's share of the cores (torchrun runs several per
+    machine), at most 16. It sizes the pool of the CPU operators and, on a GPU, each mixed JPEG decoder's own pool.
+    Under DALI's default executor (operator concurrency `backend`) the mixed operators take turns, one at a time,
+    so each decoder's pool gets the whole share; with `full` the pipeline's `decoders` run side by side and share
+    it (docs/pipeline.md, "One decoder per view and strip slot")."""
     if requested > 0:
         return requested
-    return max(1, local_cpu_share() // decoders) if decoders else min(16, local_cpu_share())
+    if concurrency == "full" and decoders:
+        return max(1, local_cpu_share() // decoders)
+    return min(16, local_cpu_share())
+
+
+EXECUTOR_THREADS = "DALI_EXEC2_NUM_THREADS"  # DALI reads it once per process, when it builds its first pipeline
+
+
+def executor_threads_needed(decoders: int, num_views: int) -> int:
+    """DALI_EXEC2_NUM_THREADS for `concurrency full`: every mixed decoder, each view's GPU operators and the CPU
+    operators (which DALI runs one at a time) at once."""
+    return decoders + num_views + 1
+
+
+def _ask_executor_threads(needed: int) -> None:
+    """Without DALI_EXEC2_NUM_THREADS, DALI 2.4 runs at most min(num_threads, 4) operators at once, whatever the
+    concurrency: set it when it is not set, say so when it is set too low."""
+    value = os.environ.get(EXECUTOR_THREADS, "")
+    if not value:
+        os.environ[EXECUTOR_THREADS] = str(needed)
+    elif not value.isdigit() or int(value) < needed:
+        log.warning(
+            "%s=%s: with --loader.concurrency full, up to %d of this pipeline's operators run at once; set it to %d "
+            "before the process starts", EXECUTOR_THREADS, value, needed, needed,
+        )  # fmt: skip
 
 
 def held_out_split(splits: list[str]) -> str:
@@ -213,7 +239,9 @@ class ClipLoader:
         # mixed decoders, one per view and strip slot (one for all views for vp9), each with its own thread pool
         self.decoders = self.layout.num_views * self.layout.slots if self.layout.format == "jpeg" else 1
         gpu = self.device.type == "cuda"
-        self.num_threads = dali_threads(loader.threads, self.decoders if gpu else 0)
+        self.num_threads = dali_threads(loader.threads, self.decoders if gpu else 0, loader.concurrency)
+        if gpu and loader.concurrency == "full":
+            _ask_executor_threads(executor_threads_needed(self.decoders, self.layout.num_views))
         self._feed = _Feed(self.stats)
         self._pipe = None
 
@@ -247,6 +275,7 @@ class ClipLoader:
                 decoder_options=self._decoder_options(),
                 batch_size=self.batch_size,
                 num_threads=self.num_threads,
+                concurrency=CONCURRENCY[self.loader.concurrency],
                 device_id=self.device.index if gpu else None,
                 prefetch_queue_depth=self.loader.prefetch,
                 clip_layout="FHWC" if self.channels_last else "CFHW",
@@ -279,9 +308,8 @@ class ClipLoader:
         ended = failed = False
         try:
             while True:
-                pipe = self._pipeline()
                 try:
-                    outputs = pipe.run(stream.cuda_stream) if stream is not None else pipe.run()
+                    outputs = self._next_outputs(stream)
                 except StopIteration:
                     ended = True
                     return
@@ -303,13 +331,20 @@ class ClipLoader:
             self._feed.stop()
             if failed:
                 self._pipe = None  # a pipeline that raised is not reused
-            else:
+            elif self._pipe is not None:
                 try:
                     if not ended:
-                        _drain(pipe)
-                    pipe.reset()
+                        _drain(self._pipe)
+                    self._pipe.reset()
                 except RuntimeError:  # a batch it had prefetched failed to decode: the next epoch builds afresh
                     self._pipe = None
+
+    def _next_outputs(self, stream: torch.cuda.Stream | None) -> tuple:
+        """The pipeline's next outputs. No local of the caller holds the pipeline: once it fails and is dropped,
+        nothing keeps its decoders (their thread pools, the GPU's preallocated buffers) alive while the next one is
+        built."""
+        pipe = self._pipeline()
+        return pipe.run(stream.cuda_stream) if stream is not None else pipe.run()
 
     def _skip_undecodable(self, error: RuntimeError) -> None:
         """After DALI failed to decode sample #k of the oldest batch in flight: marks that row's video bad, drops the

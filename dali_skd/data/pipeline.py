@@ -13,14 +13,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.pipeline import DataNode
 
 from dali_skd.config import AugmentConfig
 from dali_skd.data.augment import AUGMENTATIONS, Augmentation
 from dali_skd.data.source import INPUT_NORMS, Batch, InputLayout, draw_columns
+from dali_skd.extras import missing_extra
+from dali_skd.runtime import dali_extra_here
+
+try:
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.pipeline import DataNode, OperatorConcurrency
+except ModuleNotFoundError as e:  # DALI comes with an extra: the build for this machine's CUDA
+    raise missing_extra(e, dali_extra_here(), "the data pipeline (NVIDIA DALI)") from e
 
 OUTPUT_DTYPES = {"fp32": types.FLOAT, "fp16": types.FLOAT16}
+# --loader.concurrency: DALI's default (operators of one backend take turns), or every independent operator at once
+CONCURRENCY = {"backend": OperatorConcurrency.BACKEND, "full": OperatorConcurrency.FULL}
 
 
 @dataclass(frozen=True)
