@@ -256,6 +256,7 @@ class Trainer:
             seed=cfg.seed,
             **common,
         )
+        self.train_loader.check_epochs()
         self.val_loader = EvalLoader(cfg.data, shards=cfg.eval_shards, clips_per_video=cfg.val_clips, **common)
         for loader in (self.train_loader, self.val_loader):  # skipped from the start, as the interrupted run did
             loader.mark_undecodable(resume.get("bad_samples", []) if resume else [], str(self.out / "last.pt"))

@@ -464,8 +464,8 @@ class TrainLoader(ClipLoader):
         )  # fmt: skip
         self.sampling, self.seed = sampling or SamplingConfig(), seed
         self.epoch_samples = self._epoch_samples(split, shards)
-        self.steps_per_epoch = self._steps(split)
-        self._check_clip_span(split)
+        self.least_samples = self._least_samples()
+        self.steps_per_epoch = self.least_samples // batch_size
         self._classes_checked = False
 
     def _epoch_samples(self, split: str, shards: str | None) -> int:
@@ -480,22 +480,25 @@ class TrainLoader(ClipLoader):
             )  # fmt: skip
         return found
 
-    def _steps(self, split: str) -> int:
-        """Steps an epoch: the whole batches of the part of the rank that reads the fewest samples, so that every
-        rank makes as many from one pass over its part (an epoch ends sooner where samples are lost). A batch
-        larger than that part is refused: it would be made of samples repeated."""
+    def _least_samples(self) -> int:
+        """The samples of the part of the rank that reads the fewest: an epoch is as many whole batches of them, so
+        that every rank makes as many from one pass over its part (an epoch ends sooner where samples are lost)."""
         counts = [self.shard_samples.get(url) for url in self.urls]
         if None in counts:  # shards the user named, read remotely: as evenly spread as they can be
-            least = self.epoch_samples // self.world
-        else:
-            least = min(_part_samples(self.urls, counts, rank, self.world) for rank in range(self.world))
-        if least < self.batch_size:
-            each = f"each of {self.world} processes reads {least}" if self.world > 1 else f"it holds {least}"
+            return self.epoch_samples // self.world
+        return min(_part_samples(self.urls, counts, rank, self.world) for rank in range(self.world))
+
+    def check_epochs(self) -> None:
+        """What training refuses before it starts (a benchmark's endless stream takes them): a batch larger than a
+        rank's part, which would be made of samples repeated; a clip longer than most videos (`_check_clip_span`)."""
+        if not self.steps_per_epoch:
+            least, world = self.least_samples, self.world
+            each = f"each of {world} processes reads {least}" if world > 1 else f"it holds {least}"
             raise ValueError(
-                f"--batch-size {self.batch_size} is larger than split {split} of {self.data} ({each} samples): "
+                f"--batch-size {self.batch_size} is larger than split {self.split} of {self.data} ({each} samples): "
                 f"lower --batch-size to {max(least, 1)} or less"
             )
-        return least // self.batch_size
+        self._check_clip_span(self.split)
 
     def _check_clip_span(self, split: str) -> None:
         """A clip longer than most videos of the split is refused: each such video is looped to fill it, decoding
