@@ -25,7 +25,9 @@ from PIL import Image
 from dali_skd.format import ShardFormat, pack_strips
 
 TranscodeFormat = ShardFormat | Literal["h264"]
-DEFAULT_QUALITY: dict[str, int] = {"jpeg": 90, "vp9": 32, "h264": 23}  # JPEG quality; VP9 CRF; x264 CRF (its own)
+# JPEG quality (docs/benchmarks.md, "Shard settings": 0.4x the bytes of 90, no loss of accuracy seen); VP9 CRF;
+# x264 CRF (its own default)
+DEFAULT_QUALITY: dict[str, int] = {"jpeg": 50, "vp9": 32, "h264": 23}
 CONTAINERS = {"vp9": "webm", "h264": "mp4"}  # the file a video format is written to
 VP9_KEYFRAME_INTERVAL = 16  # one clip: the loader seeks to a keyframe at most a clip before its start
 VP9_CPU_USED = 2  # libvpx speed preset: a third faster than its default (1) for 3% more bytes at 128 px

@@ -6,7 +6,9 @@
     python3 scripts/gpu_report.py --data DIR --out OUT --device cpu --quick   # rehearsal on a CPU machine
 
 `--prepare` preprocesses the built-in synthetic videos into jpeg shards with 4, 8 and 16 frames per JPEG
-(DIR/fpj4, DIR/fpj8, DIR/fpj16, a few MiB each), and re-encodes the training videos for the peer loaders as
+(DIR/fpj4, DIR/fpj8, DIR/fpj16, a few MiB each) and, at the default frames per JPEG, with other JPEG qualities and
+Huffman tables (JPEG_VARIANTS: DIR/q90-std, the defaults before docs/benchmarks.md's "Shard settings", ...), and
+re-encodes the training videos for the peer loaders as
 `cli.py bench` does (h264 mp4 at the shards' short side, DIR/peer-cache): nothing is encoded on the GPU machine,
 which has no ffmpeg. `--stage-peers` downloads the wheels of the peer loaders (PyAV, decord; torchcodec needs
 FFmpeg's libraries, which the GPU machine lacks) for its Python, under 60 MiB: they travel as a fourth piece
@@ -20,7 +22,8 @@ goes into OUT/gpu_report.json as soon as it ends (`status` "ok" when it passed),
     parity      GPU-vs-CPU (and Pillow) decode of the same unaugmented clips: max and mean absolute difference, of
                 RGB and of luma, for the CUDA decoder alone (hw_decoder_load 0) and the hardware engine (1)
     tests       `pytest -m gpu tests/test_gpu.py`: the GPU path's tests (they skip without a GPU)
-    sweep       the DALI loader, frames per JPEG 4/8/16 x hw_decoder_load 0.65/1.0, and its host side alone:
+    sweep       the DALI loader, frames per JPEG 4/8/16 x hw_decoder_load 0.65/1.0, the JPEG variants (0.65 only),
+                and its host side alone:
                 two-view samples/s, CPU cores busy; per pipeline its decoders and threads, its build time and the
                 threads the process holds; the host side's cost of checking strips
     train       r3d18 SKD-SRL training steps (fp16, channels_last_3d) on synthetic tensors and on the loader,
@@ -69,10 +72,13 @@ _paths()
 BUDGET_S = 420.0  # the whole check
 BUDGET_S = 450.0  # the whole check: a lent GPU gives 15 minutes, its start and the carried pieces included
 # the bound of each (GPU), in the order they run: what only a GPU can show first
-SECTIONS = {"parity": 40.0, "tests": 70.0, "sweep": 130.0, "train": 80.0, "dataloader": 40.0, "peers": 90.0}
+SECTIONS = {"parity": 40.0, "tests": 70.0, "sweep": 150.0, "train": 80.0, "dataloader": 40.0, "peers": 70.0}
 REHEARSAL_SLOWER = 3.0  # --quick --device cpu: the bounds stretched, a shared 2-core machine being what rehearses
 FRAMES_PER_JPEG = (4, 8, 16)
 DECODER_LOADS = (0.65, 1.0)
+# JPEG quality and Huffman tables beside the default ones, at the default frames per JPEG (DIR/q90-std ...): what
+# nvJPEG makes of the settings docs/benchmarks.md's "Shard settings" table weighs; q90-std: the defaults before it
+JPEG_VARIANTS = {"q90-std": (90, False), "q75-opt": (75, True), "q65-opt": (65, True), "q50-std": (50, False)}
 PEER_WHEELS = ("av", "decord")  # what the GPU machine can run: both bring their own FFmpeg libraries
 PIECE_MIB = 60  # the most that travels to the GPU machine at a time
 
@@ -112,11 +118,13 @@ def prepare(out: Path, classes: int = 2, videos_per_class: int = 3) -> None:
     from preprocess.run import run_preprocess  # ffmpeg: only here, never on the GPU machine
 
     out.mkdir(parents=True, exist_ok=True)
+    sets = {f"fpj{fpj}": {"frames_per_jpeg": fpj} for fpj in FRAMES_PER_JPEG}
+    sets |= {name: {"quality": q, "optimize_huffman": opt} for name, (q, opt) in JPEG_VARIANTS.items()}
     with tempfile.TemporaryDirectory() as videos:
-        for fpj in FRAMES_PER_JPEG:
+        for name, settings in sets.items():
             cfg = PreprocessConfig(
-                dataset="synthetic", root=videos, out=str(out / f"fpj{fpj}"), frames_per_jpeg=fpj, classes=classes,
-                videos_per_class=videos_per_class, workers=os.cpu_count() or 1,
+                dataset="synthetic", root=videos, out=str(out / name), classes=classes,
+                videos_per_class=videos_per_class, workers=os.cpu_count() or 1, **settings,
             )  # fmt: skip
             print(run_preprocess(cfg, progress=False).format())
         prepare_peer_videos(out, videos)
@@ -155,8 +163,8 @@ def stage_peers(out: Path, python: str) -> None:
 # -- there: the sections ---------------------------------------------------------------------------------------
 
 
-def _data(args: argparse.Namespace, fpj: int = 8) -> str:
-    return str(args.data / f"fpj{fpj}")
+def _data(args: argparse.Namespace, fpj: int | str = 8) -> str:
+    return str(args.data / (fpj if isinstance(fpj, str) else f"fpj{fpj}"))
 
 
 def section_parity(args: argparse.Namespace) -> dict:
@@ -168,20 +176,26 @@ def section_parity(args: argparse.Namespace) -> dict:
 
 
 def section_sweep(args: argparse.Namespace) -> dict:
-    """Every (frames per JPEG, hw_decoder_load) pair, then the host side alone; written after each run."""
+    """Every (frames per JPEG, hw_decoder_load) pair, the JPEG variants at the first load, then the host side alone;
+    written after each run."""
     from dali_skd.commands.bench import BenchConfig, run_bench
     from dali_skd.config import LoaderConfig
 
-    seconds, batch = (2.0, 16) if args.quick else (8.0, 64)
+    seconds, batch = (2.0, 16) if args.quick else (6.0, 64)
     rows: list[dict] = []
-    runs = [("dali", fpj, load) for fpj in FRAMES_PER_JPEG for load in DECODER_LOADS] + [("host", 8, DECODER_LOADS[0])]
+    first, *others = DECODER_LOADS  # the JPEG variants at the default load before the other loads: first in, first cut
+    runs: list[tuple[str, int | str, float]] = [("dali", f, first) for f in FRAMES_PER_JPEG]
+    runs += [("dali", name, first) for name in JPEG_VARIANTS]
+    runs += [("dali", f, load) for load in others for f in FRAMES_PER_JPEG] + [("host", 8, first)]
     for loader, fpj, load in runs:
         cfg = BenchConfig(
             data=_data(args, fpj), device=args.device, loaders=loader, batch_size=batch, seconds=seconds, repeats=3,
             rounds=1, loader=LoaderConfig(hw_decoder_load=load),
         )  # fmt: skip
-        figures = run_bench(cfg)["loaders"][loader]
-        rows.append({"loader": loader, "frames_per_jpeg": fpj, "hw_decoder_load": load, **figures})
+        report = run_bench(cfg)
+        manifest = {k: report[k] for k in ("frames_per_jpeg", "quality", "optimize_huffman")}
+        rows.append({"loader": loader, "data": Path(_data(args, fpj)).name, **manifest, "hw_decoder_load": load,
+                     **report["loaders"][loader]})  # fmt: skip
         (args.out / "sweep.json").write_text(json.dumps({"rows": rows, "partial": True}, indent=2) + "\n")
     return {"rows": rows}
 
@@ -256,7 +270,8 @@ def section_tests(args: argparse.Namespace) -> dict:
 def run_all(args: argparse.Namespace) -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    missing = [f"fpj{f}" for f in FRAMES_PER_JPEG if not (args.data / f"fpj{f}" / "manifest.json").is_file()]
+    needed = [f"fpj{f}" for f in FRAMES_PER_JPEG] + list(JPEG_VARIANTS)
+    missing = [name for name in needed if not (args.data / name / "manifest.json").is_file()]
     if missing:
         sys.exit(
             f"{args.data} lacks {', '.join(missing)}: make it here with `python3 scripts/gpu_report.py --prepare DIR`"
@@ -330,7 +345,7 @@ def table(report: dict) -> str:
                     f"{d['luma_max_abs']:.1f}, mean {d['luma_mean_abs']:.2f}"
                 )
         elif name == "sweep":
-            header = "   loader  fpj  hw load  samples/s  cores busy  CPU us/sample"
+            header = "   loader  fpj  quality  hw load  samples/s  cores busy  CPU us/sample"
             lines.append(header + "  decoders x threads  build s  threads")
             for w in r.get("rows", []):
                 busy = w["cpu_cores_busy"] or 0
@@ -338,8 +353,9 @@ def table(report: dict) -> str:
                 if "decoders" in w:
                     pipeline = f"{w['decoders']:>11} x {w['dali_threads']:<6}{w['pipeline_build_s']:>9.1f}"
                     pipeline += f"{w.get('process_threads', 0):>9}"
+                jpeg = f"{w.get('quality', '')}{' opt' if w.get('optimize_huffman') else ' std'}"
                 lines.append(
-                    f"   {w['loader']:<6}{w['frames_per_jpeg']:>5}{w['hw_decoder_load']:>9.2f}"
+                    f"   {w['loader']:<6}{w['frames_per_jpeg']:>5}{jpeg:>9}{w['hw_decoder_load']:>9.2f}"
                     f"{w['samples_per_s']:>11.0f}{busy:>12.1f}{w['cpu_us_per_sample']:>15.0f}{pipeline}"
                 )
                 if "check_every_read_us_per_sample" in w:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from clipdata import damage_strip, noise_frames, write_dataset
+from clipdata import dali_decoded, damage_strip, default_strips, noise_frames, write_dataset
 
-from dali_skd.commands.bench import decode_parity
+from dali_skd.commands.bench import LUMA, decode_parity
 from dali_skd.config import AugmentConfig, LoaderConfig, SamplingConfig
 from dali_skd.data.loader import EvalLoader, TrainLoader
 
@@ -49,6 +51,22 @@ def test_the_hardware_decoder_within_what_jpeg_allows(data: Path) -> None:
         print(pair, diff)
         if "hw1" in pair:
             assert diff["luma_mean_abs"] <= MEAN_LEVELS, (pair, diff)
+
+
+def test_nvjpeg_decodes_the_strips_preprocess_writes_by_default() -> None:
+    """The GPU twin of test_jpeg_settings.py's CPU test: the default strips (baseline, 4:2:0, the default quality and
+    Huffman tables) through the CUDA decoder (hw_decoder_load 0) and the hardware engine (1), against Pillow."""
+    from PIL import Image
+
+    strips = default_strips(noise_frames(20, seed=3, height=128, width=170))
+    for load in (0.0, 1.0):
+        for strip, decoded in zip(strips, dali_decoded(strips, "mixed", load), strict=True):
+            pillow = np.asarray(Image.open(io.BytesIO(strip)).convert("RGB")).astype(np.float32)
+            diff = np.abs(decoded.astype(np.float32) - pillow)
+            luma = np.abs((decoded.astype(np.float32) - pillow) @ np.array(LUMA, np.float32))
+            assert decoded.shape == pillow.shape and luma.mean() <= MEAN_LEVELS, (load, luma.mean())
+            if load == 0.0:
+                assert diff.max() <= MAX_LEVELS and diff.mean() <= MEAN_LEVELS, (diff.max(), diff.mean())
 
 
 def test_gpu_training_batches_stay_on_the_gpu(data: Path) -> None:

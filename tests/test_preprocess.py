@@ -35,7 +35,7 @@ from preprocess.datasets import PreprocessError
 from preprocess.run import find_ffmpeg, run_preprocess, transcode_settings
 from preprocess.shards import merge_parts
 from preprocess.synthetic import SYNTHETIC_CLASSES
-from preprocess.transcode import VideoError, transcode
+from preprocess.transcode import DEFAULT_QUALITY, VideoError, transcode
 from preprocess.verify import verify_dataset
 
 
@@ -408,7 +408,7 @@ def test_refuses_a_used_out_without_resume_and_other_settings_on_resume(
     run_preprocess(cfg, progress=False)
     with pytest.raises(PreprocessError, match="--resume"):
         run_preprocess(cfg, progress=False)
-    with pytest.raises(PreprocessError, match="quality: 90 then, 80 now"):
+    with pytest.raises(PreprocessError, match=f"quality: {DEFAULT_QUALITY['jpeg']} then, 80 now"):
         run_preprocess(dataclasses.replace(cfg, resume=True, quality=80), progress=False)
     place(sample_videos["portrait"], tmp_path / "videos" / "a" / "y.avi")
     with pytest.raises(PreprocessError, match="videos"):
