@@ -314,6 +314,10 @@ def plot(reports: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(len(reports), 2, figsize=(13, 4.6 * len(reports)), squeeze=False)
     for report, row in zip(reports, axes, strict=True):
         for ax, key in zip(row, ("psnr", "cpu"), strict=True):
+            if key == "cpu" and not any("loader" in r for r in report["rows"].values()):
+                ax.axis("off")
+                ax.text(0.5, 0.5, "loader not measured on this set", ha="center", transform=ax.transAxes)
+                continue
             for name, r in report["rows"].items():
                 if key == "cpu" and "loader" not in r:
                     continue
