@@ -431,8 +431,8 @@ def twelve_videos(tmp_path: Path, sample_videos: dict[str, Path]) -> Path:
 
 
 def small_shards_config(root: Path, out: Path, **fields: object) -> PreprocessConfig:
-    # a sample of 25 frames is about 150 kB: two samples a shard
-    return config(dataset="folder", root=str(root), out=str(out), val_fraction=0.25, shard_size_mb=0.35, **fields)
+    # a sample of 25 frames is about 50 kB (at the default quality): two samples a shard
+    return config(dataset="folder", root=str(root), out=str(out), val_fraction=0.25, shard_size_mb=0.12, **fields)
 
 
 def test_resume_after_kill_mid_shard_equals_an_uninterrupted_run(tmp_path: Path, twelve_videos: Path) -> None:
