@@ -25,8 +25,8 @@ from PIL import Image
 from dali_skd.format import ShardFormat, pack_strips
 
 TranscodeFormat = ShardFormat | Literal["h264"]
-# JPEG quality (docs/benchmarks.md, "Shard settings": 0.4x the bytes of 90, no measurable loss of accuracy); VP9 CRF;
-# x264 CRF (its own default)
+# JPEG quality (docs/benchmarks.md, "Shard settings": 0.4x the bytes of 90; any accuracy cost hidden by noise);
+# VP9 CRF; x264 CRF (its own default)
 DEFAULT_QUALITY: dict[str, int] = {"jpeg": 50, "vp9": 32, "h264": 23}
 CONTAINERS = {"vp9": "webm", "h264": "mp4"}  # the file a video format is written to
 VP9_KEYFRAME_INTERVAL = 16  # one clip: the loader seeks to a keyframe at most a clip before its start
