@@ -134,6 +134,10 @@ def test_predict_transcodes_as_the_training_data_was_unless_told(trained: dict[s
     torch.save(state, tmp_path / "stripped.pt")
     result = invoke("predict", video, "--checkpoint", str(tmp_path / "stripped.pt"), *args, expect_error=True)
     assert f"{tmp_path / 'stripped.pt'}: it does not record how its training videos were preprocessed" in result.output
+    state["preprocessing"] = {"format": "jpeg", "short_side": 40, "codec": "vp9"}  # a field this dali-skd lacks
+    torch.save(state, tmp_path / "foreign.pt")
+    result = invoke("predict", video, "--checkpoint", str(tmp_path / "foreign.pt"), *args, expect_error=True)
+    assert f"{tmp_path / 'foreign.pt'}: its preprocessing settings are not format, short_side" in result.output
 
 
 def test_an_exported_folder_predicts_as_its_checkpoint(trained: dict[str, Path], tmp_path: Path) -> None:
