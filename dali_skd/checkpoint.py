@@ -24,6 +24,7 @@ from dali_skd.config import ClipConfig, TrainConfig, from_dict
 from dali_skd.data.loader import EvalLoader
 from dali_skd.exported import EVALUATION_FIELDS, read_model_folder
 from dali_skd.files import open_atomic
+from dali_skd.format import PREPROCESSING_SETTINGS
 from dali_skd.methods import Method, build_method
 from dali_skd.models import ResNet3d, build_model
 
@@ -96,6 +97,12 @@ def checked_state(state: object, path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: its classes are not a list of class names: pass a checkpoint of a run")
     if not isinstance(preprocessing, dict):
         raise ValueError(f"{path}: it does not record how its training videos were preprocessed: pass one of a run")
+    # A checkpoint trained before the manifest recorded optimize_huffman: its strips had the standard tables.
+    state["preprocessing"] = preprocessing = {"optimize_huffman": False, **preprocessing}
+    if sorted(preprocessing) != sorted(PREPROCESSING_SETTINGS):
+        raise ValueError(
+            f"{path}: its preprocessing settings are not {', '.join(PREPROCESSING_SETTINGS)}: pass one of a run"
+        )
     if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
         raise ValueError(f"{path}: its weights are not a state dict of tensors: pass a checkpoint of a run")
     if not isinstance(state.get("config"), dict):

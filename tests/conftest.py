@@ -246,6 +246,7 @@ def write_checkpoint(
     from dali_skd.models import build_model
 
     weights = build_model(config.arch, len(classes)).state_dict() if weights is None else weights
+    # as a checkpoint written before the manifest recorded optimize_huffman (the reader fills it in)
     preprocessing = {"format": "jpeg", "short_side": 40, "fps": None, "frames_per_jpeg": 8, "quality": 90}
     state = {
         "method": {f"model.{k}": v for k, v in weights.items()},

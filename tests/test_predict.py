@@ -19,6 +19,7 @@ from dali_skd.commands.predict import PredictConfig
 from dali_skd.config import ClipConfig, LoaderConfig, PreprocessConfig, SamplingConfig, TrainConfig
 from dali_skd.training import train
 from preprocess.run import run_preprocess
+from preprocess.transcode import DEFAULT_QUALITY
 
 PATTERNS = ("testsrc2", "smptebars", "rgbtestsrc")  # a class each
 SIZES = ((64, 48), (80, 48), (72, 56))
@@ -127,12 +128,14 @@ def test_predict_names_a_folder_and_a_fifo_for_what_they_are(trained: dict[str, 
 
 def test_predict_transcodes_as_the_training_data_was_unless_told(trained: dict[str, Path], tmp_path: Path) -> None:
     state = torch.load(trained["checkpoint"], weights_only=True)
+    defaults = PreprocessConfig()
     assert state["preprocessing"] == {
         "format": "jpeg",
         "short_side": 40,
         "fps": None,
-        "frames_per_jpeg": 8,
-        "quality": 90,
+        "frames_per_jpeg": defaults.frames_per_jpeg,
+        "quality": DEFAULT_QUALITY["jpeg"],
+        "optimize_huffman": defaults.optimize_huffman,
     }
     video = str(next(trained["videos"].glob("smptebars/*.avi")))
     args = ("--device", "cpu", "--top-k", "2")
@@ -143,6 +146,10 @@ def test_predict_transcodes_as_the_training_data_was_unless_told(trained: dict[s
     torch.save(state, tmp_path / "stripped.pt")
     result = invoke("predict", video, "--checkpoint", str(tmp_path / "stripped.pt"), *args, expect_error=True)
     assert f"{tmp_path / 'stripped.pt'}: it does not record how its training videos were preprocessed" in result.output
+    state["preprocessing"] = {"format": "jpeg", "short_side": 40, "codec": "vp9"}  # a field this dali-skd lacks
+    torch.save(state, tmp_path / "foreign.pt")
+    result = invoke("predict", video, "--checkpoint", str(tmp_path / "foreign.pt"), *args, expect_error=True)
+    assert f"{tmp_path / 'foreign.pt'}: its preprocessing settings are not format, short_side" in result.output
 
 
 def test_an_exported_folder_predicts_as_its_checkpoint(trained: dict[str, Path], tmp_path: Path) -> None:
