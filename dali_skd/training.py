@@ -39,6 +39,7 @@ from dali_skd.checkpoint import (
 )
 from dali_skd.config import LoaderConfig, TrainConfig, changed_settings, format_changes, save_json, to_dict
 from dali_skd.data.augment import draw_layout
+from dali_skd.data.holdout import protocol, training_holdout
 from dali_skd.data.loader import EvalLoader, TrainLoader
 from dali_skd.data.shards import load_manifest
 from dali_skd.data.source import data_stream
@@ -79,6 +80,7 @@ class TrainSummary:
     last: dict[str, Any]
     seconds: float
     skipped: int = 0  # samples skipped as damaged or unreadable, over both loaders and all ranks
+    validation: str = ""  # which videos the validation figures are of (`holdout.protocol`)
 
     def format(self) -> str:
         skipped = ""
@@ -88,7 +90,8 @@ class TrainSummary:
                 "above): `python cli.py preprocess verify DATA` lists them all"
             )
         return (
-            f"best validation top-1 {self.best_top1:.2%} (video-level) at epoch {self.best_epoch} of {self.epochs}; "
+            f"best validation top-1 {self.best_top1:.2%} (video-level) at epoch {self.best_epoch} of {self.epochs} "
+            f"({self.validation}); "
             f"last epoch {self.last.get('samples_per_s', 0):.1f} samples/s, "
             f"data wait {self.last.get('data_wait', 0):.0%}\n"
             f"run directory {self.out}: best.pt, last.pt, metrics.jsonl, curves.png, "
@@ -222,9 +225,13 @@ class Trainer:
             "clip": cfg.clip, "loader": cfg.loader, "batch_size": cfg.batch_size, "dtype": self.precision,
             "device": ctx.device, "rank": ctx.rank, "world": ctx.world, "channels_last": self.channels_last,
         }  # fmt: skip
+        holdout = None  # validation apart from test: a part of the training split, never trained on
+        if cfg.val_fraction:
+            holdout = training_holdout(cfg.data, manifest, cfg.val_fraction, cfg.train_shards, cfg.loader.read_timeout)
         self.train_loader = TrainLoader(
             cfg.data,
             "train",
+            subset=holdout.training if holdout else None,
             sampling=cfg.sampling,
             shards=cfg.train_shards,
             num_views=self.method.num_views,
@@ -232,7 +239,13 @@ class Trainer:
             seed=cfg.seed,
             **common,
         )
-        self.val_loader = EvalLoader(cfg.data, shards=cfg.eval_shards, clips_per_video=cfg.val_clips, **common)
+        if holdout is not None:
+            self.val_loader = EvalLoader(
+                cfg.data, "train", shards=cfg.train_shards, clips_per_video=cfg.val_clips, subset=holdout.validation,
+                **common,
+            )  # fmt: skip
+        else:
+            self.val_loader = EvalLoader(cfg.data, shards=cfg.eval_shards, clips_per_video=cfg.val_clips, **common)
         for loader in (self.train_loader, self.val_loader):  # skipped from the start, as the interrupted run did
             loader.mark_undecodable(resume.get("bad_samples", []) if resume else [], str(self.out / "last.pt"))
         if self.start_step:
@@ -315,7 +328,7 @@ class Trainer:
             print(
                 f"training {cfg.method} / {cfg.arch} on {cfg.data} ({len(self.classes)} classes) "
                 f"with {ctx.world} process(es) on {ctx.device}, precision {self.precision}, "
-                f"{self.train_loader.steps_per_epoch} steps per epoch"
+                f"{self.train_loader.steps_per_epoch} steps per epoch; {protocol(cfg.val_fraction)}"
                 + (f"; resuming epoch {self.start_epoch + 1} at step {self.start_step + 1}" if self.start_step else ""),
                 flush=True,
             )
@@ -348,8 +361,9 @@ class Trainer:
         unusable = self.train_loader.stats.unusable + self.val_loader.stats.unusable
         skipped = int(ctx.sum_named({"unusable": unusable})["unusable"])
         summary = TrainSummary(
-            self.out, cfg.epochs, self.best_top1, self.best_epoch, record, time.perf_counter() - started, skipped
-        )
+            self.out, cfg.epochs, self.best_top1, self.best_epoch, record, time.perf_counter() - started, skipped,
+            protocol(cfg.val_fraction),
+        )  # fmt: skip
         if ctx.is_main:
             print(summary.format())
         return summary
