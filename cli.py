@@ -168,9 +168,12 @@ def compare_command() -> click.Command:
     @user_errors
     def compare(config_file: str | None, **options) -> None:
         """The paper's Table II: train every method x seed with the same settings (any train flag but --method and
-        --seed), evaluate each best checkpoint as eval does, and write OUT/table.md, table.json and compare.png. An
-        interrupted comparison started again trains only what is missing."""
-        run_compare(build_config(CompareConfig, options, config_file), command_line("compare", options))
+        --seed; --vary SETTING=V1,V2 adds each method again at each value), evaluate each best checkpoint as eval
+        does, and write OUT/table.md, table.json and compare.png: each row's mean and 95% interval over seeds, and
+        the verdicts (each method against --reference, skd-srl against self-kd, paired by seed). Best.pt is picked
+        on --val-fraction of the training split (0: on test, the paper's protocol). An interrupted comparison
+        started again trains only what is missing."""
+        run_compare(build_config(CompareConfig, options, config_file), command_line("compare", options, config_file))
 
     return compare
 

@@ -72,7 +72,7 @@ class _Registered(click.Choice):
     case_sensitive = True
 
 
-def _click_type(kind: Any, f: dataclasses.Field) -> tuple[Any, dict[str, Any]]:
+def click_type(kind: Any, f: dataclasses.Field) -> tuple[Any, dict[str, Any]]:
     """The click type (and extra option settings) of a field's annotation."""
     if "choices" in f.metadata:
         return _Registered(f.metadata["choices"]), {}
@@ -81,7 +81,7 @@ def _click_type(kind: Any, f: dataclasses.Field) -> tuple[Any, dict[str, Any]]:
     if typing.get_origin(kind) in (typing.Union, types.UnionType) and bool in args and choices:
         return _FlagOrChoice(choices), {"is_flag": False, "flag_value": True}
     if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args:
-        return _click_type(next(a for a in args if a is not type(None)), dataclasses.field())
+        return click_type(next(a for a in args if a is not type(None)), dataclasses.field())
     if typing.get_origin(kind) is Literal:
         return click.Choice([str(a) for a in args]), {}
     if typing.get_origin(kind) is tuple:
@@ -102,8 +102,8 @@ def config_options(cls: type) -> Callable[[Callable], Callable]:
                 decl = f"{flag(path)}/{flag(path, negated=True)}"
                 command = click.option(decl, _key(path), default=None, help=help_text)(command)
             else:
-                click_type, extra = _click_type(kind, f)
-                command = click.option(flag(path), _key(path), type=click_type, default=None, help=help_text, **extra)(
+                option_type, extra = click_type(kind, f)
+                command = click.option(flag(path), _key(path), type=option_type, default=None, help=help_text, **extra)(
                     command
                 )
         return command
@@ -150,10 +150,10 @@ def _merge(base: dict[str, Any], partial: dict[str, Any]) -> None:
             base[key] = value
 
 
-def command_line(command: str, options: dict[str, Any]) -> str:
-    """`python cli.py COMMAND` with the flags that were given (`options` as click passes them): the command that
-    reproduces a run however it was started."""
-    words = ["python", "cli.py", *command.split()]
+def command_line(command: str, options: dict[str, Any], config_file: str | None = None) -> str:
+    """`python cli.py COMMAND` with the flags that were given (`options` as click passes them) and `--config FILE`:
+    the command that reproduces a run however it was started."""
+    words = ["python", "cli.py", *command.split(), *(["--config", config_file] if config_file else [])]
     for key, value in options.items():
         if value is None:
             continue

@@ -116,6 +116,16 @@ def channels_last_field() -> Any:
     return setting(True, "channels_last_3d memory layout on CUDA")
 
 
+def val_fraction_field(default: float) -> Any:
+    return setting(
+        default,
+        "validate (pick best.pt, drive the lr schedule) on this fraction of each class of the training split, set "
+        "apart by a hash of the video key and not trained on; 0: on the test split, the paper's protocol",
+        at_least=0,
+        at_most=0.5,
+    )
+
+
 def clips_per_video_field() -> Any:
     return setting(10, "clips per video, uniformly spaced", at_least=1)
 
@@ -287,6 +297,7 @@ class TrainSettings:
     epochs: int = setting(200, "training epochs", at_least=1)
     batch_size: int = setting(32, "samples per GPU (or per process on the CPU)", at_least=1)
     val_clips: int = setting(1, "clips per video for the per-epoch validation", at_least=1)
+    val_fraction: float = val_fraction_field(0.0)
     shortcut: Literal["A", "B"] | None = setting(
         None,
         "encoder shortcut: A (zero-padded identity) or B (1x1x1 conv + BN); default: A for r3d10/18/34, B for 50/101",

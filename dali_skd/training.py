@@ -49,6 +49,7 @@ from dali_skd.config import (
     to_dict,
 )
 from dali_skd.data.augment import draw_layout
+from dali_skd.data.holdout import protocol, training_holdout
 from dali_skd.data.loader import EvalLoader, TrainLoader
 from dali_skd.data.shards import load_manifest
 from dali_skd.data.source import data_stream
@@ -93,6 +94,7 @@ class TrainSummary:
     seconds: float
     skipped: int = 0  # distinct training samples skipped as damaged or unreadable, over all ranks
     val_skipped: int = 0  # distinct validation videos
+    validation: str = ""  # which videos the validation figures are of (`holdout.protocol`)
 
     def format(self) -> str:
         skipped = ""
@@ -107,7 +109,8 @@ class TrainSummary:
                 "`python cli.py preprocess verify DATA` lists them all"
             )
         return (
-            f"best validation top-1 {self.best_top1:.2%} (video-level) at epoch {self.best_epoch} of {self.epochs}; "
+            f"best validation top-1 {self.best_top1:.2%} (video-level) at epoch {self.best_epoch} of {self.epochs} "
+            f"({self.validation}); "
             f"last epoch {self.last.get('samples_per_s', 0):.1f} samples/s, "
             f"data wait {self.last.get('data_wait', 0):.0%}\n"
             f"run directory {self.out}: best.pt, last.pt, metrics.jsonl, curves.png, "
@@ -246,9 +249,13 @@ class Trainer:
             "clip": cfg.clip, "loader": cfg.loader, "batch_size": cfg.batch_size, "dtype": self.precision,
             "device": ctx.device, "rank": ctx.rank, "world": ctx.world, "channels_last": self.channels_last,
         }  # fmt: skip
+        holdout = None  # validation apart from test: a part of the training split, never trained on
+        if cfg.val_fraction:
+            holdout = training_holdout(cfg.data, manifest, cfg.val_fraction, cfg.train_shards, cfg.loader.read_timeout)
         self.train_loader = TrainLoader(
             cfg.data,
             "train",
+            subset=holdout.training if holdout else None,
             sampling=cfg.sampling,
             shards=cfg.train_shards,
             num_views=self.method.num_views,
@@ -257,7 +264,13 @@ class Trainer:
             **common,
         )
         self.train_loader.check_epochs()
-        self.val_loader = EvalLoader(cfg.data, shards=cfg.eval_shards, clips_per_video=cfg.val_clips, **common)
+        if holdout is not None:
+            self.val_loader = EvalLoader(
+                cfg.data, "train", shards=cfg.train_shards, clips_per_video=cfg.val_clips, subset=holdout.validation,
+                **common,
+            )  # fmt: skip
+        else:
+            self.val_loader = EvalLoader(cfg.data, shards=cfg.eval_shards, clips_per_video=cfg.val_clips, **common)
         for loader in (self.train_loader, self.val_loader):  # skipped from the start, as the interrupted run did
             loader.mark_undecodable(resume.get("bad_samples", []) if resume else [], str(self.out / "last.pt"))
         if ctx.device.type == "cpu":  # the model and the clips in the host's memory, which the kernel would defend
@@ -345,7 +358,7 @@ class Trainer:
             print(
                 f"training {cfg.method} / {cfg.arch} on {cfg.data} ({len(self.classes)} classes) "
                 f"with {ctx.world} process(es) on {ctx.device}, precision {self.precision}, "
-                f"{self.train_loader.steps_per_epoch} steps per epoch"
+                f"{self.train_loader.steps_per_epoch} steps per epoch; {protocol(cfg.val_fraction)}"
                 + (f"; resuming epoch {self.start_epoch + 1} at step {self.start_step + 1}" if self.start_step else ""),
                 flush=True,
             )
@@ -381,7 +394,7 @@ class Trainer:
         unusable = ctx.sum_named({"train": self.train_loader.stats.unusable, "val": self.val_loader.stats.unusable})
         summary = TrainSummary(
             self.out, cfg.epochs, self.best_top1, self.best_epoch, record, time.perf_counter() - started,
-            int(unusable["train"]), int(unusable["val"]),
+            int(unusable["train"]), int(unusable["val"]), protocol(cfg.val_fraction),
         )  # fmt: skip
         if ctx.is_main:
             print(summary.format())

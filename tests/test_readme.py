@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -156,3 +157,28 @@ def test_the_training_script_stops_the_run_before_it_requeues_the_job(tmp_path: 
     recorded = [json.loads(line) for line in calls.read_text().splitlines()]
     stop, requeue = ["scancel", "--signal=USR1", "4242"], ["scontrol", "requeue", "4242"]
     assert recorded == [["torchrun"], stop, ["step stopped"], requeue]
+
+
+def test_the_compare_sections_commands_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every `cli.py compare` command of "Compare the methods" builds the plan it says (the preset's file read from
+    the repository, as a user runs it)."""
+    text = README.read_text().split("\n## Compare the methods (the paper's Table II)\n", 1)[1].split("\n## ", 1)[0]
+    commands = [
+        shlex.split(line.split("#", 1)[0])
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+        for line in block.replace("\\\n", " ").splitlines()
+        if line.startswith("python cli.py compare")
+    ]
+    plans = []
+    monkeypatch.chdir(README.parent)
+    monkeypatch.setattr("dali_skd.commands.compare.check_not_in_use", lambda out: None)
+    monkeypatch.setattr("dali_skd.comparison.run_comparison", plans.append)
+    for words in commands:
+        invoke(*words[2:])
+    shown = [(p.settings.data, p.settings.arch, p.seeds, p.settings.val_fraction, len(p.methods)) for p in plans]
+    assert shown == [
+        ("data/ucf101", "r3d18", 3, 0.1, 5),
+        ("data/hard", "r3d10-tiny", 10, 0.25, 5),  # the miniature's preset
+        ("data/ucf101", "r3d18", 10, 0.1, 5),
+        ("data/ucf101", "r3d18", 3, 0.0, 5),  # the paper's protocol
+    ]

@@ -13,6 +13,9 @@ from clipdata import noise_frames, write_dataset
 from conftest import config_reads, run_two_ranks, unread
 
 from dali_skd.config import ClipConfig, LoaderConfig, OptimConfig, SamplingConfig, TrainConfig, to_dict
+from dali_skd.data.holdout import held_out, training_holdout
+from dali_skd.data.shards import load_manifest, shard_records, split_urls
+from dali_skd.data.source import RECORDS
 from dali_skd.distributed import init_distributed
 from dali_skd.training import Trainer, train
 
@@ -66,14 +69,17 @@ def test_skd_srl_logs_every_loss_term(data: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_resume_gives_the_same_weights_after_moving_the_shards_and_the_run(data: Path, tmp_path: Path) -> None:
-    train(tiny(data, tmp_path / "straight"))
+@pytest.mark.parametrize("val_fraction", [0.0, 0.25])  # validated on test (the paper), or on held-out training videos
+def test_resume_gives_the_same_weights_after_moving_the_shards_and_the_run(
+    data: Path, tmp_path: Path, val_fraction: float
+) -> None:
+    train(tiny(data, tmp_path / "straight", val_fraction=val_fraction))
     shutil.copytree(data, tmp_path / "shards")
-    train(tiny(tmp_path / "shards", tmp_path / "resumed", epochs=1))
+    train(tiny(tmp_path / "shards", tmp_path / "resumed", epochs=1, val_fraction=val_fraction))
     # both folders moved to another disk; the loader set up otherwise: none of it changes the result
     (tmp_path / "shards").rename(tmp_path / "moved-shards")
     (tmp_path / "resumed").rename(tmp_path / "moved-run")
-    cfg = tiny(tmp_path / "moved-shards", tmp_path / "moved-run", resume=True, log_every=1)
+    cfg = tiny(tmp_path / "moved-shards", tmp_path / "moved-run", resume=True, log_every=1, val_fraction=val_fraction)
     cfg.loader.threads, cfg.loader.prefetch = 1, 3
     train(cfg)
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
@@ -88,14 +94,49 @@ def test_resume_refuses_changed_settings_and_fresh_runs_refuse_old_dirs(data: Pa
     train(tiny(data, tmp_path / "run", epochs=2))
     with pytest.raises(FileExistsError, match="add --resume"):
         train(tiny(data, tmp_path / "run", epochs=2))
-    cfg = tiny(data, tmp_path / "run", epochs=3, optim=OptimConfig(lr=0.5), resume=True)
+    cfg = tiny(data, tmp_path / "run", epochs=3, optim=OptimConfig(lr=0.5), resume=True, val_fraction=0.25)
     cfg.clip.crop = 48
     with pytest.raises(
-        ValueError, match=r"other settings \(clip.crop: 32 then, 48 now; optim.lr: 0.01 then, 0.5 now\)"
+        ValueError,
+        match=r"other settings \(clip.crop: 32 then, 48 now; optim.lr: 0.01 then, 0.5 now; val_fraction: 0.0 then, "
+        r"0.25 now\)",
     ):
         train(cfg)
     with pytest.raises(ValueError, match="has trained 2 epochs, more than --epochs 1: resume with --epochs 2 or more"):
         train(tiny(data, tmp_path / "run", epochs=1, resume=True))
+
+
+def test_a_validation_part_is_a_hash_chosen_fraction_of_each_class() -> None:
+    ranges = [(0, 10), (10, 12), (12, 13)]  # classes of 10, 2 and 1 videos
+    keys = {c: [f"train-{i:07d}" for i in range(first, last)] for c, (first, last) in enumerate(ranges)}
+    held = held_out(keys, 0.2)
+    chosen = [sorted(k for k in held if k in keys[c]) for c in (0, 1, 2)]
+    assert [len(c) for c in chosen] == [2, 1, 0]  # rounded; at least one of a class of two; never a class's last
+    assert held_out({c: list(reversed(k)) for c, k in keys.items()}, 0.2) == held  # by the keys, not their order
+    assert held_out(keys, 0.3) > held  # a larger fraction holds more of the same order
+    with pytest.raises(ValueError, match="--val-fraction is 1"):
+        training_holdout("unused", None, 1, None, 60)
+
+
+@pytest.mark.slow
+def test_validation_apart_from_test_never_trains_on_its_videos(data: Path, tmp_path: Path) -> None:
+    manifest = load_manifest(str(data))
+    holdout = training_holdout(str(data), manifest, 0.25, None, 60)
+    labels = {
+        r.key: r.meta.label
+        for url in split_urls(str(data), manifest, "train")
+        for r in shard_records(url, "jpgs", lambda where, why: None)
+    }
+    assert len(labels) == 8 and sorted(labels[k] for k in holdout.keys) == [0, 1]  # one of each class's four
+    trainer = Trainer(tiny(data, tmp_path / "run", val_fraction=0.25, epochs=1), init_distributed("cpu"))
+    loader = trainer.train_loader
+    assert loader.epoch_samples == 6 and loader.steps_per_epoch == 1
+    trained = {r.key for batch in loader.host_batches(0, 12) for r in batch[RECORDS]}  # passes over the epoch's videos
+    assert trained == labels.keys() - holdout.keys
+    assert {r.key for r in trainer.val_loader.reader.records()} == holdout.keys
+    summary = trainer.run()
+    assert metrics(tmp_path / "run")[0]["val_videos"] == 2
+    assert "validation on 0.25 of each class of the training split, held out" in summary.format()
 
 
 RANK_SCRIPT = """

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from dali_skd.config import AugmentConfig, ClipConfig, LoaderConfig, SamplingConfig
+from dali_skd.data.holdout import Subset
 from dali_skd.data.pipeline import CONCURRENCY, DecoderOptions, clip_pipeline
 from dali_skd.data.shards import (
     PartReader,
@@ -176,8 +177,8 @@ class _Feed:
 
 class ClipLoader:
     """What training and evaluation loaders share: the split's shards of `data` (or `shards`) for one rank of
-    `world`, the host side, and one DALI pipeline, built the first time it is needed, cutting clips as `clip` says
-    and running as `loader` says (each by default as their defaults say)."""
+    `world` (only the videos of `subset` when given), the host side, and one DALI pipeline, built the first time it
+    is needed, cutting clips as `clip` says and running as `loader` says (each by default as their defaults say)."""
 
     def __init__(
         self,
@@ -196,6 +197,7 @@ class ClipLoader:
         rank: int,
         world: int,
         channels_last: bool = False,
+        subset: Subset | None = None,
     ) -> None:
         self.data, self.clip, self.loader = data, clip or ClipConfig(), loader or LoaderConfig()
         clip, loader = self.clip, self.loader
@@ -205,7 +207,8 @@ class ClipLoader:
         self.device = device if device is not None else resolve_device("auto")
         self.manifest = load_manifest(data, loader.read_timeout)
         self.split = split = split or held_out_split(list(self.manifest.splits))
-        self.num_videos = self.manifest.split(split, data).samples
+        self.subset = subset  # only these videos of the split (`holdout`): a validation part of the training split
+        self.num_videos = subset.samples if subset else self.manifest.split(split, data).samples
         if self.manifest.short_side < clip.crop:
             raise FormatError(
                 f"{data}: frames are stored at short side {self.manifest.short_side}, smaller than the "
@@ -230,7 +233,7 @@ class ClipLoader:
         self.video_frames = {url: sample_frames(url) for url in self.urls if not is_remote(url)}
         self.shard_samples = self._shard_samples(shards)
         self.reader = PartReader(
-            self.part, self.stats, self.layout.media_ext, self._admit, loader.read_timeout, self.shard_samples
+            self.part, self.stats, self.layout.media_ext, self._admit, loader.read_timeout, self.shard_samples, subset
         )
         self.pipeline_builds = 0
         self.build_seconds = 0.0  # of the last build
@@ -456,11 +459,12 @@ class TrainLoader(ClipLoader):
         world: int = 1,
         seed: int = 0,
         channels_last: bool = False,
+        subset: Subset | None = None,
     ) -> None:
         super().__init__(
             data, split, clip=clip, loader=loader, shards=shards, batch_size=batch_size, num_views=num_views,
             augment=augment, with_video_id=False, dtype=dtype, device=device, rank=rank, world=world,
-            channels_last=channels_last,
+            channels_last=channels_last, subset=subset,
         )  # fmt: skip
         self.sampling, self.seed = sampling or SamplingConfig(), seed
         self.epoch_samples = self._epoch_samples(split, shards)
@@ -469,8 +473,9 @@ class TrainLoader(ClipLoader):
         self._classes_checked = False
 
     def _epoch_samples(self, split: str, shards: str | None) -> int:
-        """The samples an epoch goes through: those the shards hold where they are counted, else the manifest's."""
-        if len(self.shard_samples) < len(self.urls):
+        """The samples an epoch goes through: those the shards hold where they are counted, else the manifest's; of a
+        subset, those it holds."""
+        if len(self.shard_samples) < len(self.urls) or self.subset is not None:
             return self.num_videos
         found = sum(self.shard_samples.values())
         if found != self.num_videos and not shards:
@@ -595,12 +600,14 @@ class EvalLoader(ClipLoader):
         rank: int = 0,
         world: int = 1,
         channels_last: bool = False,
+        subset: Subset | None = None,
     ) -> None:
         if spatial_crops not in SPATIAL_CROPS:
             raise ValueError(f"--spatial-crops takes {' or '.join(map(str, SPATIAL_CROPS))}, not {spatial_crops}")
         super().__init__(
             data, split, clip=clip, loader=loader, shards=shards, batch_size=batch_size, num_views=1, augment=None,
             with_video_id=True, dtype=dtype, device=device, rank=rank, world=world, channels_last=channels_last,
+            subset=subset,
         )  # fmt: skip
         self.clips_per_video = clips_per_video
         self.spatial_crops = spatial_crops

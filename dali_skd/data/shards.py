@@ -20,7 +20,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import IO
@@ -636,11 +636,12 @@ def shard_records(
 
 
 class PartReader:
-    """The samples of a rank's part, shard by shard. A local shard is indexed once, the first time it is read (its
-    headers walked, its metadata parsed; its strips are checked as they are first used), and served from memory
-    after that; a streamed shard is read afresh every time. Samples known to be unusable (`admit` says why) are
-    skipped and counted on every pass. `reading` names the shard being read, for the loader's watchdog;
-    `expected` holds the samples of the shards whose count is known, to count what a shard cut short lost."""
+    """The samples of a rank's part (only those whose keys `keys` holds, when given), shard by shard. A local shard
+    is indexed once, the first time it is read (its headers walked, its metadata parsed; its strips are checked as
+    they are first used), and served from memory after that; a streamed shard is read afresh every time. Samples
+    known to be unusable (`admit` says why) are skipped and counted on every pass. `reading` names the shard being
+    read, for the loader's watchdog; `expected` holds the samples of the shards whose count is known, to count what
+    a shard cut short lost."""
 
     def __init__(
         self,
@@ -650,9 +651,11 @@ class PartReader:
         admit: Callable[[VideoRecord], str | None],
         read_timeout: float = READ_TIMEOUT,
         expected: dict[str, int] | None = None,
+        keys: Container[str] | None = None,
     ) -> None:
         self.part, self.stats, self.media_ext, self._admit = part, stats, media_ext, admit
         self.read_timeout, self.expected = read_timeout, expected or {}
+        self.keys = keys  # read only the samples whose keys it holds (a part of the split: `holdout.Subset`)
         self._indexed: dict[str, list[VideoRecord | Lost]] = {}
         self.reading: str | None = None  # the shard being read
         self.known_bad: dict[str, str] = {}  # sample key -> why: found by the decoder, skipped from then on
@@ -670,6 +673,8 @@ class PartReader:
                     if mine or not item.samples:
                         self.stats.skip(item.where, item.reason, mine)
                     continue
+                if self.keys is not None and item.key not in self.keys:
+                    continue  # before the ranks' count: they split the subset's samples among them
                 keep = self.part.keeps(index)
                 index += 1
                 if not keep:
