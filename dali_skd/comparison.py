@@ -28,6 +28,7 @@ refused. The teacher is never trained on: the kd runs in DIR learnt from it as i
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
 from collections.abc import Sequence
@@ -43,6 +44,7 @@ import matplotlib.pyplot as plt
 
 from dali_skd.config import TrainConfig, TrainSettings, changed_settings, format_changes, load_json, to_dict
 from dali_skd.distributed import DistContext, init_distributed, shutdown
+from dali_skd.errors import ConfigError
 from dali_skd.evaluation import evaluate_checkpoint
 from dali_skd.files import write_atomic
 from dali_skd.methods import METHODS
@@ -53,6 +55,9 @@ from dali_skd.training import RESUMABLE_CHANGES, Trainer, agreed_stop, main_rank
 
 TEACHER_METHOD = "baseline-aug"  # how a kd teacher is trained: cross-entropy with the paper's augmentations
 SUMMARY = ("top1_mean", "top1_std", "top5_mean", "top5_std")  # per method, to the comparison's tracked run
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -103,11 +108,11 @@ def run_comparison(plan: ComparisonPlan) -> CompareReport:
     base, out = plan.settings, Path(plan.settings.out)
     unknown = [m for m in plan.methods if m not in METHODS]
     if unknown or not plan.methods:
-        raise ValueError(
+        raise ConfigError(
             f"compare: unknown method(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(METHODS)}"
         )
     if plan.seeds < 1:
-        raise ValueError(f"compare: --seeds must be 1 or more, not {plan.seeds}")
+        raise ConfigError(f"compare: --seeds must be 1 or more, not {plan.seeds}")
     check_tracking(base.track)
     started = time.perf_counter()
     if base.track.to != "tensorboard":  # the comparison's runs, grouped
@@ -140,7 +145,6 @@ def run_comparison(plan: ComparisonPlan) -> CompareReport:
         report.seconds = time.perf_counter() - started
         if ctx.is_main:
             write_report(report, out)
-            print(format_table(report))
             with open_tracker(track, out, track.group, {"command": plan.command, **to_dict(base)}, "compare") as t:
                 t.summary({f"{row['method']}/{k}": row[k] for row in report.rows for k in SUMMARY if k in row})
                 t.files(out / "table.md", out / "table.json", out / "compare.png")
@@ -176,21 +180,23 @@ def _run(
         done = RunResult(**json.loads(result_path.read_text()))
         if done.epochs == train_cfg.epochs:
             if ctx.is_main:
-                print(f"compare: {name} done before, reusing {result_path}")
+                log.info("compare: %s done before, reusing %s", name, result_path)
             return done
         if done.epochs > train_cfg.epochs or train_on is not None:
             flag = train_on or "--epochs"
-            raise ValueError(
+            raise ConfigError(
                 f"{run_dir} was trained for {done.epochs} epochs, not {train_cfg.epochs}: pass {flag} "
                 f"{done.epochs} to reuse it, or a new --out"
             )
         if ctx.is_main:
-            print(f"compare: {name} was trained for {done.epochs} epochs; training it on to {train_cfg.epochs}")
+            log.info("compare: %s was trained for %d epochs; training it on to %d", name, done.epochs, train_cfg.epochs)
         earlier = done.seconds
     if ctx.is_main:
-        print(f"compare: training {name} -> {run_dir}", flush=True)
+        log.info("compare: training %s -> %s", name, run_dir)
     started = time.perf_counter() - earlier
     summary = Trainer(train_cfg, ctx).run()
+    if ctx.is_main:
+        log.info(summary.format())
     result, loader = evaluate_checkpoint(
         run_dir / "best.pt", train_cfg.data, ctx, amp=train_cfg.amp, batch_size=train_cfg.batch_size,
         clips_per_video=plan.clips_per_video, loader=train_cfg.loader, shards=train_cfg.eval_shards,
@@ -220,7 +226,7 @@ def _check_same_settings(run_dir: Path, cfg: TrainConfig) -> None:
     saved = to_dict(load_json(TrainConfig, run_dir / "config.json"))
     refused = {k: v for k, v in changed_settings(saved, to_dict(cfg)).items() if k not in RESUMABLE_CHANGES}
     if refused:
-        raise ValueError(
+        raise ConfigError(
             f"{run_dir} was trained with other settings ({format_changes(refused)}): compare with the same "
             "settings to reuse it, or pass a new --out"
         )

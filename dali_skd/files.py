@@ -22,12 +22,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from dali_skd.errors import DaliSkdError
+
 log = logging.getLogger(__name__)
 
 FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
-class DiskFull(RuntimeError):
+class DiskFull(DaliSkdError, RuntimeError):
     """No space (or no quota) left while writing `path`."""
 
     def __init__(self, path: str | Path, cause: OSError) -> None:
@@ -139,7 +141,7 @@ def append_line(path: str | Path, line: str) -> None:
         os.close(fd)
 
 
-class DirectoryBusy(RuntimeError):
+class DirectoryBusy(DaliSkdError, RuntimeError):
     """Another process holds the lock of an output folder."""
 
 

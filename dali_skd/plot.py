@@ -12,11 +12,13 @@ import numpy as np
 matplotlib.use("Agg")  # files only: runs have no display
 import matplotlib.pyplot as plt
 
+from dali_skd.errors import InputError, MissingInput
+
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}: is it the --out directory of `cli.py train`?")
+        raise MissingInput(f"no metrics.jsonl in {run_dir}: is it the --out directory of `cli.py train`?")
     return parse_metrics(path)[0]
 
 
@@ -36,7 +38,7 @@ def parse_metrics(path: Path) -> tuple[list[dict], str | None]:
         except ValueError as e:
             if number == last + 1:
                 return rows, line
-            raise ValueError(f"{path}, line {number} is not a metrics line ({e}): {line[:80]!r}") from e
+            raise InputError(f"{path}, line {number} is not a metrics line ({e}): {line[:80]!r}") from e
         rows.append(row)
     return rows, None
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dali_skd.config import PreprocessConfig
+from dali_skd.errors import InputError
 
 
-class PreprocessError(ValueError):
+class PreprocessError(InputError):
     """A problem with the run's input or flags; the message names the file or folder and what to do next."""
 
 

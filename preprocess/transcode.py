@@ -22,6 +22,7 @@ from typing import BinaryIO, Literal
 import ffmpeg
 from PIL import Image
 
+from dali_skd.errors import InputError
 from dali_skd.format import ShardFormat, pack_strips
 
 TranscodeFormat = ShardFormat | Literal["h264"]
@@ -39,7 +40,7 @@ _OUTPUT_VIDEO = re.compile(r"Stream #0:0.*: Video: .*?, (\d+)x(\d+)\b.*?, ([\d.]
 _FRAME_COUNT = re.compile(r"^\[info\] frame=\s*(\d+)")  # the final report
 
 
-class VideoError(Exception):
+class VideoError(InputError):
     """This one video cannot be used; the message is the reason written to failed.jsonl."""
 
 

@@ -32,6 +32,7 @@ from PIL import Image
 
 from dali_skd.data.shards import is_remote, join_location, load_manifest, shard_samples
 from dali_skd.data.source import strip_problem, video_problem
+from dali_skd.errors import ConfigError, RunFailed
 from dali_skd.files import write_atomic
 from dali_skd.format import STRIPS_EXT, VIDEO_EXT, FormatError, SampleMeta, ShardInfo, ShardManifest
 
@@ -105,12 +106,12 @@ def verify_dataset(location: str, workers: int, report: Path | None = None) -> V
     """Check every shard of the dataset at `location` (a folder, http(s) URL prefix or `pipe:` command) and write
     the damaged members to `report` (default: OUT/damaged.jsonl, or ./damaged.jsonl for a remote location)."""
     if workers < 1:
-        raise ValueError(f"--workers {workers}: use 1 or more")
+        raise ConfigError(f"--workers {workers}: use 1 or more")
     started = time.perf_counter()
     manifest = load_manifest(location)
     report = report or (Path(REPORT_NAME) if is_remote(location) else Path(location) / REPORT_NAME)
     if report.exists() and not report.is_file():
-        raise ValueError(f"--report {report} exists and is not a file: pass the path of a JSONL file to write")
+        raise ConfigError(f"--report {report} exists and is not a file: pass the path of a JSONL file to write")
     progress = report.with_name(report.name.removesuffix(".jsonl") + ".progress.jsonl")
     infos = [info for split in manifest.splits.values() for info in split.shards]
     done = _finished(progress)
@@ -137,7 +138,7 @@ def verify_dataset(location: str, workers: int, report: Path | None = None) -> V
         write_atomic(report, "".join(json.dumps(x, ensure_ascii=False) + "\n" for s in shards for x in s.damaged))
     except OSError as e:
         hint = "pass --report FILE in a folder you can write, with room"
-        raise RuntimeError(f"cannot write {e.filename or report} ({e.strerror}): {hint}") from e
+        raise RunFailed(f"cannot write {e.filename or report} ({e.strerror}): {hint}") from e
     return VerifySummary(location, report, shards, time.perf_counter() - started, set(results) - {i.path for i in todo})
 
 

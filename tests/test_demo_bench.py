@@ -48,7 +48,7 @@ def test_demo_runs_end_to_end_and_reports_against_chance(tmp_path: Path, capsys)
     # a second run continues from what is there: same plan, nothing generated, preprocessed or trained again
     again = run_demo(DemoConfig(out=str(tmp_path / "demo"), minutes=1, compare=True), preset)
     assert again["plan"] == plan and again["rows"][0]["test_top1"] == saved["rows"][0]["test_top1"]
-    assert "compare: skd-srl-seed0 done before, reusing" in capsys.readouterr().out
+    assert "compare: skd-srl-seed0 done before, reusing" in capsys.readouterr().err
 
 
 def test_demo_plans_epochs_to_fill_the_budget(capsys) -> None:

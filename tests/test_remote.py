@@ -134,7 +134,9 @@ def test_a_pipe_command_that_stalls_on_the_manifest_or_a_shard(dataset: Path, tm
     result = invoke(
         "train", "--data", location, "--loader.read-timeout", "0.5", "--out", str(tmp_path), *TINY, expect_error=True
     )
-    assert result.output.count("\n") == 1 and result.output.startswith(f"Error: cannot read pipe:{nap}; cat ")
+    *retries, error = result.output.splitlines()  # one line each: the two retries, then the error
+    assert len(retries) == 2 and all(line.endswith("; trying again in 0.1 s") for line in retries)
+    assert error.startswith(f"Error: cannot read pipe:{nap}; cat ")
     url = f"pipe:case {{}} in *.tar) {nap};; esac; cat {dataset}/{{}}".replace("{}", SHARD)
     records, skipped = records_of(url, read_timeout=0.5)
     assert records == [] and skipped == [
@@ -210,3 +212,21 @@ def test_an_eval_that_scored_no_video_exits_non_zero(dataset: Path, tmp_path: Pa
             "--loader.threads", "1", expect_error=True,
         )  # fmt: skip
     assert "Error: " in result.output and "on test: no video could be scored (2 skipped as unreadable" in result.output
+
+
+@pytest.mark.slow
+def test_a_retried_read_is_said_at_the_default_log_level(dataset: Path, tmp_path: Path) -> None:
+    """`cli.py preprocess verify` over http, the server resetting each shard half-way once: one line per shard says
+    the read is tried again (it was at INFO, below what Python shows unconfigured), and the check passes."""
+    with ShardServer(dataset, "reset-once") as server:
+        done = subprocess.run(
+            [sys.executable, str(REPO / "cli.py"), "preprocess", "verify", server.url, "--workers", "2",
+             "--report", str(tmp_path / "damaged.jsonl")],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    retried = [line for line in done.stderr.splitlines() if "trying again in 1 s" in line]
+    shards = sorted(path for path, wanted in server.requests if wanted is not None)
+    assert len(shards) == 6 and len(retried) == 6
+    for path, line in zip(shards, sorted(retried), strict=True):
+        assert line.startswith(f"{server.url}/{path}: ") and " at byte " in line

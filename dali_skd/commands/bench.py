@@ -57,6 +57,7 @@ from dali_skd.data.pipeline import passthrough_pipeline
 from dali_skd.data.shards import is_remote, load_manifest
 from dali_skd.data.source import RECORDS, BackgroundBatches, Batch, strip_problem
 from dali_skd.data.torch_baseline import dataloader_baseline, decode_clip
+from dali_skd.errors import ConfigError, InputError, MissingInput, raised_at
 from dali_skd.files import write_atomic
 from dali_skd.methods import MethodOutput
 from dali_skd.models import build_model
@@ -390,7 +391,7 @@ def peer_videos(data: str, videos: str | None, cache: str, as_is: bool, workers:
     manifest = load_manifest(data)
     root = Path(videos) if videos else None if is_remote(data) else Path(data) / "videos"
     if videos and not root.is_dir():
-        raise FileNotFoundError(f"--videos {videos}: not a folder; give the folder of the dataset's videos")
+        raise MissingInput(f"--videos {videos}: not a folder; give the folder of the dataset's videos")
     recorded, skipped = recorded_sources(data, manifest)
     if root is not None and videos and not any((root / source).is_file() for source, _ in recorded[:50]):
         listing = list_folder(PreprocessConfig(dataset="folder", val_fraction=0.0), root)
@@ -402,7 +403,7 @@ def peer_videos(data: str, videos: str | None, cache: str, as_is: bool, workers:
         where = f"dataset-{hashlib.sha1(dataset).hexdigest()[:12]}"
     if as_is:
         if root is None:
-            raise ValueError(f"{data} is not local: pass --videos with the folder of its videos")
+            raise ConfigError(f"{data} is not local: pass --videos with the folder of its videos")
         files = [VideoFile(root / source, label) for source, label in sources if (root / source).is_file()]
         skipped += [f"{source}: missing under {root}" for source, label in sources if not (root / source).is_file()]
         form = "the original files"
@@ -413,7 +414,7 @@ def peer_videos(data: str, videos: str | None, cache: str, as_is: bool, workers:
         skipped += failed
         form = f"h264 mp4, short side {manifest.short_side}{f', {manifest.fps:g} fps' if manifest.fps else ''}"
     if not files:
-        raise ValueError(
+        raise InputError(
             f"no video for the peer loaders ({skipped[0] if skipped else 'the training split is empty'}): pass "
             "--videos with the folder of the dataset's videos, or a class-folder tree"
         )
@@ -542,9 +543,9 @@ def run_bench(cfg: BenchConfig, on_round: Callable[[dict[str, Any]], None] | Non
     names = [n.strip() for n in cfg.loaders.split(",") if n.strip()]
     unknown = set(names) - set(LOADERS)
     if unknown:
-        raise ValueError(f"unknown loader(s) {', '.join(sorted(unknown))}; known: {', '.join(LOADERS)}")
+        raise ConfigError(f"unknown loader(s) {', '.join(sorted(unknown))}; known: {', '.join(LOADERS)}")
     if cfg.rounds < 1:
-        raise ValueError(f"--rounds {cfg.rounds}: use 1 or more")
+        raise ConfigError(f"--rounds {cfg.rounds}: use 1 or more")
     manifest = load_manifest(cfg.data, cfg.loader.read_timeout)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
@@ -583,7 +584,8 @@ def run_bench(cfg: BenchConfig, on_round: Callable[[dict[str, Any]], None] | Non
             try:
                 rates[name].append(bench_peer(name, videos, cfg, device, precision))
             except Exception as e:  # a peer library failing is its row's end, not the benchmark's
-                report["skipped"][name] = "failed: " + str(e).strip().splitlines()[-1][:300]
+                said = str(e).strip().splitlines()[-1][:300] if str(e).strip() else ""
+                report["skipped"][name] = f"failed: {type(e).__name__} at {raised_at(e)}" + f": {said}" * bool(said)
                 running.remove(name)
                 del rates[name]
         loaders = report["loaders"] = {name: _summary(rates[name], reads[name], cfg) for name in running}

@@ -4,6 +4,7 @@ best checkpoint evaluated as `eval` does, and OUT/table.md, table.json and compa
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,10 +33,13 @@ class CompareConfig(TrainSettings):
 
 def run_compare(cfg: CompareConfig, command: str) -> CompareReport:
     check_not_in_use(cfg.out)  # a second comparison into OUT fails at once, not after torch's seconds of import
-    from dali_skd.comparison import ComparisonPlan, run_comparison  # torch and DALI: only once it may start
+    from dali_skd.comparison import ComparisonPlan, format_table, run_comparison  # torch, DALI: once it may start
 
     methods = tuple(m.strip() for m in cfg.methods.split(",") if m.strip())
     plan = ComparisonPlan(
         cfg, methods, cfg.seeds, cfg.teacher_arch, cfg.teacher_epochs, cfg.clips_per_video, command=command
     )
-    return run_comparison(plan)
+    report = run_comparison(plan)
+    if os.environ.get("RANK", "0") == "0":  # one table for a torchrun job
+        print(format_table(report))
+    return report

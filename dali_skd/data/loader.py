@@ -56,6 +56,7 @@ from dali_skd.data.source import (
     video_id,
     without_unusable,
 )
+from dali_skd.errors import ConfigError, InputError, RunFailed
 from dali_skd.format import MANIFEST_NAME, FormatError, check_key
 from dali_skd.runtime import TORCH_DTYPES, local_cpu_share, resolve_device
 
@@ -103,7 +104,7 @@ def held_out_split(splits: list[str]) -> str:
     """The split evaluation reads unless told: the held-out one (`test`, or `val` for Kinetics)."""
     held_out = [s for s in splits if s != "train"]
     if not held_out:
-        raise ValueError("the dataset has no held-out split (test or val) to evaluate on: pass --split")
+        raise ConfigError("the dataset has no held-out split (test or val) to evaluate on: pass --split")
     return held_out[0]
 
 
@@ -218,7 +219,7 @@ class ClipLoader:
         self.urls = split_urls(data, self.manifest, split, shards)
         self.part = rank_part(self.urls, rank, world)
         if clip.frame_stride < 1:
-            raise ValueError(f"--clip.frame-stride must be 1 or more, not {clip.frame_stride}")
+            raise ConfigError(f"--clip.frame-stride must be 1 or more, not {clip.frame_stride}")
         self.layout = InputLayout(
             self.manifest.format,
             num_views,
@@ -243,6 +244,7 @@ class ClipLoader:
             _ask_executor_threads(executor_threads_needed(self.decoders, self.layout.num_views))
         self._feed = _Feed(self.stats)
         self._pipe = None
+        self._dropped: str | None = None  # why the last pipeline was dropped: the next one is built in its place
 
     def _admit(self, record: VideoRecord) -> str | None:
         """Why a sample cannot be used: it does not fit the pipeline's layout, or does not belong to the dataset."""
@@ -275,6 +277,12 @@ class ClipLoader:
                 self._pipe.build()
             self.pipeline_builds += 1
             self.build_seconds = time.perf_counter() - started
+            if self._dropped is not None:
+                log.warning(
+                    "%s, split %s: rebuilt the DALI pipeline in %.1f s (%s)",
+                    self.data, self.split, self.build_seconds, self._dropped,
+                )  # fmt: skip
+                self._dropped = None
         return self._pipe
 
     def _decoder_options(self) -> DecoderOptions:
@@ -319,14 +327,17 @@ class ClipLoader:
             source.close()
             self._feed.stop()
             if failed:
-                self._pipe = None  # a pipeline that raised is not reused
+                self._drop_pipeline("the last one raised an error")  # never reused
             elif self._pipe is not None:
                 try:
                     if not ended:
                         _drain(self._pipe)
                     self._pipe.reset()
-                except RuntimeError:  # a batch it had prefetched failed to decode: the next epoch builds afresh
-                    self._pipe = None
+                except RuntimeError:  # the next epoch builds afresh
+                    self._drop_pipeline("a batch the last one had prefetched failed to decode")
+
+    def _drop_pipeline(self, why: str) -> None:
+        self._pipe, self._dropped = None, why
 
     def _next_outputs(self, stream: torch.cuda.Stream | None) -> tuple:
         """The pipeline's next outputs. No local of the caller holds the pipeline: once it fails and is dropped,
@@ -345,7 +356,7 @@ class ClipLoader:
         if match is None or int(match[1]) >= len(failed):
             shards = sorted({r.shard for batch in self._feed.pending for r in batch[RECORDS]})
             detail = next((line for line in reversed(message.splitlines()) if "rror" in line or "ailed" in line), "")
-            raise RuntimeError(
+            raise RunFailed(
                 f"the DALI pipeline failed on a batch from {', '.join(shards) or 'no known shard'}"
                 f"{f' ({detail.strip()})' if detail else ''}: run `python cli.py preprocess verify {self.data}` "
                 "to find damaged samples (DALI_SKD_DEBUG=1 shows DALI's whole message)"
@@ -355,14 +366,14 @@ class ClipLoader:
         record.problem = self.reader.known_bad[record.key] = reason  # streamed shards: their next records too
         self.undecodable[f"{record.shard}: {record.key}"] = reason
         self._failed.append(record)
-        self._pipe = None
+        self._drop_pipeline("the last one failed to decode a sample, and DALI does not run a failed pipeline again")
         self._feed.replay(list(self._feed.pending))  # the feed leaves the video's rows out, and counts it once
         self._check_unusable()
 
     def _check_unusable(self) -> None:
         if self.stats.unusable > self.loader.max_bad_samples:
             examples = "; ".join(self.stats.examples[:5])
-            raise RuntimeError(
+            raise RunFailed(
                 f"{self.stats.unusable} samples of {self.split} could not be used, more than --loader.max-bad-samples "
                 f"{self.loader.max_bad_samples} (first: {examples}): run `python cli.py preprocess verify "
                 f"{self.data}` to list every damaged one, then re-run preprocess for them (or raise the limit)"
@@ -381,7 +392,7 @@ class ClipLoader:
                 raise ValueError("not a list of 'shard: key' strings")
             keys = [check_key(sample.rsplit(": ", 1)[-1]) for sample in samples]
         except ValueError as e:
-            raise ValueError(
+            raise InputError(
                 f"{where}: bad_samples {str(samples)[:80]} ({e}): resume from a checkpoint of a run"
             ) from e
         reason = "DALI could not decode it in an earlier run (a damaged strip its header check does not see)"
@@ -522,7 +533,7 @@ class EvalLoader(ClipLoader):
         channels_last: bool = False,
     ) -> None:
         if spatial_crops not in SPATIAL_CROPS:
-            raise ValueError(f"--spatial-crops takes {' or '.join(map(str, SPATIAL_CROPS))}, not {spatial_crops}")
+            raise ConfigError(f"--spatial-crops takes {' or '.join(map(str, SPATIAL_CROPS))}, not {spatial_crops}")
         super().__init__(
             data, split, clip=clip, loader=loader, shards=shards, batch_size=batch_size, num_views=1, augment=None,
             with_video_id=True, dtype=dtype, device=device, rank=rank, world=world, channels_last=channels_last,

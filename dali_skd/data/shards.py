@@ -28,6 +28,7 @@ from typing import IO
 import numpy as np
 from braceexpand import braceexpand
 
+from dali_skd.errors import ConfigError
 from dali_skd.format import (
     MANIFEST_NAME,
     FormatError,
@@ -61,7 +62,7 @@ def join_location(location: str, relative: str) -> str:
     check_relative_path(relative)
     if location.startswith("pipe:"):
         if "{}" not in location:
-            raise ValueError(f"pipe: location {location!r} needs a '{{}}' where the file name goes")
+            raise ConfigError(f"pipe: location {location!r} needs a '{{}}' where the file name goes")
         return location.replace("{}", shlex.quote(relative))
     if location.startswith(("http://", "https://")):
         return location.rstrip("/") + "/" + relative
@@ -232,7 +233,7 @@ class RemoteStream:
             raise OSError(f"{cut} (gave up after {self._tries} tries)") from None
         else:
             delay = RETRY_DELAYS[self._tries - 1]
-            log.info("%s: %s at byte %d; trying again in %g s", self.url, cut, self.position, delay)
+            log.warning("%s: %s at byte %d; trying again in %g s", self.url, cut, self.position, delay)
             self._tries += 1
             time.sleep(delay)
         self._start()

@@ -26,6 +26,7 @@ from dali_skd.config import AugmentConfig
 from dali_skd.data.augment import AUGMENTATIONS, CROP, chosen, draw_layout, ranged
 from dali_skd.data.clips import clip_frames, plan_strips, random_starts, spaced_starts, strip_slots
 from dali_skd.data.shards import PartReader, SourceStats, VideoRecord, jpeg_problem, webm_problem
+from dali_skd.errors import RunFailed
 from dali_skd.format import SampleMeta, ShardFormat
 
 Batch = dict[str, Any]  # input name -> a stacked array (uniform columns) or a list of 1-D uint8 arrays (bytes)
@@ -310,7 +311,7 @@ def passes(reader: PartReader, rng: np.random.Generator) -> Iterator[VideoRecord
             usable += 1
             yield record
         if not usable:
-            raise RuntimeError(f"no usable sample in {len(urls)} shard(s), first {urls[0]}")
+            raise RunFailed(f"no usable sample in {len(urls)} shard(s), first {urls[0]}")
 
 
 def shuffled(records: Iterable[VideoRecord], size: int, rng: np.random.Generator) -> Iterator[VideoRecord]:
@@ -450,7 +451,7 @@ def _concat(parts: list[Batch]) -> Batch:
     }
 
 
-class LoaderStalled(RuntimeError):
+class LoaderStalled(RunFailed):
     """No batch for the loader's --loader.stall-timeout."""
 
 
