@@ -358,8 +358,6 @@ def http_server(gradient_data: Path):
 @pytest.mark.parametrize("scheme", ["pipe", "http"])
 def test_remote_locations_stream_the_same_samples(gradient_data: Path, scheme: str, request) -> None:
     """Shards in object storage (a `pipe:` command) or behind a web server are read as streams: same batches."""
-    if scheme == "http" and shutil.which("curl") is None:
-        pytest.skip("webdataset reads http:// through curl, which is not installed")
     location = f"pipe:cat {gradient_data}/{{}}" if scheme == "pipe" else request.getfixturevalue("http_server")
     local = eval_ids(gradient_data, clips=2, batch_size=5)
     remote = eval_loader(location, "test", batch_size=5, clips_per_video=2)
