@@ -102,7 +102,7 @@ def test_bench_rejects_unknown_loaders(tmp_path: Path) -> None:
 def test_bench_reports_dali_over_dataloader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     data = write_dataset(tmp_path / "data", {"train": [(noise_frames(8, seed=0), 0)]}, ["a"])
     for name, rate in {"dali": 300.0, "dataloader": 100.0}.items():
-        measured = Rate(rate, [rate], None, 1.0)
+        measured = Rate(rate, [rate], 1.0, 1.0)
         monkeypatch.setattr(bench, f"bench_{name}", lambda cfg, device, precision, measured=measured: measured)
     cfg = BenchConfig(data=str(data), device="cpu", loaders="dataloader,dali")
     report = bench.run_bench(cfg)

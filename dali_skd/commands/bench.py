@@ -18,6 +18,7 @@ its decoders and their threads, and the threads the process holds; each row coun
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import psutil
 import torch
 
 from dali_skd.config import (
@@ -128,14 +130,10 @@ class BenchConfig:
     loader: LoaderConfig = setting(LoaderConfig(), "data loading")
 
 
-def cpu_busy_seconds() -> float | None:
-    """Busy CPU time of the whole machine so far, from /proc/stat (None where there is none)."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except OSError:
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+def cpu_busy_seconds() -> float:
+    """Busy CPU time of the whole machine so far, all cores: what is neither idle nor waiting on a disk."""
+    t = psutil.cpu_times()
+    return t.user + t.system + sum(getattr(t, name, 0.0) for name in ("nice", "irq", "softirq", "steal"))
 
 
 def cpu_name() -> str:
@@ -149,33 +147,21 @@ def cpu_name() -> str:
 
 
 def tree_cpu_seconds() -> float:
-    """CPU time so far of this process (all its threads) and of its descendants: the live ones from /proc (DataLoader
-    workers are children only once they have exited), the reaped ones from the kernel's children counters."""
-    own = os.times()
-    total = own.user + own.system + own.children_user + own.children_system
-    stats = {}
-    for entry in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = entry.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-        except (OSError, IndexError):
-            continue  # ended meanwhile
-        stats[int(entry.parent.name)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))  # ppid; utime..cstime
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    ticks, todo = 0, list(children.get(os.getpid(), []))
-    while todo:
-        pid = todo.pop()
-        ticks += stats[pid][1]  # its own time and its reaped children's
-        todo += children.get(pid, [])
-    return total + ticks / os.sysconf("SC_CLK_TCK")
+    """CPU time so far of this process (all its threads) and of its descendants: the live ones (DataLoader workers
+    are children only once they have exited), and the reaped ones from the kernel's children counters."""
+    process = psutil.Process()
+    total = sum(process.cpu_times()[:4])  # user, system and the reaped children's
+    for child in process.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):  # ended meanwhile: its time is in its parent's counters
+            total += sum(child.cpu_times()[:4])
+    return total
 
 
 @dataclass
 class Rate:
     samples_per_s: float
     windows: list[float]
-    cpu_cores_busy: float | None  # the whole machine's
+    cpu_cores_busy: float  # the whole machine's
     cpu_us_per_sample: float  # this process's (all its threads) and its children's (DataLoader workers)
     extra: dict[str, float] = field(default_factory=dict)
 
@@ -211,7 +197,7 @@ def measure(
         total += elapsed
         samples += n * batch_size
     cpu1, own1 = cpu_busy_seconds(), tree_cpu_seconds()
-    busy = (cpu1 - cpu0) / total if cpu0 is not None and cpu1 is not None else None
+    busy = (cpu1 - cpu0) / total
     return Rate(statistics.median(windows), windows, busy, (own1 - own0) / samples * 1e6), total
 
 
@@ -610,13 +596,12 @@ def run_bench(cfg: BenchConfig, on_round: Callable[[dict[str, Any]], None] | Non
 def _summary(rates: list[Rate], reads: tuple[str, float], cfg: BenchConfig) -> dict[str, Any]:
     """One loader's figures: the median round's, each round's rate, and what it reads."""
     median = statistics.median
-    busy = [r.cpu_cores_busy for r in rates]
     samples_per_s = median(r.samples_per_s for r in rates)
     return {
         "samples_per_s": samples_per_s,
         "rounds": [r.samples_per_s for r in rates],
         "frames_per_s": samples_per_s * 2 * cfg.clip.length,
-        "cpu_cores_busy": None if None in busy else median(busy),
+        "cpu_cores_busy": median(r.cpu_cores_busy for r in rates),
         "cpu_us_per_sample": median(r.cpu_us_per_sample for r in rates),
         "windows": [w for r in rates for w in r.windows],
         **{key: median(r.extra[key] for r in rates) for key in rates[0].extra},
@@ -637,7 +622,7 @@ def format_report(report: dict[str, Any]) -> str:
     for name, r in report["loaders"].items():
         rounds = " ".join(f"{x:.1f}" for x in r["rounds"])
         ratio = f"{r['ratio_to_dali']:>7.2f}" if "ratio_to_dali" in r else f"{'':>7}"
-        cpu = f"{r['cpu_cores_busy']:>10.1f}" if r["cpu_cores_busy"] is not None else f"{'n/a':>10}"
+        cpu = f"{r['cpu_cores_busy']:>10.1f}"
         disk = f"{r['disk_bytes_per_video'] / 1e3:>9.0f} kB"
         lines.append(
             f"{name:<12}{r['samples_per_s']:>10.1f}  {rounds:<22}{ratio}{cpu}{r['cpu_us_per_sample']:>14.0f}{disk}"
