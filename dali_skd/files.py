@@ -14,19 +14,21 @@ import contextlib
 import errno
 import fcntl
 import io
+import json
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
-from dali_skd.errors import DaliSkdError
+from dali_skd.errors import DaliSkdError, InputError
 
 log = logging.getLogger(__name__)
 
 FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+T = TypeVar("T")
 
 
 class DiskFull(DaliSkdError, RuntimeError):
@@ -139,6 +141,35 @@ def append_line(path: str | Path, line: str) -> None:
             raise DiskFull(path, e) from e
     finally:
         os.close(fd)
+
+
+def read_jsonl(
+    path: str | Path, what: str, parse: Callable[[Any], T] = lambda value: value, cut_torn: bool = False
+) -> tuple[list[T], str | None]:
+    """The records of a JSON-lines file written by appending (`append_line`), each `parse`d (its ValueError or
+    TypeError: not such a record), and its last line if a kill or a full disk cut it short, left out for the caller
+    to name: one that no newline ends, or that is not a record. `cut_torn` also cuts that line from the file, so
+    that the next append starts a line of its own. Any other line that is not `what` raises InputError."""
+    path = Path(path)
+    data = path.read_bytes()
+    lines = data.decode(errors="replace").split("\n")  # the last item: what follows the last newline
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records, torn = [], None
+    for number, line in enumerate(lines[: last + 1], start=1):
+        if not line.strip():
+            continue
+        try:
+            if number == len(lines):
+                raise ValueError("no newline ends it")
+            records.append(parse(json.loads(line)))
+        except (ValueError, TypeError) as e:
+            if number != last + 1:
+                raise InputError(f"{path}, line {number} is not {what} ({e}): {line[:80]!r}") from e
+            torn = line
+    if torn is not None and cut_torn:
+        with path.open("r+b") as f:
+            f.truncate(data.rstrip().rfind(b"\n") + 1)
+    return records, torn
 
 
 class DirectoryBusy(DaliSkdError, RuntimeError):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import mmap
 import os
 import time
@@ -32,9 +33,11 @@ from PIL import Image
 
 from dali_skd.data.shards import is_remote, join_location, load_manifest, shard_samples
 from dali_skd.data.source import strip_problem, video_problem
-from dali_skd.errors import ConfigError, RunFailed
-from dali_skd.files import write_atomic
+from dali_skd.errors import ConfigError, InputError, RunFailed
+from dali_skd.files import read_jsonl, write_atomic
 from dali_skd.format import STRIPS_EXT, VIDEO_EXT, FormatError, SampleMeta, ShardInfo, ShardManifest
+
+log = logging.getLogger(__name__)
 
 REPORT_NAME = "damaged.jsonl"
 
@@ -125,15 +128,13 @@ def verify_dataset(location: str, workers: int, report: Path | None = None) -> V
             todo.append(info)
     try:
         report.parent.mkdir(parents=True, exist_ok=True)
-        with ThreadPoolExecutor(workers) as pool, progress.open("a", encoding="utf-8") as log:
-            if log.tell() and not progress.read_bytes().endswith(b"\n"):
-                log.write("\n")  # after a line a kill cut short
+        with ThreadPoolExecutor(workers) as pool, progress.open("a", encoding="utf-8") as finished:
             futures = [pool.submit(check_shard, location, info, manifest) for info in todo]
             for future in as_completed(futures):
                 check = future.result()
                 results[check.path] = check
-                log.write(json.dumps(asdict(check), ensure_ascii=False) + "\n")
-                log.flush()
+                finished.write(json.dumps(asdict(check), ensure_ascii=False) + "\n")
+                finished.flush()
         shards = [results[info.path] for info in infos]
         write_atomic(report, "".join(json.dumps(x, ensure_ascii=False) + "\n" for s in shards for x in s.damaged))
     except OSError as e:
@@ -254,17 +255,15 @@ def _line(shard: str, key: str | None, member: str | None, problem: str) -> dict
 
 
 def _finished(progress: Path) -> dict[str, ShardCheck]:
-    """The shards an earlier verify finished (a line cut short by a kill is ignored), by path."""
+    """The shards an earlier verify finished, by path (a line a kill cut short is cut from the file)."""
     if not progress.is_file():
         return {}
-    done = {}
-    for line in progress.read_text(encoding="utf-8").splitlines():
-        try:
-            check = ShardCheck(**json.loads(line))
-        except (ValueError, TypeError):
-            continue
-        done[check.path] = check
-    return done
+    try:
+        checks = read_jsonl(progress, "a checked shard", lambda v: ShardCheck(**v), cut_torn=True)[0]
+    except InputError as e:
+        log.warning("%s: every shard is checked again", e)
+        return {}
+    return {check.path: check for check in checks}
 
 
 def _unchanged(location: str, check: ShardCheck) -> bool:

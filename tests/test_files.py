@@ -14,7 +14,16 @@ import torch
 from conftest import lock_held_elsewhere
 
 from dali_skd.checkpoint import save_checkpoint
-from dali_skd.files import DirectoryBusy, DiskFull, append_line, lock_directory, open_atomic, write_atomic
+from dali_skd.errors import InputError
+from dali_skd.files import (
+    DirectoryBusy,
+    DiskFull,
+    append_line,
+    lock_directory,
+    open_atomic,
+    read_jsonl,
+    write_atomic,
+)
 
 
 def test_write_atomic_replaces_the_file_and_fsyncs_it_and_its_folder(tmp_path: Path, monkeypatch) -> None:
@@ -89,3 +98,38 @@ def test_a_file_system_without_locks_is_said_and_not_fatal(tmp_path: Path, monke
     with lock_directory(tmp_path):
         pass
     assert "this file system has no locks" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("text", "torn"),
+    [
+        ('{"a": 1}\n{"a": 2}\n', None),
+        ('{"a": 1}\n{"a": 2}\n\n', None),  # blank lines are no records
+        ('{"a": 1}\n{"a": 2}\n{"a": 3', '{"a": 3'),  # a kill in the middle of an append
+        ('{"a": 1}\n{"a": 2}\n{"a": 3}', '{"a": 3}'),  # ... just before its newline: the next append would join it
+        ('{"a": 1}\n{"a": 2}\n{"a": ', '{"a": '),
+        ('{"a": 1}\n{"a": 2}\n{"b": 3}\n', '{"b": 3}'),  # not a record: the last line, cut and ended by hand
+    ],
+)
+def test_read_jsonl_leaves_out_a_last_line_cut_short(tmp_path: Path, text: str, torn: str | None) -> None:
+    path = tmp_path / "records.jsonl"
+    path.write_text(text)
+
+    def parse(value: object) -> int:
+        if not isinstance(value, dict) or "a" not in value:
+            raise ValueError("no a")
+        return value["a"]
+
+    assert read_jsonl(path, "a record", parse) == ([1, 2], torn)
+    assert path.read_text() == text  # read, not changed
+    read_jsonl(path, "a record", parse, cut_torn=True)
+    assert path.read_text() == (text if torn is None else '{"a": 1}\n{"a": 2}\n')  # the next append starts a line
+    append_line(path, '{"a": 4}')
+    assert read_jsonl(path, "a record", parse) == ([1, 2, 4], None)
+
+
+def test_read_jsonl_names_a_damaged_line_that_is_not_the_last(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"a": 1}\n{"a": \n{"a": 3}\n')
+    with pytest.raises(InputError, match=r'records.jsonl, line 2 is not a record \(Expecting value: .*\): \'{"a": \''):
+        read_jsonl(path, "a record")
