@@ -177,16 +177,17 @@ class DirectoryBusy(DaliSkdError, RuntimeError):
 
 
 @contextmanager
-def lock_directory(directory: str | Path, name: str = ".lock") -> Iterator[None]:
+def lock_directory(directory: str | Path, name: str = ".lock", wait: bool = False) -> Iterator[None]:
     """Holds an exclusive `flock` on `directory/name` (created with the folder) while the block runs; it is
     released when the process ends, however it ends, so a crash leaves nothing to clean up. The file names the
-    holder (host, PID, SLURM job) for the message of a second process, which raises `DirectoryBusy` at once.
+    holder (host, PID, SLURM job) for the message of a second process, which raises `DirectoryBusy` at once, or
+    with `wait` waits for its turn (`--part` runs that share the synthetic set's folder: one of them makes it).
     On a file system without locks (Lustre mounted without `flock`) it warns and goes on unlocked."""
     path = Path(directory) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+") as f:  # not truncated before the lock is ours: it names the holder
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"

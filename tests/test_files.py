@@ -7,6 +7,8 @@ import errno
 import fcntl
 import os
 import stat
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,15 @@ def test_a_locked_folder_is_refused_naming_its_holder_and_freed_when_the_holder_
     # the holder was SIGKILLed: nothing of it ran, and the kernel dropped its lock
     with lock_directory(tmp_path):
         assert f"pid {os.getpid()}" in (tmp_path / ".lock").read_text()
+
+
+def test_a_waiting_lock_is_taken_once_the_holder_is_gone(tmp_path: Path) -> None:
+    with lock_held_elsewhere(tmp_path, "set.lock") as holder:
+        threading.Timer(0.5, holder.kill).start()
+        started = time.monotonic()
+        with lock_directory(tmp_path, "set.lock", wait=True):
+            assert time.monotonic() - started >= 0.4 and holder.poll() is not None
+            assert f"pid {os.getpid()}" in (tmp_path / "set.lock").read_text()
 
 
 def test_a_file_system_without_locks_is_said_and_not_fatal(tmp_path: Path, monkeypatch, caplog) -> None:
