@@ -31,8 +31,8 @@ from typing import Any
 
 from PIL import Image
 
+from dali_skd.data.checks import admission_problem, strip_problem, video_problem
 from dali_skd.data.shards import is_remote, join_location, load_manifest, shard_samples
-from dali_skd.data.source import strip_problem, video_problem
 from dali_skd.errors import ConfigError, InputError, RunFailed
 from dali_skd.files import read_jsonl, write_atomic
 from dali_skd.format import STRIPS_EXT, VIDEO_EXT, FormatError, SampleMeta, ShardInfo, ShardManifest
@@ -194,7 +194,7 @@ def sample_problems(
     except FormatError as e:
         return [(f"{key}.json", str(e).removeprefix(f"{key}: "))], 0, False
     problems = []
-    if misfit := _misfit(meta, manifest):
+    if misfit := admission_problem(key, meta, manifest):  # the loader's rule: it would skip the sample
         problems.append((f"{key}.json", misfit))
     label = members["cls"].tobytes() if "cls" in members else None
     if label != str(meta.label).encode():
@@ -220,16 +220,6 @@ def sample_problems(
         if problem:
             problems.append((f"{key}.{ext}", problem))
     return problems, len(offsets) - 1, decode
-
-
-def _misfit(meta: SampleMeta, manifest: ShardManifest) -> str | None:
-    if meta.format != manifest.format:
-        return f"format {meta.format}, the manifest says {manifest.format}"
-    if meta.format == "jpeg" and meta.frames_per_jpeg != manifest.frames_per_jpeg:
-        return f"{meta.frames_per_jpeg} frames per JPEG, the manifest says {manifest.frames_per_jpeg}"
-    if not 0 <= meta.label < len(manifest.classes):
-        return f"label {meta.label}, but the manifest has {len(manifest.classes)} classes"
-    return None
 
 
 def _decode_problem(data: memoryview, strip: int) -> str | None:

@@ -52,12 +52,13 @@ from dali_skd.config import (
     to_dict,
 )
 from dali_skd.data.augment import AUGMENTATIONS
+from dali_skd.data.checks import strip_problem
 from dali_skd.data.clips import clip_frames, spaced_starts
 from dali_skd.data.loader import EvalLoader, TrainLoader, dali_threads, process_threads
 from dali_skd.data.peers import PEERS, PeerVideos, VideoFile, peer_loader, peer_problem, recorded_sources
 from dali_skd.data.pipeline import passthrough_pipeline
 from dali_skd.data.shards import is_remote, load_manifest
-from dali_skd.data.source import RECORDS, BackgroundBatches, Batch, strip_problem
+from dali_skd.data.source import RECORDS, BackgroundBatches, Batch
 from dali_skd.data.torch_baseline import dataloader_baseline, decode_clip
 from dali_skd.errors import ConfigError, InputError, MissingInput, raised_at
 from dali_skd.files import write_atomic

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from dali_skd.config import AugmentConfig, ClipConfig, LoaderConfig, SamplingConfig
+from dali_skd.data.checks import admission_problem
 from dali_skd.data.pipeline import CONCURRENCY, DecoderOptions, clip_pipeline
 from dali_skd.data.shards import (
     PartReader,
@@ -50,7 +51,6 @@ from dali_skd.data.source import (
     BackgroundBatches,
     Batch,
     InputLayout,
-    dataset_problem,
     eval_batches,
     train_batches,
     video_id,
@@ -248,7 +248,7 @@ class ClipLoader:
 
     def _admit(self, record: VideoRecord) -> str | None:
         """Why a sample cannot be used: it does not fit the pipeline's layout, or does not belong to the dataset."""
-        return self.layout.admit(record.meta) or dataset_problem(record, self.manifest.num_classes, self.layout.splits)
+        return admission_problem(record.key, record.meta, self.manifest)
 
     def _pipeline(self):
         if self._pipe is None:
