@@ -36,7 +36,7 @@ MANIFEST_NAME = "manifest.json"
 FAILED_NAME = "failed.jsonl"
 SHARD_FORMATS = ("jpeg", "vp9")
 ShardFormat = Literal["jpeg", "vp9"]
-PREPROCESSING_SETTINGS = ("format", "short_side", "fps", "frames_per_jpeg", "quality")  # manifest fields
+PREPROCESSING_SETTINGS = ("format", "short_side", "fps", "frames_per_jpeg", "quality", "optimize_huffman")  # manifest
 SHORT_VIDEO_FRAMES = 16  # the paper's clip length: shorter videos are counted (SplitInfo.short_videos) and looped
 
 STRIPS_EXT = "jpgs"
@@ -151,6 +151,8 @@ class SplitInfo:
     frames: int = 0
     short_videos: int = 0  # videos with fewer frames than one clip; the loader loops them
     shards: list[ShardInfo] = field(default_factory=list)
+    seconds: float | None = None  # of video stored: frames / fps summed (None in manifests written before it)
+    source_bytes: int | None = None  # of the source files of the videos stored (None in manifests written before it)
 
 
 @dataclass
@@ -166,6 +168,7 @@ class ShardManifest:
     fps: float | None  # None: each video keeps its own (constant) frame rate
     quality: int
     splits: dict[str, SplitInfo]
+    optimize_huffman: bool = False  # jpeg: Huffman tables fitted to each strip (False in manifests written before)
     failures: int = 0
     tools: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -282,9 +285,21 @@ def _number(high: float) -> Parse:
     return parse
 
 
+def _seconds(value: Any, path: str) -> float:
+    if type(value) not in (int, float) or not 0 <= value <= MAX_COUNT:
+        raise _Invalid(path, value, f"a number of seconds ≥ 0 and ≤ {MAX_COUNT:g}")
+    return value
+
+
 def _text(value: Any, path: str) -> str:
     if not isinstance(value, str) or not value:
         raise _Invalid(path, value, "a non-empty string")
+    return value
+
+
+def _boolean(value: Any, path: str) -> bool:
+    if type(value) is not bool:
+        raise _Invalid(path, value, "true or false")
     return value
 
 
@@ -458,6 +473,8 @@ SCHEMA: dict[type, dict[str, Parse]] = {
         "frames": _count(0, MAX_BYTES),
         "short_videos": _count(),
         "shards": _list_of(_record(ShardInfo), "a list of shards"),
+        "seconds": _optional(_seconds),
+        "source_bytes": _optional(_count(0, MAX_BYTES)),
     },
     ShardManifest: {
         "dataset": _text,
@@ -469,6 +486,7 @@ SCHEMA: dict[type, dict[str, Parse]] = {
         "fps": _optional(_number(10_000)),
         "quality": _count(0, 100),
         "splits": _mapping(_record(SplitInfo), key_names=True),
+        "optimize_huffman": _boolean,
         "failures": _count(),
         "tools": _mapping(_string),
         "format_version": _one_of(FORMAT_VERSION),
