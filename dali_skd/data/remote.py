@@ -198,11 +198,16 @@ class HttpStream(RemoteStream):
         if response.headers.get("Content-Type", "").startswith("text/html"):  # no shard or manifest is a web page
             response.close()
             raise _Cut("the server answered with a web page (text/html), not the file: is the URL right?", True)
-        self._response = response
-        start = _CONTENT_RANGE.match(response.headers.get("Content-Range", "")) if response.status == 206 else None
-        if ranged and start is None:  # the whole file again: read from its start, skipping what was handed out
+        if ranged and response.status != 206:  # the whole file again: read from its start, skipping what was handed out
             self._ranges = False
-            return 0
+            ranged = False
+        said = response.headers.get("Content-Range", "")
+        start = _CONTENT_RANGE.match(said) if ranged else None
+        if ranged and (start is None or int(start[1]) > position):
+            response.close()
+            self._ranges = False  # the next try reads the whole file
+            raise _Cut(f"the answer to a request for the bytes from {position} on starts elsewhere ({said[:60]!r})")
+        self._response = response
         return int(start[1]) if start else 0
 
     def _receive(self, size: int) -> bytes:
