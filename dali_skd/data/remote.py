@@ -23,21 +23,11 @@ import signal
 import subprocess
 import tempfile
 import time
-from typing import IO
+from functools import cache
+from typing import IO, TYPE_CHECKING
 
-import urllib3
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    HTTPError,
-    LocationValueError,
-    MaxRetryError,
-    NameResolutionError,
-    NewConnectionError,
-    ProtocolError,
-    ReadTimeoutError,
-    ResponseError,
-    SSLError,
-)
+if TYPE_CHECKING:
+    import urllib3
 
 from dali_skd.errors import ConfigError
 from dali_skd.format import check_relative_path
@@ -159,11 +149,18 @@ class RemoteStream:
 
 # -- http(s) --------------------------------------------------------------------------------------------------------
 
-# one pool for every reader thread: connections to a server are reused from shard to shard
-_HTTP = urllib3.PoolManager(maxsize=32, headers={"User-Agent": "dali-skd"})
-# urllib3 follows redirects; every other retry is RemoteStream's, which resumes where a try was cut
-_REDIRECTS_ONLY = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=MAX_REDIRECTS)
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-")
+
+
+@cache
+def _http() -> urllib3.PoolManager:
+    """One pool for every reader thread: connections to a server are reused from shard to shard. urllib3 follows
+    redirects; every other retry is RemoteStream's, which resumes where a try was cut. (Imported here: a command
+    that reads no http(s) does not wait for it.)"""
+    import urllib3
+
+    retries = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=MAX_REDIRECTS)
+    return urllib3.PoolManager(maxsize=32, headers={"User-Agent": "dali-skd"}, retries=retries)
 
 
 class HttpStream(RemoteStream):
@@ -176,15 +173,16 @@ class HttpStream(RemoteStream):
         self._response: urllib3.BaseHTTPResponse | None = None
 
     def _open(self, position: int) -> int:
-        ranged = position > 0 and self._ranges
+        from urllib3.exceptions import HTTPError
+
+        ranged, pool = position > 0 and self._ranges, _http()
         try:
-            response = _HTTP.request(
+            response = pool.request(
                 "GET",
                 self.url,
-                headers={**_HTTP.headers, "Range": f"bytes={position}-"} if ranged else None,
+                headers={**pool.headers, "Range": f"bytes={position}-"} if ranged else None,
                 preload_content=False,
-                timeout=urllib3.Timeout(connect=self.read_timeout, read=self.read_timeout),
-                retries=_REDIRECTS_ONLY,
+                timeout=self.read_timeout,  # to connect, and for each read
             )
         except (HTTPError, OSError) as e:
             raise _Cut(*_failure(e, self.read_timeout)) from None
@@ -211,6 +209,8 @@ class HttpStream(RemoteStream):
         return int(start[1]) if start else 0
 
     def _receive(self, size: int) -> bytes:
+        from urllib3.exceptions import HTTPError
+
         if self._response is None:  # a Range request past the end
             return b""
         try:
@@ -226,6 +226,18 @@ class HttpStream(RemoteStream):
 
 def _failure(error: BaseException, timeout: float) -> tuple[str, bool]:
     """Why an http try failed, in words, and whether that is final: from the cause urllib3's exceptions wrap."""
+    from urllib3.exceptions import (
+        ConnectTimeoutError,
+        LocationValueError,
+        MaxRetryError,
+        NameResolutionError,
+        NewConnectionError,
+        ProtocolError,
+        ReadTimeoutError,
+        ResponseError,
+        SSLError,
+    )
+
     if isinstance(error, MaxRetryError) and error.reason is not None:
         error = error.reason
     if isinstance(error, ResponseError):  # urllib3's word for running out of redirects
