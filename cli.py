@@ -35,13 +35,18 @@ import click
 
 from dali_skd.cli_options import build_config, command_line, config_options
 from dali_skd.config import PreprocessConfig
+from dali_skd.errors import DaliSkdError, internal_error, out_of_memory
 from dali_skd.files import FULL_DISK_ERRNOS, REFUSED_ERRNOS, DiskFull
+from dali_skd.progress import LOG_LEVEL_ENV, LOG_LEVELS, configure_logging
 from dali_skd.signals import EXIT_STOPPED, STOP_SIGNALS, Stopped
 
 
 def user_errors(command):
-    """Errors a user can act on are printed as one line (set DALI_SKD_DEBUG=1 for the traceback); a command stopped
-    by a signal says where it stopped and exits with EXIT_STOPPED."""
+    """The one boundary of errors. The project's own (`DaliSkdError`), an out-of-memory error (naming the setting to
+    lower) and a full disk are printed as one line; anything else is a bug or the machine failing: one line says so
+    and where, and names the file its traceback was written to (`errors.internal_error`). Exit code 1 for all;
+    DALI_SKD_DEBUG=1 raises them instead, traceback and all. A command stopped by a signal says where it stopped and
+    exits with EXIT_STOPPED."""
 
     @functools.wraps(command)
     def run(*args, **kwargs):
@@ -55,19 +60,25 @@ def user_errors(command):
             if os.environ.get("RANK", "0") == "0":  # one line for a torchrun job, whose every rank stops
                 click.echo(str(e), err=True)
             raise click.exceptions.Exit(EXIT_STOPPED) from e
-        except (ValueError, RuntimeError, FileNotFoundError, FileExistsError) as e:
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as e:
             if os.environ.get("DALI_SKD_DEBUG"):
                 raise
-            raise click.ClickException(str(e)) from e
-        except OSError as e:  # a full disk, or a file refused, met outside the writes that check and name theirs
-            if e.errno not in FULL_DISK_ERRNOS | REFUSED_ERRNOS or os.environ.get("DALI_SKD_DEBUG"):
-                raise
-            if e.errno in FULL_DISK_ERRNOS:
+            flags = {opt for param in click.get_current_context().command.params for opt in param.opts}
+            if (line := out_of_memory(e, flags)) is not None:
+                raise click.ClickException(line) from e
+            if isinstance(e, DaliSkdError):
+                raise click.ClickException(str(e)) from e
+            if isinstance(e, OSError) and e.errno in FULL_DISK_ERRNOS:  # met outside the writes that name their file
                 raise click.ClickException(str(DiskFull(e.filename or "a file", e))) from e
-            raise click.ClickException(
-                f"{e.filename or 'a file'}: {e.strerror}: check that this command may write (or read) it, or choose "
-                "another folder"
-            ) from e
+            if isinstance(e, OSError) and e.errno in REFUSED_ERRNOS:  # a read-only folder, met outside the checks
+                raise click.ClickException(
+                    f"{e.filename or 'a file'}: {e.strerror}: check that this command may write (or read) it, or "
+                    "choose another folder"
+                ) from e
+            click.echo(internal_error(e), err=True)
+            raise click.exceptions.Exit(1) from e
 
     return run
 
@@ -249,9 +260,19 @@ class Commands(click.Group):
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
-def main() -> None:
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="info",
+    envvar=LOG_LEVEL_ENV,
+    show_default=True,
+    show_envvar=True,
+    help="the least important notices shown (retried reads, skipped samples and rebuilt pipelines are warnings)",
+)
+def main(log_level: str) -> None:
     """SKD-SRL: self-knowledge distillation with Siamese representation learning for video action recognition,
     on NVIDIA DALI."""
+    configure_logging(log_level)
 
 
 @main.group(invoke_without_command=True)

@@ -11,6 +11,7 @@ may also be a folder `cli.py export` wrote (`exported.py`): its classifier, with
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -22,11 +23,14 @@ import torch
 
 from dali_skd.config import ClipConfig, TrainConfig, from_dict
 from dali_skd.data.loader import EvalLoader
+from dali_skd.errors import DaliSkdError, InputError, MissingInput
 from dali_skd.exported import EVALUATION_FIELDS, read_model_folder
 from dali_skd.files import open_atomic
 from dali_skd.format import PREPROCESSING_SETTINGS
 from dali_skd.methods import Method, build_method
 from dali_skd.models import ResNet3d, build_model
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 2  # 2: the trained state without a kd teacher, config parts (`clip`, `optim`, ...), data stream
 
@@ -37,15 +41,15 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         torch.save({**state, "checkpoint_version": CHECKPOINT_VERSION}, f)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The checkpoint at `path`, checked (`checked_state`)."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint at `path`, checked (`checked_state`); `mmap`: its tensors mapped, read only when used."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: pass the last.pt or best.pt of a `cli.py train` run")
+        raise MissingInput(f"no checkpoint at {path}: pass the last.pt or best.pt of a `cli.py train` run")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # torch.load's errors on a file that is not a checkpoint are of any type: named here
+        raise InputError(
             f"{path} is not a readable dali-skd checkpoint ({load_failure(e)}): pass the last.pt or best.pt of a "
             "`cli.py train` run"
         ) from e
@@ -86,27 +90,27 @@ def checked_state(state: object, path: str | Path) -> dict[str, Any]:
     """`state` itself, if it is a checkpoint of the version this code reads, holding a run's config, classes,
     preprocessing settings and weights."""
     if not isinstance(state, dict) or "checkpoint_version" not in state:
-        raise ValueError(f"{path} is not a dali-skd checkpoint: pass the last.pt or best.pt of a `cli.py train` run")
+        raise InputError(f"{path} is not a dali-skd checkpoint: pass the last.pt or best.pt of a `cli.py train` run")
     if state["checkpoint_version"] != CHECKPOINT_VERSION:
-        raise ValueError(
+        raise InputError(
             f"{path} is a dali-skd checkpoint of version {state['checkpoint_version']!r}, and this code reads version "
             f"{CHECKPOINT_VERSION}: train it again, or use the dali-skd that wrote it"
         )
     classes, preprocessing, weights = state.get("classes"), state.get("preprocessing"), state.get("method")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise ValueError(f"{path}: its classes are not a list of class names: pass a checkpoint of a run")
+        raise InputError(f"{path}: its classes are not a list of class names: pass a checkpoint of a run")
     if not isinstance(preprocessing, dict):
-        raise ValueError(f"{path}: it does not record how its training videos were preprocessed: pass one of a run")
+        raise InputError(f"{path}: it does not record how its training videos were preprocessed: pass one of a run")
     # A checkpoint trained before the manifest recorded optimize_huffman: its strips had the standard tables.
     state["preprocessing"] = preprocessing = {"optimize_huffman": False, **preprocessing}
     if sorted(preprocessing) != sorted(PREPROCESSING_SETTINGS):
-        raise ValueError(
+        raise InputError(
             f"{path}: its preprocessing settings are not {', '.join(PREPROCESSING_SETTINGS)}: pass one of a run"
         )
     if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
-        raise ValueError(f"{path}: its weights are not a state dict of tensors: pass a checkpoint of a run")
+        raise InputError(f"{path}: its weights are not a state dict of tensors: pass a checkpoint of a run")
     if not isinstance(state.get("config"), dict):
-        raise ValueError(f"{path}: it holds no run config: pass a checkpoint of a run")
+        raise InputError(f"{path}: it holds no run config: pass a checkpoint of a run")
     run_config(state, path)
     return state
 
@@ -119,7 +123,7 @@ def classifier_state(state: dict[str, Any], path: str | Path) -> dict[str, torch
     """The classifier's (encoder + `fc`) state dict in a checkpoint: the "model." entries of the method's."""
     weights = {k.removeprefix("model."): v for k, v in state["method"].items() if k.startswith("model.")}
     if not weights:
-        raise ValueError(f"{path} holds no model weights: pass a checkpoint of a run")
+        raise InputError(f"{path} holds no model weights: pass a checkpoint of a run")
     return weights
 
 
@@ -136,7 +140,7 @@ def check_finite(weights: dict[str, torch.Tensor], path: str | Path) -> None:
     """Refuses a checkpoint whose weights are not all finite: the run that wrote it diverged."""
     bad = nonfinite_tensors(weights)
     if bad:
-        raise ValueError(
+        raise InputError(
             f"{path} holds non-finite weights ({len(bad)} of {len(weights)} tensors, e.g. {bad[0]}): the run that "
             "wrote it diverged; use an earlier checkpoint, or train again with a lower --optim.lr"
         )
@@ -145,13 +149,13 @@ def check_finite(weights: dict[str, torch.Tensor], path: str | Path) -> None:
 def trained_clip(path: str | Path) -> dict[str, Any]:
     """How the clips were cut for the run that wrote a checkpoint or an exported folder (its config's `clip` part),
     read without loading its weights: the defaults of eval's, predict's and features' `--clip.*` flags. Empty for a
-    file that is not a readable checkpoint: loading it properly then says why."""
+    path that holds no readable checkpoint (said at the debug level): loading it properly then says why."""
     try:
         if Path(path).is_dir():
             return asdict(read_model_folder(path, with_weights=False).config.clip)
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return asdict(run_config(state, path).clip)
-    except Exception:
+        return asdict(run_config(load_checkpoint(path, mmap=True), path).clip)
+    except DaliSkdError as e:
+        log.debug("%s: no clip settings read from it (%s)", path, e)
         return {}
 
 
@@ -160,14 +164,14 @@ def validation_figures(state: dict[str, Any], path: str | Path) -> dict[str, flo
     best so far, and the clips per video they were measured with; each checked to be a finite number."""
     metrics = state.get("metrics") or {}
     if not isinstance(metrics, dict):
-        raise ValueError(f"{path}: its metrics are not a record of an epoch: pass a checkpoint of a run")
+        raise InputError(f"{path}: its metrics are not a record of an epoch: pass a checkpoint of a run")
     figures = {k: metrics[k] for k in EVALUATION_FIELDS if k in metrics}
     figures.update({k: state[k] for k in ("epoch", "best_epoch") if k in state})
     if "val_top1" in figures:
         figures["val_clips"] = run_config(state, path).val_clips
     for key, value in figures.items():
         if type(value) not in (int, float) or not math.isfinite(value):
-            raise ValueError(f"{path}: its {key} is {value!r:.40}, not a finite number")
+            raise InputError(f"{path}: its {key} is {value!r:.40}, not a finite number")
     return figures
 
 
@@ -211,7 +215,7 @@ class TrainedRun:
             classifier.load_state_dict(classifier_state({"method": weights}, path))
         except (ValueError, RuntimeError) as e:  # a model it does not name, weights of another shape
             said = " ".join(str(e).split()).rstrip(".")  # load_state_dict's list of problems, in one line
-            raise ValueError(f"{path}: {said}; pass {unchanged}, unchanged") from e
+            raise InputError(f"{path}: {said}; pass {unchanged}, unchanged") from e
         device = torch.device(device)
         run = cls(Path(path), config, classes, preprocessing, classifier.to(device), device, weights, figures, exported)
         if num_classes is not None:
@@ -221,7 +225,7 @@ class TrainedRun:
     def check_classes(self, num_classes: int) -> None:
         """Refuses a dataset of another class count than the run was trained on."""
         if len(self.classes) != num_classes:
-            raise ValueError(
+            raise InputError(
                 f"{self.path} was trained on {len(self.classes)} classes, this dataset has {num_classes}: "
                 "use a checkpoint trained on the same dataset"
             )
@@ -230,7 +234,7 @@ class TrainedRun:
     def method(self) -> Method:
         """The trained method around the classifier (a kd run's with its teacher, loaded from its `--teacher`)."""
         if self.exported:
-            raise ValueError(
+            raise InputError(
                 f"{self.path} is an exported model, its classifier only: the method's heads ({self.config.method}) are "
                 "in the checkpoint it was exported from; pass that"
             )

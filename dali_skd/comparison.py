@@ -33,6 +33,7 @@ refused. The teacher is never trained on: the kd runs in DIR learnt from it as i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import statistics
@@ -53,6 +54,7 @@ from dali_skd.config import TrainConfig, TrainSettings, changed_settings, format
 from dali_skd.data.holdout import protocol
 from dali_skd.data.shards import load_manifest
 from dali_skd.distributed import DistContext, init_distributed, shutdown
+from dali_skd.errors import ConfigError
 from dali_skd.evaluation import EvalResult, evaluate_checkpoint
 from dali_skd.files import write_atomic
 from dali_skd.methods import METHODS
@@ -93,6 +95,9 @@ class Variant:
 
     name: str
     settings: TrainSettings
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -181,11 +186,11 @@ def run_comparison(plan: ComparisonPlan) -> CompareReport:
     base, out = plan.settings, Path(plan.settings.out)
     unknown = [m for m in plan.methods if m not in METHODS]
     if unknown or not plan.methods:
-        raise ValueError(
+        raise ConfigError(
             f"compare: unknown method(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(METHODS)}"
         )
     if plan.seeds < 1:
-        raise ValueError(f"compare: --seeds must be 1 or more, not {plan.seeds}")
+        raise ConfigError(f"compare: --seeds must be 1 or more, not {plan.seeds}")
     check_tracking(base.track)
     started, cpu_started = time.perf_counter(), cpu_seconds()
     if base.track.to != "tensorboard":  # the comparison's runs, grouped
@@ -262,21 +267,23 @@ def _run(
         done = RunResult(**json.loads(result_path.read_text()))
         if done.epochs == train_cfg.epochs:
             if ctx.is_main:
-                print(f"compare: {name} done before, reusing {result_path}")
+                log.info("compare: %s done before, reusing %s", name, result_path)
             return done
         if done.epochs > train_cfg.epochs or train_on is not None:
             flag = train_on or "--epochs"
-            raise ValueError(
+            raise ConfigError(
                 f"{run_dir} was trained for {done.epochs} epochs, not {train_cfg.epochs}: pass {flag} "
                 f"{done.epochs} to reuse it, or a new --out"
             )
         if ctx.is_main:
-            print(f"compare: {name} was trained for {done.epochs} epochs; training it on to {train_cfg.epochs}")
+            log.info("compare: %s was trained for %d epochs; training it on to %d", name, done.epochs, train_cfg.epochs)
         earlier, earlier_cpu = done.seconds, done.cpu_seconds or 0.0
     if ctx.is_main:
-        print(f"compare: training {name} -> {run_dir}", flush=True)
+        log.info("compare: training %s -> %s", name, run_dir)
     started, cpu_started = time.perf_counter() - earlier, cpu_seconds() - earlier_cpu
     summary = Trainer(train_cfg, ctx).run()
+    if ctx.is_main:
+        log.info(summary.format())
     result = _evaluate(plan, run_dir / "best.pt", train_cfg, ctx)
     run = RunResult(
         name=name,
@@ -330,7 +337,7 @@ def _check_same_settings(run_dir: Path, cfg: TrainConfig) -> None:
     saved = to_dict(load_json(TrainConfig, run_dir / "config.json"))
     refused = {k: v for k, v in changed_settings(saved, to_dict(cfg)).items() if k not in RESUMABLE_CHANGES}
     if refused:
-        raise ValueError(
+        raise ConfigError(
             f"{run_dir} was trained with other settings ({format_changes(refused)}): compare with the same "
             "settings to reuse it, or pass a new --out"
         )

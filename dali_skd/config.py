@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from dali_skd.data.augment import AUGMENTATIONS, Augmentation
+from dali_skd.errors import ConfigError
 from dali_skd.files import write_atomic
 
 Device = Literal["auto", "cuda", "cpu"]  # auto: the GPU when CUDA is available, else the CPU
@@ -370,13 +371,13 @@ def from_dict(cls: type[T], raw: dict[str, Any], where: str = "config", flags: b
     unknown key, or a value not of its setting's type or outside its limits, is an error that names it: by its
     dotted path under `where`, or (`flags`: the command line's settings) as the flag that sets it."""
     if not isinstance(raw, dict):
-        raise ValueError(f"{where} is {raw!r:.60}, not a group of settings")
+        raise ConfigError(f"{where} is {raw!r:.60}, not a group of settings")
     kwargs: dict[str, Any] = {}
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
     for key, value in raw.items():
         if key not in fields:
-            raise ValueError(f"{where}: unknown setting {key!r} (known: {', '.join(fields)})")
+            raise ConfigError(f"{where}: unknown setting {key!r} (known: {', '.join(fields)})")
         sub = _nested_type(cls, key)
         path = f"{where}.{key}" if where else key
         if sub:
@@ -399,13 +400,13 @@ def _in_limits(f: dataclasses.Field, value: Any, name: str) -> Any:
     shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
     for x in numbers:
         if not math.isfinite(x):
-            raise ValueError(f"{name} is {shown}; it must be a finite number")
+            raise ConfigError(f"{name} is {shown}; it must be a finite number")
         for limit, within, words in limits:
             if limit is not None and not within(x, limit):
                 each = "each of its numbers" if isinstance(value, tuple) else "it"
-                raise ValueError(f"{name} is {shown}; {each} must be {words} {limit}")
+                raise ConfigError(f"{name} is {shown}; {each} must be {words} {limit}")
     if isinstance(value, tuple) and len(numbers) == 2 and numbers[0] > numbers[1]:
-        raise ValueError(f"{name} is {shown}; a range is LO HI, with LO not above HI")
+        raise ConfigError(f"{name} is {shown}; a range is LO HI, with LO not above HI")
     return value
 
 
@@ -428,7 +429,7 @@ def _checked(kind: Any, value: Any, where: str) -> Any:
         return float(value)
     elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):  # int, str, bool, None
         return value
-    raise ValueError(f"{where} is {value!r:.60}, not {_kind(kind)}")
+    raise ConfigError(f"{where} is {value!r:.60}, not {_kind(kind)}")
 
 
 def _kind(kind: Any) -> str:
@@ -458,9 +459,9 @@ def read_settings(cls: type, path: str | Path) -> dict[str, Any]:
     try:
         raw = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read config {path}: {e}") from e
+        raise ConfigError(f"cannot read config {path}: {e}") from e
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a config is a JSON object of settings, not {type(raw).__name__}")
+        raise ConfigError(f"{path}: a config is a JSON object of settings, not {type(raw).__name__}")
     from_dict(cls, raw, str(path))
     return raw
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dali_skd.errors import RunFailed
 from dali_skd.runtime import resolve_device
 
 T = TypeVar("T")
@@ -111,7 +112,7 @@ def init_distributed(device: str) -> DistContext:
     if wants_gpu:
         count = torch.cuda.device_count()
         if local_rank >= count:
-            raise RuntimeError(
+            raise RunFailed(
                 f"this machine has {count} GPU(s) but torchrun started local rank {local_rank}: "
                 f"use --nproc-per-node {count} (or fewer)"
             )

@@ -26,6 +26,7 @@ from torch import Tensor
 from dali_skd import __version__
 from dali_skd.config import ClipConfig, PreprocessConfig, TrainConfig, from_dict, to_dict
 from dali_skd.data.source import INPUT_NORMS
+from dali_skd.errors import InputError, MissingInput
 from dali_skd.files import write_atomic
 from dali_skd.format import PREPROCESSING_SETTINGS
 from dali_skd.models import MODELS
@@ -119,90 +120,90 @@ def read_model_folder(path: str | Path, with_weights: bool = True) -> ModelFolde
     missing, unknown = [k for k in FIELDS if k not in raw], [k for k in raw if k not in FIELDS]
     if missing or unknown:
         what = f"lacks {', '.join(missing)}" if missing else f"holds unknown fields {', '.join(unknown)}"
-        raise ValueError(f"{where} {what}: pass a folder written by `cli.py export`, unchanged")
+        raise InputError(f"{where} {what}: pass a folder written by `cli.py export`, unchanged")
     if (raw["format"], raw["format_version"]) != (FOLDER_FORMAT, FOLDER_VERSION):
-        raise ValueError(
+        raise InputError(
             f"{where} is format {raw['format']!r:.40} version {raw['format_version']!r:.20}, and this dali-skd reads "
             f"{FOLDER_FORMAT!r} version {FOLDER_VERSION}: export the model again with this dali-skd"
         )
     classes = raw["classes"]
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) and 0 < len(c) <= 200 for c in classes)):
-        raise ValueError(f"{where}: classes is not a list of class names (each 1 to 200 characters)")
+        raise InputError(f"{where}: classes is not a list of class names (each 1 to 200 characters)")
     parts = (("clip", ClipConfig, [f.name for f in fields(ClipConfig)]),
              ("preprocessing", PreprocessConfig, list(PREPROCESSING_SETTINGS)))  # fmt: skip
     for name, settings, expected in parts:
         if not isinstance(raw[name], dict) or sorted(raw[name]) != sorted(expected):
-            raise ValueError(f"{where}: {name} must hold exactly {', '.join(expected)}")
+            raise InputError(f"{where}: {name} must hold exactly {', '.join(expected)}")
         from_dict(settings, raw[name], f"{where} {name}")
     training = raw["training"]
     if not isinstance(training, dict) or any(k in training for k in TOP_SETTINGS):
-        raise ValueError(
+        raise InputError(
             f"{where}: training must hold the run's settings but {', '.join(TOP_SETTINGS)} (those are at the top)"
         )
     top = {k: raw[k] for k in TOP_SETTINGS}
     config = from_dict(TrainConfig, {**training, **top}, str(where))
     if config.shortcut is None or config.arch not in MODELS:
-        raise ValueError(f"{where}: arch {config.arch!r:.40} with shortcut {config.shortcut!r}: not a model of this "
+        raise InputError(f"{where}: arch {config.arch!r:.40} with shortcut {config.shortcut!r}: not a model of this "
                          f"dali-skd (known: {', '.join(MODELS)})")  # fmt: skip
     if raw["input"] != input_spec(config.clip):
-        raise ValueError(f"{where}: input does not match its clip settings (edited by hand?): export the model again")
+        raise InputError(f"{where}: input does not match its clip settings (edited by hand?): export the model again")
     evaluation = _numbers(raw["evaluation"], EVALUATION_FIELDS, f"{where}: evaluation")
     if raw["onnx"] is not None:
         _check_onnx(raw["onnx"], folder)
     for name in ("exported_from", "dali_skd_version"):
         if not isinstance(raw[name], str) or len(raw[name]) > 1000:
-            raise ValueError(f"{where}: {name} is not text")
+            raise InputError(f"{where}: {name} is not text")
     weights = _read_weights(folder / WEIGHTS_FILE) if with_weights else {}
     return ModelFolder(folder, config, classes, raw["preprocessing"], evaluation, weights)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"no {CONFIG_FILE} in {path.parent}: pass a folder written by `cli.py export`, or a checkpoint file"
         )
     with open(path, "rb") as f:
         text = f.read(MAX_CONFIG_BYTES + 1)
     if len(text) > MAX_CONFIG_BYTES:
-        raise ValueError(f"{path} is over {MAX_CONFIG_BYTES >> 20} MiB, not a model's config: export the model again")
+        raise InputError(f"{path} is over {MAX_CONFIG_BYTES >> 20} MiB, not a model's config: export the model again")
     try:
         raw = json.loads(text)
     except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): export the model again") from e
+        raise InputError(f"{path} is not valid JSON ({e}): export the model again") from e
     if not isinstance(raw, dict):
-        raise ValueError(f"{path} is not a JSON object: pass a folder written by `cli.py export`")
+        raise InputError(f"{path} is not a JSON object: pass a folder written by `cli.py export`")
     return raw
 
 
 def _numbers(raw: Any, names: tuple[str, ...], where: str) -> dict[str, float]:
     """`raw`: an object of finite numbers under some of `names`."""
     if not isinstance(raw, dict):
-        raise ValueError(f"{where} is not an object of figures")
+        raise InputError(f"{where} is not an object of figures")
     for key, value in raw.items():
         if key not in names:
-            raise ValueError(f"{where}: unknown figure {key!r:.40} (known: {', '.join(names)})")
+            raise InputError(f"{where}: unknown figure {key!r:.40} (known: {', '.join(names)})")
         if type(value) not in (int, float) or not math.isfinite(value):
-            raise ValueError(f"{where}: {key} is {value!r:.40}, not a finite number")
+            raise InputError(f"{where}: {key} is {value!r:.40}, not a finite number")
     return raw
 
 
 def _check_onnx(raw: Any, folder: Path) -> None:
     where = f"{folder / CONFIG_FILE}: onnx"
     if not isinstance(raw, dict) or sorted(raw) != sorted(ONNX_FIELDS):
-        raise ValueError(f"{where} must hold exactly {', '.join(ONNX_FIELDS)}")
+        raise InputError(f"{where} must hold exactly {', '.join(ONNX_FIELDS)}")
     for key, kind in ONNX_FIELDS.items():
         if not isinstance(raw[key], kind) or isinstance(raw[key], bool):
-            raise ValueError(f"{where}: {key} is {raw[key]!r:.40}, not {kind.__name__}")
+            raise InputError(f"{where}: {key} is {raw[key]!r:.40}, not {kind.__name__}")
     if raw["file"] != ONNX_FILE or not (folder / ONNX_FILE).is_file():
-        raise ValueError(f"{where}: file is {raw['file']!r:.60}, and the folder's model is {ONNX_FILE}, which it holds")
+        raise InputError(f"{where}: file is {raw['file']!r:.60}, and the folder's model is {ONNX_FILE}, which it holds")
 
 
 def _read_weights(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise FileNotFoundError(f"no {WEIGHTS_FILE} in {path.parent}: pass a folder written by `cli.py export`")
+        raise MissingInput(f"no {WEIGHTS_FILE} in {path.parent}: pass a folder written by `cli.py export`")
     try:
         return load_file(path, device="cpu")
     except Exception as e:  # safetensors' SafetensorError, a file cut short, ...
-        raise ValueError(f"{path} is not a readable safetensors file ({e}): export the model again") from e
+        raise InputError(f"{path} is not a readable safetensors file ({e}): export the model again") from e

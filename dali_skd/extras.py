@@ -6,8 +6,10 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from dali_skd.errors import RunFailed
 
-class MissingExtra(RuntimeError):
+
+class MissingExtra(RunFailed):
     """A package an asked-for feature needs is not installed."""
 
 

@@ -16,22 +16,26 @@ import contextlib
 import errno
 import fcntl
 import io
+import json
 import logging
 import os
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
+
+from dali_skd.errors import DaliSkdError, InputError
 
 log = logging.getLogger(__name__)
 
 FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 REFUSED_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}  # a folder or file this process may not write (or read)
+T = TypeVar("T")
 
 
-class DiskFull(RuntimeError):
+class DiskFull(DaliSkdError, RuntimeError):
     """No space (or no quota) left while writing `path`."""
 
     def __init__(self, path: str | Path, cause: OSError) -> None:
@@ -156,27 +160,61 @@ def check_writable(folder: str | Path, flag: str) -> None:
     except OSError as e:
         if e.errno in FULL_DISK_ERRNOS:
             raise DiskFull(folder, e) from e
-        raise RuntimeError(
+        raise NotWritable(
             f"{flag} {folder}: cannot write there ({e.strerror}): choose a folder you can write, or make it writable"
         ) from e
 
 
-class DirectoryBusy(RuntimeError):
+class NotWritable(DaliSkdError, RuntimeError):
+    """A folder this process may not write in (a read-only mount, an immutable folder, its permissions)."""
+
+
+def read_jsonl(
+    path: str | Path, what: str, parse: Callable[[Any], T] = lambda value: value, cut_torn: bool = False
+) -> tuple[list[T], str | None]:
+    """The records of a JSON-lines file written by appending (`append_line`), each `parse`d (its ValueError or
+    TypeError: not such a record), and its last line if a kill or a full disk cut it short, left out for the caller
+    to name: one that no newline ends, or that is not a record. `cut_torn` also cuts that line from the file, so
+    that the next append starts a line of its own. Any other line that is not `what` raises InputError."""
+    path = Path(path)
+    data = path.read_bytes()
+    lines = data.decode(errors="replace").split("\n")  # the last item: what follows the last newline
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records, torn = [], None
+    for number, line in enumerate(lines[: last + 1], start=1):
+        if not line.strip():
+            continue
+        try:
+            if number == len(lines):
+                raise ValueError("no newline ends it")
+            records.append(parse(json.loads(line)))
+        except (ValueError, TypeError) as e:
+            if number != last + 1:
+                raise InputError(f"{path}, line {number} is not {what} ({e}): {line[:80]!r}") from e
+            torn = line
+    if torn is not None and cut_torn:
+        with path.open("r+b") as f:
+            f.truncate(data.rstrip().rfind(b"\n") + 1)
+    return records, torn
+
+
+class DirectoryBusy(DaliSkdError, RuntimeError):
     """Another process holds the lock of an output folder."""
 
 
 @contextmanager
-def lock_directory(directory: str | Path, name: str = ".lock") -> Iterator[None]:
+def lock_directory(directory: str | Path, name: str = ".lock", wait: bool = False) -> Iterator[None]:
     """Holds an exclusive `flock` on `directory/name` (created with the folder) while the block runs; it is
     released when the process ends, however it ends, so a crash leaves nothing to clean up. The file names the
-    holder (host, PID, SLURM job) for the message of a second process, which raises `DirectoryBusy` at once.
+    holder (host, PID, SLURM job) for the message of a second process, which raises `DirectoryBusy` at once, or
+    with `wait` waits for its turn (`--part` runs that share the synthetic set's folder: one of them makes it).
     On a file system without locks (Lustre mounted without `flock`) it warns and goes on unlocked. `directory` is
     a command's --out: one that cannot be written is said first (`check_writable`)."""
     check_writable(directory, "--out")
     path = Path(directory) / name
     with path.open("a+") as f:  # not truncated before the lock is ours: it names the holder
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from dali_skd.errors import InputError
 from dali_skd.files import write_atomic
 
 FORMAT_VERSION = 1
@@ -47,7 +48,7 @@ _PATH_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_./-]*$")  # a shard path: never
 log = logging.getLogger(__name__)
 
 
-class FormatError(ValueError):
+class FormatError(InputError):
     """A dataset directory, manifest or sample that does not follow the shard format."""
 
 

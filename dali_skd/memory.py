@@ -28,6 +28,7 @@ import torch
 
 from dali_skd.config import TrainConfig
 from dali_skd.data.loader import ClipLoader
+from dali_skd.errors import ConfigError
 from dali_skd.methods import build_method, method_class
 from dali_skd.models import build_model
 
@@ -144,7 +145,7 @@ def check_training_memory(cfg: TrainConfig, memory: TrainingMemory) -> None:
         return
     largest = memory.largest_batch(available)
     lower = f"lower --batch-size to {largest} or less" if largest else "lower --clip.length or --clip.crop"
-    raise ValueError(
+    raise ConfigError(
         f"--batch-size {cfg.batch_size} needs about {needed / GIB:.1f} GiB of memory here (the model "
         f"{memory.model / GIB:.1f} GiB, the training step's activations {memory.activations * cfg.batch_size / GIB:.1f}"
         f" GiB, the loaders' buffers {memory.loaders * cfg.batch_size / GIB:.1f} GiB), and {available / GIB:.1f} GiB "

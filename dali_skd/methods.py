@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from dali_skd.config import ObjectiveConfig
+from dali_skd.errors import ConfigError, InputError
 from dali_skd.models import ResNet3d
 from dali_skd.objective import Loss, cross_entropy_loss, hinton_kd_loss, self_kd_loss, skd_srl_loss
 
@@ -148,12 +149,12 @@ class KnowledgeDistillation(Method):
     def __init__(self, model: ResNet3d, cfg: ObjectiveConfig, teacher: nn.Module | None) -> None:
         super().__init__(model, cfg)
         if teacher is None:
-            raise ValueError("method 'kd' needs a teacher: pass --teacher with the checkpoint of a trained model")
+            raise ConfigError("method 'kd' needs a teacher: pass --teacher with the checkpoint of a trained model")
         teacher_fc = getattr(teacher, "fc", None)
         if not isinstance(teacher_fc, nn.Linear):
             raise ValueError(f"kd teacher {type(teacher).__name__} has no `fc` classifier: build it with build_model")
         if teacher_fc.out_features != model.fc.out_features:
-            raise ValueError(
+            raise InputError(
                 f"kd teacher predicts {teacher_fc.out_features} classes, the student {model.fc.out_features}: "
                 "use a teacher trained on the same dataset"
             )
@@ -184,7 +185,7 @@ METHODS: dict[str, type[Method]] = {
 def method_class(name: str) -> type[Method]:
     """The method registered as `name`."""
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
     return METHODS[name]
 
 
@@ -194,9 +195,9 @@ def build_method(
     """The training objective `name` around `model`; only `kd` takes (and requires) a `teacher`."""
     method = method_class(name)
     if model.fc.out_features != num_classes:
-        raise ValueError(f"model predicts {model.fc.out_features} classes, the dataset has {num_classes}")
+        raise InputError(f"model predicts {model.fc.out_features} classes, the dataset has {num_classes}")
     if method.needs_teacher:
         return method(model, cfg, teacher)  # type: ignore[call-arg]
     if teacher is not None:
-        raise ValueError(f"method {name!r} takes no teacher; only 'kd' does")
+        raise ConfigError(f"method {name!r} takes no teacher; only 'kd' does")
     return method(model, cfg)

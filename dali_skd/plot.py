@@ -3,8 +3,8 @@ confusion matrix `cli.py eval --json` draws."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -12,33 +12,27 @@ import numpy as np
 matplotlib.use("Agg")  # files only: runs have no display
 import matplotlib.pyplot as plt
 
+from dali_skd.errors import MissingInput
+from dali_skd.files import read_jsonl
+
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}: is it the --out directory of `cli.py train`?")
+        raise MissingInput(f"no metrics.jsonl in {run_dir}: is it the --out directory of `cli.py train`?")
     return parse_metrics(path)[0]
 
 
 def parse_metrics(path: Path) -> tuple[list[dict], str | None]:
     """The rows of a metrics.jsonl, and its last line if that one was cut short (a run killed, or a disk full,
     while writing it): it is left out. Any other unreadable line is an error that names it."""
-    lines = path.read_bytes().decode(errors="replace").split("\n")
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    rows = []
-    for number, line in enumerate(lines[: last + 1], start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
-                raise ValueError("no epoch number")
-        except ValueError as e:
-            if number == last + 1:
-                return rows, line
-            raise ValueError(f"{path}, line {number} is not a metrics line ({e}): {line[:80]!r}") from e
-        rows.append(row)
-    return rows, None
+    return read_jsonl(path, "a metrics line", _metrics_row)
+
+
+def _metrics_row(value: Any) -> dict:
+    if not isinstance(value, dict) or not isinstance(value.get("epoch"), int):
+        raise ValueError("no epoch number")
+    return value
 
 
 def plot_curves(run_dir: str | Path) -> Path:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from dali_skd.checkpoint import checked_state, classifier_state, load_failure, nonfinite_tensors, refused_global
+from dali_skd.errors import ConfigError, InputError, MissingInput
 from dali_skd.exported import read_model_folder
 from dali_skd.methods import Method
 from dali_skd.models import MODELS, Bottleneck, ResNet3d
@@ -83,15 +84,15 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str, str | None]:
         folder = read_model_folder(path)
         return folder.weights, "dali-skd exported model", folder.config.clip.norm
     if not path.is_file():
-        raise FileNotFoundError(f"--init: no file at {path}: pass a dali-skd checkpoint or a Kinetics model file")
+        raise MissingInput(f"--init: no file at {path}: pass a dali-skd checkpoint or a Kinetics model file")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         refused = refused_global(e)
         if refused is None or refused[1]:  # not a pickle of an object, or one that would run code: no way round
-            raise ValueError(f"--init: {path} is not a PyTorch checkpoint ({load_failure(e)})") from e
+            raise InputError(f"--init: {path} is not a PyTorch checkpoint ({load_failure(e)})") from e
         resaved = path.with_name(path.stem + "-weights.pth")
-        raise ValueError(
+        raise InputError(
             f"--init: {path} holds an object of class {refused[0]}, which torch.load(weights_only=True) refuses. "
             "If you trust the file, keep only its weights, in a Python session: "
             f"import torch; torch.save({{'state_dict': torch.load('{path}', map_location='cpu', "
@@ -108,7 +109,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], str, str | None]:
     elif isinstance(raw, dict) and raw and all(isinstance(v, Tensor) for v in raw.values()):
         weights, source = raw, "state dict"
     else:
-        raise ValueError(
+        raise InputError(
             f"--init: {path} is neither a dali-skd checkpoint nor a state dict (nor a dict with one under "
             "'state_dict'): pass a checkpoint of `cli.py train` or a Kinetics model of 3D-ResNets-PyTorch"
         )
@@ -173,12 +174,12 @@ def init_from_pretrained(model: ResNet3d, path: str | Path) -> InitReport:
             if theirs is not None and theirs != mine
             else "pass the --arch and --shortcut the file was trained with, or another file"
         )
-        raise ValueError(
+        raise InputError(
             f"--init: {path} does not fit the model ({mine or 'this --arch'}): {problems[0]} "
             f"({len(problems)} tensors differ); {advice}"
         )
     if bad := nonfinite_tensors({k: weights[k] for k in report.loaded}):
-        raise ValueError(
+        raise InputError(
             f"--init: {path} holds non-finite weights ({len(bad)} of {len(report.loaded)} tensors, e.g. {bad[0]}): "
             "the run that wrote it diverged, or the file is damaged; pass another file"
         )
@@ -191,7 +192,7 @@ def param_groups(method: Method, lr: float, lr_backbone: float) -> list[dict[str
     metrics show), the encoder at `lr_backbone` x `lr`; the plateau schedule scales both. Frozen parameters are
     left out."""
     if lr_backbone < 0:
-        raise ValueError(f"--optim.lr-backbone must be >= 0 (a factor on --optim.lr), got {lr_backbone}")
+        raise ConfigError(f"--optim.lr-backbone must be >= 0 (a factor on --optim.lr), got {lr_backbone}")
     trained = [p for p in method.parameters() if p.requires_grad]
     encoder = {id(p) for p in method.model.encoder_parameters()}
     groups = [

@@ -1,9 +1,14 @@
 """Progress of a long loop: a tqdm bar on a terminal; where stderr is a file or a pipe (SLURM, nohup, `| tee`),
 plain lines instead, one every `DALI_SKD_LOG_SECONDS` seconds (default 60), each whole: done/total, the caller's
-figures, the rate and the time left. A log file then holds readable lines, not carriage-return redraws."""
+figures, the rate and the time left. A log file then holds readable lines, not carriage-return redraws.
+
+What the project's modules log (`logging.getLogger(__name__)`: a retried read, a skipped sample, a rebuilt
+pipeline, an epoch done) goes out the same way, a plain line on stderr above any bar (`configure_logging`, called
+once by the command line)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -11,8 +16,41 @@ from typing import Any
 
 from tqdm import tqdm
 
+from dali_skd.errors import ConfigError
+
 LOG_SECONDS_ENV = "DALI_SKD_LOG_SECONDS"
 DEFAULT_LOG_SECONDS = 60.0
+LOG_LEVEL_ENV = "DALI_SKD_LOG_LEVEL"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOGGERS = ("dali_skd", "preprocess")  # the project's packages: a library's own logging is left as it is
+
+
+class _Lines(logging.Handler):
+    """A record as one plain line on stderr (whatever `sys.stderr` is when it is written), above the progress bars
+    on a terminal (`tqdm.write`)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging's own policy: a record that cannot be written is reported, never raised
+            self.handleError(record)
+
+
+def configure_logging(level: str = "info") -> None:
+    """Shows what the project's modules log at `level` (one of LOG_LEVELS) and above, as plain lines on stderr.
+    Under torchrun only rank 0 speaks, but for errors, which name their rank. Calling it again replaces the
+    setting."""
+    handler = _Lines()
+    rank = int(os.environ.get("RANK", "0"))
+    if rank:  # the ranks read the same data and run the same steps: one voice, unless something failed here
+        handler.addFilter(lambda record: record.levelno >= logging.ERROR)
+        handler.setFormatter(logging.Formatter(f"rank {rank}: %(message)s"))
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if isinstance(h, _Lines)]:
+            logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.setLevel(level.upper())
 
 
 def log_seconds() -> float:
@@ -25,7 +63,7 @@ def log_seconds() -> float:
     except ValueError:
         seconds = -1.0
     if not seconds >= 0:
-        raise ValueError(
+        raise ConfigError(
             f"{LOG_SECONDS_ENV}={text!r}: give the seconds between progress lines, e.g. 60 (0: every step)"
         )
     return seconds

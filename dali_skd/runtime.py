@@ -24,6 +24,7 @@ from typing import Literal, get_args
 import torch
 
 from dali_skd.config import Amp
+from dali_skd.errors import ConfigError, RunFailed
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def resolve_device(device: str) -> torch.device:
         check_dali_cuda()
         return torch.device("cuda", torch.cuda.current_device())
     if device == "cuda":
-        raise RuntimeError("--device cuda was asked for, but PyTorch sees no CUDA GPU: use --device cpu (or auto)")
+        raise RunFailed("--device cuda was asked for, but PyTorch sees no CUDA GPU: use --device cpu (or auto)")
     return torch.device("cpu")
 
 
@@ -52,7 +53,7 @@ def resolve_precision(amp: str, device: torch.device) -> Precision:
     if amp == "off":
         return "fp32"
     if amp not in TORCH_DTYPES:
-        raise ValueError(f"unknown precision {amp!r}; choose one of {', '.join(get_args(Amp))}")
+        raise ConfigError(f"unknown precision {amp!r}; choose one of {', '.join(get_args(Amp))}")
     return amp  # type: ignore[return-value]
 
 
@@ -162,6 +163,6 @@ def check_dali_cuda() -> None:
     if found is None:
         return
     if found.fatal:
-        raise RuntimeError(found.message)
+        raise RunFailed(found.message)
     if os.environ.get("RANK", "0") == "0":
         log.warning("note: %s", found.message)

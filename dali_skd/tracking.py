@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from dali_skd.config import TrackConfig, TrainConfig, to_dict
+from dali_skd.errors import ConfigError, InputError, RunFailed
 from dali_skd.extras import MissingExtra, require
 from dali_skd.files import write_atomic
 from dali_skd.plot import parse_metrics
@@ -89,7 +90,7 @@ def check_tracking(track: TrackConfig) -> None:
     """Refuses, before a command starts its work, settings that would do nothing, and a tracker not installed."""
     if track.to == "tensorboard":
         if track.project or track.group:
-            raise ValueError(
+            raise ConfigError(
                 "--track.project and --track.group name a W&B or MLflow run: add --track.to wandb or --track.to mlflow"
             )
         return
@@ -120,10 +121,10 @@ def read_record(run_dir: Path) -> dict[str, dict[str, Any]]:
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is unreadable ({e}): delete it to log to new tracked runs") from e
+        raise InputError(f"{path} is unreadable ({e}): delete it to log to new tracked runs") from e
     for kind, entry in raw.items() if isinstance(raw, dict) else [("its content", None)]:
         if not _is_entry(kind, entry):
-            raise ValueError(f"{path}: {kind} is not a tracked run's record: delete it to log to new tracked runs")
+            raise InputError(f"{path}: {kind} is not a tracked run's record: delete it to log to new tracked runs")
     return raw
 
 
@@ -149,7 +150,7 @@ class _Backend(Tracker):
         except MissingExtra:
             raise
         except Exception as e:
-            raise RuntimeError(f"--track.to {self.kind}: cannot open a run ({' '.join(str(e).split())[:300]})") from e
+            raise RunFailed(f"--track.to {self.kind}: cannot open a run ({' '.join(str(e).split())[:300]})") from e
         self._write_record()
 
     def epoch(self, row: dict[str, Any]) -> None:
@@ -279,10 +280,13 @@ class MlflowTracker(_Backend):
         return {"run_id": self.run_id, "tracking_uri": uri, "logged": logged}
 
     def _exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
         try:
             self.client.get_run(run_id)
             return True
-        except Exception:  # deleted there, or a store that never held it
+        except MlflowException as e:  # deleted there, or a store that never held it
+            log.debug("MLflow run %s not found (%s): logging to a new one", run_id, e)
             return False
 
     def _create(self, experiment_id: str, track: TrackConfig, name: str, job: str) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import sys
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -54,6 +54,7 @@ from dali_skd.data.loader import EvalLoader, TrainLoader
 from dali_skd.data.shards import load_manifest
 from dali_skd.data.source import data_stream
 from dali_skd.distributed import DistContext, init_distributed, shutdown
+from dali_skd.errors import ConfigError, MissingInput, OutputExists, RunFailed
 from dali_skd.evaluation import EvalResult, evaluate, topk_hits
 from dali_skd.files import DirectoryBusy, append_line, lock_directory, write_atomic
 from dali_skd.memory import check_training_memory, training_memory
@@ -65,6 +66,8 @@ from dali_skd.progress import Progress, duration
 from dali_skd.signals import Stopped, stop_on_signals, stop_requested, work_saved
 from dali_skd.step import build_train_step
 from dali_skd.tracking import Tracker, check_tracking, track_training
+
+log = logging.getLogger(__name__)
 
 # settings that may change when a run is resumed, as they leave the result as it was: where the shards and the run
 # are (moved to another disk), the device, how the loader runs (all of `loader`), logging (`track` too) and the number
@@ -121,7 +124,7 @@ class TrainSummary:
 LOST_WARNING = 0.05  # an epoch line warns when more than this share of the epoch's training samples was lost
 
 
-class Diverged(RuntimeError):
+class Diverged(RunFailed):
     """The loss or the weights stopped being finite."""
 
 
@@ -215,7 +218,7 @@ class Trainer:
         self.preprocessing = manifest.preprocessing()  # saved with the model, for `cli.py predict`
         resume = self._resume_state() if cfg.resume else None
         if resume is None and (self.out / "last.pt").exists():
-            raise FileExistsError(f"{self.out} already holds a run: add --resume to continue it, or pass a new --out")
+            raise OutputExists(f"{self.out} already holds a run: add --resume to continue it, or pass a new --out")
 
         torch.manual_seed(cfg.seed)
         teacher = None
@@ -225,9 +228,9 @@ class Trainer:
         if cfg.init and resume is None:  # a resume restores every weight from last.pt
             report = init_from_pretrained(model, cfg.init)
             if ctx.is_main:
-                print(report.format())
+                log.info(report.format())
                 if note := report.input_norm_note(cfg.clip.norm):
-                    print(note)
+                    log.warning(note)
         model.freeze(cfg.freeze)
         step = build_train_step(cfg, model, manifest.num_classes, ctx.device, teacher, ctx.distributed)
         self.train_step = step
@@ -284,12 +287,12 @@ class Trainer:
         path = self.out / "last.pt"
         if not path.exists():
             if self.cfg.resume != "auto":
-                raise FileNotFoundError(
+                raise MissingInput(
                     f"--resume: {path} does not exist, so there is no run to continue: check --out, drop --resume "
                     "to start one there, or pass --resume auto (continue if there is one, else start)"
                 )
             if self.ctx.is_main:
-                print(f"--resume auto: no {path} yet, starting a new run")
+                log.info("--resume auto: no %s yet, starting a new run", path)
             return None
         state = load_checkpoint(path)
         check_finite(state["method"], path)
@@ -297,7 +300,7 @@ class Trainer:
             draws = state.get("draws")
             if not (isinstance(draws, list) and draws and all(isinstance(d, str) for d in draws)):
                 draws = ["(not recorded)"]
-            raise ValueError(
+            raise ConfigError(
                 f"{path} was trained on data stream {state.get('data_stream')!r:.40} (draws per view: "
                 f"{', '.join(draws):.300}), and this code draws "
                 f"stream {data_stream()!r} ({', '.join(draw_layout())}): resuming would go on with other clips and "
@@ -307,13 +310,13 @@ class Trainer:
         changes = changed_settings(to_dict(saved), to_dict(self.cfg))
         refused = {name: values for name, values in changes.items() if name not in RESUMABLE_CHANGES}
         if refused:
-            raise ValueError(
+            raise ConfigError(
                 f"{path} was trained with other settings ({format_changes(refused)}): resume with the run's "
                 "settings (only where the data and the run are, how the loader runs, --log-every and --epochs may "
                 "change), or pass a new --out"
             )
         if state["epoch"] > self.cfg.epochs:
-            raise ValueError(
+            raise ConfigError(
                 f"{path} has trained {state['epoch']} epochs, more than --epochs {self.cfg.epochs}: resume with "
                 f"--epochs {state['epoch']} or more, or pass a new --out"
             )
@@ -335,12 +338,12 @@ class Trainer:
         path, steps = self.out / "last.pt", self.train_loader.steps_per_epoch
         where = f"{path} stopped at step {self.start_step} of epoch {self.start_epoch + 1}"
         if state["world"] != self.ctx.world:
-            raise ValueError(
+            raise ConfigError(
                 f"{where} with {state['world']} process(es), and this run has {self.ctx.world}: resume it with "
                 f"{state['world']} (each process reads its own part of the epoch)"
             )
         if state["steps_per_epoch"] != steps:
-            raise ValueError(
+            raise ConfigError(
                 f"{where} of {state['steps_per_epoch']} steps, and the data now gives {steps} steps an epoch: "
                 "resume it on the dataset it was trained on"
             )
@@ -355,12 +358,11 @@ class Trainer:
 
             self.writer = SummaryWriter(str(self.out / "tb"), purge_step=self.start_epoch + 1)
             self.tracker = track_training(cfg, self.out)
-            print(
+            log.info(
                 f"training {cfg.method} / {cfg.arch} on {cfg.data} ({len(self.classes)} classes) "
                 f"with {ctx.world} process(es) on {ctx.device}, precision {self.precision}, "
                 f"{self.train_loader.steps_per_epoch} steps per epoch; {protocol(cfg.val_fraction)}"
-                + (f"; resuming epoch {self.start_epoch + 1} at step {self.start_step + 1}" if self.start_step else ""),
-                flush=True,
+                + (f"; resuming epoch {self.start_epoch + 1} at step {self.start_step + 1}" if self.start_step else "")
             )
         started = time.perf_counter()
         record: dict[str, Any] = {}
@@ -380,7 +382,7 @@ class Trainer:
                 bad_samples = self._bad_samples()
                 if ctx.is_main:
                     self._save(epoch, record, is_best=self.best_epoch == epoch + 1, bad_samples=bad_samples)
-                    print(_epoch_line(record, cfg.epochs, self.best_epoch), flush=True)
+                    log.info(_epoch_line(record, cfg.epochs, self.best_epoch))
                 if epoch + 1 < cfg.epochs and (signal := agreed_stop(ctx)):
                     raise self._stopped(signal, f"after epoch {epoch + 1} of {cfg.epochs}")
         except BaseException as e:
@@ -396,8 +398,6 @@ class Trainer:
             self.out, cfg.epochs, self.best_top1, self.best_epoch, record, time.perf_counter() - started,
             int(unusable["train"]), int(unusable["val"]), protocol(cfg.val_fraction),
         )  # fmt: skip
-        if ctx.is_main:
-            print(summary.format())
         self.tracker.finish({"best_val_top1": self.best_top1, "best_epoch": self.best_epoch}, self.out / "curves.png")
         return summary
 
@@ -462,7 +462,7 @@ class Trainer:
         n_all = total["samples"]
         lost = int(ctx.sum_named({"skipped": loader.stats.skipped - skipped_before})["skipped"])
         if not n_all:
-            raise RuntimeError(
+            raise RunFailed(
                 f"epoch {epoch + 1} made no batch of {cfg.batch_size}: {lost} of its {loader.epoch_samples} training "
                 f"samples were damaged or unreadable (named above): run `python cli.py preprocess verify {cfg.data}`"
             )
@@ -646,6 +646,6 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
         return
     rows, torn = parse_metrics(path)
     if torn is not None:
-        print(f"{path}: dropped its last line, cut short ({torn[:60]!r}); its epoch is trained again", file=sys.stderr)
+        log.warning("%s: dropped its last line, cut short (%r); its epoch is trained again", path, torn[:60])
     kept = [row for row in rows if row["epoch"] <= epochs_done]
     write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))

@@ -21,6 +21,7 @@ from typing import Any
 import ffmpeg
 
 from dali_skd.config import PreprocessConfig
+from dali_skd.errors import RunFailed
 from dali_skd.format import SHARD_FORMATS, ShardFormat, ShardManifest
 from preprocess.run import run_preprocess, transcode_settings
 from preprocess.transcode import VP9_CPU_USED, VP9_KEYFRAME_INTERVAL, TranscodeSettings
@@ -138,7 +139,7 @@ def plain_ffmpeg(sources: list[Path], settings: TranscodeSettings, workers: int,
     with ThreadPoolExecutor(workers) as pool:
         for result in pool.map(lambda command: subprocess.run(command, capture_output=True, check=False), commands):
             if result.returncode != 0:
-                raise RuntimeError(f"plain ffmpeg failed: {result.stderr.decode(errors='replace')[-500:]}")
+                raise RunFailed(f"plain ffmpeg failed: {result.stderr.decode(errors='replace')[-500:]}")
 
 
 def timed(work: Callable[..., object], *args: Any, **kwargs: Any) -> Timing:

@@ -6,18 +6,18 @@ and is listed in failed.jsonl with the reason "missing". Labels are 0-based indi
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import fcntl
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from dali_skd.config import PreprocessConfig
+from dali_skd.errors import InputError
+from dali_skd.files import lock_directory
 
 
-class PreprocessError(ValueError):
+class PreprocessError(InputError):
     """A problem with the run's input or flags; the message names the file or folder and what to do next."""
 
 
@@ -185,7 +185,7 @@ def list_synthetic(cfg: PreprocessConfig, root: Path) -> DatasetListing:
     from preprocess.synthetic import generate_synthetic  # numpy rendering, needed only here
 
     try:
-        with _exclusive(root.with_name(f"{root.name}.lock")):  # --part runs sharing ROOT generate it once
+        with lock_directory(root.parent, f"{root.name}.lock", wait=True):  # --part runs sharing ROOT make it once
             generate_synthetic(
                 root, cfg.classes, cfg.videos_per_class, cfg.seed, cfg.workers, difficulty=cfg.difficulty
             )
@@ -245,11 +245,3 @@ def _lines(path: Path) -> Iterator[tuple[str, str]]:
     for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if line.strip():
             yield f"{path}, line {number}", line.strip()
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield

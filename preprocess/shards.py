@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from dali_skd.config import changed_settings, format_changes
-from dali_skd.files import AtomicFile, DiskFull, append_line, write_atomic
+from dali_skd.errors import InputError
+from dali_skd.files import AtomicFile, DiskFull, append_line, read_jsonl, write_atomic
 from dali_skd.format import FAILED_NAME, MANIFEST_NAME, SHORT_VIDEO_FRAMES, ShardInfo, ShardManifest, SplitInfo
 from preprocess.datasets import PreprocessError
 
@@ -165,15 +166,10 @@ class Journal:
     def _read(self) -> list[ShardRecord]:
         if not self.path.is_file():
             return []
-        data = self.path.read_bytes()
-        complete = data[: data.rfind(b"\n") + 1]
-        if len(complete) < len(data):  # killed in the middle of an append: that shard was never journaled
-            with self.path.open("r+b") as f:
-                f.truncate(len(complete))
-        try:
-            return [ShardRecord(**json.loads(line)) for line in complete.decode().splitlines()]
-        except (ValueError, TypeError) as e:
-            raise PreprocessError(f"{self.path} is damaged ({e}): start again into a new --out") from e
+        try:  # a line cut short by a kill: that shard was never journaled
+            return read_jsonl(self.path, "a shard's record", lambda v: ShardRecord(**v), cut_torn=True)[0]
+        except InputError as e:
+            raise PreprocessError(f"{e}: the journal is damaged; start again into a new --out") from e
 
     def append(self, record: ShardRecord) -> None:
         append_line(self.path, json.dumps(asdict(record), ensure_ascii=False))

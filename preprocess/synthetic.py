@@ -54,6 +54,7 @@ from typing import Any, Literal
 import ffmpeg
 import numpy as np
 
+from dali_skd.errors import ConfigError, OutputExists, RunFailed
 from dali_skd.files import write_atomic
 from dali_skd.progress import Progress
 
@@ -196,7 +197,7 @@ def render_video(
 
 def _difficulty(name: str) -> Difficulty:
     if name not in DIFFICULTIES:
-        raise ValueError(f"synthetic: unknown difficulty {name!r}; use one of {', '.join(DIFFICULTIES)}")
+        raise ConfigError(f"synthetic: unknown difficulty {name!r}; use one of {', '.join(DIFFICULTIES)}")
     return DIFFICULTIES[name]
 
 
@@ -478,12 +479,12 @@ def generate_synthetic(
     videos_per_class = spec.videos_per_class if videos_per_class is None else videos_per_class
     names = [motion.name for motion in spec.motions]
     if not 2 <= classes <= len(names):
-        raise ValueError(
+        raise ConfigError(
             f"synthetic: {classes} classes asked for, but there are 2 to {len(names)} in the {difficulty} set: "
             f"{', '.join(names)}"
         )
     if videos_per_class < 2:
-        raise ValueError(f"synthetic: {videos_per_class} videos per class; at least 2 (one train, one test)")
+        raise ConfigError(f"synthetic: {videos_per_class} videos per class; at least 2 (one train, one test)")
     params = {
         "version": SYNTHETIC_VERSION,
         "difficulty": difficulty,
@@ -566,12 +567,12 @@ def _claim(root: Path, params: dict[str, Any]) -> None:
                 for key, value in params.items()
                 if found.get(key) != value
             )
-            raise FileExistsError(
+            raise OutputExists(
                 f"{root} holds a synthetic dataset made with other parameters ({differ}); "
                 "delete it or pick another folder"
             )
     elif root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root} is not empty and holds no synthetic.json; delete it or pick another folder")
+        raise OutputExists(f"{root} is not empty and holds no synthetic.json; delete it or pick another folder")
     else:
         root.mkdir(parents=True, exist_ok=True)
         write_atomic(meta, json.dumps(params, indent=2) + "\n")
@@ -609,7 +610,7 @@ def _write_video(video: _Video) -> None:
             stream, cmd=imageio_ffmpeg.get_ffmpeg_exe(), input=frames.tobytes(), quiet=True, overwrite_output=True
         )
     except ffmpeg.Error as error:
-        raise RuntimeError(
+        raise RunFailed(
             f"ffmpeg could not encode {video.path}: {error.stderr.decode(errors='replace')[-2000:]}"
         ) from None
     os.replace(partial, video.path)

@@ -4,9 +4,13 @@ A single ffmpeg process (its command line built with ffmpeg-python) decodes the 
 not cover art, applies the rotation stored with it, resamples to a constant frame rate, and scales the shorter
 side to `short_side` (aspect kept, both sides even). For `jpeg` it pipes RGB frames out as PPM and Pillow packs
 every `frames_per_jpeg` of them, stacked vertically, into one JPEG strip; for `vp9` it writes a webm; for `h264`
-an mp4 (not a shard format: the videos `cli.py bench`'s peer loaders read, the form other loaders keep). There is no
-ffprobe: what a sample's metadata needs (frame rate, sizes, frame count) and why a video failed are read from
-the same ffmpeg run's log, so each video costs one process.
+an mp4 (not a shard format: the videos `cli.py bench`'s peer loaders read, the form other loaders keep).
+
+Each video costs one process, and what a sample's metadata needs comes from that run: the frames written from its
+`-progress` report (ffmpeg's machine-readable key=value output), the frame size from the PPM headers (jpeg), and
+the input's container and duration and the output's size and frame rate from its log's stream lines, as does why a
+video failed (its error lines). ffprobe (`ffmpeg.probe`) is not used: imageio-ffmpeg, which gives a pip install
+its ffmpeg, ships no ffprobe, and a probe would be a second process per video.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import BinaryIO, Literal
 import ffmpeg
 from PIL import Image
 
+from dali_skd.errors import InputError
 from dali_skd.format import ShardFormat, pack_strips
 
 TranscodeFormat = ShardFormat | Literal["h264"]
@@ -41,10 +46,9 @@ _LOG_LEVEL = re.compile(r"\[(error|fatal)\] (.*)")
 _INPUT = re.compile(r"^\[info\] Input #0, (.+), from '")
 _DURATION = re.compile(r"^\[info\]\s+Duration: (\d+):(\d+):(\d+(?:\.\d+)?)")
 _OUTPUT_VIDEO = re.compile(r"Stream #0:0.*: Video: .*?, (\d+)x(\d+)\b.*?, ([\d.]+)(k?) fps\b")
-_FRAME_COUNT = re.compile(r"^\[info\] frame=\s*(\d+)")  # the final report
 
 
-class VideoError(Exception):
+class VideoError(InputError):
     """This one video cannot be used; the message is the reason written to failed.jsonl."""
 
 
@@ -86,7 +90,6 @@ class FfmpegLog:
     width: int | None = None  # of the output video
     height: int | None = None
     fps: float | None = None  # of the output video, as ffmpeg prints it (2 decimals)
-    frames: int | None = None  # frames written, from the final report
     errors: list[str] = field(default_factory=list)  # messages of the error and fatal lines
     fatal: list[str] = field(default_factory=list)  # messages of the fatal lines: why ffmpeg gave up
 
@@ -108,8 +111,6 @@ class FfmpegLog:
             elif in_output and log.width is None and (match := _OUTPUT_VIDEO.search(line)):
                 log.width, log.height = int(match[1]), int(match[2])
                 log.fps = float(match[3]) * (1000 if match[4] else 1)
-            elif match := _FRAME_COUNT.match(line):
-                log.frames = int(match[1])
         return log
 
     def failure(self, returncode: int) -> str:
@@ -122,8 +123,15 @@ class FfmpegLog:
         return f"ffmpeg: {message.rstrip('.')}"[:200]
 
 
-def ffmpeg_command(source: Path, settings: TranscodeSettings, output: str) -> list[str]:
-    """The ffmpeg command line that writes `source`'s frames to `output` (a pipe for jpeg, else a file)."""
+def frames_written(progress: str) -> int:
+    """The frames an ffmpeg run wrote, from its `-progress` report: blocks of key=value lines, the last one final."""
+    frames = [line.removeprefix("frame=") for line in progress.splitlines() if line.startswith("frame=")]
+    return int(frames[-1]) if frames and frames[-1].isdigit() else 0
+
+
+def ffmpeg_command(source: Path, settings: TranscodeSettings, output: str, progress: int) -> list[str]:
+    """The ffmpeg command line that writes `source`'s frames to `output` (a pipe for jpeg, else a file), and its
+    `-progress` report to file descriptor `progress`."""
     short, half = settings.short_side, settings.short_side // 2
     portrait = "lte(iw*sar,ih)"  # in display pixels (sample aspect applied), after the rotation ffmpeg applies
     video = (
@@ -156,9 +164,9 @@ def ffmpeg_command(source: Path, settings: TranscodeSettings, output: str) -> li
             fflags="+bitexact",  # no random ids or version strings: the same input gives the same bytes
             **{"b:v": 0, "row-mt": 1, "cpu-used": VP9_CPU_USED, "flags:v": "+bitexact"},
         )
-    return stream.global_args("-nostdin", "-hide_banner", "-nostats", "-loglevel", "level+info", "-y").compile(
-        cmd=settings.ffmpeg
-    )
+    return stream.global_args(
+        "-nostdin", "-hide_banner", "-nostats", "-progress", f"pipe:{progress}", "-loglevel", "level+info", "-y"
+    ).compile(cmd=settings.ffmpeg)
 
 
 def file_problem(source: Path) -> str | None:
@@ -184,6 +192,7 @@ def transcode(source: Path, settings: TranscodeSettings) -> EncodedVideo:
     source_bytes = source.stat().st_size
     with (
         tempfile.TemporaryFile() as log_file,
+        tempfile.TemporaryFile() as progress_file,
         tempfile.TemporaryFile() as jpeg_file,
         tempfile.TemporaryDirectory(prefix="dali-skd-") as scratch,
     ):
@@ -192,10 +201,11 @@ def transcode(source: Path, settings: TranscodeSettings) -> EncodedVideo:
         frames, width, height, strips = 0, 0, 0, []
         read_error: VideoError | None = None
         with subprocess.Popen(
-            ffmpeg_command(source, settings, "pipe:" if jpeg else str(video_file)),
+            ffmpeg_command(source, settings, "pipe:" if jpeg else str(video_file), progress_file.fileno()),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if jpeg else subprocess.DEVNULL,
-            stderr=log_file,  # a file, not a pipe: a chatty decoder can never block ffmpeg
+            stderr=log_file,  # files, not pipes: a chatty decoder can never block ffmpeg
+            pass_fds=(progress_file.fileno(),),
         ) as process:
             try:
                 if process.stdout is not None:
@@ -216,7 +226,8 @@ def transcode(source: Path, settings: TranscodeSettings) -> EncodedVideo:
             media, strip_offsets = pack_strips(strips)
         else:
             media, strip_offsets = video_file.read_bytes(), ()
-            frames, width, height = log.frames or 0, log.width or 0, log.height or 0
+            progress_file.seek(0)
+            frames, width, height = frames_written(progress_file.read().decode()), log.width or 0, log.height or 0
     _check_decoded(log, frames, settings)
     fps = settings.fps or log.fps
     if fps is None or width < 1 or height < 1:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import mmap
 import os
 import time
@@ -33,10 +34,13 @@ from typing import Any
 
 from PIL import Image
 
+from dali_skd.data.checks import admission_problem, strip_problem, video_problem
 from dali_skd.data.shards import check_inside, is_remote, join_location, load_manifest, shard_samples
-from dali_skd.data.source import strip_problem, video_problem
-from dali_skd.files import check_writable, write_atomic
+from dali_skd.errors import ConfigError, InputError, RunFailed
+from dali_skd.files import check_writable, read_jsonl, write_atomic
 from dali_skd.format import STRIPS_EXT, VIDEO_EXT, FormatError, SampleMeta, ShardInfo, ShardManifest
+
+log = logging.getLogger(__name__)
 
 REPORT_NAME = "damaged.jsonl"
 SHOWN = 10  # damaged members printed; the report lists them all
@@ -116,7 +120,7 @@ def verify_dataset(location: str, workers: int, report: Path | None = None) -> V
     """Check every shard of the dataset at `location` (a folder, http(s) URL prefix or `pipe:` command) and write
     the damaged members to `report` (default: ./damaged.jsonl)."""
     if workers < 1:
-        raise ValueError(f"--workers {workers}: use 1 or more")
+        raise ConfigError(f"--workers {workers}: use 1 or more")
     started = time.perf_counter()
     manifest = load_manifest(location)
     infos = [info for split in manifest.splits.values() for info in split.shards]
@@ -127,7 +131,7 @@ def verify_dataset(location: str, workers: int, report: Path | None = None) -> V
         location_id = location
     report = (report or Path(REPORT_NAME)).absolute()
     if report.exists() and not report.is_file():
-        raise ValueError(f"--report {report} exists and is not a file: pass the path of a JSONL file to write")
+        raise ConfigError(f"--report {report} exists and is not a file: pass the path of a JSONL file to write")
     check_writable(report.parent, "--report")
     progress = report.with_name(report.name.removesuffix(".jsonl") + ".progress.jsonl")
     done = _finished(progress, location_id)
@@ -141,21 +145,19 @@ def verify_dataset(location: str, workers: int, report: Path | None = None) -> V
             todo.append(info)
     try:
         report.parent.mkdir(parents=True, exist_ok=True)
-        with ThreadPoolExecutor(workers) as pool, progress.open("a", encoding="utf-8") as log:
-            if log.tell() and not progress.read_bytes().endswith(b"\n"):
-                log.write("\n")  # after a line a kill cut short
+        with ThreadPoolExecutor(workers) as pool, progress.open("a", encoding="utf-8") as finished:
             futures = [pool.submit(check_shard, location, info, manifest) for info in todo]
             for future in as_completed(futures):
                 check = future.result()
                 check.location = location_id
                 results[check.path] = check
-                log.write(json.dumps(asdict(check), ensure_ascii=False) + "\n")
-                log.flush()
+                finished.write(json.dumps(asdict(check), ensure_ascii=False) + "\n")
+                finished.flush()
         shards = [results[info.path] for info in infos]
         write_atomic(report, "".join(json.dumps(x, ensure_ascii=False) + "\n" for s in shards for x in s.damaged))
     except OSError as e:
         hint = "pass --report FILE in a folder you can write, with room"
-        raise RuntimeError(f"cannot write {e.filename or report} ({e.strerror}): {hint}") from e
+        raise RunFailed(f"cannot write {e.filename or report} ({e.strerror}): {hint}") from e
     return VerifySummary(location, report, shards, time.perf_counter() - started, set(results) - {i.path for i in todo})
 
 
@@ -214,7 +216,7 @@ def sample_problems(
     except FormatError as e:
         return [(f"{key}.json", str(e).removeprefix(f"{key}: "))], 0, False
     problems = []
-    if misfit := _misfit(meta, manifest):
+    if misfit := admission_problem(key, meta, manifest):  # the loader's rule: it would skip the sample
         problems.append((f"{key}.json", misfit))
     label = members["cls"].tobytes() if "cls" in members else None
     if label != str(meta.label).encode():
@@ -242,16 +244,6 @@ def sample_problems(
     return problems, len(offsets) - 1, decode
 
 
-def _misfit(meta: SampleMeta, manifest: ShardManifest) -> str | None:
-    if meta.format != manifest.format:
-        return f"format {meta.format}, the manifest says {manifest.format}"
-    if meta.format == "jpeg" and meta.frames_per_jpeg != manifest.frames_per_jpeg:
-        return f"{meta.frames_per_jpeg} frames per JPEG, the manifest says {manifest.frames_per_jpeg}"
-    if not 0 <= meta.label < len(manifest.classes):
-        return f"label {meta.label}, but the manifest has {len(manifest.classes)} classes"
-    return None
-
-
 def _decode_problem(data: memoryview, strip: int) -> str | None:
     """A full decode with Pillow (libjpeg-turbo): for strips without a checksum."""
     try:
@@ -275,18 +267,15 @@ def _line(shard: str, key: str | None, member: str | None, problem: str) -> dict
 
 
 def _finished(progress: Path, location: str) -> dict[str, ShardCheck]:
-    """The shards of `location` an earlier verify finished (a line cut short by a kill is ignored), by path."""
+    """The shards of `location` an earlier verify finished, by path (a line a kill cut short is cut from the file)."""
     if not progress.is_file():
         return {}
-    done = {}
-    for line in progress.read_text(encoding="utf-8").splitlines():
-        try:
-            check = ShardCheck(**json.loads(line))
-        except (ValueError, TypeError):
-            continue
-        if check.location == location:
-            done[check.path] = check
-    return done
+    try:
+        checks = read_jsonl(progress, "a checked shard", lambda v: ShardCheck(**v), cut_torn=True)[0]
+    except InputError as e:
+        log.warning("%s: every shard is checked again", e)
+        return {}
+    return {check.path: check for check in checks if check.location == location}
 
 
 def _unchanged(location: str, check: ShardCheck) -> bool:

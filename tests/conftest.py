@@ -57,6 +57,18 @@ def _signal_handlers_restored() -> Iterator[None]:
         signal.signal(s, handler)
 
 
+# --- Logging as the command line configures it (every test that reads what the core logs) ---------------------
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _logging_as_the_cli() -> None:
+    """The core's notices shown as `cli.py` shows them (plain lines on stderr, from INFO up), also where a test
+    calls the core without the CLI."""
+    from dali_skd.progress import configure_logging
+
+    configure_logging("info")
+
+
 # --- Two ranks under torchrun (tests/test_train.py, tests/test_evaluate.py) ------------------------------------
 
 TESTS = Path(__file__).resolve().parent

@@ -1,5 +1,6 @@
 """A web server on loopback that serves a dataset folder, and whose shards can misbehave as storage does: stall
-half-way, reset the connection half-way (every time, or once per file), with or without Range requests.
+half-way, trickle, reset the connection half-way (every time, or once per file), with or without Range requests;
+or as a misconfigured web server does: redirect in a loop, answer with a web page.
 
     python tests/shardserver.py DATA MODE [--no-ranges]    # prints its URL, serves until killed (for trying by hand)
 """
@@ -12,15 +13,19 @@ import socket
 import struct
 import sys
 import threading
+import time
 from pathlib import Path
 
-MODES = ("ok", "stall", "reset", "reset-once")
+MODES = ("ok", "stall", "trickle", "reset", "reset-once", "loop", "html")
+TRICKLE = (10, 0.3)  # bytes sent one at a time, seconds apart
 
 
 class ShardServer(http.server.ThreadingHTTPServer):
     """`mode` says what a request for a `.tar` does: ok; stall (half the bytes, then nothing until the server
-    closes); reset (half the bytes, then a TCP reset); reset-once (a reset the first time each shard is asked
-    for, all of it after). `requests` logs (path, Range header or None) of every request."""
+    closes); trickle (half the bytes, then TRICKLE's bytes one by one, then the rest); reset (half the bytes, then
+    a TCP reset); reset-once (a reset the first time each shard is asked for, all of it after); loop (a redirect to
+    itself); html (a web page, as a login page is). `requests` logs (path, Range header or None) of every
+    request."""
 
     daemon_threads = True
 
@@ -61,6 +66,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         data = file.read_bytes()
+        if path.endswith(".tar") and server.mode in ("loop", "html"):
+            self._misdirect(server.mode)
+            return
         start = int(re.fullmatch(r"bytes=(\d+)-", wanted)[1]) if wanted and server.ranges else 0
         self.send_response(206 if start else 200)
         if start:
@@ -71,17 +79,38 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         misbehave = path.endswith(".tar") and (
             server.mode in ("stall", "reset") or (server.mode == "reset-once" and not earlier)
         )
-        if not misbehave:
+        if not misbehave and server.mode != "trickle":
             self.wfile.write(body)
             return
         self.wfile.write(body[: len(body) // 2])
         self.wfile.flush()
-        if server.mode == "stall":
+        if server.mode == "trickle":
+            count, pause = TRICKLE
+            for at in range(len(body) // 2, len(body) // 2 + count):
+                time.sleep(pause)
+                self.wfile.write(body[at : at + 1])
+                self.wfile.flush()
+            self.wfile.write(body[len(body) // 2 + count :])
+        elif server.mode == "stall":
             server.closing.wait()
         else:  # a close with SO_LINGER 0 sends a TCP reset
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.connection.close()
         self.close_connection = True
+
+    def _misdirect(self, mode: str) -> None:
+        if mode == "loop":
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        page = b"<!doctype html><html><body>Please log in</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
 
 
 if __name__ == "__main__":

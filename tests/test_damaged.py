@@ -137,24 +137,34 @@ def test_old_shards_are_still_checked_by_their_headers(unchecked: Path, tmp_path
 # -- a strip DALI cannot decode ------------------------------------------------------------------------------------
 
 
-def test_a_bogus_huffman_table_is_named_and_skipped(clean: Path, unchecked: Path, tmp_path: Path) -> None:
+def test_a_bogus_huffman_table_is_named_and_skipped(clean: Path, unchecked: Path, tmp_path: Path, capsys) -> None:
     """Fatal to DALI's CPU decoder (the header check passes): without a checksum the loader maps "Failed to decode
-    sample #k" back to the video, rebuilds the pipeline once and goes on; with one, DALI never sees the strip."""
+    sample #k" back to the video, rebuilds the pipeline once and goes on; with one, DALI never sees the strip. The
+    skipped sample and the rebuilt pipeline are each said once, at the default log level."""
     _, all_ids, all_clips = eval_clips(unchecked)
     kept = [i for i, vid in enumerate(all_ids) if vid != 4]
     for name, data in (("unchecked", unchecked), ("checked", clean)):
         damaged = copy(data, tmp_path / name)
         damage_strip(damaged, "test", "test-0000004", "huffman")
+        capsys.readouterr()
         loader, ids, clips = eval_clips(damaged)
+        logged = capsys.readouterr().err.splitlines()
+        assert [line.endswith("; skipped") for line in logged if "test-0000004" in line] == [True]
+        rebuilt = [line for line in logged if "rebuilt the DALI pipeline" in line]
         assert ids == [all_ids[i] for i in kept] and torch.equal(clips, all_clips[kept])  # the others, once each
         assert loader.stats.skipped == 1 and "test-0000004" in loader.stats.examples[0]
         if name == "unchecked":
             assert "DALI could not decode it" in loader.stats.examples[0] and loader.pipeline_builds == 2
+            (line,) = rebuilt
+            assert line.startswith(f"{damaged}, split test: rebuilt the DALI pipeline in ")
+            assert line.endswith(
+                " s (the last one failed to decode a sample, and DALI does not run a failed pipeline again)"
+            )
             assert list(loader.undecodable) == [f"{damaged}/test/shard-000001.tar: test-0000004"]
             again = [vid % VIDEOS_PER_SPLIT for batch in loader.epoch() for vid in batch.video_ids.tolist()]
             assert again == ids and loader.pipeline_builds == 2 and loader.stats.skipped == 2  # skipped, not decoded
         else:
-            assert "checksum mismatch" in loader.stats.examples[0] and loader.pipeline_builds == 1
+            assert "checksum mismatch" in loader.stats.examples[0] and loader.pipeline_builds == 1 and not rebuilt
 
 
 @pytest.mark.parametrize("prefetch", [1, 2, 3])

@@ -55,7 +55,7 @@ def test_demo_runs_end_to_end_and_reports_against_chance(tmp_path: Path, capsys)
     # a second run continues from what is there: same plan, nothing generated, preprocessed or trained again
     again = run_demo(DemoConfig(out=str(tmp_path / "demo"), minutes=1, compare=True), preset)
     assert again["plan"] == plan and again["rows"][0]["test_top1"] == saved["rows"][0]["test_top1"]
-    assert "compare: skd-srl-seed0 done before, reusing" in capsys.readouterr().out
+    assert "compare: skd-srl-seed0 done before, reusing" in capsys.readouterr().err
 
 
 def test_demo_plans_epochs_to_fill_the_budget() -> None:
@@ -109,7 +109,7 @@ def test_bench_rejects_unknown_loaders(tmp_path: Path) -> None:
 def test_bench_reports_dali_over_dataloader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     data = write_dataset(tmp_path / "data", {"train": [(noise_frames(8, seed=0), 0)]}, ["a"])
     for name, rate in {"dali": 300.0, "dataloader": 100.0}.items():
-        measured = Rate(rate, [rate], None, 1.0)
+        measured = Rate(rate, [rate], 1.0, 1.0)
         monkeypatch.setattr(bench, f"bench_{name}", lambda cfg, device, precision, measured=measured: measured)
     cfg = BenchConfig(data=str(data), device="cpu", loaders="dataloader,dali")
     report = bench.run_bench(cfg)

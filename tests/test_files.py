@@ -9,6 +9,8 @@ import json
 import os
 import re
 import stat
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,16 @@ from conftest import lock_held_elsewhere, read_only, write_checkpoint
 
 from dali_skd.checkpoint import save_checkpoint
 from dali_skd.config import ClipConfig, TrainConfig
-from dali_skd.files import DirectoryBusy, DiskFull, append_line, lock_directory, open_atomic, write_atomic
+from dali_skd.errors import InputError
+from dali_skd.files import (
+    DirectoryBusy,
+    DiskFull,
+    append_line,
+    lock_directory,
+    open_atomic,
+    read_jsonl,
+    write_atomic,
+)
 from preprocess.shards import ShardWriter
 
 
@@ -96,6 +107,15 @@ def test_a_locked_folder_is_refused_naming_its_holder_and_freed_when_the_holder_
         assert f"pid {os.getpid()}" in (tmp_path / ".lock").read_text()
 
 
+def test_a_waiting_lock_is_taken_once_the_holder_is_gone(tmp_path: Path) -> None:
+    with lock_held_elsewhere(tmp_path, "set.lock") as holder:
+        threading.Timer(0.5, holder.kill).start()
+        started = time.monotonic()
+        with lock_directory(tmp_path, "set.lock", wait=True):
+            assert time.monotonic() - started >= 0.4 and holder.poll() is not None
+            assert f"pid {os.getpid()}" in (tmp_path / "set.lock").read_text()
+
+
 def test_a_file_system_without_locks_is_said_and_not_fatal(tmp_path: Path, monkeypatch, caplog) -> None:
     def no_locks(*_) -> None:
         raise OSError(errno.ENOSYS, "Function not implemented")
@@ -154,3 +174,38 @@ def test_a_refused_write_met_mid_work_is_one_line_naming_the_file(tmp_path: Path
         result = invoke("plot", str(tmp_path), expect_error=True)
     assert result.output.startswith(f"Error: {tmp_path}/") and "Read-only file system" in result.output
     assert result.output.count("\n") == 1 and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "torn"),
+    [
+        ('{"a": 1}\n{"a": 2}\n', None),
+        ('{"a": 1}\n{"a": 2}\n\n', None),  # blank lines are no records
+        ('{"a": 1}\n{"a": 2}\n{"a": 3', '{"a": 3'),  # a kill in the middle of an append
+        ('{"a": 1}\n{"a": 2}\n{"a": 3}', '{"a": 3}'),  # ... just before its newline: the next append would join it
+        ('{"a": 1}\n{"a": 2}\n{"a": ', '{"a": '),
+        ('{"a": 1}\n{"a": 2}\n{"b": 3}\n', '{"b": 3}'),  # not a record: the last line, cut and ended by hand
+    ],
+)
+def test_read_jsonl_leaves_out_a_last_line_cut_short(tmp_path: Path, text: str, torn: str | None) -> None:
+    path = tmp_path / "records.jsonl"
+    path.write_text(text)
+
+    def parse(value: object) -> int:
+        if not isinstance(value, dict) or "a" not in value:
+            raise ValueError("no a")
+        return value["a"]
+
+    assert read_jsonl(path, "a record", parse) == ([1, 2], torn)
+    assert path.read_text() == text  # read, not changed
+    read_jsonl(path, "a record", parse, cut_torn=True)
+    assert path.read_text() == (text if torn is None else '{"a": 1}\n{"a": 2}\n')  # the next append starts a line
+    append_line(path, '{"a": 4}')
+    assert read_jsonl(path, "a record", parse) == ([1, 2, 4], None)
+
+
+def test_read_jsonl_names_a_damaged_line_that_is_not_the_last(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"a": 1}\n{"a": \n{"a": 3}\n')
+    with pytest.raises(InputError, match=r'records.jsonl, line 2 is not a record \(Expecting value: .*\): \'{"a": \''):
+        read_jsonl(path, "a record")

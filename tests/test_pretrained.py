@@ -235,7 +235,7 @@ def test_init_and_freeze_through_train(data: Path, tmp_path: Path, capsys: pytes
     source = kinetics_model("r3d10-tiny", 400, "A", seed=5)
     path = save_2018_file(source, tmp_path / "resnet-10-kinetics.pth")
     train(tiny(data, tmp_path / "run", method="baseline", epochs=1, init=str(path), freeze="layer2"))
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # logged, as the run goes
     loaded = len(source.state_dict()) - 2 - sum(k.endswith("num_batches_tracked") for k in source.state_dict())
     assert f"--init {path} (3D-ResNets-PyTorch checkpoint, saved from DataParallel): loaded {loaded} tensors" in printed
     assert "re-initialised 2 (the classifier does not fit this dataset): fc.weight ((400, 128) in the file" in printed

@@ -78,7 +78,8 @@ def test_the_slurm_examples_start_commands_that_parse(tmp_path: Path, monkeypatc
     monkeypatch.setattr("preprocess.run.run_preprocess", lambda cfg: started["preprocess"].append(cfg) or "")
     merged = SimpleNamespace(splits={}, failures=0)
     monkeypatch.setattr("preprocess.shards.merge_parts", lambda out: started["merge"].append(str(out)) or merged)
-    monkeypatch.setattr("dali_skd.training.train", lambda cfg: started["train"].append(cfg))
+    summary = SimpleNamespace(format=lambda: "trained")
+    monkeypatch.setattr("dali_skd.training.train", lambda cfg: started["train"].append(cfg) or summary)
     recorded = [json.loads(line) for line in calls.read_text().splitlines()]
     assert [call[0] for call in recorded] == ["python", "torchrun", "python"]
     for program, *args in recorded:

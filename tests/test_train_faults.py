@@ -231,7 +231,7 @@ def test_resume_auto_starts_or_continues_and_a_torn_metrics_line_is_dropped(data
         train(tiny(data, tmp_path / "nothing", resume=True))
     out = tmp_path / "run"
     train(tiny(data, out, epochs=1, batch_size=4, resume="auto"))  # the first submission of a requeued job
-    assert f"--resume auto: no {out}/last.pt yet, starting a new run" in capsys.readouterr().out
+    assert f"--resume auto: no {out}/last.pt yet, starting a new run" in capsys.readouterr().err
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 2, "lr": 0.01, "loss": 0.6')  # killed while writing epoch 2's line
     train(tiny(data, out, epochs=2, batch_size=4, resume="auto"))  # the requeued one, the same command

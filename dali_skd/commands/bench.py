@@ -18,6 +18,7 @@ its decoders and their threads, and the threads the process holds; each row coun
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import psutil
 import torch
 
 from dali_skd.config import (
@@ -50,13 +52,15 @@ from dali_skd.config import (
     to_dict,
 )
 from dali_skd.data.augment import AUGMENTATIONS
+from dali_skd.data.checks import strip_problem
 from dali_skd.data.clips import clip_frames, spaced_starts
 from dali_skd.data.loader import EvalLoader, TrainLoader, dali_threads, process_threads
 from dali_skd.data.peers import PEERS, PeerVideos, VideoFile, peer_loader, peer_problem, recorded_sources
 from dali_skd.data.pipeline import passthrough_pipeline
 from dali_skd.data.shards import is_remote, load_manifest
-from dali_skd.data.source import RECORDS, BackgroundBatches, Batch, strip_problem
+from dali_skd.data.source import RECORDS, BackgroundBatches, Batch
 from dali_skd.data.torch_baseline import dataloader_baseline, decode_clip
+from dali_skd.errors import ConfigError, InputError, MissingInput, raised_at
 from dali_skd.files import write_atomic
 from dali_skd.methods import MethodOutput
 from dali_skd.models import build_model
@@ -127,14 +131,10 @@ class BenchConfig:
     loader: LoaderConfig = setting(LoaderConfig(), "data loading")
 
 
-def cpu_busy_seconds() -> float | None:
-    """Busy CPU time of the whole machine so far, from /proc/stat (None where there is none)."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except OSError:
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+def cpu_busy_seconds() -> float:
+    """Busy CPU time of the whole machine so far, all cores: what is neither idle nor waiting on a disk."""
+    t = psutil.cpu_times()
+    return t.user + t.system + sum(getattr(t, name, 0.0) for name in ("nice", "irq", "softirq", "steal"))
 
 
 def cpu_name() -> str:
@@ -148,33 +148,21 @@ def cpu_name() -> str:
 
 
 def tree_cpu_seconds() -> float:
-    """CPU time so far of this process (all its threads) and of its descendants: the live ones from /proc (DataLoader
-    workers are children only once they have exited), the reaped ones from the kernel's children counters."""
-    own = os.times()
-    total = own.user + own.system + own.children_user + own.children_system
-    stats = {}
-    for entry in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = entry.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-        except (OSError, IndexError):
-            continue  # ended meanwhile
-        stats[int(entry.parent.name)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))  # ppid; utime..cstime
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    ticks, todo = 0, list(children.get(os.getpid(), []))
-    while todo:
-        pid = todo.pop()
-        ticks += stats[pid][1]  # its own time and its reaped children's
-        todo += children.get(pid, [])
-    return total + ticks / os.sysconf("SC_CLK_TCK")
+    """CPU time so far of this process (all its threads) and of its descendants: the live ones (DataLoader workers
+    are children only once they have exited), and the reaped ones from the kernel's children counters."""
+    process = psutil.Process()
+    total = sum(process.cpu_times()[:4])  # user, system and the reaped children's
+    for child in process.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):  # ended meanwhile: its time is in its parent's counters
+            total += sum(child.cpu_times()[:4])
+    return total
 
 
 @dataclass
 class Rate:
     samples_per_s: float
     windows: list[float]
-    cpu_cores_busy: float | None  # the whole machine's
+    cpu_cores_busy: float  # the whole machine's
     cpu_us_per_sample: float  # this process's (all its threads) and its children's (DataLoader workers)
     extra: dict[str, float] = field(default_factory=dict)
 
@@ -210,7 +198,7 @@ def measure(
         total += elapsed
         samples += n * batch_size
     cpu1, own1 = cpu_busy_seconds(), tree_cpu_seconds()
-    busy = (cpu1 - cpu0) / total if cpu0 is not None and cpu1 is not None else None
+    busy = (cpu1 - cpu0) / total
     return Rate(statistics.median(windows), windows, busy, (own1 - own0) / samples * 1e6), total
 
 
@@ -390,7 +378,7 @@ def peer_videos(data: str, videos: str | None, cache: str, as_is: bool, workers:
     manifest = load_manifest(data)
     root = Path(videos) if videos else None if is_remote(data) else Path(data) / "videos"
     if videos and not root.is_dir():
-        raise FileNotFoundError(f"--videos {videos}: not a folder; give the folder of the dataset's videos")
+        raise MissingInput(f"--videos {videos}: not a folder; give the folder of the dataset's videos")
     recorded, skipped = recorded_sources(data, manifest)
     if root is not None and videos and not any((root / source).is_file() for source, _ in recorded[:50]):
         listing = list_folder(PreprocessConfig(dataset="folder", val_fraction=0.0), root)
@@ -402,7 +390,7 @@ def peer_videos(data: str, videos: str | None, cache: str, as_is: bool, workers:
         where = f"dataset-{hashlib.sha1(dataset).hexdigest()[:12]}"
     if as_is:
         if root is None:
-            raise ValueError(f"{data} is not local: pass --videos with the folder of its videos")
+            raise ConfigError(f"{data} is not local: pass --videos with the folder of its videos")
         files = [VideoFile(root / source, label) for source, label in sources if (root / source).is_file()]
         skipped += [f"{source}: missing under {root}" for source, label in sources if not (root / source).is_file()]
         form = "the original files"
@@ -413,7 +401,7 @@ def peer_videos(data: str, videos: str | None, cache: str, as_is: bool, workers:
         skipped += failed
         form = f"h264 mp4, short side {manifest.short_side}{f', {manifest.fps:g} fps' if manifest.fps else ''}"
     if not files:
-        raise ValueError(
+        raise InputError(
             f"no video for the peer loaders ({skipped[0] if skipped else 'the training split is empty'}): pass "
             "--videos with the folder of the dataset's videos, or a class-folder tree"
         )
@@ -542,9 +530,9 @@ def run_bench(cfg: BenchConfig, on_round: Callable[[dict[str, Any]], None] | Non
     names = [n.strip() for n in cfg.loaders.split(",") if n.strip()]
     unknown = set(names) - set(LOADERS)
     if unknown:
-        raise ValueError(f"unknown loader(s) {', '.join(sorted(unknown))}; known: {', '.join(LOADERS)}")
+        raise ConfigError(f"unknown loader(s) {', '.join(sorted(unknown))}; known: {', '.join(LOADERS)}")
     if cfg.rounds < 1:
-        raise ValueError(f"--rounds {cfg.rounds}: use 1 or more")
+        raise ConfigError(f"--rounds {cfg.rounds}: use 1 or more")
     manifest = load_manifest(cfg.data, cfg.loader.read_timeout)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
@@ -585,7 +573,8 @@ def run_bench(cfg: BenchConfig, on_round: Callable[[dict[str, Any]], None] | Non
             try:
                 rates[name].append(bench_peer(name, videos, cfg, device, precision))
             except Exception as e:  # a peer library failing is its row's end, not the benchmark's
-                report["skipped"][name] = "failed: " + str(e).strip().splitlines()[-1][:300]
+                said = str(e).strip().splitlines()[-1][:300] if str(e).strip() else ""
+                report["skipped"][name] = f"failed: {type(e).__name__} at {raised_at(e)}" + f": {said}" * bool(said)
                 running.remove(name)
                 del rates[name]
         loaders = report["loaders"] = {name: _summary(rates[name], reads[name], cfg) for name in running}
@@ -610,13 +599,12 @@ def run_bench(cfg: BenchConfig, on_round: Callable[[dict[str, Any]], None] | Non
 def _summary(rates: list[Rate], reads: tuple[str, float], cfg: BenchConfig) -> dict[str, Any]:
     """One loader's figures: the median round's, each round's rate, and what it reads."""
     median = statistics.median
-    busy = [r.cpu_cores_busy for r in rates]
     samples_per_s = median(r.samples_per_s for r in rates)
     return {
         "samples_per_s": samples_per_s,
         "rounds": [r.samples_per_s for r in rates],
         "frames_per_s": samples_per_s * 2 * cfg.clip.length,
-        "cpu_cores_busy": None if None in busy else median(busy),
+        "cpu_cores_busy": median(r.cpu_cores_busy for r in rates),
         "cpu_us_per_sample": median(r.cpu_us_per_sample for r in rates),
         "windows": [w for r in rates for w in r.windows],
         **{key: median(r.extra[key] for r in rates) for key in rates[0].extra},
@@ -637,7 +625,7 @@ def format_report(report: dict[str, Any]) -> str:
     for name, r in report["loaders"].items():
         rounds = " ".join(f"{x:.1f}" for x in r["rounds"])
         ratio = f"{r['ratio_to_dali']:>7.2f}" if "ratio_to_dali" in r else f"{'':>7}"
-        cpu = f"{r['cpu_cores_busy']:>10.1f}" if r["cpu_cores_busy"] is not None else f"{'n/a':>10}"
+        cpu = f"{r['cpu_cores_busy']:>10.1f}"
         disk = f"{r['disk_bytes_per_video'] / 1e3:>9.0f} kB"
         lines.append(
             f"{name:<12}{r['samples_per_s']:>10.1f}  {rounds:<22}{ratio}{cpu}{r['cpu_us_per_sample']:>14.0f}{disk}"

@@ -23,6 +23,7 @@ from dali_skd.config import (
     to_dict,
     val_fraction_field,
 )
+from dali_skd.errors import ConfigError
 from dali_skd.files import check_not_in_use
 
 if TYPE_CHECKING:
@@ -90,12 +91,12 @@ def variants_of(cfg: TrainSettings, vary: str) -> tuple[Variant, ...]:
     path = tuple(part.strip().replace("-", "_") for part in name.split("."))
     found = {p: (f, kind) for p, f, kind in leaves(TrainSettings) if p == path}
     if not values.strip() or not found:
-        raise ValueError(
+        raise ConfigError(
             f"--vary {vary}: give SETTING=V1,V2,... with SETTING one of train's settings in dotted form, e.g. "
             "objective.alpha=0,1 or arch=r3d18-tiny"
         )
     if path[0] in _NOT_VARIED:
-        raise ValueError(f"--vary {vary}: {flag(path)} does not change what a run learns; vary a training setting")
+        raise ConfigError(f"--vary {vary}: {flag(path)} does not change what a run learns; vary a training setting")
     f, kind = found[path]
     dotted = ".".join(p.replace("_", "-") for p in path)
     base = {k: v for k, v in to_dict(cfg).items() if k in {f.name for f in dataclasses.fields(TrainSettings)}}
@@ -109,7 +110,7 @@ def variants_of(cfg: TrainSettings, vary: str) -> tuple[Variant, ...]:
         try:
             varied = from_dict(TrainSettings, settings, "", flags=True)
         except ValueError as e:
-            raise ValueError(f"--vary {dotted}={text}: {e}") from e
+            raise ConfigError(f"--vary {dotted}={text}: {e}") from e
         if to_dict(varied) == base:
             print(f"compare: {dotted}={text} is the comparison's own setting: its rows are the methods' own")
             continue
@@ -129,4 +130,4 @@ def _convert(text: str, kind: type, f: dataclasses.Field, where: str) -> object:
             return tuple(param_type.convert(p, None, None) for p in parts)
         return param_type.convert(text, None, None)
     except click.BadParameter as e:
-        raise ValueError(f"{where}: {e.message}") from e
+        raise ConfigError(f"{where}: {e.message}") from e

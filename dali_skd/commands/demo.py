@@ -46,6 +46,7 @@ from dali_skd.config import (
 )
 from dali_skd.data.shards import load_manifest
 from dali_skd.distributed import init_distributed, shutdown
+from dali_skd.errors import InputError
 from dali_skd.evaluation import evaluate
 from dali_skd.files import append_line, check_writable, write_atomic
 from dali_skd.models import build_model
@@ -227,7 +228,7 @@ def _saved_plan(path: Path) -> DemoPlan | None:
     try:
         return DemoPlan(**json.loads(path.read_text()))
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{path} is not a plan this demo wrote ({e}): pass a new --out") from e
+        raise InputError(f"{path} is not a plan this demo wrote ({e}): pass a new --out") from e
 
 
 def plan_epochs(

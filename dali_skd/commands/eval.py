@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dali_skd.config import ScoreSettings, TrackConfig, data_field, setting, to_dict
 from dali_skd.distributed import init_distributed, shutdown
+from dali_skd.errors import RunFailed
 from dali_skd.evaluation import EvalResult, evaluate_checkpoint, top_classes, video_sources
 from dali_skd.files import check_writable
 from dali_skd.plot import plot_confusion
@@ -47,7 +48,7 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
         )  # fmt: skip
         if not result.videos:
             why = f"{result.skipped} skipped as unreadable, named above" if result.skipped else "its shards hold none"
-            raise RuntimeError(
+            raise RunFailed(
                 f"{cfg.checkpoint} on {loader.split}: no video could be scored ({why}): check the shards, or --data"
             )
         sources = video_sources(loader, ctx) if cfg.json else {}

@@ -20,6 +20,7 @@ import torch
 from dali_skd import __version__
 from dali_skd.checkpoint import TrainedRun
 from dali_skd.config import setting
+from dali_skd.errors import OutputExists, RunFailed
 from dali_skd.exported import (
     CARD_FILE,
     CONFIG_FILE,
@@ -56,7 +57,7 @@ def run_export(cfg: ExportConfig) -> Path:
     out = Path(cfg.out)
     taken = [name for name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, ONNX_FILE) if (out / name).exists()]
     if taken:
-        raise FileExistsError(f"{out} already holds {', '.join(taken)}: pass a new --out, or remove them first")
+        raise OutputExists(f"{out} already holds {', '.join(taken)}: pass a new --out, or remove them first")
     if cfg.format == "onnx":  # before anything is written
         for module in ("onnx", "onnxruntime", "onnxscript"):
             require(module, "onnx", "--format onnx")
@@ -106,7 +107,7 @@ def export_onnx(run: TrainedRun, path: Path) -> dict[str, Any]:
         largest = max(largest, float(abs(got - expected).max()))
     if not largest <= ONNX_TOLERANCE:
         partial.unlink()
-        raise RuntimeError(
+        raise RunFailed(
             f"{path}: onnxruntime's logits differ from PyTorch's by up to {largest:.3g} (over {ONNX_TOLERANCE:g}): "
             "the export is wrong; export without --format onnx, and report it with your torch and onnx versions"
         )

@@ -20,6 +20,7 @@ from typing import Any
 from dali_skd.checkpoint import TrainedRun
 from dali_skd.config import PreprocessConfig, ScoreSettings, setting
 from dali_skd.distributed import DistContext
+from dali_skd.errors import RunFailed
 from dali_skd.evaluation import top_classes, video_means, video_sources
 from dali_skd.files import check_writable
 from dali_skd.runtime import resolve_device, resolve_precision
@@ -134,5 +135,5 @@ def run_predict(videos: list[str], cfg: PredictConfig) -> PredictResult:
     if len(result.failed) < len(result.videos):
         print(result.format())
     if result.failed:
-        raise RuntimeError(f"{len(result.failed)} of {len(result.videos)} videos could not be predicted")
+        raise RunFailed(f"{len(result.failed)} of {len(result.videos)} videos could not be predicted")
     return result

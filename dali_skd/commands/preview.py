@@ -35,6 +35,7 @@ from dali_skd.data.loader import TrainLoader
 from dali_skd.data.shards import VideoRecord
 from dali_skd.data.source import INPUT_NORMS, Batch, augment_draws, clip_columns
 from dali_skd.data.torch_baseline import ViewDraws, augment, decode_clip, input_norm
+from dali_skd.errors import ConfigError, InputError
 from dali_skd.files import check_writable
 from dali_skd.runtime import resolve_device
 
@@ -83,13 +84,13 @@ class _OneBatch(TrainLoader):
 def preview_samples(cfg: PreviewConfig) -> list[PreviewSample]:
     """Both views of the split's first `cfg.samples` usable samples, through the training loader's pipeline."""
     if cfg.samples < 1 or cfg.frames < 1:
-        raise ValueError(f"--samples {cfg.samples} --frames {cfg.frames}: draw at least one sample and one frame")
+        raise ConfigError(f"--samples {cfg.samples} --frames {cfg.frames}: draw at least one sample and one frame")
     loader = _OneBatch(
         cfg.data, cfg.split, clip=cfg.clip, loader=cfg.loader, batch_size=cfg.samples, num_views=2,
         augment=cfg.augment, device=resolve_device(cfg.device),
     )  # fmt: skip
     if cfg.compare_baseline and loader.layout.format != "jpeg":
-        raise ValueError(f"{cfg.data}: --compare-baseline needs jpeg shards (the baseline's), not vp9")
+        raise ConfigError(f"{cfg.data}: --compare-baseline needs jpeg shards (the baseline's), not vp9")
     rng = np.random.default_rng(cfg.seed)
     records, starts = _usable(loader, cfg.samples, rng)
     loader.batch_size = len(records)  # a split smaller than --samples: all of it
@@ -135,7 +136,7 @@ def _usable(loader: TrainLoader, count: int, rng: np.random.Generator) -> tuple[
         if len(records) == count:
             break
     if not records:
-        raise ValueError(f"{loader.data}: no usable sample in the {loader.split} split")
+        raise InputError(f"{loader.data}: no usable sample in the {loader.split} split")
     return records, np.concatenate(starts)
 
 

@@ -14,6 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from dali_skd.data.shards import shard_records, split_urls
+from dali_skd.errors import ConfigError
 from dali_skd.format import ShardManifest
 
 
@@ -67,7 +68,7 @@ def training_holdout(
 ) -> Holdout:
     """The validation part of `data`'s training split (its shards, or `shards`)."""
     if not 0 < fraction < 1:
-        raise ValueError(f"--val-fraction is {fraction}; a validation part is more than 0 and less than 1 of a class")
+        raise ConfigError(f"--val-fraction is {fraction}; a validation part is more than 0 and less than 1 of a class")
     keys_by_class: dict[int, list[str]] = defaultdict(list)
     media_ext = "jpgs" if manifest.format == "jpeg" else "webm"
     for url in split_urls(data, manifest, "train", shards):
@@ -76,7 +77,7 @@ def training_holdout(
             keys_by_class[record.meta.label].append(record.key)
     held = held_out(keys_by_class, fraction)
     if not held:
-        raise ValueError(
+        raise ConfigError(
             f"{data}: no class of the training split has two videos or more, so none can be set aside for "
             "validation: pass --val-fraction 0 (validate on the test split)"
         )

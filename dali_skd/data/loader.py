@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from dali_skd.config import AugmentConfig, ClipConfig, LoaderConfig, SamplingConfig
+from dali_skd.data.checks import admission_problem
 from dali_skd.data.holdout import Subset
 from dali_skd.data.pipeline import CONCURRENCY, DecoderOptions, clip_pipeline
 from dali_skd.data.shards import (
@@ -51,12 +52,12 @@ from dali_skd.data.source import (
     BackgroundBatches,
     Batch,
     InputLayout,
-    dataset_problem,
     eval_batches,
     train_batches,
     video_id,
     without_unusable,
 )
+from dali_skd.errors import ConfigError, InputError, RunFailed
 from dali_skd.format import MANIFEST_NAME, FormatError, check_key
 from dali_skd.runtime import TORCH_DTYPES, local_cpu_share, resolve_device
 
@@ -104,7 +105,7 @@ def held_out_split(splits: list[str]) -> str:
     """The split evaluation reads unless told: the held-out one (`test`, or `val` for Kinetics)."""
     held_out = [s for s in splits if s != "train"]
     if not held_out:
-        raise ValueError("the dataset has no held-out split (test or val) to evaluate on: pass --split")
+        raise ConfigError("the dataset has no held-out split (test or val) to evaluate on: pass --split")
     return held_out[0]
 
 
@@ -217,7 +218,7 @@ class ClipLoader:
         self.urls = split_urls(data, self.manifest, split, shards)
         self.part = rank_part(self.urls, rank, world)
         if clip.frame_stride < 1:
-            raise ValueError(f"--clip.frame-stride must be 1 or more, not {clip.frame_stride}")
+            raise ConfigError(f"--clip.frame-stride must be 1 or more, not {clip.frame_stride}")
         self.layout = InputLayout(
             self.manifest.format,
             num_views,
@@ -247,6 +248,7 @@ class ClipLoader:
             _ask_executor_threads(executor_threads_needed(self.decoders, self.layout.num_views))
         self._feed = _Feed(self.stats)
         self._pipe = None
+        self._dropped: str | None = None  # why the last pipeline was dropped: the next one is built in its place
 
     def _shard_samples(self, shards: str | None) -> dict[str, int]:
         """The samples each shard holds, where known: local ones are counted from their tar headers; remote ones
@@ -260,7 +262,7 @@ class ClipLoader:
 
     def _admit(self, record: VideoRecord) -> str | None:
         """Why a sample cannot be used: it does not fit the pipeline's layout, or does not belong to the dataset."""
-        return self.layout.admit(record.meta) or dataset_problem(record, self.manifest.num_classes, self.layout.splits)
+        return admission_problem(record.key, record.meta, self.manifest)
 
     def _pipeline(self):
         if self._pipe is None:
@@ -289,6 +291,12 @@ class ClipLoader:
                 self._pipe.build()
             self.pipeline_builds += 1
             self.build_seconds = time.perf_counter() - started
+            if self._dropped is not None:
+                log.warning(
+                    "%s, split %s: rebuilt the DALI pipeline in %.1f s (%s)",
+                    self.data, self.split, self.build_seconds, self._dropped,
+                )  # fmt: skip
+                self._dropped = None
         return self._pipe
 
     def _decoder_options(self) -> DecoderOptions:
@@ -333,14 +341,17 @@ class ClipLoader:
             source.close()
             self._feed.stop()
             if failed:
-                self._pipe = None  # a pipeline that raised is not reused
+                self._drop_pipeline("the last one raised an error")  # never reused
             elif self._pipe is not None:
                 try:
                     if not ended:
                         _drain(self._pipe)
                     self._pipe.reset()
-                except RuntimeError:  # a batch it had prefetched failed to decode: the next epoch builds afresh
-                    self._pipe = None
+                except RuntimeError:  # the next epoch builds afresh
+                    self._drop_pipeline("a batch the last one had prefetched failed to decode")
+
+    def _drop_pipeline(self, why: str) -> None:
+        self._pipe, self._dropped = None, why
 
     def _next_outputs(self, stream: torch.cuda.Stream | None) -> tuple:
         """The pipeline's next outputs. No local of the caller holds the pipeline: once it fails and is dropped,
@@ -359,7 +370,7 @@ class ClipLoader:
         if match is None or int(match[1]) >= len(failed):
             shards = sorted({r.shard for batch in self._feed.pending for r in batch[RECORDS]})
             detail = next((line for line in reversed(message.splitlines()) if "rror" in line or "ailed" in line), "")
-            raise RuntimeError(
+            raise RunFailed(
                 f"the DALI pipeline failed on a batch from {', '.join(shards) or 'no known shard'}"
                 f"{f' ({detail.strip()})' if detail else ''}: run `python cli.py preprocess verify {self.data}` "
                 "to find damaged samples (DALI_SKD_DEBUG=1 shows DALI's whole message)"
@@ -369,14 +380,14 @@ class ClipLoader:
         record.problem = self.reader.known_bad[record.key] = reason  # streamed shards: their next records too
         self.undecodable[f"{record.shard}: {record.key}"] = reason
         self._failed.append(record)
-        self._pipe = None
+        self._drop_pipeline("the last one failed to decode a sample, and DALI does not run a failed pipeline again")
         self._feed.replay(list(self._feed.pending))  # the feed leaves the video's rows out, and counts it once
         self._check_unusable()
 
     def _check_unusable(self) -> None:
         if self.stats.unusable > self.loader.max_bad_samples:
             examples = "; ".join(self.stats.examples[:5])
-            raise RuntimeError(
+            raise RunFailed(
                 f"{self.stats.unusable} samples of {self.split} could not be used, more than --loader.max-bad-samples "
                 f"{self.loader.max_bad_samples} (first: {examples}): run `python cli.py preprocess verify "
                 f"{self.data}` to list every damaged one, then re-run preprocess for them (or raise the limit)"
@@ -395,7 +406,7 @@ class ClipLoader:
                 raise ValueError("not a list of 'shard: key' strings")
             keys = [check_key(sample.rsplit(": ", 1)[-1]) for sample in samples]
         except ValueError as e:
-            raise ValueError(
+            raise InputError(
                 f"{where}: bad_samples {str(samples)[:80]} ({e}): resume from a checkpoint of a run"
             ) from e
         reason = "DALI could not decode it in an earlier run (a damaged strip its header check does not see)"
@@ -499,7 +510,7 @@ class TrainLoader(ClipLoader):
         if not self.steps_per_epoch:
             least, world = self.least_samples, self.world
             each = f"each of {world} processes reads {least}" if world > 1 else f"it holds {least}"
-            raise ValueError(
+            raise ConfigError(
                 f"--batch-size {self.batch_size} is larger than split {self.split} of {self.data} ({each} samples): "
                 f"lower --batch-size to {max(least, 1)} or less"
             )
@@ -527,7 +538,7 @@ class TrainLoader(ClipLoader):
         shorter = sum(f < span for f in frames)
         median = int(np.median(frames))
         if 2 * shorter > len(frames):
-            raise ValueError(
+            raise ConfigError(
                 f"{flags} spans {span} frames, more than {shorter} of the {len(frames)} videos of split {split} of "
                 f"{self.data} hold (median {median} frames): each would be looped to fill its clips, decoding the "
                 f"same frames again; lower {' or '.join(f for f in flags.split() if f.startswith('--'))} (a clip of "
@@ -603,7 +614,7 @@ class EvalLoader(ClipLoader):
         subset: Subset | None = None,
     ) -> None:
         if spatial_crops not in SPATIAL_CROPS:
-            raise ValueError(f"--spatial-crops takes {' or '.join(map(str, SPATIAL_CROPS))}, not {spatial_crops}")
+            raise ConfigError(f"--spatial-crops takes {' or '.join(map(str, SPATIAL_CROPS))}, not {spatial_crops}")
         super().__init__(
             data, split, clip=clip, loader=loader, shards=shards, batch_size=batch_size, num_views=1, augment=None,
             with_video_id=True, dtype=dtype, device=device, rank=rank, world=world, channels_last=channels_last,

@@ -32,6 +32,7 @@ import torch
 from dali_skd.config import AugmentConfig, ClipConfig
 from dali_skd.data.shards import PartReader, SourceStats, rank_part, split_urls
 from dali_skd.data.torch_baseline import TwoViews
+from dali_skd.errors import InputError
 from dali_skd.format import STRIPS_EXT, VIDEO_EXT, ShardManifest
 
 INSTALL = "pip install -e '.[peers]'"
@@ -211,7 +212,7 @@ class PeerClips(torch.utils.data.Dataset):
             clips = self.read(video.path, self.views.frames)
         except Exception as e:  # whatever the library raises: the message must name the file
             cause = str(e).strip()[:200] or type(e).__name__
-            raise ValueError(f"{video.path}: {self.peer} cannot read it ({cause})") from e
+            raise InputError(f"{video.path}: {self.peer} cannot read it ({cause})") from e
         return *self.views(clips), video.label
 
 

@@ -5,36 +5,27 @@ Nothing here decodes or unpickles: a sample is its raw member bytes plus the par
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import logging
-import math
 import mmap
 import os
 import re
-import select
-import shlex
-import signal
-import subprocess
 import tarfile
-import tempfile
-import time
 from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import IO
 
 import numpy as np
 from braceexpand import braceexpand
 
+from dali_skd.data.remote import READ_TIMEOUT, is_remote, join_location, open_url
 from dali_skd.format import (
     MANIFEST_NAME,
     FormatError,
     SampleMeta,
     ShardManifest,
     check_key,
-    check_relative_path,
     split_member_name,
 )
 
@@ -44,35 +35,7 @@ _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
 _MAX_NAME_RECORD = 1 << 20  # a PAX or GNU long-name record; longer is a broken header
 MAX_MEMBER_BYTES = 1 << 34  # one tar member (a whole video): larger is a broken header
-READ_TIMEOUT = 60.0  # seconds without a byte before a remote read is cut (LoaderConfig.read_timeout)
-RETRY_DELAYS = (1.0, 4.0)  # pauses before the second and third try of a remote read
 MAX_MANIFEST_BYTES = 64 << 20
-
-
-def is_remote(location: str) -> bool:
-    return location.startswith(("http://", "https://", "pipe:"))
-
-
-def join_location(location: str, relative: str) -> str:
-    """The URL of `relative` (a path checked to stay inside the dataset) inside a dataset location.
-
-    A `pipe:` location is a command template with `{}` where the file name goes, e.g.
-    `pipe:aws s3 cp s3://bucket/ucf101/{} -`; the path is quoted for the shell (see `RemoteStream`)."""
-    check_relative_path(relative)
-    if location.startswith("pipe:"):
-        if "{}" not in location:
-            raise ValueError(f"pipe: location {location!r} needs a '{{}}' where the file name goes")
-        return location.replace("{}", shlex.quote(relative))
-    if location.startswith(("http://", "https://")):
-        return location.rstrip("/") + "/" + relative
-    return os.path.join(location, relative)
-
-
-def open_url(url: str, read_timeout: float = READ_TIMEOUT) -> IO[bytes] | RemoteStream:
-    """A readable byte stream for a local path, `http(s)://` URL or `pipe:` command."""
-    if not is_remote(url):
-        return open(url, "rb", buffering=1 << 20)
-    return RemoteStream(url, read_timeout)
 
 
 def load_manifest(location: str, read_timeout: float = READ_TIMEOUT) -> ShardManifest:
@@ -81,7 +44,7 @@ def load_manifest(location: str, read_timeout: float = READ_TIMEOUT) -> ShardMan
         return ShardManifest.load(location)
     url = join_location(location, MANIFEST_NAME)
     try:
-        with RemoteStream(url, read_timeout) as f:
+        with open_url(url, read_timeout) as f:
             raw = f.read(MAX_MANIFEST_BYTES + 1)
     except OSError as e:
         raise FormatError(f"cannot read {url}: {e}") from e
@@ -92,185 +55,6 @@ def load_manifest(location: str, read_timeout: float = READ_TIMEOUT) -> ShardMan
     except ValueError as e:
         raise FormatError(f"{url} is not valid JSON ({e})") from e
     return ShardManifest.from_dict(data, url)
-
-
-# -- remote reads: never hang, retry, resume ------------------------------------------------------------------------
-
-_SHELL_SYNTAX = re.compile(r"[|&;<>()$`*?\[~#\n]")  # a `pipe:` command with any of these runs under `sh -c`
-CURL_REASONS = {
-    6: "the host name does not resolve",
-    7: "the server does not accept connections",
-    18: "the transfer ended before the whole file arrived",
-    22: "the server answered with an HTTP error",
-    28: "the server stopped sending",
-    35: "the TLS handshake failed",
-    52: "the server closed the connection without an answer",
-    56: "the connection broke while receiving",
-}
-_CURL_NO_RANGES = 33  # with --continue-at: the server ignored the Range request
-_HTTP_REFUSED = re.compile(r"returned error: 4(?!08|29)\d\d")  # an answer that asking again will not change
-
-
-class _Cut(Exception):
-    """One try of a remote read failed."""
-
-    def __init__(self, reason: str, code: int | None = None) -> None:
-        super().__init__(reason)
-        self.code = code
-
-
-class RemoteStream:
-    """The bytes of an http(s) URL (read by curl) or of a `pipe:` command's output, read through a pipe.
-
-    A read never hangs: a try that gets no byte for `read_timeout` seconds is killed (its whole process group).
-    A failed try (a stall, a reset, an error exit) is retried after each of RETRY_DELAYS, resuming where it was
-    cut: an http Range request where the server takes them, else the stream is read again from its start and the
-    bytes already handed out are skipped. After the last try an OSError says why, in words.
-
-    A `pipe:` command runs without a shell (its words split as a shell would, `shlex.split`) unless it holds shell
-    syntax (pipes, `;`, `&&`, redirections, `$`, globs), which runs it under `sh -c`. Either way the only text from
-    a dataset in it is a checked relative path, quoted for the shell (`join_location`)."""
-
-    def __init__(self, url: str, read_timeout: float = READ_TIMEOUT) -> None:
-        self.url, self.read_timeout = url, read_timeout
-        self.position = 0  # bytes handed out
-        self._http = url.startswith(("http://", "https://"))
-        self._ranges = self._http  # until the server ignores a Range request
-        self._tries = 1
-        self._proc: subprocess.Popen | None = None
-        self._start()
-
-    def _command(self) -> list[str]:
-        if not self._http:
-            command = self.url.removeprefix("pipe:")
-            if _SHELL_SYNTAX.search(command):
-                return ["sh", "-c", command]
-            try:
-                return shlex.split(command)
-            except ValueError as e:
-                raise OSError(f"cannot split the command into words ({e})") from None
-        t = str(math.ceil(self.read_timeout))  # whole seconds: curl's --speed-time takes no fraction
-        resume = ["--continue-at", str(self.position)] if self.position and self._ranges else []
-        return [
-            "curl", "--silent", "--show-error", "--fail", "--no-buffer", "--location", "--proto", "=http,https",
-            "--proto-redir", "=http,https", "--connect-timeout", t, "--speed-limit", "1", "--speed-time", t,
-            *resume, self.url,
-        ]  # fmt: skip
-
-    def _start(self) -> None:
-        command = self._command()
-        self._skip = 0 if self._http and self._ranges else self.position  # bytes to drop from a re-read's start
-        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed with the process, in _stop)
-        try:
-            self._proc = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr, start_new_session=True
-            )
-        except OSError as e:
-            self._stderr.close()
-            raise OSError(f"cannot run {command[0]} ({e.strerror})") from None
-        _running.add(self._proc)
-        self._poll = select.poll()
-        self._poll.register(self._proc.stdout, select.POLLIN)
-
-    def read(self, size: int) -> bytes:
-        """`size` bytes, fewer only at the end of the stream."""
-        chunks, wanted = [], size
-        while wanted > 0:
-            data = self._next(min(wanted, 1 << 20))
-            if not data:
-                break
-            chunks.append(data)
-            wanted -= len(data)
-            self.position += len(data)
-        return b"".join(chunks)
-
-    def _next(self, size: int) -> bytes:
-        while True:
-            try:
-                while self._skip:
-                    skipped = self._receive(min(self._skip, 1 << 20))
-                    if not skipped:
-                        raise _Cut(f"it ended before byte {self.position} when read again")
-                    self._skip -= len(skipped)
-                return self._receive(size)
-            except _Cut as e:
-                self._retry(e)
-
-    def _receive(self, size: int) -> bytes:
-        assert self._proc is not None and self._proc.stdout is not None
-        if not self._poll.poll(self.read_timeout * 1000):
-            raise _Cut(f"no byte for {self.read_timeout:g} s")
-        data = os.read(self._proc.stdout.fileno(), size)
-        if data:
-            return data
-        try:
-            code = self._proc.wait(timeout=self.read_timeout)
-        except subprocess.TimeoutExpired:
-            raise _Cut("the command closed its output but did not exit") from None
-        if code:
-            raise _Cut(self._exit_reason(code), code)
-        return b""
-
-    def _exit_reason(self, code: int) -> str:
-        """Why a try's process failed, in words, with the last line it wrote to stderr."""
-        self._stderr.seek(max(0, self._stderr.seek(0, os.SEEK_END) - 4096))
-        lines = self._stderr.read().decode("utf-8", "replace").strip().splitlines()
-        said = re.sub(r"^curl: \(\d+\) ", "", lines[-1].strip())[:200] if lines else ""
-        if code < 0:
-            return f"killed by signal {signal.Signals(-code).name}" + (f" ({said})" if said else "")
-        if self._http:
-            return f"{CURL_REASONS.get(code, 'curl failed')} (curl exit {code}" + (f": {said})" if said else ")")
-        return f"the command exited with status {code}" + (f": {said}" if said else "")
-
-    def _retry(self, cut: _Cut) -> None:
-        self._stop()
-        if self._http and cut.code == _CURL_NO_RANGES:  # read it all again instead, skipping what was handed out
-            self._ranges = False
-        elif self._http and _HTTP_REFUSED.search(str(cut)):
-            raise OSError(str(cut)) from None
-        elif self._tries > len(RETRY_DELAYS):
-            raise OSError(f"{cut} (gave up after {self._tries} tries)") from None
-        else:
-            delay = RETRY_DELAYS[self._tries - 1]
-            log.info("%s: %s at byte %d; trying again in %g s", self.url, cut, self.position, delay)
-            self._tries += 1
-            time.sleep(delay)
-        self._start()
-
-    def _stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        _kill(proc)
-        _running.discard(proc)
-        self._stderr.close()
-
-    def close(self) -> None:
-        self._stop()
-
-    def __enter__(self) -> RemoteStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-_running: set[subprocess.Popen] = set()  # readers' processes, killed at exit even if a reading thread is stuck
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    """Ends a reader's process and everything it started (a `sh -c` pipeline), and reaps it."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):  # it and its group are gone already
-        os.killpg(proc.pid, signal.SIGKILL)
-    if proc.stdout is not None:
-        proc.stdout.close()
-    proc.wait()
-
-
-@atexit.register
-def _kill_running() -> None:
-    for proc in list(_running):
-        _kill(proc)
 
 
 def expand_urls(spec: str) -> list[str]:
@@ -482,7 +266,7 @@ def _streamed_samples(
     url: str, read_timeout: float, damaged: TarDamage = _ignore_damage
 ) -> Iterator[tuple[str, dict[str, memoryview]]]:
     """Reads the tar front to back (http, pipe), holding the members of the sample at hand in memory."""
-    with RemoteStream(url, read_timeout) as stream:
+    with open_url(url, read_timeout) as stream:
         pos = 0
 
         def block(offset: int, size: int) -> bytes:
@@ -699,50 +483,3 @@ class PartReader:
             if isinstance(item, VideoRecord):
                 item.problem = self._admit(item) or self.known_bad.get(item.key)
             yield item
-
-
-def jpeg_problem(data: memoryview | np.ndarray, width: int, height: int) -> str | None:
-    """Why `data` is not a complete baseline/progressive JPEG of `width` x `height`, or None if it looks fine.
-
-    DALI would stop the whole pipeline on a stream that is not a JPEG, and silently decode a truncated one to
-    grey, so each strip is checked before it is decoded: start and end markers and the frame header's size.
-    """
-    buf = bytes(data[:2048])
-    if len(data) < 4 or buf[:2] != b"\xff\xd8":
-        return "not a JPEG"
-    if bytes(data[-2:]) != b"\xff\xd9":
-        return "truncated JPEG"
-    i = 2
-    while i + 9 < len(buf):
-        if buf[i] != 0xFF:
-            return "corrupt JPEG header"
-        marker = buf[i + 1]
-        seg = int.from_bytes(buf[i + 2 : i + 4], "big")
-        if marker in (0xC0, 0xC1, 0xC2):
-            h = int.from_bytes(buf[i + 5 : i + 7], "big")
-            w = int.from_bytes(buf[i + 7 : i + 9], "big")
-            if (w, h) != (width, height):
-                return f"JPEG is {w}x{h}, metadata says {width}x{height}"
-            return None
-        i += 2 + seg
-    return "no JPEG frame header"
-
-
-def webm_problem(data: memoryview | np.ndarray) -> str | None:
-    """Why a `.webm` member is not the VP9 video the format promises, or None. A codec DALI cannot decode on the
-    CPU (it takes only VP8, VP9 and MJPEG there) would otherwise stop the pipeline with an unhelpful assertion."""
-    head = bytes(data[:2048])
-    if head[:4] != b"\x1a\x45\xdf\xa3":
-        return "not a webm (no Matroska header)"
-    at = head.find(b"\x86")  # the CodecID element: an ID byte, a size byte, then the name
-    while at != -1 and head[at + 2 : at + 4] != b"V_":
-        at = head.find(b"\x86", at + 1)
-    if at == -1:
-        return "webm without a video track"
-    codec = head[at + 2 : at + 2 + (head[at + 1] & 0x7F)].decode("ascii", "replace")
-    if codec != "V_VP9":
-        return (
-            f"the webm holds {codec}, but the shards' format is VP9 (DALI decodes only VP8, VP9 and MJPEG on the "
-            "CPU): re-run `python cli.py preprocess --format vp9` (or --format jpeg)"
-        )
-    return None

@@ -15,7 +15,6 @@ import hashlib
 import itertools
 import queue
 import threading
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -25,9 +24,11 @@ import numpy as np
 
 from dali_skd.config import AugmentConfig
 from dali_skd.data.augment import AUGMENTATIONS, CROP, chosen, draw_layout, ranged
+from dali_skd.data.checks import VIDEOS_PER_SPLIT, strip_problem, video_problem
 from dali_skd.data.clips import clip_frames, plan_strips, random_starts, spaced_starts, strip_slots
-from dali_skd.data.shards import PartReader, SourceStats, VideoRecord, jpeg_problem, webm_problem
-from dali_skd.format import SampleMeta, ShardFormat
+from dali_skd.data.shards import PartReader, SourceStats, VideoRecord
+from dali_skd.errors import RunFailed
+from dali_skd.format import ShardFormat
 
 Batch = dict[str, Any]  # input name -> a stacked array (uniform columns) or a list of 1-D uint8 arrays (bytes)
 RECORDS = "records"  # the batch column that is no pipeline input: each row's VideoRecord, to name a failed row
@@ -129,14 +130,6 @@ class InputLayout:
     def media_ext(self) -> str:
         return "jpgs" if self.format == "jpeg" else "webm"
 
-    def admit(self, meta: SampleMeta) -> str | None:
-        """Why a sample cannot go through this layout, or None."""
-        if meta.format != self.format:
-            return f"format {meta.format}, the manifest says {self.format}"
-        if self.format == "jpeg" and meta.frames_per_jpeg != self.frames_per_jpeg:
-            return f"{meta.frames_per_jpeg} frames per JPEG, the manifest says {self.frames_per_jpeg}"
-        return None
-
     def arrange(self, batch: Batch) -> tuple[Any, ...]:
         """The batch's columns in the pipeline's input order, after checking each one's name, type and shape: a
         column fed under the wrong name is an error, never a silently wrong input. `RECORDS` is left out."""
@@ -164,25 +157,11 @@ class InputLayout:
         return tuple(batch[name] for name in self.inputs)
 
 
-VIDEOS_PER_SPLIT = 1 << 32  # video ids: the key's split (its place among the manifest's) times this, plus its index
-
-
 def video_id(key: str, splits: Sequence[str]) -> int:
     """A video's id, from its key `<split>-<index>`: the same index in two splits is two videos (`test-0000123` ->
     1 * 2^32 + 123 when test is the manifest's second split), and ids sort by split, then index."""
     split, _, index = key.rpartition("-")
     return splits.index(split) * VIDEOS_PER_SPLIT + int(index)
-
-
-def dataset_problem(record: VideoRecord, num_classes: int, splits: Sequence[str]) -> str | None:
-    """Why a sample does not belong to its dataset, or None: a label outside the manifest's classes (it would reach
-    the loss as an out-of-range index), a key that is not `<split>-<index>` of one of its splits."""
-    if record.meta.label >= num_classes:
-        return f"label {record.meta.label} is not one of the manifest's classes (labels 0 to {num_classes - 1})"
-    split, _, index = record.key.rpartition("-")
-    if split not in splits or not index.isdigit() or int(index) >= VIDEOS_PER_SPLIT:
-        return f"its key is not <split>-<index> for a split of the manifest ({', '.join(splits)})"
-    return None
 
 
 # -- clips: the record-dependent columns -----------------------------------------------------------------------
@@ -250,25 +229,6 @@ def _check_strips(record: VideoRecord, first: int, last: int) -> None:
         record.checked |= 1 << strip
 
 
-def strip_problem(meta: SampleMeta, media: memoryview, offsets: Sequence[int], strip: int) -> str | None:
-    """Why strip `strip` of a sample's `.jpgs` member is damaged, or None: its checksum, where the shard has one, then
-    its header. DALI would decode garbled bytes to grey without a word, and stop the whole pipeline on some (a bogus
-    Huffman table); the header check alone catches neither."""
-    data = media[offsets[strip] : offsets[strip + 1]]
-    if meta.strip_crc32 and zlib.crc32(data) != meta.strip_crc32[strip]:
-        return f"strip {strip}: checksum mismatch (its bytes changed after preprocess wrote them)"
-    held = min(meta.frames_per_jpeg, meta.frames - strip * meta.frames_per_jpeg)
-    problem = jpeg_problem(data, meta.width, held * meta.height)
-    return f"strip {strip}: {problem}" if problem else None
-
-
-def video_problem(meta: SampleMeta, media: memoryview) -> str | None:
-    """Why a sample's `.webm` member is damaged or unusable, or None: its checksum (where recorded), its header."""
-    if meta.media_crc32 is not None and zlib.crc32(media) != meta.media_crc32:
-        return "webm checksum mismatch (its bytes changed after preprocess wrote them)"
-    return webm_problem(media)
-
-
 def _video_columns(records: Sequence[VideoRecord], indices: np.ndarray) -> Batch:
     for record in records:
         if not record.checked and record.problem is None:
@@ -313,7 +273,7 @@ def passes(reader: PartReader, rng: np.random.Generator, endless: bool = False) 
             usable += 1
             yield record
         if not usable:
-            raise RuntimeError(
+            raise RunFailed(
                 f"no usable sample in {len(urls)} shard(s), first {urls[0]} ({reader.stats.skipped} skipped as damaged "
                 "or unreadable, named above): check the shards, or run `python cli.py preprocess verify` on them"
             )
@@ -469,7 +429,7 @@ def _concat(parts: list[Batch]) -> Batch:
     }
 
 
-class LoaderStalled(RuntimeError):
+class LoaderStalled(RunFailed):
     """No batch for the loader's --loader.stall-timeout."""
 
 

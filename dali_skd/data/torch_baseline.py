@@ -22,6 +22,7 @@ from dali_skd.data.augment import AUGMENTATIONS
 from dali_skd.data.clips import clip_frames, random_starts
 from dali_skd.data.shards import load_manifest, split_urls
 from dali_skd.data.source import INPUT_NORMS, Batch, draw_columns
+from dali_skd.errors import InputError
 from dali_skd.format import SampleMeta
 
 
@@ -161,7 +162,7 @@ def dataloader_baseline(
     """An endless DataLoader of (view1, view2, labels) batches over the training split of `data`."""
     manifest = load_manifest(data)
     if manifest.format != "jpeg":
-        raise ValueError(f"{data}: the DataLoader baseline reads jpeg shards, this dataset is {manifest.format}")
+        raise InputError(f"{data}: the DataLoader baseline reads jpeg shards, this dataset is {manifest.format}")
     urls = split_urls(data, manifest, "train")
     dataset = (
         wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=None, seed=seed)  # endless, any workers

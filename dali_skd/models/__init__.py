@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from dali_skd.errors import ConfigError
 from dali_skd.models.resnet3d import (
     ENCODER_STAGES,
     FREEZE_POINTS,
@@ -44,7 +45,7 @@ def build_model(
     """A freshly initialised `arch` with a `num_classes`-way classifier; `shortcut` ("A" or "B") and `width`
     (a factor on the planes of every stage) override the preset's."""
     if arch not in MODELS:
-        raise ValueError(f"unknown model {arch!r}; known: {', '.join(MODELS)}")
+        raise ConfigError(f"unknown model {arch!r}; known: {', '.join(MODELS)}")
     spec = MODELS[arch]
     if shortcut is not None:
         spec = replace(spec, shortcut=shortcut)

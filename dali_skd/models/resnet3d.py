@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dali_skd.errors import ConfigError
+
 Shortcut = Literal["A", "B"]  # "A": strided identity + zero channels (no parameters); "B": 1x1x1 conv + BN
 ENCODER_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")  # stem: conv1 + bn1
 FREEZE_POINTS = ("none", *ENCODER_STAGES, "encoder")  # `ResNet3d.freeze`; "encoder": all stages, a linear probe
@@ -109,7 +111,7 @@ class ResNet3d(nn.Module):
     def __init__(self, spec: ResNet3dSpec, num_classes: int) -> None:
         super().__init__()
         if spec.shortcut not in ("A", "B"):
-            raise ValueError(f"shortcut must be 'A' or 'B', got {spec.shortcut!r}")
+            raise ConfigError(f"shortcut must be 'A' or 'B', got {spec.shortcut!r}")
         planes = [max(1, round(p * spec.width)) for p in (64, 128, 256, 512)]
         self.spec = spec
         self.frozen: tuple[str, ...] = ()  # encoder stages fixed by `freeze`
@@ -172,7 +174,7 @@ class ResNet3d(nn.Module):
         parameters get no gradient and its BatchNorm layers stay in eval mode through `train()`, so that their
         running statistics remain those of the pretrained weights."""
         if upto not in FREEZE_POINTS:
-            raise ValueError(f"cannot freeze up to {upto!r}: pass one of {', '.join(FREEZE_POINTS)}")
+            raise ConfigError(f"cannot freeze up to {upto!r}: pass one of {', '.join(FREEZE_POINTS)}")
         self.frozen = ENCODER_STAGES[: FREEZE_POINTS.index(upto)]
         for name, modules in self.stages().items():
             for m in modules:
