@@ -174,6 +174,7 @@ def test_the_compare_sections_commands_parse(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.chdir(README.parent)
     monkeypatch.setattr("dali_skd.commands.compare.check_not_in_use", lambda out: None)
     monkeypatch.setattr("dali_skd.comparison.run_comparison", plans.append)
+    monkeypatch.setattr("dali_skd.comparison.format_table", lambda report: "")  # of no report: none was run
     for words in commands:
         invoke(*words[2:])
     shown = [(p.settings.data, p.settings.arch, p.seeds, p.settings.val_fraction, len(p.methods)) for p in plans]
