@@ -106,8 +106,6 @@ def run_comparison(plan: ComparisonPlan) -> CompareReport:
         raise ValueError(
             f"compare: unknown method(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(METHODS)}"
         )
-    if plan.seeds < 1:
-        raise ValueError(f"compare: --seeds must be 1 or more, not {plan.seeds}")
     check_tracking(base.track)
     started = time.perf_counter()
     if base.track.to != "tensorboard":  # the comparison's runs, grouped

@@ -196,8 +196,6 @@ def param_groups(method: Method, lr: float, lr_backbone: float) -> list[dict[str
     """The optimizer's parameter groups: `fc` and the method's heads at `lr` (the first group, whose lr the
     metrics show), the encoder at `lr_backbone` x `lr`; the plateau schedule scales both. Frozen parameters are
     left out."""
-    if lr_backbone < 0:
-        raise ValueError(f"--optim.lr-backbone must be >= 0 (a factor on --optim.lr), got {lr_backbone}")
     trained = [p for p in method.parameters() if p.requires_grad]
     encoder = {id(p) for p in method.model.encoder_parameters()}
     groups = [

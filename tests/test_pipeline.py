@@ -21,7 +21,8 @@ import pytest
 import torch
 from clipdata import frame_index, gradient_frames, noise_frames, write_dataset
 
-from dali_skd.config import AugmentConfig, ClipConfig, LoaderConfig, SamplingConfig
+from dali_skd.cli_options import build_config
+from dali_skd.config import AugmentConfig, ClipConfig, ConfigError, LoaderConfig, SamplingConfig, ScoreSettings
 from dali_skd.data.clips import clip_frames, plan_strips, spaced_starts, strip_slots
 from dali_skd.data.loader import EvalBatch, EvalLoader, TrainBatch, TrainLoader
 from dali_skd.data.pipeline import clip_pipeline
@@ -495,8 +496,8 @@ def test_frame_stride_takes_every_sth_frame(tmp_path: Path) -> None:
     evaluation = eval_loader(data, "test", clip={"frame_stride": 2}, batch_size=8, clips_per_video=2)
     clips = torch.cat([b.clips for b in evaluation.epoch()]).numpy()
     assert [frame_index(c)[0] for c in clips[:2]] == spaced_starts(40, 16, 2, stride=2).tolist() == [0, 9]
-    with pytest.raises(ValueError, match=r"--clip\.frame-stride must be 1 or more"):
-        eval_loader(data, "test", clip={"frame_stride": 0}, batch_size=8)
+    with pytest.raises(ConfigError, match=r"--clip\.frame-stride is 0; it must be at least 1"):  # before any loader
+        build_config(ScoreSettings, {"clip__frame_stride": 0})
 
 
 def test_three_spatial_crops_cover_the_long_side(gradient_data: Path) -> None:
@@ -510,8 +511,8 @@ def test_three_spatial_crops_cover_the_long_side(gradient_data: Path) -> None:
     red = crops[:, 0].mean(axis=(1, 2, 3)).reshape(-1, 3)  # red rises from left to right
     assert (red[:, 0] < red[:, 1]).all() and (red[:, 1] < red[:, 2]).all()
     np.testing.assert_array_equal(crops[1::3], centre)  # the middle window is the centre crop
-    with pytest.raises(ValueError, match="--spatial-crops takes 1 or 3"):
-        eval_loader(gradient_data, "test", batch_size=6, spatial_crops=2)
+    with pytest.raises(ConfigError, match="--spatial-crops is 2; it must be 1 or 3"):
+        build_config(ScoreSettings, {"spatial_crops": 2})
 
 
 def test_kinetics_input_norms_are_hara_et_al_mean_and_std(gradient_data: Path) -> None:

@@ -18,7 +18,8 @@ from test_train import tiny
 from torch import Tensor, nn
 
 from dali_skd.checkpoint import CHECKPOINT_VERSION, TrainedRun, classifier_state, load_checkpoint
-from dali_skd.config import ObjectiveConfig, OptimConfig, TrainConfig
+from dali_skd.cli_options import build_config
+from dali_skd.config import ConfigError, ObjectiveConfig, OptimConfig, TrainConfig
 from dali_skd.distributed import init_distributed
 from dali_skd.methods import build_method
 from dali_skd.models import FREEZE_POINTS, ResNet3d, Shortcut, build_model
@@ -282,8 +283,8 @@ def test_param_groups_put_the_encoder_apart_and_the_plateau_scales_both() -> Non
     assert [g["lr"] for g in param_groups(method, 0.1, 1.0)] == [0.1, 0.1]  # the same two groups, whatever the factor
     method.model.freeze("encoder")
     assert len(param_groups(method, 0.1, 0.5)) == 1  # a linear probe: no encoder group
-    with pytest.raises(ValueError, match=r"--optim\.lr-backbone must be >= 0"):
-        param_groups(method, 0.1, -1.0)
+    with pytest.raises(ConfigError, match=r"--optim\.lr-backbone is -1\.0; it must be at least 0"):
+        build_config(TrainConfig, {"optim__lr_backbone": -1.0})
 
 
 def test_cli_flags_and_their_errors(data: Path, tmp_path: Path) -> None:

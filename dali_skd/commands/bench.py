@@ -46,10 +46,8 @@ from dali_skd.config import (
     channels_last_field,
     data_field,
     device_field,
-    setting,
     to_dict,
 )
-from dali_skd.data.augment import AUGMENTATIONS
 from dali_skd.data.clips import clip_frames, spaced_starts
 from dali_skd.data.loader import EvalLoader, TrainLoader, dali_threads, process_threads
 from dali_skd.data.peers import PEERS, PeerVideos, VideoFile, peer_loader, peer_problem, recorded_sources
@@ -61,6 +59,7 @@ from dali_skd.files import write_atomic
 from dali_skd.methods import MethodOutput
 from dali_skd.models import build_model
 from dali_skd.runtime import TORCH_DTYPES, resolve_device, resolve_precision
+from dali_skd.settings import setting, settings
 from dali_skd.step import build_train_step
 from preprocess.datasets import list_folder
 from preprocess.run import find_ffmpeg, ordered_map
@@ -69,8 +68,8 @@ from preprocess.transcode import DEFAULT_QUALITY, TranscodeSettings, VideoError,
 LOADERS = ("host", "dali", "dataloader", *PEERS)
 
 
-@dataclass
-class BenchAugmentConfig(AugmentConfig):  # type: ignore[valid-type, misc]
+@settings
+class BenchAugmentConfig(AugmentConfig):
     """The augmentations, and which of them every loader applies."""
 
     policy: Literal["crop-flip", "paper"] = setting(
@@ -80,7 +79,7 @@ class BenchAugmentConfig(AugmentConfig):  # type: ignore[valid-type, misc]
     )
 
 
-@dataclass
+@settings
 class BenchTrainConfig:
     """The training steps `bench` times (the trainer's own, SKD-SRL with the paper's SGD settings)."""
 
@@ -89,7 +88,7 @@ class BenchTrainConfig:
     channels_last: bool = channels_last_field()
 
 
-@dataclass
+@settings
 class BenchConfig:
     """`cli.py bench`."""
 
@@ -223,7 +222,7 @@ def bench_augment(cfg: BenchConfig) -> AugmentConfig:
     and flip."""
     if cfg.augment.policy == "paper":
         return cfg.augment
-    return replace(cfg.augment, **{f"p_{name}": 0.0 for name in AUGMENTATIONS if name != "flip"})
+    return cfg.augment.crop_and_flip()
 
 
 def _train_loader(
@@ -543,8 +542,6 @@ def run_bench(cfg: BenchConfig, on_round: Callable[[dict[str, Any]], None] | Non
     unknown = set(names) - set(LOADERS)
     if unknown:
         raise ValueError(f"unknown loader(s) {', '.join(sorted(unknown))}; known: {', '.join(LOADERS)}")
-    if cfg.rounds < 1:
-        raise ValueError(f"--rounds {cfg.rounds}: use 1 or more")
     manifest = load_manifest(cfg.data, cfg.loader.read_timeout)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),

@@ -4,17 +4,17 @@ best checkpoint evaluated as `eval` does, and OUT/table.md, table.json and compa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dali_skd.config import TrainSettings, clips_per_video_field, setting
+from dali_skd.config import TrainSettings, clips_per_video_field
 from dali_skd.files import check_not_in_use
+from dali_skd.settings import setting, settings
 
 if TYPE_CHECKING:
     from dali_skd.comparison import CompareReport
 
 
-@dataclass
+@settings
 class CompareConfig(TrainSettings):
     """`cli.py compare`: what to compare, and the settings every run shares."""
 

@@ -29,26 +29,19 @@ from pathlib import Path
 import torch
 
 from dali_skd.comparison import ComparisonPlan, run_comparison
-from dali_skd.config import (
-    Device,
-    OptimConfig,
-    PreprocessConfig,
-    TrainConfig,
-    TrainSettings,
-    device_field,
-    setting,
-)
+from dali_skd.config import Device, OptimConfig, PreprocessConfig, TrainConfig, TrainSettings, device_field
 from dali_skd.files import write_atomic
 from dali_skd.models import build_model
 from dali_skd.plot import read_metrics
 from dali_skd.runtime import resolve_device
+from dali_skd.settings import setting, settings
 from dali_skd.signals import Stopped, stop_on_signals, stop_requested
 from dali_skd.step import build_train_step
 from dali_skd.training import train
 from preprocess.run import run_preprocess
 
 
-@dataclass
+@settings
 class DemoConfig:
     """`cli.py demo`."""
 

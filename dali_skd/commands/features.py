@@ -15,14 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from dali_skd.checkpoint import TrainedRun
-from dali_skd.config import ScoreSettings, data_field, setting
+from dali_skd.config import ScoreSettings, data_field
 from dali_skd.data.shards import load_manifest
 from dali_skd.distributed import init_distributed, shutdown
 from dali_skd.evaluation import video_means, video_sources
 from dali_skd.runtime import resolve_precision
+from dali_skd.settings import setting, settings
 
 
-@dataclass
+@settings
 class FeaturesConfig(ScoreSettings):
     """`cli.py features`: a checkpoint's encoder applied to every split of a dataset."""
 

@@ -18,17 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from dali_skd.checkpoint import TrainedRun
-from dali_skd.config import PreprocessConfig, ScoreSettings, setting
+from dali_skd.config import PreprocessConfig, ScoreSettings
 from dali_skd.distributed import DistContext
 from dali_skd.evaluation import top_classes, video_means, video_sources
 from dali_skd.runtime import resolve_device, resolve_precision
+from dali_skd.settings import setting, settings
 from preprocess.datasets import DatasetListing, Video
 from preprocess.run import run_preprocess
 
 SPLIT = "predict"  # the temporary dataset's one split
 
 
-@dataclass
+@settings
 class PredictConfig(ScoreSettings):
     """`cli.py predict`: a checkpoint applied to video files."""
 

@@ -46,7 +46,6 @@ from dali_skd.data.shards import (
 )
 from dali_skd.data.source import (
     RECORDS,
-    SPATIAL_CROPS,
     BackgroundBatches,
     Batch,
     InputLayout,
@@ -217,8 +216,6 @@ class ClipLoader:
             )
         self.urls = split_urls(data, self.manifest, split, shards)
         self.part = rank_part(self.urls, rank, world)
-        if clip.frame_stride < 1:
-            raise ValueError(f"--clip.frame-stride must be 1 or more, not {clip.frame_stride}")
         self.layout = InputLayout(
             self.manifest.format,
             num_views,
@@ -521,8 +518,6 @@ class EvalLoader(ClipLoader):
         world: int = 1,
         channels_last: bool = False,
     ) -> None:
-        if spatial_crops not in SPATIAL_CROPS:
-            raise ValueError(f"--spatial-crops takes {' or '.join(map(str, SPATIAL_CROPS))}, not {spatial_crops}")
         super().__init__(
             data, split, clip=clip, loader=loader, shards=shards, batch_size=batch_size, num_views=1, augment=None,
             with_video_id=True, dtype=dtype, device=device, rank=rank, world=world, channels_last=channels_last,
