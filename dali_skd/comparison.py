@@ -41,6 +41,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt
 
+from dali_skd.checkpoint import RESUMABLE_CHANGES
 from dali_skd.config import TrainConfig, TrainSettings, changed_settings, format_changes, load_json, to_dict
 from dali_skd.distributed import DistContext, init_distributed, shutdown
 from dali_skd.evaluation import evaluate_checkpoint
@@ -49,7 +50,7 @@ from dali_skd.methods import METHODS
 from dali_skd.plot import read_metrics
 from dali_skd.signals import Stopped, stop_on_signals
 from dali_skd.tracking import check_tracking, open_tracker
-from dali_skd.training import RESUMABLE_CHANGES, Trainer, agreed_stop, main_rank_lock
+from dali_skd.training import Trainer, agreed_stop, main_rank_lock
 
 TEACHER_METHOD = "baseline-aug"  # how a kd teacher is trained: cross-entropy with the paper's augmentations
 SUMMARY = ("top1_mean", "top1_std", "top5_mean", "top5_std")  # per method, to the comparison's tracked run
@@ -188,7 +189,7 @@ def _run(
     if ctx.is_main:
         print(f"compare: training {name} -> {run_dir}", flush=True)
     started = time.perf_counter() - earlier
-    summary = Trainer(train_cfg, ctx).run()
+    summary = Trainer.from_config(train_cfg, ctx).run()
     result, loader = evaluate_checkpoint(
         run_dir / "best.pt", train_cfg.data, ctx, amp=train_cfg.amp, batch_size=train_cfg.batch_size,
         clips_per_video=plan.clips_per_video, loader=train_cfg.loader, shards=train_cfg.eval_shards,

@@ -12,7 +12,7 @@ from torch import nn
 from dali_skd.config import MethodName, ObjectiveConfig
 from dali_skd.methods import METHODS, KnowledgeDistillation, Method, build_method
 from dali_skd.models import build_model
-from dali_skd.pretrained import param_groups
+from dali_skd.step import param_groups
 
 CLASSES = 5
 EXPECTED = {

@@ -29,7 +29,7 @@ from dali_skd.data.pipeline import clip_pipeline
 from dali_skd.data.shards import PartReader, SourceStats, expand_urls, rank_part, split_urls
 from dali_skd.data.source import InputLayout, augment_draws, eval_batches, video_id
 from dali_skd.format import FormatError, ShardManifest, sample_key
-from dali_skd.runtime import resolve_device
+from dali_skd.runtime import Runtime, resolve_device
 from preprocess.shards import ShardWriter
 
 CPU = torch.device("cpu")
@@ -54,14 +54,18 @@ def noise_data(tmp_path_factory) -> Path:
 
 def eval_loader(data: Path | str, split: str = "test", clip: dict | None = None, **kw) -> EvalLoader:
     """An EvalLoader on the CPU with 2 threads, its clips cut as `clip` says."""
-    return EvalLoader(str(data), split, clip=ClipConfig(**clip or {}), loader=LoaderConfig(threads=2), device=CPU, **kw)
+    runtime = kw.pop("runtime", Runtime(CPU))
+    return EvalLoader(
+        str(data), split, clip=ClipConfig(**clip or {}), loader=LoaderConfig(threads=2), runtime=runtime, **kw
+    )
 
 
 def train_loader(data: Path, split: str = "train", clip: dict | None = None, sampling: dict | None = None, **kw):
     """A TrainLoader on the CPU with 2 threads and a shuffle buffer of 4."""
     return TrainLoader(
         str(data), split, clip=ClipConfig(**clip or {}), loader=LoaderConfig(threads=2),
-        sampling=SamplingConfig(**{"shuffle_buffer": 4, **(sampling or {})}), device=CPU, **kw,
+        sampling=SamplingConfig(**{"shuffle_buffer": 4, **(sampling or {})}), runtime=kw.pop("runtime", Runtime(CPU)),
+        **kw,
     )  # fmt: skip
 
 
@@ -102,7 +106,7 @@ def test_spaced_starts() -> None:
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 def test_train_batches_shape_dtype_range(gradient_data: Path, dtype: str) -> None:
-    batches = train_batches_of(gradient_data, batch_size=3, num_views=2, dtype=dtype)
+    batches = train_batches_of(gradient_data, batch_size=3, num_views=2, runtime=Runtime(CPU, precision=dtype))
     assert len(batches) == 7 // 3
     for b in batches:
         assert len(b.views) == 2
@@ -228,7 +232,7 @@ def held_out_id(index: int) -> int:
 
 
 def eval_ids(data: Path, rank: int = 0, world: int = 1, clips: int = 3, batch_size: int = 4) -> list[EvalBatch]:
-    loader = eval_loader(data, "test", batch_size=batch_size, clips_per_video=clips, rank=rank, world=world)
+    loader = eval_loader(data, "test", batch_size=batch_size, clips_per_video=clips, runtime=Runtime(CPU, rank, world))
     return list(loader.epoch())
 
 
@@ -260,7 +264,8 @@ def test_rank_partitions_are_disjoint_and_complete(gradient_data: Path, world: i
 
 def test_train_steps_equal_on_every_rank(gradient_data: Path) -> None:
     counts = [
-        len(train_batches_of(gradient_data, batch_size=2, num_views=1, rank=r, world=3, augment=None)) for r in range(3)
+        len(train_batches_of(gradient_data, batch_size=2, num_views=1, runtime=Runtime(CPU, r, 3), augment=None))
+        for r in range(3)
     ]
     assert counts == [1, 1, 1]
 

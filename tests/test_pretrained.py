@@ -23,7 +23,8 @@ from dali_skd.config import ConfigError, ObjectiveConfig, OptimConfig, TrainConf
 from dali_skd.distributed import init_distributed
 from dali_skd.methods import build_method
 from dali_skd.models import FREEZE_POINTS, ResNet3d, Shortcut, build_model
-from dali_skd.pretrained import init_from_pretrained, param_groups
+from dali_skd.pretrained import init_from_pretrained
+from dali_skd.step import param_groups
 from dali_skd.training import Trainer, train
 
 
@@ -223,7 +224,7 @@ def test_a_checkpoint_of_another_version_is_refused_everywhere_naming_both_versi
     with pytest.raises(ValueError, match=re.escape(refused)):
         init_from_pretrained(build_model("r3d10-tiny", 2), old)
     with pytest.raises(ValueError, match=re.escape(refused)):
-        Trainer(tiny(data, tmp_path / "student", method="kd", teacher=str(old)), init_distributed("cpu"))
+        Trainer.from_config(tiny(data, tmp_path / "student", method="kd", teacher=str(old)), init_distributed("cpu"))
     message = invoke("eval", "--data", str(data), "--checkpoint", str(old), "--device", "cpu", expect_error=True).output
     assert refused in message and "Traceback" not in message
     last = tmp_path / "run" / "last.pt"

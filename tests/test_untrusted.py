@@ -23,6 +23,7 @@ from dali_skd.config import ClipConfig, LoaderConfig, PreprocessConfig, Sampling
 from dali_skd.data.loader import EvalLoader, TrainLoader
 from dali_skd.data.shards import join_location, shard_records
 from dali_skd.format import FormatError, SampleMeta, ShardInfo, ShardManifest, SplitInfo, manifest_schema
+from dali_skd.runtime import Runtime
 from preprocess.run import run_preprocess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ CLIP = ClipConfig(length=8, crop=32)
 def train_loader(data: Path, **kw) -> TrainLoader:
     return TrainLoader(
         str(data), clip=CLIP, loader=LoaderConfig(threads=1), sampling=SamplingConfig(shuffle_buffer=2),
-        device=torch.device("cpu"), **kw,
+        runtime=Runtime(torch.device("cpu")), **kw,
     )  # fmt: skip
 
 

@@ -39,9 +39,10 @@ from dali_skd.config import (
     ClipConfig,
     Device,
     LoaderConfig,
+    ObjectiveConfig,
+    OptimConfig,
     PreprocessConfig,
     SamplingConfig,
-    TrainConfig,
     amp_field,
     channels_last_field,
     data_field,
@@ -56,9 +57,9 @@ from dali_skd.data.shards import is_remote, load_manifest
 from dali_skd.data.source import RECORDS, BackgroundBatches, Batch, strip_problem
 from dali_skd.data.torch_baseline import dataloader_baseline, decode_clip
 from dali_skd.files import write_atomic
-from dali_skd.methods import MethodOutput
+from dali_skd.methods import MethodOutput, build_method
 from dali_skd.models import build_model
-from dali_skd.runtime import TORCH_DTYPES, resolve_device, resolve_precision
+from dali_skd.runtime import TORCH_DTYPES, Runtime, resolve_device, resolve_precision
 from dali_skd.settings import setting, settings
 from dali_skd.step import build_train_step
 from preprocess.datasets import list_folder
@@ -230,7 +231,7 @@ def _train_loader(
 ) -> TrainLoader:
     return TrainLoader(
         cfg.data, clip=cfg.clip, loader=cfg.loader, sampling=cfg.sampling, batch_size=batch_size, num_views=2,
-        augment=bench_augment(cfg), dtype=precision, device=device, channels_last=channels_last,
+        augment=bench_augment(cfg), runtime=Runtime(device, precision=precision, channels_last=channels_last),
     )  # fmt: skip
 
 
@@ -339,7 +340,8 @@ def decode_parity(
     for device in devices:
         for load in hw_loads if device == "cuda" else (loader.hw_decoder_load,):
             reader = EvalLoader(
-                data, split, clip=clip, loader=replace(loader, hw_decoder_load=load), device=torch.device(device),
+                data, split, clip=clip, loader=replace(loader, hw_decoder_load=load),
+                runtime=Runtime(torch.device(device)),
                 batch_size=videos * clips_per_video, clips_per_video=clips_per_video,
             )  # fmt: skip
             batches = reader.epoch()
@@ -493,9 +495,8 @@ def bench_train(cfg: BenchConfig, device: torch.device, precision: str) -> dict[
     """The trainer's step (`step.TrainStep`) with the paper's SKD-SRL and SGD settings: on one synthetic batch
     already on the device, then fed by the DALI loader."""
     num_classes = load_manifest(cfg.data, cfg.loader.read_timeout).num_classes
-    train_cfg = TrainConfig(arch=cfg.train.arch, amp=cfg.amp, channels_last=cfg.train.channels_last)
-    model = build_model(train_cfg.arch, num_classes, shortcut=train_cfg.shortcut)
-    step = build_train_step(train_cfg, model, num_classes, device)
+    method = build_method("skd-srl", build_model(cfg.train.arch, num_classes), num_classes, ObjectiveConfig())
+    step = build_train_step(method, OptimConfig(), precision, device, channels_last=cfg.train.channels_last)
     b, crop = cfg.train.batch_size, cfg.clip.crop
     dtype = TORCH_DTYPES[precision]
     views = [torch.rand(b, 3, cfg.clip.length, crop, crop, device=device, dtype=dtype) * 2 - 1 for _ in range(2)]

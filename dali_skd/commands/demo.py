@@ -29,11 +29,21 @@ from pathlib import Path
 import torch
 
 from dali_skd.comparison import ComparisonPlan, run_comparison
-from dali_skd.config import Device, OptimConfig, PreprocessConfig, TrainConfig, TrainSettings, device_field
+from dali_skd.config import (
+    ClipConfig,
+    Device,
+    ObjectiveConfig,
+    OptimConfig,
+    PreprocessConfig,
+    TrainConfig,
+    TrainSettings,
+    device_field,
+)
 from dali_skd.files import write_atomic
+from dali_skd.methods import build_method
 from dali_skd.models import build_model
 from dali_skd.plot import read_metrics
-from dali_skd.runtime import resolve_device
+from dali_skd.runtime import resolve_device, resolve_precision
 from dali_skd.settings import setting, settings
 from dali_skd.signals import Stopped, stop_on_signals, stop_requested
 from dali_skd.step import build_train_step
@@ -206,9 +216,11 @@ def measure_step(preset: DemoPreset, device: torch.device, steps: int = 3) -> fl
     """Seconds per SKD-SRL training step (the trainer's own) of the preset's model and batch on random clips:
     the median of `steps`, after one warm-up."""
     torch.manual_seed(0)
-    cfg = TrainConfig(arch=preset.arch, batch_size=preset.batch_size, optim=OptimConfig(lr=preset.lr))
-    step = build_train_step(cfg, build_model(preset.arch, preset.classes), preset.classes, device)
-    shape = (preset.batch_size, 3, cfg.clip.length, cfg.clip.crop, cfg.clip.crop)
+    method = build_method("skd-srl", build_model(preset.arch, preset.classes), preset.classes, ObjectiveConfig())
+    precision = resolve_precision("auto", device)  # as the demo's runs train: the defaults
+    step = build_train_step(method, OptimConfig(lr=preset.lr), precision, device, channels_last=True)
+    clip = ClipConfig()
+    shape = (preset.batch_size, 3, clip.length, clip.crop, clip.crop)
     views = [torch.rand(shape, device=device) * 2 - 1 for _ in range(2)]
     labels = torch.randint(0, preset.classes, (preset.batch_size,), device=device)
     times = []

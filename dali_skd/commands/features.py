@@ -58,8 +58,7 @@ def run_features(cfg: FeaturesConfig) -> list[SplitFeatures]:
                 continue
             loader = run.eval_loader(
                 cfg.data, split, clip=cfg.clip, loader=cfg.loader, batch_size=cfg.batch_size,
-                clips_per_video=cfg.clips_per_video, spatial_crops=cfg.spatial_crops, dtype=precision,
-                rank=ctx.rank, world=ctx.world,
+                clips_per_video=cfg.clips_per_video, spatial_crops=cfg.spatial_crops, runtime=ctx.runtime(precision),
             )  # fmt: skip
             features = video_means(model.forward_features, model.num_features, loader, ctx, precision, progress=True)
             sources = video_sources(loader, ctx)

@@ -111,7 +111,7 @@ def run_predict(videos: list[str], cfg: PredictConfig) -> PredictResult:
             precision = resolve_precision(cfg.amp, device)
             loader = run.eval_loader(
                 str(data), SPLIT, clip=cfg.clip, loader=cfg.loader, batch_size=cfg.batch_size,
-                clips_per_video=cfg.clips_per_video, spatial_crops=cfg.spatial_crops, dtype=precision,
+                clips_per_video=cfg.clips_per_video, spatial_crops=cfg.spatial_crops, runtime=ctx.runtime(precision),
             )  # fmt: skip
             model = run.classifier.eval()
             scores = video_means(lambda x: model(x).softmax(dim=1), len(run.classes), loader, ctx, precision)

@@ -27,7 +27,7 @@ from dali_skd.data.loader import TrainLoader
 from dali_skd.data.shards import VideoRecord
 from dali_skd.data.source import INPUT_NORMS, Batch, augment_draws, clip_columns
 from dali_skd.data.torch_baseline import ViewDraws, augment, decode_clip, input_norm
-from dali_skd.runtime import resolve_device
+from dali_skd.runtime import Runtime, resolve_device
 from dali_skd.settings import setting, settings
 
 matplotlib.use("Agg")  # files only
@@ -76,7 +76,7 @@ def preview_samples(cfg: PreviewConfig) -> list[PreviewSample]:
     """Both views of the split's first `cfg.samples` usable samples, through the training loader's pipeline."""
     loader = _OneBatch(
         cfg.data, cfg.split, clip=cfg.clip, loader=cfg.loader, batch_size=cfg.samples, num_views=2,
-        augment=cfg.augment, device=resolve_device(cfg.device),
+        augment=cfg.augment, runtime=Runtime(resolve_device(cfg.device)),
     )  # fmt: skip
     if cfg.compare_baseline and loader.layout.format != "jpeg":
         raise ValueError(f"{cfg.data}: --compare-baseline needs jpeg shards (the baseline's), not vp9")
