@@ -264,11 +264,13 @@ def preprocess(ctx: click.Context, **options) -> None:
 @user_errors
 def preprocess_merge(out: str) -> None:
     """Combine the manifests of `--part I/N` runs in OUT into OUT/manifest.json."""
+    from preprocess.run import DiskCost
     from preprocess.shards import merge_parts
 
     manifest = merge_parts(Path(out))
     counts = ", ".join(f"{name} {split.samples} videos" for name, split in manifest.splits.items())
     click.echo(f"merged {out}/manifest.json: {counts}, {manifest.failures} failures")
+    click.echo("\n".join(DiskCost(manifest.splits, taken={}, listed={}).lines()))
 
 
 @preprocess.command("verify")

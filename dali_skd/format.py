@@ -46,7 +46,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FAILED_NAME = "failed.jsonl"
 SHARD_FORMATS = ("jpeg", "vp9")
-PREPROCESSING_SETTINGS = ("format", "short_side", "fps", "frames_per_jpeg", "quality")  # manifest fields
+PREPROCESSING_SETTINGS = ("format", "short_side", "fps", "frames_per_jpeg", "quality", "optimize_huffman")  # manifest
 SHORT_VIDEO_FRAMES = 16  # the paper's clip length: shorter videos are counted (SplitInfo.short_videos) and looped
 
 STRIPS_EXT = "jpgs"
@@ -132,6 +132,9 @@ Quality = Annotated[int, Strict(), Field(ge=0, le=100, description="a whole numb
 Bytes = Annotated[int, Strict(), Field(ge=0, le=MAX_BYTES, description=f"a whole number from 0 to {MAX_BYTES:,}")]
 Text = Annotated[str, Strict(), Field(min_length=1, description="a non-empty string")]
 Fps = Annotated[float, Strict(), Field(gt=0, le=10_000, description="a number > 0 and ≤ 10000")]
+Seconds = Annotated[
+    float, Strict(), Field(ge=0, le=MAX_COUNT, description=f"a number of seconds ≥ 0 and ≤ {MAX_COUNT:g}")
+]
 ShardFormat = Annotated[Literal["jpeg", "vp9"], Field(description='"jpeg" or "vp9"')]
 Crc32 = Annotated[int, Strict(), Field(ge=0, lt=1 << 32, description="a CRC-32, a whole number from 0 to 2^32 - 1")]
 ShardPath = Annotated[
@@ -234,6 +237,8 @@ class SplitInfo(_Record):
     frames: Bytes = 0
     short_videos: Count = 0  # videos with fewer frames than one clip; the loader loops them
     shards: Annotated[list[ShardInfo], Field(description="a list of shards")] = dataclasses.field(default_factory=list)
+    seconds: Seconds | None = None  # of video stored: frames / fps summed (None in manifests written before it)
+    source_bytes: Bytes | None = None  # of the source files of the videos stored (None in manifests written before it)
 
 
 @dataclass(config=RECORD | ConfigDict(json_schema_extra=_STRIPS_OF_JPEG))
@@ -255,6 +260,8 @@ class ShardManifest(_Record):
     splits: Annotated[
         dict[SplitName, SplitInfo], Field(description="an object", json_schema_extra={"additionalProperties": False})
     ]
+    # jpeg: Huffman tables fitted to each strip (False in manifests written before)
+    optimize_huffman: Annotated[bool, Strict(), Field(description="true or false")] = False
     failures: Count = 0
     tools: Annotated[dict[str, Annotated[str, Strict()]], Field(description="an object")] = dataclasses.field(
         default_factory=dict

@@ -34,6 +34,7 @@ from dali_skd.format import (
     SHORT_VIDEO_FRAMES,
     SampleMeta,
     ShardManifest,
+    SplitInfo,
     sample_key,
     sample_members,
     strip_checksums,
@@ -46,6 +47,7 @@ from preprocess.shards import (
     Part,
     SplitWriter,
     check_settings,
+    known_sum,
     run_file,
     shard_pattern,
     write_results,
@@ -69,6 +71,7 @@ class PreprocessSummary:
     short_videos: int
     seconds: float
     failed_list: Path
+    cost: DiskCost
 
     @property
     def videos_per_second(self) -> float:
@@ -85,11 +88,56 @@ class PreprocessSummary:
             f"  {self.short_videos} shorter than {SHORT_VIDEO_FRAMES} frames (kept; the loader loops them)",
             f"  {self.failures} failed" + (f", listed in {self.failed_list}" if self.failures else ""),
         ]
+        lines += self.cost.lines()
         if self.manifest.name != MANIFEST_NAME:
             lines.append(f"  once every part has finished: python cli.py preprocess merge {self.manifest.parent}")
         return "\n".join(lines)
 
     __str__ = format
+
+
+@dataclass
+class DiskCost:
+    """What the shards of a run take on disk, per video and per second of video, against the source files; and, when
+    `--part` or `--limit` took only some of the dataset's videos, what all of them would take at the same rate."""
+
+    splits: dict[str, SplitInfo]
+    taken: dict[str, int]  # videos of each split this run was given (failures included)
+    listed: dict[str, int]  # videos of each whole split
+
+    def lines(self) -> list[str]:
+        stored = sum(info.samples for info in self.splits.values())
+        shard_bytes = sum(shard.bytes for info in self.splits.values() for shard in info.shards)
+        if not stored:
+            return []
+        seconds = known_sum(info.seconds for info in self.splits.values())
+        source = known_sum(info.source_bytes for info in self.splits.values())
+        line = f"  disk: {_size(shard_bytes)} of shards, {_size(shard_bytes / stored)} a video"
+        if seconds:
+            line += f", {_size(shard_bytes / seconds)} a video-second ({seconds / stored:.1f} s a video)"
+        if source:
+            line += f"; {shard_bytes / source:.2f}x the {_size(source)} of their source files"
+        lines = [line]
+        if self.taken != self.listed:
+            whole = {
+                name: sum(s.bytes for s in info.shards) / max(1, self.taken[name]) * self.listed[name]
+                for name, info in self.splits.items()
+            }
+            lines.append(
+                f"  the whole dataset at this rate (this run took {sum(self.taken.values()):,} of its "
+                f"{sum(self.listed.values()):,} videos): {_size(sum(whole.values()))} ("
+                + ", ".join(f"{name} {self.listed[name]:,} videos {_size(whole[name])}" for name in whole)
+                + ")"
+            )
+        return lines
+
+
+def _size(n: float) -> str:
+    """Bytes in decimal units: 1,005 kB, 24.5 MB, 1.2 TB."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}" if n < 100 * scale else f"{n / scale:,.0f} {unit}"
+    return f"{n / 1e3:,.1f} kB" if n < 10e3 else f"{n / 1e3:,.0f} kB"
 
 
 @dataclass(frozen=True)
@@ -125,7 +173,7 @@ def _preprocess(cfg: PreprocessConfig, progress: bool, listing: DatasetListing |
         _check_fresh_out(out, part, root)
     listing = listing if listing is not None else list_dataset(cfg, root)
     orders = {split: shuffled(videos, split, cfg.seed) for split, videos in listing.splits.items()}
-    ranges = {split: part.range(len(order)) if part else (0, len(order)) for split, order in orders.items()}
+    ranges = {split: _range(len(order), part, cfg.limit) for split, order in orders.items()}
     check_settings(out, part, _run_settings(cfg, settings, listing, orders))
 
     writers = {split: SplitWriter(out, split, part, *ranges[split], _shard_bytes(cfg)) for split in orders}
@@ -152,7 +200,7 @@ def _preprocess(cfg: PreprocessConfig, progress: bool, listing: DatasetListing |
             else:
                 meta = _sample_meta(task.video, result, listing, settings)
                 members = sample_members(sample_key(task.split, task.index), meta, result.media)
-                writer.add_sample(task.index, members, result.frames, short=result.frames < SHORT_VIDEO_FRAMES)
+                writer.add_sample(task.index, members, result.frames, result.seconds, result.source_bytes)
             if task.index + 1 == writer.end:
                 writer.finish()
             bar.update()
@@ -168,6 +216,7 @@ def _preprocess(cfg: PreprocessConfig, progress: bool, listing: DatasetListing |
         short_side=settings.short_side,
         fps=settings.fps,
         quality=settings.quality,
+        optimize_huffman=settings.optimize_huffman and settings.format == "jpeg",
         splits={split: writer.journal.split_info() for split, writer in writers.items()},
         failures=len(failures),
         tools=tool_versions(settings.ffmpeg),
@@ -185,7 +234,18 @@ def _preprocess(cfg: PreprocessConfig, progress: bool, listing: DatasetListing |
         short_videos=sum(info.short_videos for info in manifest.splits.values()),
         seconds=time.perf_counter() - started,
         failed_list=out / run_file(FAILED_NAME, part),
+        cost=DiskCost(
+            manifest.splits,
+            taken={split: end - start for split, (start, end) in ranges.items()},
+            listed={split: len(order) for split, order in orders.items()},
+        ),
     )
+
+
+def _range(videos: int, part: Part | None, limit: int | None) -> tuple[int, int]:
+    """The videos [start, end) of a split's order that a run takes: its part's, at most `limit` of them."""
+    start, end = part.range(videos) if part else (0, videos)
+    return start, end if limit is None else min(end, start + limit)
 
 
 def transcode_settings(cfg: PreprocessConfig) -> TranscodeSettings:
@@ -195,7 +255,9 @@ def transcode_settings(cfg: PreprocessConfig) -> TranscodeSettings:
     low, high = {"jpeg": (1, 100), "vp9": (0, 63)}[cfg.format]
     if not low <= quality <= high:
         raise PreprocessError(f"--quality {quality}: {cfg.format} takes {low} to {high}")
-    return TranscodeSettings(find_ffmpeg(cfg.ffmpeg), cfg.format, cfg.short_side, cfg.fps, quality, cfg.frames_per_jpeg)
+    return TranscodeSettings(
+        find_ffmpeg(cfg.ffmpeg), cfg.format, cfg.short_side, cfg.fps, quality, cfg.frames_per_jpeg, cfg.optimize_huffman
+    )
 
 
 def find_ffmpeg(explicit: str | None) -> str:
@@ -287,9 +349,11 @@ def _run_settings(
         "fps": settings.fps,
         "quality": settings.quality,
         "frames_per_jpeg": settings.frames_per_jpeg,
+        "optimize_huffman": settings.optimize_huffman,
         "shard_size_mb": cfg.shard_size_mb,
         "seed": cfg.seed,
         "part": cfg.part,
+        "limit": cfg.limit,
         "classes": listing.classes,
         "videos": {
             split: hashlib.sha256("\n".join(f"{v.source}\t{v.label}" for v in order).encode()).hexdigest()[:16]

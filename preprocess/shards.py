@@ -15,18 +15,20 @@ import json
 import re
 import tarfile
 import zlib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from dali_skd.config import changed_settings, format_changes
 from dali_skd.files import AtomicFile, append_line, write_atomic
-from dali_skd.format import FAILED_NAME, MANIFEST_NAME, ShardInfo, ShardManifest, SplitInfo
+from dali_skd.format import FAILED_NAME, MANIFEST_NAME, SHORT_VIDEO_FRAMES, ShardInfo, ShardManifest, SplitInfo
 from preprocess.datasets import PreprocessError
 
 JOURNAL_DIR = ".journal"
 SETTINGS_NAME = "settings.json"
 _PART_MANIFEST = re.compile(r"manifest\.part-(\d+)-of-(\d+)\.json")
+T = TypeVar("T", int, float)
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,8 @@ class ShardRecord:
     short_videos: int = 0
     failures: list[dict[str, str]] = field(default_factory=list)  # failed.jsonl lines
     crc32: int | None = None  # of the shard file (None in journals written before checksums)
+    seconds: float | None = None  # of video stored (None in journals written before the cost report)
+    source_bytes: int | None = None  # of the stored videos' source files (likewise)
 
 
 class Journal:
@@ -182,10 +186,18 @@ class Journal:
             frames=sum(r.frames for r in self.records),
             short_videos=sum(r.short_videos for r in self.records),
             shards=shards,
+            seconds=known_sum(r.seconds for r in self.records),
+            source_bytes=known_sum(r.source_bytes for r in self.records),
         )
 
     def failures(self) -> list[dict[str, str]]:
         return [failure for record in self.records for failure in record.failures]
+
+
+def known_sum(values: Iterable[T | None]) -> T | None:
+    """The sum of `values`, or None if any is None (a count that records written before it lack)."""
+    values = list(values)
+    return None if any(v is None for v in values) else sum(values)  # type: ignore[return-value]
 
 
 class SplitWriter:
@@ -198,7 +210,7 @@ class SplitWriter:
         self.next_video = self.journal.next_video if self.journal.next_video is not None else start
         self._shard_number = sum(1 for r in self.journal.records if r.shard is not None)
         self._shard: ShardWriter | None = None
-        self._record = ShardRecord(None, self.next_video, self.next_video)
+        self._record = self._new_record(self.next_video)
         self._remove_unjournaled()
 
     def _remove_unjournaled(self) -> None:
@@ -208,7 +220,14 @@ class SplitWriter:
             if pattern.fullmatch(path.name) and f"{self.split}/{path.name}" not in journaled:
                 path.unlink()
 
-    def add_sample(self, index: int, members: list[tuple[str, bytes]], frames: int, short: bool) -> None:
+    @staticmethod
+    def _new_record(start: int) -> ShardRecord:
+        return ShardRecord(None, start, start, seconds=0.0, source_bytes=0)
+
+    def add_sample(
+        self, index: int, members: list[tuple[str, bytes]], frames: int, seconds: float, source_bytes: int
+    ) -> None:
+        """Add a video's members: `frames` stored, `seconds` long, from a source file of `source_bytes`."""
         self._check_order(index)
         members_bytes = members_tar_bytes(members)
         if self._shard is not None and tar_file_bytes(self._shard.members_bytes + members_bytes) > self.shard_bytes:
@@ -217,8 +236,11 @@ class SplitWriter:
             (self.out / self.split).mkdir(parents=True, exist_ok=True)
             self._shard = ShardWriter(self.out / self.split / shard_name(self.part, self._shard_number))
         self._shard.add(members)
-        self._record.frames += frames
-        self._record.short_videos += short
+        record = self._record
+        record.frames += frames
+        record.short_videos += frames < SHORT_VIDEO_FRAMES
+        record.seconds = (record.seconds or 0.0) + seconds
+        record.source_bytes = (record.source_bytes or 0) + source_bytes
         self.next_video = index + 1
 
     def add_failure(self, index: int, failure: dict[str, str]) -> None:
@@ -246,7 +268,7 @@ class SplitWriter:
             self._shard_number += 1
         self.journal.append(record)
         self._shard = None
-        self._record = ShardRecord(None, end, end)
+        self._record = self._new_record(end)
 
 
 def check_settings(out: Path, part: Part | None, settings: dict[str, Any]) -> None:
@@ -312,6 +334,8 @@ def merge_parts(out: Path) -> ShardManifest:
             frames=sum(info.frames for info in infos),
             short_videos=sum(info.short_videos for info in infos),
             shards=[shard for info in infos for shard in info.shards],
+            seconds=known_sum(info.seconds for info in infos),
+            source_bytes=known_sum(info.source_bytes for info in infos),
         )
     merged = replace(manifests[0], splits=splits, failures=sum(manifest.failures for manifest in manifests))
     ordered = [failure for split in splits for part in failures for failure in part if failure["split"] == split]

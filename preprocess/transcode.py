@@ -25,7 +25,9 @@ from PIL import Image
 from dali_skd.format import ShardFormat, pack_strips
 
 TranscodeFormat = ShardFormat | Literal["h264"]
-DEFAULT_QUALITY: dict[str, int] = {"jpeg": 90, "vp9": 32, "h264": 23}  # JPEG quality; VP9 CRF; x264 CRF (its own)
+# JPEG quality (docs/benchmarks.md, "Shard settings": 0.4x the bytes of 90; any accuracy cost hidden by noise);
+# VP9 CRF; x264 CRF (its own default)
+DEFAULT_QUALITY: dict[str, int] = {"jpeg": 50, "vp9": 32, "h264": 23}
 CONTAINERS = {"vp9": "webm", "h264": "mp4"}  # the file a video format is written to
 VP9_KEYFRAME_INTERVAL = 16  # one clip: the loader seeks to a keyframe at most a clip before its start
 VP9_CPU_USED = 2  # libvpx speed preset: a third faster than its default (1) for 3% more bytes at 128 px
@@ -51,6 +53,7 @@ class TranscodeSettings:
     fps: float | None  # None: keep the source's frame rate
     quality: int
     frames_per_jpeg: int
+    optimize_huffman: bool = False  # jpeg: Huffman tables fitted to each strip (2-3% fewer bytes, same pixels)
 
 
 @dataclass
@@ -64,6 +67,11 @@ class EncodedVideo:
     height: int
     media: bytes
     strip_offsets: tuple[int, ...] = ()  # jpeg: strip i is media[strip_offsets[i]:strip_offsets[i + 1]]
+    source_bytes: int = 0  # the size of the file it was made from
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.fps
 
 
 @dataclass
@@ -154,7 +162,8 @@ def transcode(source: Path, settings: TranscodeSettings) -> EncodedVideo:
     """Decode, resample and scale `source`; raise VideoError with the reason when it cannot be used."""
     if not source.is_file():
         raise VideoError("missing")
-    if source.stat().st_size == 0:
+    source_bytes = source.stat().st_size
+    if source_bytes == 0:
         raise VideoError("zero-byte file")
     with (
         tempfile.TemporaryFile() as log_file,
@@ -173,9 +182,7 @@ def transcode(source: Path, settings: TranscodeSettings) -> EncodedVideo:
         ) as process:
             try:
                 if process.stdout is not None:
-                    frames, width, height, strips = _jpeg_strips(
-                        process.stdout, settings.frames_per_jpeg, settings.quality, jpeg_file
-                    )
+                    frames, width, height, strips = _jpeg_strips(process.stdout, settings, jpeg_file)
             except VideoError as e:
                 read_error = e
                 process.kill()
@@ -197,7 +204,7 @@ def transcode(source: Path, settings: TranscodeSettings) -> EncodedVideo:
     fps = settings.fps or log.fps
     if fps is None or width < 1 or height < 1:
         raise VideoError("ffmpeg did not report the output's frame rate and size")
-    return EncodedVideo(settings.format, frames, fps, width, height, media, strip_offsets)
+    return EncodedVideo(settings.format, frames, fps, width, height, media, strip_offsets, source_bytes)
 
 
 def _check_decoded(log: FfmpegLog, frames: int, settings: TranscodeSettings) -> None:
@@ -212,9 +219,7 @@ def _check_decoded(log: FfmpegLog, frames: int, settings: TranscodeSettings) -> 
         )
 
 
-def _jpeg_strips(
-    stream: BinaryIO, frames_per_jpeg: int, quality: int, scratch: BinaryIO
-) -> tuple[int, int, int, list[bytes]]:
+def _jpeg_strips(stream: BinaryIO, settings: TranscodeSettings, scratch: BinaryIO) -> tuple[int, int, int, list[bytes]]:
     """Read PPM frames until ffmpeg closes the pipe; return (frames, width, height, JPEG strips).
 
     The frames of a strip are read into one buffer back to back: H x W x 3 rows of frame after frame are
@@ -226,7 +231,7 @@ def _jpeg_strips(
     if match is None:
         raise VideoError(f"ffmpeg wrote an unexpected frame header {header[:32]!r}")
     width, height = int(match[1]), int(match[2])
-    frame_bytes = width * height * 3
+    frame_bytes, frames_per_jpeg = width * height * 3, settings.frames_per_jpeg
     strip = memoryview(bytearray(frames_per_jpeg * frame_bytes))
     frames, strips = 0, []
     while header:
@@ -241,17 +246,26 @@ def _jpeg_strips(
                 raise VideoError("the frame size changes in the middle of the video")
             header = following
         frames += in_strip
-        strips.append(encode_jpeg(strip[: in_strip * frame_bytes], width, in_strip * height, quality, scratch))
+        pixels = strip[: in_strip * frame_bytes]
+        strips.append(
+            encode_jpeg(pixels, width, in_strip * height, settings.quality, settings.optimize_huffman, scratch)
+        )
     return frames, width, height, strips
 
 
-def encode_jpeg(rgb: memoryview | bytes, width: int, height: int, quality: int, scratch: BinaryIO) -> bytes:
-    """Baseline JPEG, 4:2:0, of packed RGB pixels (Pillow's libjpeg-turbo). Pillow releases the GIL only while
-    it encodes into a real file, not into BytesIO: hence `scratch`, a file the caller owns."""
+def encode_jpeg(
+    rgb: memoryview | bytes, width: int, height: int, quality: int, optimize_huffman: bool, scratch: BinaryIO
+) -> bytes:
+    """Baseline (sequential, not progressive) JPEG, 4:2:0, of packed RGB pixels (Pillow's libjpeg-turbo), with
+    Huffman tables fitted to the image or libjpeg's standard ones: what nvJPEG's hardware engine and every CPU
+    decoder read. Pillow releases the GIL only while it encodes into a real file, not into BytesIO: hence
+    `scratch`, a file the caller owns."""
     image = Image.frombuffer("RGB", (width, height), rgb, "raw", "RGB", 0, 1)
     scratch.seek(0)
     scratch.truncate()
-    image.save(scratch, format="JPEG", quality=quality, subsampling="4:2:0", progressive=False, optimize=False)
+    image.save(
+        scratch, format="JPEG", quality=quality, subsampling="4:2:0", progressive=False, optimize=optimize_huffman
+    )
     scratch.seek(0)
     return scratch.read()
 

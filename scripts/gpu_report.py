@@ -6,7 +6,9 @@
     python3 scripts/gpu_report.py --data DIR --out OUT --device cpu --quick   # rehearsal on a CPU machine
 
 `--prepare` preprocesses the built-in synthetic videos into jpeg shards with 4, 8 and 16 frames per JPEG
-(DIR/fpj4, DIR/fpj8, DIR/fpj16, a few MiB each), and re-encodes the training videos for the peer loaders as
+(DIR/fpj4, DIR/fpj8, DIR/fpj16, a few MiB each) and, at the default frames per JPEG, with other JPEG qualities and
+Huffman tables (JPEG_VARIANTS: DIR/q90-std, the defaults before docs/benchmarks.md's "Shard settings", ...), and
+re-encodes the training videos for the peer loaders as
 `cli.py bench` does (h264 mp4 at the shards' short side, DIR/peer-cache): nothing is encoded on the GPU machine,
 which has no ffmpeg. `--stage-peers` downloads the wheels of the peer loaders (PyAV, decord; torchcodec needs
 FFmpeg's libraries, which the GPU machine lacks) for its Python, under 60 MiB: they travel as a fourth piece
@@ -24,7 +26,8 @@ or `failed: WHY`; only a failed one fails the check (exit 1).
                 RGB and of luma, for the CUDA decoder alone (hw_decoder_load 0) and the hardware engine (1)
     tests       `pytest -m gpu tests/test_gpu.py`: the GPU path's tests (their CPU twins run in CI)
     sweep       the DALI loader at 4/8/16 frames per JPEG, run each way of `SWEEP` (how its threads and DALI's
-                operator concurrency are set, the hardware decoder's share), then its host side alone: two-view
+                operator concurrency are set, the hardware decoder's share), the JPEG variants (quality and Huffman
+                tables, 8 frames per JPEG, the default way) after the first way, then its host side alone: two-view
                 samples/s and CPU cores busy; per pipeline its decoders and threads, the threads the process
                 holds, its build time and GPU memory. A way that sets what DALI reads once per process runs in a
                 process of its own
@@ -77,10 +80,13 @@ _paths()
 
 BUDGET_S = 450.0  # the whole check: a lent GPU gives 15 minutes, its start and the carried pieces included
 # the bound of each (GPU), in the order they run: what only a GPU can show first
-SECTIONS = {"parity": 30.0, "tests": 70.0, "sweep": 150.0, "train": 60.0, "dataloader": 35.0, "peers": 90.0}
+SECTIONS = {"parity": 30.0, "tests": 70.0, "sweep": 165.0, "train": 60.0, "dataloader": 35.0, "peers": 75.0}
 REHEARSAL_SLOWER = 3.0  # --quick --device cpu: the bounds stretched, a shared 2-core machine being what rehearses
 GRACE_S = 5.0  # between asking a timed-out section's processes to end (SIGTERM) and killing them
 FRAMES_PER_JPEG = (4, 8, 16)
+# JPEG quality and Huffman tables beside the default ones, at the default frames per JPEG (DIR/q90-std ...): what
+# nvJPEG makes of the settings docs/benchmarks.md's "Shard settings" table weighs; q90-std: the defaults before it
+JPEG_VARIANTS = {"q90-std": (90, False), "q75-opt": (75, True), "q65-opt": (65, True), "q50-std": (50, False)}
 PEER_WHEELS = ("av", "decord")  # what the GPU machine can run: both bring their own FFmpeg libraries
 PIECE_MIB = 60  # the most that travels to the GPU machine at a time
 
@@ -122,11 +128,13 @@ def prepare(out: Path, classes: int = 2, videos_per_class: int = 2) -> None:
     from preprocess.run import run_preprocess  # ffmpeg: only here, never on the GPU machine
 
     out.mkdir(parents=True, exist_ok=True)
+    sets = {f"fpj{fpj}": {"frames_per_jpeg": fpj} for fpj in FRAMES_PER_JPEG}
+    sets |= {name: {"quality": q, "optimize_huffman": opt} for name, (q, opt) in JPEG_VARIANTS.items()}
     with tempfile.TemporaryDirectory() as videos:
-        for fpj in FRAMES_PER_JPEG:
+        for name, settings in sets.items():
             cfg = PreprocessConfig(
-                dataset="synthetic", root=videos, out=str(out / f"fpj{fpj}"), frames_per_jpeg=fpj, classes=classes,
-                videos_per_class=videos_per_class, workers=os.cpu_count() or 1,
+                dataset="synthetic", root=videos, out=str(out / name), classes=classes,
+                videos_per_class=videos_per_class, workers=os.cpu_count() or 1, **settings,
             )  # fmt: skip
             print(run_preprocess(cfg, progress=False).format())
         prepare_peer_videos(out, videos)
@@ -165,8 +173,13 @@ def stage_peers(out: Path, python: str) -> None:
 # -- there: the sections ---------------------------------------------------------------------------------------
 
 
-def _data(args: argparse.Namespace, fpj: int = 8) -> str:
-    return str(args.data / f"fpj{fpj}")
+def _data_name(data: int | str) -> str:
+    """The prepared set: DIR/fpjN for N frames per JPEG, or a JPEG variant's DIR/NAME."""
+    return data if isinstance(data, str) else f"fpj{data}"
+
+
+def _data(args: argparse.Namespace, data: int | str = 8) -> str:
+    return str(args.data / _data_name(data))
 
 
 def section_parity(args: argparse.Namespace) -> dict:
@@ -241,41 +254,52 @@ def section_sweep(args: argparse.Namespace) -> dict:
         # not a session of its own: it ends with the section's process group
         code = subprocess.run(command, env={**os.environ, **env}, check=False).returncode
         if code != 0:  # its rows that did not come: failed, not left out for time
-            measured = {row["frames_per_jpeg"] for row in _rows(args.out) if row["variant"] == variant.name}
-            for fpj in sorted(set(FRAMES_PER_JPEG) - measured):
-                _write_row(args, {"variant": variant.name, "frames_per_jpeg": fpj, "error": f"exit {code}"})
+            measured = {row["data"] for row in _rows(args.out) if row["variant"] == variant.name}
+            for data in _sets(variant):
+                if _data_name(data) not in measured:
+                    _write_row(args, _failed_row(variant.name, data, f"exit {code}"))
     seconds, _ = _sweep_sizes(args)
     if _time_left(args, started) > 3 * seconds + ROW_S:  # the host row measures twice, then checks a first pass
         _add_row(args, lambda: _sweep_row(args, "host", "host", 8, {}), "host", 8)
     rows = _rows(args.out)
-    done = {(row["variant"], row["frames_per_jpeg"]) for row in rows}
-    ways = [(v.name, fpj) for v in SWEEP for fpj in FRAMES_PER_JPEG] + [("host", 8)]
+    done = {(row["variant"], row["data"]) for row in rows}
+    ways = [(v.name, _data_name(data)) for v in SWEEP for data in _sets(v)] + [("host", "fpj8")]
     result = {
         "rows": rows,
         "ways": {v.name: v.what for v in SWEEP},
-        "not_run": [f"{name} fpj {fpj}: no time left" for name, fpj in ways if (name, fpj) not in done],
+        "not_run": [f"{name} {data}: no time left" for name, data in ways if (name, data) not in done],
     }
-    errors = [f"{row['variant']} fpj {row['frames_per_jpeg']}" for row in rows if "error" in row]
+    errors = [f"{row['variant']} {row['data']}" for row in rows if "error" in row]
     return result | ({"status": f"failed: {', '.join(errors)} (sweep.log)"} if errors else {})
 
 
+def _sets(variant: Variant) -> list[int | str]:
+    """The prepared sets a way runs on: every frames per JPEG; the first way, the JPEG variants too."""
+    return [*FRAMES_PER_JPEG, *(JPEG_VARIANTS if variant.name == SWEEP[0].name else ())]
+
+
 def sweep_variant(args: argparse.Namespace, variant: Variant, started: float | None = None) -> None:
-    """One way's rows, while time is left (`args.limit` from `started`)."""
+    """One way's rows, on each of its sets, while time is left (`args.limit` from `started`)."""
     started = started if started is not None else time.monotonic()
     seconds, _ = _sweep_sizes(args)
-    for fpj in FRAMES_PER_JPEG:
+    for data in _sets(variant):
         if _time_left(args, started) >= seconds + ROW_S:
-            _add_row(args, lambda fpj=fpj: _sweep_row(args, "dali", variant.name, fpj, variant.loader(_decoders(fpj))),
-                     variant.name, fpj)  # fmt: skip
+            settings = variant.loader(_decoders(data if isinstance(data, int) else 8))
+            _add_row(args, lambda data=data, settings=settings: _sweep_row(args, "dali", variant.name, data, settings),
+                     variant.name, data)  # fmt: skip
 
 
-def _add_row(args: argparse.Namespace, measure: Callable[[], dict], variant: str, fpj: int) -> None:
+def _failed_row(variant: str, data: int | str, error: str) -> dict:
+    return {"variant": variant, "data": _data_name(data), "error": error}
+
+
+def _add_row(args: argparse.Namespace, measure: Callable[[], dict], variant: str, data: int | str) -> None:
     """Appends a row to OUT/sweep.json: its figures, or the error that ended it (its traceback in the log)."""
     try:
         row = measure()
     except Exception as e:  # one way failing is its row's end, not the sweep's
         traceback.print_exc()
-        row = {"variant": variant, "frames_per_jpeg": fpj, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        row = _failed_row(variant, data, f"{type(e).__name__}: {str(e)[:300]}")
     _write_row(args, row)
 
 
@@ -297,19 +321,21 @@ def _rows(out: Path) -> list[dict]:
     return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
-def _sweep_row(args: argparse.Namespace, loader: str, variant: str, fpj: int, settings: dict) -> dict:
+def _sweep_row(args: argparse.Namespace, loader: str, variant: str, data: int | str, settings: dict) -> dict:
     from dali_skd.commands.bench import BenchConfig, run_bench
     from dali_skd.config import LoaderConfig
 
     seconds, batch = _sweep_sizes(args)
     config = LoaderConfig(**settings)
     cfg = BenchConfig(
-        data=_data(args, fpj), device=args.device, loaders=loader, batch_size=batch, seconds=seconds, repeats=3,
+        data=_data(args, data), device=args.device, loaders=loader, batch_size=batch, seconds=seconds, repeats=3,
         rounds=1, loader=config,
     )  # fmt: skip
-    figures = run_bench(cfg)["loaders"][loader]
-    return {"loader": loader, "variant": variant, "frames_per_jpeg": fpj, "hw_decoder_load": config.hw_decoder_load,
-            "concurrency": config.concurrency, **figures}  # fmt: skip
+    report = run_bench(cfg)
+    shards = {k: report[k] for k in ("frames_per_jpeg", "quality", "optimize_huffman")}
+    return {"loader": loader, "variant": variant, "data": _data_name(data), **shards,
+            "hw_decoder_load": config.hw_decoder_load, "concurrency": config.concurrency,
+            **report["loaders"][loader]}  # fmt: skip
 
 
 def section_dataloader(args: argparse.Namespace) -> dict:
@@ -408,7 +434,8 @@ def _common(args: argparse.Namespace) -> list[str]:
 def run_all(args: argparse.Namespace) -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    missing = [f"fpj{f}" for f in FRAMES_PER_JPEG if not (args.data / f"fpj{f}" / "manifest.json").is_file()]
+    needed = [f"fpj{f}" for f in FRAMES_PER_JPEG] + list(JPEG_VARIANTS)
+    missing = [name for name in needed if not (args.data / name / "manifest.json").is_file()]
     if missing:
         sys.exit(
             f"{args.data} lacks {', '.join(missing)}: make it here with `python3 scripts/gpu_report.py --prepare DIR`"
@@ -558,19 +585,22 @@ def _tests_lines(r: dict) -> list[str]:
 
 def _sweep_lines(r: dict) -> list[str]:
     lines = [
-        "way         fpj  hw load  samples/s  cores busy  CPU us/sample  decoders x threads  threads  build s  GPU MiB"
+        "way         fpj  jpeg     hw load  samples/s  cores busy  CPU us/sample  decoders x threads  threads  build s"
+        "  GPU MiB"
     ]
     for w in r.get("rows", []):
         if "error" in w:
-            lines.append(f"{w['variant']:<11}{w['frames_per_jpeg']:>4}  failed: {w['error']}")
+            lines.append(f"{w['variant']:<11}{w['data']:>8}  failed: {w['error']}")
             continue
+        jpeg = f"q{w['quality']} {'opt' if w['optimize_huffman'] else 'std'}"
         pipeline = ""
         if "decoders" in w:
             pipeline = f"{w['decoders']:>11} x {w['dali_threads']:<6}{w.get('process_threads', 0):>9}"
             memory = f"{w['device_memory_mib']:>9.0f}" if "device_memory_mib" in w else f"{'-':>9}"
             pipeline += f"{w['pipeline_build_s']:>9.1f}{memory}"
         lines.append(
-            f"{w['variant']:<11}{w['frames_per_jpeg']:>4}{w['hw_decoder_load']:>9.2f}{w['samples_per_s']:>11.0f}"
+            f"{w['variant']:<11}{w['frames_per_jpeg']:>4}  {jpeg:<8}{w['hw_decoder_load']:>7.2f}"
+            f"{w['samples_per_s']:>11.0f}"
             f"{w['cpu_cores_busy'] or 0:>12.1f}{w['cpu_us_per_sample']:>15.0f}{pipeline}"
         )
         if "check_every_read_us_per_sample" in w:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dali_skd.config import PreprocessConfig
 from dali_skd.format import (
     SampleMeta,
     ShardInfo,
@@ -25,7 +26,7 @@ from dali_skd.format import (
     strip_checksums,
 )
 from preprocess.shards import ShardWriter
-from preprocess.transcode import encode_jpeg
+from preprocess.transcode import DEFAULT_QUALITY, encode_jpeg
 
 BLUE_BASE, BLUE_STEP = 10, 6  # blue of frame t; up to 40 frames stay below 255
 
@@ -82,13 +83,44 @@ def frame_index(view: np.ndarray) -> np.ndarray:
     return np.rint((blue - BLUE_BASE) / BLUE_STEP).astype(int)
 
 
-def encode_strips(frames: np.ndarray, frames_per_jpeg: int) -> list[bytes]:
+def encode_strips(
+    frames: np.ndarray, frames_per_jpeg: int, quality: int = 95, optimize_huffman: bool = False
+) -> list[bytes]:
     _, h, w, _ = frames.shape
     with tempfile.TemporaryFile() as scratch:
         return [
-            encode_jpeg(group.tobytes(), w, len(group) * h, 95, scratch)
+            encode_jpeg(group.tobytes(), w, len(group) * h, quality, optimize_huffman, scratch)
             for group in (frames[s : s + frames_per_jpeg] for s in range(0, len(frames), frames_per_jpeg))
         ]
+
+
+def default_strips(frames: np.ndarray) -> list[bytes]:
+    """`frames` as `preprocess` stores them by default: its quality, frames per JPEG and Huffman tables."""
+    cfg = PreprocessConfig()
+    return encode_strips(frames, cfg.frames_per_jpeg, DEFAULT_QUALITY["jpeg"], cfg.optimize_huffman)
+
+
+def dali_decoded(strips: list[bytes], device: str, hw_decoder_load: float = 0.0) -> list[np.ndarray]:
+    """Each strip decoded by DALI's image decoder as the loader's pipeline sets it up: on the CPU ("cpu"), or with
+    nvJPEG ("mixed": the CUDA decoder at hw_decoder_load 0, the hardware engine at 1)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from dali_skd.data.pipeline import DecoderOptions
+
+    gpu = device == "mixed"
+    arrays = [np.frombuffer(strip, np.uint8) for strip in strips]
+
+    @pipeline_def(batch_size=len(strips), num_threads=1, device_id=0 if gpu else None)
+    def decode():
+        data = fn.external_source(source=lambda: arrays, batch=True)
+        options = DecoderOptions(hw_decoder_load=hw_decoder_load).arguments(gpu)
+        return fn.decoders.image(data, device=device, output_type=types.RGB, **options)
+
+    pipe = decode()
+    pipe.build()
+    (out,) = pipe.run()
+    out = out.as_cpu() if gpu else out
+    return [np.array(out.at(i)) for i in range(len(strips))]
 
 
 def write_dataset(

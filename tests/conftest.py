@@ -184,7 +184,14 @@ def write_checkpoint(
     from dali_skd.models import build_model
 
     weights = build_model(config.arch, len(classes)).state_dict() if weights is None else weights
-    preprocessing = {"format": "jpeg", "short_side": 40, "fps": None, "frames_per_jpeg": 8, "quality": 90}
+    preprocessing = {
+        "format": "jpeg",
+        "short_side": 40,
+        "fps": None,
+        "frames_per_jpeg": 8,
+        "quality": 90,
+        "optimize_huffman": True,
+    }
     state = {
         "method": {f"model.{k}": v for k, v in weights.items()},
         "config": to_dict(config),

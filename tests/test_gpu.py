@@ -4,14 +4,16 @@ everywhere, with the same assertions: no test's own logic runs first on a GPU.""
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from clipdata import damage_strip, noise_frames, write_dataset
+from clipdata import dali_decoded, damage_strip, default_strips, noise_frames, write_dataset
 
-from dali_skd.commands.bench import decode_parity
+from dali_skd.commands.bench import LUMA, decode_parity
 from dali_skd.config import AugmentConfig, LoaderConfig, SamplingConfig
 from dali_skd.data.loader import EvalLoader, TrainLoader
 from dali_skd.data.source import VIDEOS_PER_SPLIT
@@ -63,6 +65,24 @@ def test_the_hardware_decoder_within_what_jpeg_allows(data: Path, device: str) -
     for pair, diff in report["pairs"].items():
         print(pair, diff)
         assert diff["luma_mean_abs"] <= MEAN_LEVELS, (pair, diff)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_nvjpeg_decodes_the_strips_preprocess_writes_by_default() -> None:
+    """The GPU twin of test_jpeg_settings.py's CPU test: the default strips (baseline, 4:2:0, the default quality and
+    Huffman tables) through the CUDA decoder (hw_decoder_load 0) and the hardware engine (1), against Pillow."""
+    from PIL import Image
+
+    strips = default_strips(noise_frames(20, seed=3, height=128, width=170))
+    for load in (0.0, 1.0):
+        for strip, decoded in zip(strips, dali_decoded(strips, "mixed", load), strict=True):
+            pillow = np.asarray(Image.open(io.BytesIO(strip)).convert("RGB")).astype(np.float32)
+            diff = np.abs(decoded.astype(np.float32) - pillow)
+            luma = np.abs((decoded.astype(np.float32) - pillow) @ np.array(LUMA, np.float32))
+            assert decoded.shape == pillow.shape and luma.mean() <= MEAN_LEVELS, (load, luma.mean())
+            if load == 0.0:
+                assert diff.max() <= MAX_LEVELS and diff.mean() <= MEAN_LEVELS, (diff.max(), diff.mean())
 
 
 @pytest.mark.parametrize("device", DEVICES)

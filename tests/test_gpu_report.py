@@ -81,13 +81,10 @@ def test_a_sweep_way_whose_process_fails_fails_its_rows(report_module, tmp_path:
     monkeypatch.setattr(report_module, "SWEEP", (unknown,))
     args = argparse.Namespace(data=tmp_path, out=tmp_path, device="cpu", quick=True, limit=15.0)
     result = report_module.section_sweep(args)
-    assert [(r["frames_per_jpeg"], r["error"]) for r in result["rows"]] == [
-        (4, "exit 1"),
-        (8, "exit 1"),
-        (16, "exit 1"),
-    ]
-    assert result["status"] == "failed: unknown fpj 4, unknown fpj 8, unknown fpj 16 (sweep.log)"
-    assert result["not_run"] == ["host fpj 8: no time left"]
+    sets = ["fpj4", "fpj8", "fpj16", *report_module.JPEG_VARIANTS]  # the first way's: the JPEG variants too
+    assert [(r["data"], r["error"]) for r in result["rows"]] == [(name, "exit 1") for name in sets]
+    assert result["status"] == f"failed: {', '.join(f'unknown {name}' for name in sets)} (sweep.log)"
+    assert result["not_run"] == ["host fpj8: no time left"]
     assert "unknown: a way its own process does not know" in report_module._sweep_lines(result)
 
 
@@ -106,13 +103,13 @@ def test_the_tests_section_without_a_gpu_is_skipped_not_failed(report_module, tm
 def test_only_a_failed_section_fails_the_check(report_module, tmp_path: Path, monkeypatch) -> None:
     statuses = {"parity": "ok", "tests": "skipped: needs a CUDA GPU", "sweep": "ok", "train": "ok",
                 "dataloader": "ok", "peers": "skipped: no peer loader loads here (...)"}  # fmt: skip
-    for name in report_module.FRAMES_PER_JPEG:
-        (tmp_path / "data" / f"fpj{name}").mkdir(parents=True)
-        (tmp_path / "data" / f"fpj{name}" / "manifest.json").write_text("{}")
+    for name in [*(f"fpj{n}" for n in report_module.FRAMES_PER_JPEG), *report_module.JPEG_VARIANTS]:
+        (tmp_path / "data" / name).mkdir(parents=True)
+        (tmp_path / "data" / name / "manifest.json").write_text("{}")
     monkeypatch.setattr(report_module, "run_section", lambda name, args, limit: {"status": statuses[name]})
     args = argparse.Namespace(data=tmp_path / "data", out=tmp_path / "out", device="cpu", quick=True)
     report_module.run_all(args)  # no exit: nothing failed
-    statuses["sweep"] = "failed: full fpj 4 (sweep.log)"
+    statuses["sweep"] = "failed: full fpj4 (sweep.log)"
     with pytest.raises(SystemExit, match="the GPU check failed: sweep"):
         report_module.run_all(args)
 

@@ -18,6 +18,7 @@ from dali_skd.commands.predict import PredictConfig
 from dali_skd.config import ClipConfig, LoaderConfig, PreprocessConfig, SamplingConfig, TrainConfig
 from dali_skd.training import train
 from preprocess.run import run_preprocess
+from preprocess.transcode import DEFAULT_QUALITY
 
 PATTERNS = ("testsrc2", "smptebars", "rgbtestsrc")  # a class each
 SIZES = ((64, 48), (80, 48), (72, 56))
@@ -115,12 +116,14 @@ def test_predict_agrees_with_eval_and_reports_a_bad_file(
 
 def test_predict_transcodes_as_the_training_data_was_unless_told(trained: dict[str, Path], tmp_path: Path) -> None:
     state = torch.load(trained["checkpoint"], weights_only=True)
+    defaults = PreprocessConfig()
     assert state["preprocessing"] == {
         "format": "jpeg",
         "short_side": 40,
         "fps": None,
-        "frames_per_jpeg": 8,
-        "quality": 90,
+        "frames_per_jpeg": defaults.frames_per_jpeg,
+        "quality": DEFAULT_QUALITY["jpeg"],
+        "optimize_huffman": defaults.optimize_huffman,
     }
     video = str(next(trained["videos"].glob("smptebars/*.avi")))
     args = ("--device", "cpu", "--top-k", "2")

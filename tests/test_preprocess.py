@@ -35,7 +35,7 @@ from preprocess.datasets import PreprocessError
 from preprocess.run import find_ffmpeg, run_preprocess, transcode_settings
 from preprocess.shards import merge_parts
 from preprocess.synthetic import SYNTHETIC_CLASSES
-from preprocess.transcode import VideoError, transcode
+from preprocess.transcode import DEFAULT_QUALITY, VideoError, transcode
 from preprocess.verify import verify_dataset
 
 
@@ -408,7 +408,7 @@ def test_refuses_a_used_out_without_resume_and_other_settings_on_resume(
     run_preprocess(cfg, progress=False)
     with pytest.raises(PreprocessError, match="--resume"):
         run_preprocess(cfg, progress=False)
-    with pytest.raises(PreprocessError, match="quality: 90 then, 80 now"):
+    with pytest.raises(PreprocessError, match=f"quality: {DEFAULT_QUALITY['jpeg']} then, 80 now"):
         run_preprocess(dataclasses.replace(cfg, resume=True, quality=80), progress=False)
     place(sample_videos["portrait"], tmp_path / "videos" / "a" / "y.avi")
     with pytest.raises(PreprocessError, match="videos"):
@@ -431,8 +431,8 @@ def twelve_videos(tmp_path: Path, sample_videos: dict[str, Path]) -> Path:
 
 
 def small_shards_config(root: Path, out: Path, **fields: object) -> PreprocessConfig:
-    # a sample of 25 frames is about 150 kB: two samples a shard
-    return config(dataset="folder", root=str(root), out=str(out), val_fraction=0.25, shard_size_mb=0.35, **fields)
+    # a sample of 25 frames is about 50 kB (at the default quality): two samples a shard
+    return config(dataset="folder", root=str(root), out=str(out), val_fraction=0.25, shard_size_mb=0.12, **fields)
 
 
 def test_resume_after_kill_mid_shard_equals_an_uninterrupted_run(tmp_path: Path, twelve_videos: Path) -> None:

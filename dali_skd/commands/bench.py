@@ -550,6 +550,8 @@ def run_bench(cfg: BenchConfig, on_round: Callable[[dict[str, Any]], None] | Non
         "data": cfg.data,
         "format": manifest.format,
         "frames_per_jpeg": manifest.frames_per_jpeg,
+        "quality": manifest.quality,
+        "optimize_huffman": manifest.optimize_huffman,
         "precision": precision,
         "augment": cfg.augment.policy,
         "rounds": cfg.rounds,
