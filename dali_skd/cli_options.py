@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar
 import click
 
 from dali_skd.config import read_settings, to_dict
-from dali_skd.settings import LIMITS, OneOf, from_dict, limits_of
+from dali_skd.settings import LIMITS, Within, from_dict, limits_of
 
 T = TypeVar("T")
 Path = tuple[str, ...]  # a field's names from the top: ("loader", "threads")
@@ -107,7 +107,7 @@ def _field_info(cls: type, path: Path) -> Any:
 def _limits(info: Any) -> str:
     """A setting's limits for its help: `; at least 1`, `; more than 0, at most 1`, `; 1 or 3`."""
     said = [f"{LIMITS[key][0]} {limit}" for key, limit in limits_of(info).items()]
-    said += [m.words() for m in info.metadata if isinstance(m, OneOf)]
+    said += [m.words() for m in info.metadata if isinstance(m, Within) and m.choices]
     return "; " + ", ".join(said) if said else ""
 
 

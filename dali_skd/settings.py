@@ -16,7 +16,6 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
 
-from annotated_types import Ge, Gt, Le, Lt, MultipleOf
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError, PydanticKnownError, core_schema
@@ -53,36 +52,25 @@ LIMITS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class EachNumber:
-    """The limits of each number of a range setting (LO HI), which also needs LO not above HI: pydantic checks them
-    after the range's type (`setting` puts this in a range's field)."""
+class Within:
+    """What pydantic's own constraints cannot say of a setting, checked after its type (`setting` puts it in the
+    field): the limits of each number of a range (LO HI, which also needs LO not above HI), or the few values a
+    whole number may take."""
 
-    limits: Mapping[str, float]
+    limits: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    choices: tuple[int, ...] = ()
 
     def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
         return core_schema.no_info_after_validator_function(self.check, handler(source))
 
-    def check(self, value: tuple[float, float]) -> tuple[float, float]:
-        for x in value:
+    def check(self, value: Any) -> Any:
+        for x in value if isinstance(value, tuple) else (value,):
             for key, limit in self.limits.items():
                 if not LIMITS[key][2](x, limit):
                     raise PydanticKnownError(LIMITS[key][1], {key: limit})  # type: ignore[arg-type]
-        if value[0] > value[1]:
+        if isinstance(value, tuple) and value[0] > value[1]:
             raise PydanticCustomError("range_order", "a range is LO HI, with LO not above HI")
-        return value
-
-
-@dataclasses.dataclass(frozen=True)
-class OneOf:
-    """A whole number that must be one of a few (`setting(one_of=...)`)."""
-
-    choices: tuple[int, ...]
-
-    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
-        return core_schema.no_info_after_validator_function(self.check, handler(source))
-
-    def check(self, value: int) -> int:
-        if value not in self.choices:
+        if self.choices and value not in self.choices:
             raise PydanticCustomError("one_of", "it must be {choices}", {"choices": self.words()})
         return value
 
@@ -108,34 +96,19 @@ def setting(
         return Field(default_factory=lambda: copy.deepcopy(default), description=help)
     given = {"ge": at_least, "gt": more_than, "le": at_most, "lt": less_than, "multiple_of": multiple_of}
     limits = {key: limit for key, limit in given.items() if limit is not None}
-    if isinstance(default, tuple):
-        info = Field(default, description=help)
-        info.metadata.append(EachNumber(limits))
-        return info
-    info = Field(default, description=help, **limits)
-    if one_of:
-        info.metadata.append(OneOf(one_of))
+    ranged = isinstance(default, tuple)  # pydantic's constraints are on a value, not on each number of a range
+    info = Field(default, description=help, **({} if ranged else limits))
+    if ranged or one_of:
+        info.metadata.append(Within(limits if ranged else {}, one_of))
     return info
 
 
 def limits_of(info: Any) -> dict[str, float]:
     """A field's limits, by pydantic's names (`ge`, `gt`, `le`, `lt`, `multiple_of`; a range's: those of each of its
-    numbers)."""
+    numbers), in the order of `LIMITS`."""
     found: dict[str, float] = {}
-    for m in info.metadata:
-        match m:
-            case EachNumber(limits=limits):
-                found.update(limits)
-            case Ge(ge=x):
-                found["ge"] = x
-            case Gt(gt=x):
-                found["gt"] = x
-            case Le(le=x):
-                found["le"] = x
-            case Lt(lt=x):
-                found["lt"] = x
-            case MultipleOf(multiple_of=x):
-                found["multiple_of"] = x
+    for m in info.metadata:  # pydantic's constraints (annotated_types' Ge, Gt, ...), or ours
+        found |= m.limits if isinstance(m, Within) else {key: getattr(m, key) for key in LIMITS if hasattr(m, key)}
     return {key: found[key] for key in LIMITS if key in found}
 
 
