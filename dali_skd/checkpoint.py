@@ -4,6 +4,9 @@ scaler, finished epochs, RNG state, the run's config, its classes and preprocess
 batches were drawn from, so resuming is one code path. Written atomically (`files.open_atomic`); read with
 `weights_only=True` (tensors and plain containers only), every field checked: a checkpoint may come from anyone.
 
+`CheckpointSaver` is the one owner of a training run's checkpoint policy: what last.pt and best.pt hold, when each is
+written, and where a resumed run starts (`resume_state` reads and checks last.pt first).
+
 `TrainedRun` is a finished run as every command that applies one sees it: `TrainedRun.load(path)` gives its
 classifier, method, config, classes and preprocessing, and an `EvalLoader` that cuts clips as it was trained. `path`
 may also be a folder `cli.py export` wrote (`exported.py`): its classifier, without the method's heads.
@@ -11,6 +14,7 @@ may also be a folder `cli.py export` wrote (`exported.py`): its classifier, with
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -21,18 +25,49 @@ from typing import Any
 
 import torch
 
-from dali_skd.config import ClipConfig, TrainConfig, from_dict
+from dali_skd.config import (
+    ClipConfig,
+    LoaderConfig,
+    TrackConfig,
+    TrainConfig,
+    changed_settings,
+    format_changes,
+    from_dict,
+    to_dict,
+)
+from dali_skd.data.augment import draw_layout
 from dali_skd.data.loader import EvalLoader
-from dali_skd.errors import DaliSkdError, InputError, MissingInput
+from dali_skd.data.source import data_stream
+from dali_skd.distributed import DistContext
+from dali_skd.errors import ConfigError, DaliSkdError, InputError, MissingInput, OutputExists
 from dali_skd.exported import EVALUATION_FIELDS, read_model_folder
 from dali_skd.files import open_atomic
 from dali_skd.format import PREPROCESSING_SETTINGS
 from dali_skd.methods import Method, build_method
 from dali_skd.models import ResNet3d, build_model
+from dali_skd.runtime import Runtime
+from dali_skd.step import TrainStep
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 2  # 2: the trained state without a kd teacher, config parts (`clip`, `optim`, ...), data stream
+
+# settings that may change when a run is resumed, as they leave the result as it was: where the shards and the run
+# are (moved to another disk), the device, how the loader runs (all of `loader`), logging (`track` too) and the number
+# of epochs; any other change is refused
+RESUMABLE_CHANGES = {
+    "out",
+    "epochs",
+    "resume",
+    "log_every",
+    "max_skipped_steps",
+    "data",
+    "train_shards",
+    "eval_shards",
+    "device",
+    *(f"loader.{f.name}" for f in dataclasses.fields(LoaderConfig)),
+    *(f"track.{f.name}" for f in dataclasses.fields(TrackConfig)),
+}
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -175,6 +210,160 @@ def validation_figures(state: dict[str, Any], path: str | Path) -> dict[str, flo
     return figures
 
 
+def resume_state(cfg: TrainConfig, ctx: DistContext) -> dict[str, Any] | None:
+    """The last.pt in `cfg.out` a run resumes from (`cfg.resume`), checked: its weights finite, drawn from the data
+    stream this code draws, trained with the settings of `cfg` (but `RESUMABLE_CHANGES`) for no more epochs than
+    `cfg.epochs`. None for a run that starts afresh; refused where one is there and `cfg.resume` is not given."""
+    path = Path(cfg.out) / "last.pt"
+    if not cfg.resume:
+        if path.exists():
+            raise OutputExists(f"{cfg.out} already holds a run: add --resume to continue it, or pass a new --out")
+        return None
+    if not path.exists():
+        if cfg.resume != "auto":
+            raise MissingInput(
+                f"--resume: {path} does not exist, so there is no run to continue: check --out, drop --resume "
+                "to start one there, or pass --resume auto (continue if there is one, else start)"
+            )
+        if ctx.is_main:
+            log.info("--resume auto: no %s yet, starting a new run", path)
+        return None
+    state = load_checkpoint(path)
+    check_finite(state["method"], path)
+    if state.get("data_stream") != data_stream():
+        draws = state.get("draws")
+        if not (isinstance(draws, list) and draws and all(isinstance(d, str) for d in draws)):
+            draws = ["(not recorded)"]
+        raise ConfigError(
+            f"{path} was trained on data stream {state.get('data_stream')!r:.40} (draws per view: "
+            f"{', '.join(draws):.300}), and this code draws "
+            f"stream {data_stream()!r} ({', '.join(draw_layout())}): resuming would go on with other clips and "
+            "augmentations than the run's; pass a new --out (or resume with the code that wrote it)"
+        )
+    changes = changed_settings(to_dict(run_config(state, path)), to_dict(cfg))
+    refused = {name: values for name, values in changes.items() if name not in RESUMABLE_CHANGES}
+    if refused:
+        raise ConfigError(
+            f"{path} was trained with other settings ({format_changes(refused)}): resume with the run's "
+            "settings (only where the data and the run are, how the loader runs, --log-every and --epochs may "
+            "change), or pass a new --out"
+        )
+    if state["epoch"] > cfg.epochs:
+        raise ConfigError(
+            f"{path} has trained {state['epoch']} epochs, more than --epochs {cfg.epochs}: resume with "
+            f"--epochs {state['epoch']} or more, or pass a new --out"
+        )
+    return state
+
+
+class CheckpointSaver:
+    """The one owner of a training run's checkpoint policy (as timm's `CheckpointSaver` is): what a checkpoint holds
+    (the parts of the run: its step's method, optimizer and scaler, its lr schedule, config, classes and
+    preprocessing), when one is written (`save_epoch`: last.pt after every epoch, best.pt first when that epoch's
+    validation is the best so far; `save_stopped`: last.pt when a signal stops an epoch, with its step and running
+    sums, a recovery point), which validation is the best (`validated`), and where a resumed run starts
+    (`restore`). Rank 0 writes; every rank keeps the same account."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        ctx: DistContext,
+        step: TrainStep,
+        scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
+        classes: list[str],
+        preprocessing: dict[str, Any],
+    ) -> None:
+        self.cfg, self.ctx, self.step, self.scheduler = cfg, ctx, step, scheduler
+        self.classes, self.preprocessing = classes, preprocessing
+        self.last, self.best = Path(cfg.out) / "last.pt", Path(cfg.out) / "best.pt"
+        self.best_top1, self.best_epoch = -1.0, 0
+        self.start_epoch, self.start_step = 0, 0  # where the run starts: a resumed one, where last.pt stopped
+        self.start_sums: dict[str, Any] | None = None  # the running sums of the steps before `start_step`
+
+    def restore(self, state: dict[str, Any], steps_per_epoch: int) -> None:
+        """The run where `state` (last.pt, `resume_state`) left it: weights, optimizer, schedule, scaler, RNG, the
+        best so far, and the epoch and step it goes on from. A mid-epoch checkpoint goes on only where the epoch's
+        batches are those it was cut from: as many processes, as many steps an epoch."""
+        self.step.method.load_trained_state(state["method"])
+        self.step.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step.scaler.load_state_dict(state["scaler"])
+        self.start_epoch, self.best_top1, self.best_epoch = state["epoch"], state["best_top1"], state["best_epoch"]
+        self.start_step, self.start_sums = state.get("step", 0), state.get("sums")
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.ctx.device.type == "cuda" and state["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if not self.start_step:
+            return
+        where = f"{self.last} stopped at step {self.start_step} of epoch {self.start_epoch + 1}"
+        if state["world"] != self.ctx.world:
+            raise ConfigError(
+                f"{where} with {state['world']} process(es), and this run has {self.ctx.world}: resume it with "
+                f"{state['world']} (each process reads its own part of the epoch)"
+            )
+        if state["steps_per_epoch"] != steps_per_epoch:
+            raise ConfigError(
+                f"{where} of {state['steps_per_epoch']} steps, and the data now gives {steps_per_epoch} steps an "
+                "epoch: resume it on the dataset it was trained on"
+            )
+
+    def validated(self, epoch: int, top1: float, finite: bool) -> bool:
+        """Whether epoch `epoch` (from 0), validated at `top1`, is the best so far (a model whose outputs were not
+        all `finite` never is: a NaN model "predicts" class 0); if so, it is kept as the best."""
+        if top1 > self.best_top1 and finite:
+            self.best_top1, self.best_epoch = top1, epoch + 1
+            return True
+        return False
+
+    def save_epoch(self, epoch: int, record: dict[str, Any], bad_samples: list[str]) -> None:
+        """After epoch `epoch` (from 0), its metrics line `record`: best.pt if it was the best, then last.pt, where
+        a resume starts, so that a disk full between the two leaves a pair a resume makes whole (it redoes the
+        epoch)."""
+        self._save(epoch + 1, bad_samples, record=record, best=self.best_epoch == epoch + 1)
+
+    def save_stopped(
+        self, epoch: int, step: int, sums: dict[str, Any], steps_per_epoch: int, bad_samples: list[str]
+    ) -> None:
+        """last.pt of epoch `epoch` (from 0) stopped after `step` of its `steps_per_epoch` steps, and their `sums`."""
+        where = {"step": step, "sums": sums, "steps_per_epoch": steps_per_epoch, "world": self.ctx.world}
+        self._save(epoch, bad_samples, where=where)
+
+    def _save(
+        self,
+        epochs: int,
+        bad_samples: list[str],
+        record: dict[str, Any] | None = None,
+        where: dict[str, Any] | None = None,
+        best: bool = False,
+    ) -> None:
+        if not self.ctx.is_main:
+            return
+        state = {
+            "method": self.step.method.trained_state(),  # the classifier is its "model." entries; no kd teacher
+            "optimizer": self.step.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.step.scaler.state_dict(),
+            "epoch": epochs,
+            "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
+            "config": to_dict(self.cfg),
+            "classes": self.classes,
+            "preprocessing": self.preprocessing,
+            "metrics": record or {},
+            "bad_samples": bad_samples,  # undecodable videos: a resumed run skips them from the start
+            "data_stream": data_stream(),  # the order of the random draws its batches came from
+            "draws": list(draw_layout()),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if self.ctx.device.type == "cuda" else [],
+            },
+            **(where or {}),
+        }
+        if best:
+            save_checkpoint(self.best, state)
+        save_checkpoint(self.last, state)
+
+
 @dataclass
 class TrainedRun:
     """A finished (or stopped) training run, from one of its checkpoints: its classifier on `device`, checked for
@@ -246,9 +435,16 @@ class TrainedRun:
         return method.to(self.device)
 
     def eval_loader(
-        self, data: str, split: str | None = None, *, clip: ClipConfig | None = None, **options: Any
+        self,
+        data: str,
+        split: str | None = None,
+        *,
+        clip: ClipConfig | None = None,
+        runtime: Runtime | None = None,
+        **options: Any,
     ) -> EvalLoader:
-        """An `EvalLoader` of `data`'s `split` (default: its held-out one) on this run's device, cutting the clips
-        as the run was trained (`clip`: otherwise). `options` go to the loader: batch_size, clips_per_video,
-        spatial_crops, loader, shards, dtype, rank, world."""
-        return EvalLoader(data, split, clip=clip or self.config.clip, device=self.device, **options)
+        """An `EvalLoader` of `data`'s `split` (default: its held-out one), cutting the clips as the run was trained
+        (`clip`: otherwise), on this run's device in fp32 (`runtime`: otherwise). `options` go to the loader:
+        batch_size, clips_per_video, spatial_crops, loader, shards."""
+        runtime = runtime or Runtime(self.device)
+        return EvalLoader(data, split, clip=clip or self.config.clip, runtime=runtime, **options)

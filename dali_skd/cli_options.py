@@ -16,7 +16,8 @@ from typing import Any, Literal, TypeVar
 
 import click
 
-from dali_skd.config import from_dict, read_settings, to_dict
+from dali_skd.config import read_settings, to_dict
+from dali_skd.settings import LIMITS, Within, from_dict, limits_of
 
 T = TypeVar("T")
 Path = tuple[str, ...]  # a field's names from the top: ("loader", "threads")
@@ -58,30 +59,14 @@ class _FlagOrChoice(click.Choice):
         return value if value is True else super().convert(value, param, ctx)
 
 
-class _Registered(click.Choice):
-    """A choice among the names a registry holds (`choices` metadata: a function giving them), asked for only when
-    a value is given or the help is shown: the registry may take seconds to import (`config.method_names`)."""
-
-    def __init__(self, names: Callable[[], list[str]]) -> None:
-        self._names = names
-
-    @functools.cached_property
-    def choices(self) -> list[str]:  # type: ignore[override]
-        return self._names()
-
-    case_sensitive = True
-
-
-def click_type(kind: Any, f: dataclasses.Field) -> tuple[Any, dict[str, Any]]:
+def click_type(kind: Any) -> tuple[Any, dict[str, Any]]:
     """The click type (and extra option settings) of a field's annotation."""
-    if "choices" in f.metadata:
-        return _Registered(f.metadata["choices"]), {}
     args = typing.get_args(kind)
     choices = [str(c) for a in args if typing.get_origin(a) is Literal for c in typing.get_args(a)]
     if typing.get_origin(kind) in (typing.Union, types.UnionType) and bool in args and choices:
         return _FlagOrChoice(choices), {"is_flag": False, "flag_value": True}
     if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args:
-        return click_type(next(a for a in args if a is not type(None)), dataclasses.field())
+        return click_type(next(a for a in args if a is not type(None)))
     if typing.get_origin(kind) is Literal:
         return click.Choice([str(a) for a in args]), {}
     if typing.get_origin(kind) is tuple:
@@ -95,14 +80,15 @@ def config_options(cls: type) -> Callable[[Callable], Callable]:
     defaults = to_dict(cls())  # a config's own defaults may differ from its parts' classes' (compare's --out)
 
     def decorate(command: Callable) -> Callable:
-        for path, f, kind in reversed(leaves(cls)):
+        for path, _, kind in reversed(leaves(cls)):
             default = functools.reduce(lambda node, key: node[key], path, defaults)
-            help_text = f"{f.metadata.get('help', '')}  [default: {_show(default)}{_limits(f)}]"
+            info = _field_info(cls, path)
+            help_text = f"{info.description}  [default: {_show(default)}{_limits(info)}]"
             if kind is bool:
                 decl = f"{flag(path)}/{flag(path, negated=True)}"
                 command = click.option(decl, _key(path), default=None, help=help_text)(command)
             else:
-                option_type, extra = click_type(kind, f)
+                option_type, extra = click_type(kind)
                 command = click.option(flag(path), _key(path), type=option_type, default=None, help=help_text, **extra)(
                     command
                 )
@@ -111,10 +97,17 @@ def config_options(cls: type) -> Callable[[Callable], Callable]:
     return decorate
 
 
-def _limits(f: dataclasses.Field) -> str:
-    """A setting's limits for its help: `; at least 1`, `; more than 0, at most 1`."""
-    words = {"at_least": "at least", "more_than": "more than", "at_most": "at most"}
-    said = [f"{text} {f.metadata[key]}" for key, text in words.items() if key in f.metadata]
+def _field_info(cls: type, path: Path) -> Any:
+    """The pydantic field (help, limits) of the setting at `path` of config `cls`."""
+    for name in path[:-1]:
+        cls = typing.get_type_hints(cls)[name]
+    return cls.__pydantic_fields__[path[-1]]
+
+
+def _limits(info: Any) -> str:
+    """A setting's limits for its help: `; at least 1`, `; more than 0, at most 1`, `; 1 or 3`."""
+    said = [f"{LIMITS[key][0]} {limit}" for key, limit in limits_of(info).items()]
+    said += [m.words() for m in info.metadata if isinstance(m, Within) and m.choices]
     return "; " + ", ".join(said) if said else ""
 
 

@@ -49,7 +49,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt
 
-from dali_skd.checkpoint import TrainedRun
+from dali_skd.checkpoint import RESUMABLE_CHANGES, TrainedRun
 from dali_skd.config import TrainConfig, TrainSettings, changed_settings, format_changes, load_json, to_dict
 from dali_skd.data.holdout import protocol
 from dali_skd.data.shards import load_manifest
@@ -61,7 +61,7 @@ from dali_skd.methods import METHODS
 from dali_skd.plot import read_metrics
 from dali_skd.signals import Stopped, stop_on_signals
 from dali_skd.tracking import check_tracking, open_tracker
-from dali_skd.training import RESUMABLE_CHANGES, Trainer, agreed_stop, main_rank_lock
+from dali_skd.training import Trainer, agreed_stop, main_rank_lock
 from dali_skd.verdicts import Paired, estimate, paired
 
 SUMMARY = ("top1_mean", "top1_std", "top5_mean", "top5_std")  # per row, to the comparison's tracked run
@@ -189,8 +189,6 @@ def run_comparison(plan: ComparisonPlan) -> CompareReport:
         raise ConfigError(
             f"compare: unknown method(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(METHODS)}"
         )
-    if plan.seeds < 1:
-        raise ConfigError(f"compare: --seeds must be 1 or more, not {plan.seeds}")
     check_tracking(base.track)
     started, cpu_started = time.perf_counter(), cpu_seconds()
     if base.track.to != "tensorboard":  # the comparison's runs, grouped
@@ -281,7 +279,7 @@ def _run(
     if ctx.is_main:
         log.info("compare: training %s -> %s", name, run_dir)
     started, cpu_started = time.perf_counter() - earlier, cpu_seconds() - earlier_cpu
-    summary = Trainer(train_cfg, ctx).run()
+    summary = Trainer.from_config(train_cfg, ctx).run()
     if ctx.is_main:
         log.info(summary.format())
     result = _evaluate(plan, run_dir / "best.pt", train_cfg, ctx)

@@ -1,42 +1,34 @@
 """The typed configuration: the parts several commands share (how clips are cut, how the loader runs, ...), the
 training run's settings, which are also the schema of a saved run (`config.json` in the run directory), and the
 preprocessing's. A command's own config (`dali_skd/commands/`) nests the parts it reads; every field is a flag:
-`--name` at the top, `--part.name` in a part (`cli_options`). Defaults are the paper's."""
+`--name` at the top, `--part.name` in a part (`cli_options`). Defaults are the paper's. Each config is declared and
+checked as `settings.py` says; the augmentations' settings live with their table (`data/augment.py`)."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
-import math
 import os
-import types
-import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from dali_skd.data.augment import AUGMENTATIONS, Augmentation
-from dali_skd.errors import ConfigError
+from dali_skd.data.augment import AugmentConfig
 from dali_skd.files import write_atomic
+from dali_skd.settings import ConfigError, from_dict, setting, settings
+
+T = TypeVar("T")
 
 Device = Literal["auto", "cuda", "cpu"]  # auto: the GPU when CUDA is available, else the CPU
 Amp = Literal["auto", "fp16", "bf16", "off"]  # auto: fp16 on CUDA, off (fp32) on the CPU
 # the pixel values the network sees (`data.source.INPUT_NORMS`): the paper's [-1, 1], or those of Hara et al.'s
 # Kinetics models (3D-ResNets-PyTorch), whose 2020 and 2018 releases were trained on different ones
 InputNorm = Literal["paper", "kinetics", "kinetics-2018"]
+# the training objectives of Table II; `methods.METHODS` gives each its class (a test checks that they agree)
+MethodName = Literal["baseline", "baseline-aug", "self-kd", "kd", "skd-srl"]
 
 
-def setting(default: Any, help: str, **meta: Any) -> Any:
-    """A config field with its CLI help text (`meta`: more for `cli_options`, e.g. `choices`; for a number, or each
-    number of a range, its limits `at_least`, `more_than`, `at_most`, checked wherever a config is read)."""
-    if isinstance(default, list | dict | tuple) or dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help, **meta})
-    return field(default=default, metadata={"help": help, **meta})
-
-
-@dataclass
+@settings
 class PreprocessConfig:
     dataset: Literal["ucf101", "hmdb51", "kinetics400", "folder", "synthetic"] = setting(
         "synthetic", "dataset adapter (its official file names and split files)"
@@ -46,21 +38,28 @@ class PreprocessConfig:
         None, "dataset root holding the videos (synthetic: where to write them; default OUT/videos)"
     )
     splits_dir: str | None = setting(None, "folder with the official split files (default: look under ROOT)")
-    split: int = setting(1, "official split number (UCF101, HMDB51: 1, 2 or 3)")
+    split: int = setting(1, "official split number (UCF101, HMDB51: 1, 2 or 3)", at_least=1)
     format: Literal["jpeg", "vp9"] = setting(
         "jpeg", "jpeg: strips of JPEG frames (fast to decode); vp9: webm, 2.5-4.5x smaller, 7x the CPU to decode"
     )
-    short_side: int = setting(128, "scale the shorter side of every frame to this many pixels")
-    fps: float | None = setting(None, "resample to this constant frame rate (default: the source's)")
-    quality: int | None = setting(
-        None, "jpeg: JPEG quality 1-100 (default 50; 90 before 2026-12); vp9: CRF 0-63 (default 32)"
+    short_side: int = setting(
+        128, "scale the shorter side of every frame to this many pixels", at_least=2, at_most=65535, multiple_of=2
     )
-    frames_per_jpeg: int = setting(8, "jpeg: consecutive frames stacked into one JPEG strip")
+    fps: float | None = setting(
+        None, "resample to this constant frame rate (default: the source's)", more_than=0, at_most=10_000
+    )
+    quality: int | None = setting(
+        None,
+        "jpeg: JPEG quality 1-100 (default 50; 90 before 2026-12); vp9: CRF 0-63 (default 32)",
+        at_least=0,
+        at_most=100,
+    )
+    frames_per_jpeg: int = setting(8, "jpeg: consecutive frames stacked into one JPEG strip", at_least=1, at_most=1024)
     optimize_huffman: bool = setting(
         True, "jpeg: Huffman tables fitted to each strip (2-4% fewer bytes, the same pixels), else libjpeg's standard"
     )
-    shard_size_mb: float = setting(256.0, "start a new shard once one reaches this size")
-    workers: int = setting(os.cpu_count() or 1, "videos transcoded at once")
+    shard_size_mb: float = setting(256.0, "start a new shard once one reaches this size", more_than=0)
+    workers: int = setting(os.cpu_count() or 1, "videos transcoded at once", at_least=1)
     part: str | None = setting(None, "I/N: do the I-th of N deterministic parts (I from 1), e.g. one array job")
     limit: int | None = setting(
         None,
@@ -69,7 +68,9 @@ class PreprocessConfig:
         at_least=1,
     )
     resume: bool = setting(False, "continue an interrupted run in OUT; finished shards are kept")
-    val_fraction: float = setting(0.1, "folder: fraction of each class held out as the test split")
+    val_fraction: float = setting(
+        0.1, "folder: fraction of each class held out as the test split", at_least=0, less_than=1
+    )
     difficulty: Literal["normal", "hard"] = setting(
         "normal", "synthetic: normal, or hard (subtler motions, clutter, few videos in groups; for comparing methods)"
     )
@@ -79,21 +80,6 @@ class PreprocessConfig:
     )
     seed: int = setting(0, "seed for the synthetic videos and the order of samples in the shards")
     ffmpeg: str | None = setting(None, "ffmpeg binary (default: `ffmpeg` on PATH, else the one imageio-ffmpeg ships)")
-
-
-def augment_config(table: Mapping[str, Augmentation] = AUGMENTATIONS) -> type:
-    """The augmentations' settings, one field per probability and per parameter range of `table`: its flags
-    `--augment.p-NAME` and `--augment.NAME LO HI` follow from the table (`data/augment.py`)."""
-    fields: list[tuple[str, type, Any]] = []
-    for a in table.values():
-        fields.append((f"p_{a.name}", float, setting(a.p, f"probability of {a.what}", at_least=0, at_most=1)))
-        if a.range is not None:
-            fields.append((a.name, tuple[float, float], setting(a.range, a.range_help, **a.limits)))
-    doc = "The paper's augmentations (`data/augment.py`), each applied with its probability, one draw per clip."
-    return dataclasses.make_dataclass("AugmentConfig", fields, namespace={"__doc__": doc, "__module__": __name__})
-
-
-AugmentConfig = augment_config()
 
 
 # Settings several commands take, declared once.
@@ -131,7 +117,7 @@ def clips_per_video_field() -> Any:
     return setting(10, "clips per video, uniformly spaced", at_least=1)
 
 
-@dataclass
+@settings
 class ClipConfig:
     """How a clip is cut from a video, and the pixel values the network sees: what a model learns on. `eval`,
     `predict` and `features` take a checkpoint's unless told otherwise."""
@@ -149,7 +135,7 @@ class ClipConfig:
     )
 
 
-@dataclass
+@settings
 class LoaderConfig:
     """How the loader runs: none of it changes a clip, so a resumed run may change any of it."""
 
@@ -200,7 +186,7 @@ class LoaderConfig:
     )
 
 
-@dataclass
+@settings
 class SamplingConfig:
     """How training draws its samples."""
 
@@ -208,7 +194,7 @@ class SamplingConfig:
     same_clip: bool = setting(False, "make both views from one clip (default: two independently trimmed clips)")
 
 
-@dataclass
+@settings
 class OptimConfig:
     """SGD and the plateau schedule."""
 
@@ -222,7 +208,7 @@ class OptimConfig:
     )
 
 
-@dataclass
+@settings
 class ObjectiveConfig:
     tau: float = setting(10.0, "softmax temperature of the self-distillation target (Eq. 2)", more_than=0)
     alpha: float = setting(0.1, "weight of the KL term (Eq. 5)", at_least=0)
@@ -240,7 +226,7 @@ class ObjectiveConfig:
     )
 
 
-@dataclass
+@settings
 class TrackConfig:
     """Where a run is logged besides its folder (metrics.jsonl, tb/ for TensorBoard, curves.png): Weights & Biases or
     MLflow, from rank 0 (`tracking.py`). Their own variables set the rest: WANDB_ENTITY, WANDB_MODE=offline,
@@ -259,7 +245,7 @@ class TrackConfig:
     )
 
 
-@dataclass
+@settings
 class ScoreSettings:
     """What a command that scores videos with a trained run takes (`eval`, `predict`, `features`): the checkpoint,
     the clips and crops of a video, the batch, the precision and the device; the `clip` part, which defaults to the
@@ -271,7 +257,9 @@ class ScoreSettings:
     batch_size: int = setting(32, "clips per batch", at_least=1)
     clips_per_video: int = clips_per_video_field()
     spatial_crops: int = setting(
-        1, "windows per clip: 1 (the centre) or 3 (both ends and the centre of the long side, the Kinetics protocol)"
+        1,
+        "windows per clip: 1 (the centre) or 3 (both ends and the centre of the long side, the Kinetics protocol)",
+        one_of=(1, 3),
     )
     amp: Amp = amp_field()
     device: Device = device_field()
@@ -279,14 +267,7 @@ class ScoreSettings:
     loader: LoaderConfig = setting(LoaderConfig(), "data loading")
 
 
-def method_names() -> list[str]:
-    """The methods of Table II, from their one registry."""
-    from dali_skd.methods import METHODS  # torch: imported only when the names are asked for, not to parse flags
-
-    return list(METHODS)
-
-
-@dataclass
+@settings
 class TrainSettings:
     """A training run's settings but its method and seed: what every run of `compare` shares."""
 
@@ -339,13 +320,11 @@ class TrainSettings:
     loader: LoaderConfig = setting(LoaderConfig(), "data loading")
 
 
-@dataclass
+@settings
 class TrainConfig(TrainSettings):
     """`cli.py train`: one run. Also the schema of a saved run (its config.json, a checkpoint's "config")."""
 
-    method: str = setting(
-        "skd-srl", "training objective: the paper's method or one of its baselines", choices=method_names
-    )
+    method: MethodName = setting("skd-srl", "training objective: the paper's method or one of its baselines")
     seed: int = setting(0, "seed for weights, data order and augmentation draws", at_least=0)
     resume: bool | Literal["auto"] = setting(
         False, "continue from OUT/last.pt (it must exist); --resume auto: continue if OUT holds one, else start"
@@ -359,95 +338,8 @@ class TrainConfig(TrainSettings):
         return cls(**{**shared, **run})
 
 
-T = TypeVar("T")
-
-
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
-
-
-def from_dict(cls: type[T], raw: dict[str, Any], where: str = "config", flags: bool = False) -> T:
-    """Build `cls` from a (possibly partial) nested dict (a saved config, a checkpoint's: input from anyone); an
-    unknown key, or a value not of its setting's type or outside its limits, is an error that names it: by its
-    dotted path under `where`, or (`flags`: the command line's settings) as the flag that sets it."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} is {raw!r:.60}, not a group of settings")
-    kwargs: dict[str, Any] = {}
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    hints = typing.get_type_hints(cls)
-    for key, value in raw.items():
-        if key not in fields:
-            raise ConfigError(f"{where}: unknown setting {key!r} (known: {', '.join(fields)})")
-        sub = _nested_type(cls, key)
-        path = f"{where}.{key}" if where else key
-        if sub:
-            kwargs[key] = from_dict(sub, value, path, flags)
-        else:
-            name = "--" + path.replace("_", "-") if flags else path
-            kwargs[key] = _in_limits(fields[key], _checked(hints[key], value, name), name)
-    return cls(**kwargs)
-
-
-def _in_limits(f: dataclasses.Field, value: Any, name: str) -> Any:
-    """`value`, if it is no number, or a finite one within its setting's limits (`setting`'s `at_least`, `more_than`,
-    `at_most`); a range (LO, HI) also needs LO not above HI. Else a ValueError that names the setting."""
-    numbers = [x for x in (value if isinstance(value, tuple) else (value,)) if type(x) in (int, float)]
-    limits = [
-        (f.metadata.get("at_least"), lambda x, v: x >= v, "at least"),
-        (f.metadata.get("more_than"), lambda x, v: x > v, "more than"),
-        (f.metadata.get("at_most"), lambda x, v: x <= v, "at most"),
-    ]
-    shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
-    for x in numbers:
-        if not math.isfinite(x):
-            raise ConfigError(f"{name} is {shown}; it must be a finite number")
-        for limit, within, words in limits:
-            if limit is not None and not within(x, limit):
-                each = "each of its numbers" if isinstance(value, tuple) else "it"
-                raise ConfigError(f"{name} is {shown}; {each} must be {words} {limit}")
-    if isinstance(value, tuple) and len(numbers) == 2 and numbers[0] > numbers[1]:
-        raise ConfigError(f"{name} is {shown}; a range is LO HI, with LO not above HI")
-    return value
-
-
-def _checked(kind: Any, value: Any, where: str) -> Any:
-    """`value` if it is what annotation `kind` allows (a list read from JSON becomes a tuple), else a ValueError."""
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        for option in typing.get_args(kind):
-            try:
-                return _checked(option, value, where)
-            except ValueError:
-                continue
-    elif typing.get_origin(kind) is Literal:
-        if value in typing.get_args(kind) and type(value) in {type(a) for a in typing.get_args(kind)}:
-            return value
-    elif typing.get_origin(kind) is tuple:
-        items = typing.get_args(kind)
-        if isinstance(value, list | tuple) and len(value) == len(items):
-            return tuple(_checked(item, v, where) for item, v in zip(items, value, strict=True))
-    elif kind is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):  # int, str, bool, None
-        return value
-    raise ConfigError(f"{where} is {value!r:.60}, not {_kind(kind)}")
-
-
-def _kind(kind: Any) -> str:
-    """An annotation in words: `an integer`, `one of 'paper', 'kinetics'`, `a pair of numbers or None`."""
-    args = typing.get_args(kind)
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        return " or ".join(_kind(a) for a in args)
-    if typing.get_origin(kind) is Literal:
-        return "one of " + ", ".join(map(repr, args))
-    if typing.get_origin(kind) is tuple:
-        return f"a list of {len(args)} numbers"
-    return {int: "an integer", float: "a number", str: "text", bool: "true or false", type(None): "None"}[kind]
-
-
-def _nested_type(cls: type, name: str) -> type | None:
-    default = next(f for f in dataclasses.fields(cls) if f.name == name)
-    value = default.default_factory() if default.default_factory is not dataclasses.MISSING else None
-    return type(value) if dataclasses.is_dataclass(value) else None
 
 
 def save_json(cfg: Any, path: str | Path) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from dali_skd.errors import RunFailed
-from dali_skd.runtime import resolve_device
+from dali_skd.runtime import Precision, Runtime, resolve_device
 
 T = TypeVar("T")
 
@@ -29,6 +29,10 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def runtime(self, precision: Precision = "fp32", channels_last: bool = False) -> Runtime:
+        """What this process's loaders hand over: its part of the data, on its device, in `precision`."""
+        return Runtime(self.device, self.rank, self.world, precision, channels_last)
 
     @property
     def distributed(self) -> bool:

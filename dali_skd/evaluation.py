@@ -321,7 +321,7 @@ def evaluate_checkpoint(
     run = TrainedRun.load(path, ctx.device)
     reader = run.eval_loader(
         data, split, clip=clip, loader=loader or LoaderConfig(), shards=shards, batch_size=batch_size,
-        clips_per_video=clips_per_video, spatial_crops=spatial_crops, dtype=precision, rank=ctx.rank, world=ctx.world,
+        clips_per_video=clips_per_video, spatial_crops=spatial_crops, runtime=ctx.runtime(precision),
     )  # fmt: skip
     run.check_classes(reader.manifest.num_classes)
     result = evaluate(run.classifier, reader, ctx, precision, progress=progress, keep_scores=keep_scores)

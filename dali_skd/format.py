@@ -1,5 +1,6 @@
 """The shard format: what `preprocess` writes and the loader reads. docs/format.md documents it, the layout of a
-dataset folder included (its one description).
+dataset folder included (its one description), and docs/manifest.schema.json is its manifest's JSON Schema, made
+from the declarations here (`manifest_schema`) for other tools that check a dataset.
 
 One tar member group (one "sample") is one video:
 
@@ -13,20 +14,30 @@ One tar member group (one "sample") is one video:
 
 One member for all strips keeps a sample to three tar headers, and lets a reader fetch only the byte range of
 the strips a clip needs. Keys hold no dots (WebDataset and DALI split a member name at its first dot).
+
+A manifest and a sample's metadata are input from strangers: pydantic checks every field against its type here,
+which also says in words what the field holds (a message's "expected ...", the schema's descriptions), and
+`_check_manifest`/`_check_sample` check what one field cannot say alone. Fields this version does not know are
+ignored, with one warning per name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import logging
 import re
 import zlib
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
 
 from dali_skd.errors import InputError
 from dali_skd.files import write_atomic
@@ -35,15 +46,21 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FAILED_NAME = "failed.jsonl"
 SHARD_FORMATS = ("jpeg", "vp9")
-ShardFormat = Literal["jpeg", "vp9"]
 PREPROCESSING_SETTINGS = ("format", "short_side", "fps", "frames_per_jpeg", "quality", "optimize_huffman")  # manifest
 SHORT_VIDEO_FRAMES = 16  # the paper's clip length: shorter videos are counted (SplitInfo.short_videos) and looped
 
 STRIPS_EXT = "jpgs"
 VIDEO_EXT = "webm"
 
-_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-_PATH_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_./-]*$")  # a shard path: never an option, a URL or shell syntax
+KEY_PATTERN = r"^[A-Za-z0-9_-]+$"  # a sample key, a split's name
+# a shard path: relative, no '..' part and no '//', letters, digits and -_./ only, never starting like an option:
+# all that is ever put into a `pipe:` command or a URL
+PATH_PATTERN = r"^(?!(?:.*/)?\.\.(?:/|$))(?!.*//)[A-Za-z0-9_.][A-Za-z0-9_./-]*$"
+_KEY_RE, _PATH_RE = re.compile(KEY_PATTERN), re.compile(PATH_PATTERN)
+
+MAX_COUNT = 10**9  # samples of a split, frames of a video, labels: far beyond any dataset; more is a damaged file
+MAX_BYTES = 1 << 44  # of one shard
+MIN_SAMPLE_BYTES = 3 * 2 * 512  # three tar members, each a header block and at least one data block
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +70,9 @@ class FormatError(InputError):
 
 
 def check_relative_path(path: str, where: str = "shard path") -> str:
-    """`path` if it is a path inside a dataset (relative, no `..`, letters, digits and `-_./` only): what a manifest
-    may name, and all that is ever put into a `pipe:` command or a URL."""
-    if not isinstance(path, str) or not _PATH_RE.match(path) or ".." in path.split("/") or "//" in path:
+    """`path` if it is a path inside a dataset (`PATH_PATTERN`): what a manifest may name, and all that is ever put
+    into a `pipe:` command or a URL."""
+    if not isinstance(path, str) or not _PATH_RE.match(path):
         raise FormatError(
             f"{where} {json.dumps(path)[:80]} is refused: a dataset names its files by relative paths of letters, "
             "digits and -_./, without '..'"
@@ -98,33 +115,102 @@ def strip_checksums(media: bytes | memoryview, offsets: Sequence[int]) -> tuple[
     return tuple(zlib.crc32(view[a:b]) for a, b in itertools.pairwise(offsets))
 
 
-@dataclass(frozen=True)
-class SampleMeta:
+# -- the fields' types: each says in words what it holds (`description`), for messages and the schema -------------
+
+
+def _offsets_from_zero(offsets: tuple[int, ...]) -> tuple[int, ...]:
+    if offsets and (offsets[0] != 0 or any(b < a for a, b in itertools.pairwise(offsets))):
+        raise PydanticCustomError("expected", "byte offsets from 0, never decreasing")
+    return offsets
+
+
+Count = Annotated[int, Strict(), Field(ge=0, le=MAX_COUNT, description="a count ≥ 0")]
+Frames = Annotated[int, Strict(), Field(ge=1, le=MAX_COUNT, description="a count ≥ 1")]
+Side = Annotated[int, Strict(), Field(ge=1, le=65535, description="a whole number from 1 to 65,535")]
+FramesPerJpeg = Annotated[int, Strict(), Field(ge=0, le=1024, description="a whole number from 0 to 1,024")]
+Quality = Annotated[int, Strict(), Field(ge=0, le=100, description="a whole number from 0 to 100")]
+Bytes = Annotated[int, Strict(), Field(ge=0, le=MAX_BYTES, description=f"a whole number from 0 to {MAX_BYTES:,}")]
+Text = Annotated[str, Strict(), Field(min_length=1, description="a non-empty string")]
+Fps = Annotated[float, Strict(), Field(gt=0, le=10_000, description="a number > 0 and ≤ 10000")]
+Seconds = Annotated[
+    float, Strict(), Field(ge=0, le=MAX_COUNT, description=f"a number of seconds ≥ 0 and ≤ {MAX_COUNT:g}")
+]
+ShardFormat = Annotated[Literal["jpeg", "vp9"], Field(description='"jpeg" or "vp9"')]
+Crc32 = Annotated[int, Strict(), Field(ge=0, lt=1 << 32, description="a CRC-32, a whole number from 0 to 2^32 - 1")]
+ShardPath = Annotated[
+    str, Strict(), Field(pattern=PATH_PATTERN, description="a relative path of letters, digits and -_./, without '..'")
+]
+SplitName = Annotated[str, Field(pattern=KEY_PATTERN, description="names of letters, digits, '_' and '-' only")]
+StripOffsets = Annotated[
+    tuple[Annotated[int, Strict(), Field(ge=0, le=MAX_BYTES)], ...],
+    AfterValidator(_offsets_from_zero),
+    Field(description="a list of byte offsets"),
+]
+Checksums = Annotated[tuple[Crc32, ...], Field(description="a list of CRC-32s")]
+
+# a record of the format: a field it does not know is ignored, once said; a shard path is checked by Python's `re`
+# (the pattern looks ahead, which pydantic's own regex engine does not)
+RECORD = ConfigDict(extra="ignore", allow_inf_nan=False, regex_engine="python-re")
+_unknown_warned: set[tuple[str, str]] = set()
+
+
+class _Record:
+    """What every record of the format does with a field it does not know: says so, once, and ignores it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warn_unknown(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            for name in sorted(raw.keys() - cls.__dataclass_fields__.keys()):
+                if (cls.__name__, name) not in _unknown_warned:
+                    _unknown_warned.add((cls.__name__, name))
+                    log.warning("%s field %r is unknown to this dali-skd (a newer one's?): ignored", cls.__name__, name)
+        return raw
+
+
+# what the JSON Schema says beyond each field's type (`_check_manifest` checks it, and what no schema can say: sums)
+_STRIPS_OF_JPEG = {
+    "if": {"properties": {"format": {"const": "jpeg"}}, "required": ["format"]},
+    "then": {"properties": {"frames_per_jpeg": {"minimum": 1}}},
+}
+_SHARDS_OF_SAMPLES = {
+    "if": {"properties": {"samples": {"minimum": 1}}, "required": ["samples"]},
+    "then": {"properties": {"shards": {"minItems": 1}}, "required": ["shards"]},
+}
+
+
+@dataclass(frozen=True, config=RECORD)
+class SampleMeta(_Record):
     """The `<key>.json` member of a sample."""
 
-    label: int
-    label_name: str
-    source: str  # the video's path relative to the dataset root
-    frames: int  # frames stored
-    fps: float
-    width: int  # of one stored frame
-    height: int
+    label: Count
+    label_name: Text
+    source: Text  # the video's path relative to the dataset root
+    frames: Frames  # frames stored
+    fps: Fps
+    width: Side  # of one stored frame
+    height: Side
     format: ShardFormat = "jpeg"
-    frames_per_jpeg: int = 0  # 0 for vp9
-    strip_offsets: tuple[int, ...] = ()  # jpeg: strip i is bytes [strip_offsets[i], strip_offsets[i + 1]) of .jpgs
-    strip_crc32: tuple[int, ...] = ()  # jpeg: CRC-32 of each strip (empty in shards written before checksums)
-    media_crc32: int | None = None  # vp9: CRC-32 of the .webm member (None in shards written before checksums)
+    frames_per_jpeg: FramesPerJpeg = 0  # 0 for vp9
+    strip_offsets: StripOffsets = ()  # jpeg: strip i is bytes [strip_offsets[i], strip_offsets[i + 1]) of .jpgs
+    strip_crc32: Checksums = ()  # jpeg: CRC-32 of each strip (empty in shards written before checksums)
+    media_crc32: Crc32 | None = None  # vp9: CRC-32 of the .webm member (None in shards written before checksums)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> SampleMeta:
+        """The metadata a sample's `.json` member holds, every field checked; a FormatError naming `where`."""
         try:
-            raw = json.loads(data)
-        except ValueError as e:
-            raise FormatError(f"{where}: unreadable sample metadata ({e})") from e
-        return parse_checked(cls, raw, where, _check_sample)
+            meta = _adapter(cls).validate_json(data)
+        except ValidationError as e:
+            error = e.errors()[0]
+            if error["type"] == "json_invalid":
+                raise FormatError(f"{where}: unreadable sample metadata ({error['ctx']['error']})") from None
+            raise FormatError(_said(cls, error, where)) from None
+        _cross_checked(_check_sample, meta, where)
+        return meta
 
 
 def sample_members(key: str, meta: SampleMeta, media: bytes) -> list[tuple[str, bytes]]:
@@ -137,41 +223,50 @@ def sample_members(key: str, meta: SampleMeta, media: bytes) -> list[tuple[str, 
     ]
 
 
-@dataclass
-class ShardInfo:
-    path: str  # relative to the dataset directory, e.g. "train/shard-000000.tar"
-    samples: int
-    bytes: int
-    crc32: int | None = None  # of the whole file (None in manifests written before checksums)
+@dataclass(config=RECORD)
+class ShardInfo(_Record):
+    path: ShardPath  # relative to the dataset directory, e.g. "train/shard-000000.tar"
+    samples: Count
+    bytes: Bytes
+    crc32: Crc32 | None = None  # of the whole file (None in manifests written before checksums)
 
 
-@dataclass
-class SplitInfo:
-    samples: int = 0
-    frames: int = 0
-    short_videos: int = 0  # videos with fewer frames than one clip; the loader loops them
-    shards: list[ShardInfo] = field(default_factory=list)
-    seconds: float | None = None  # of video stored: frames / fps summed (None in manifests written before it)
-    source_bytes: int | None = None  # of the source files of the videos stored (None in manifests written before it)
+@dataclass(config=RECORD | ConfigDict(json_schema_extra=_SHARDS_OF_SAMPLES))
+class SplitInfo(_Record):
+    samples: Count = 0
+    frames: Bytes = 0
+    short_videos: Count = 0  # videos with fewer frames than one clip; the loader loops them
+    shards: Annotated[list[ShardInfo], Field(description="a list of shards")] = dataclasses.field(default_factory=list)
+    seconds: Seconds | None = None  # of video stored: frames / fps summed (None in manifests written before it)
+    source_bytes: Bytes | None = None  # of the source files of the videos stored (None in manifests written before it)
 
 
-@dataclass
-class ShardManifest:
+@dataclass(config=RECORD | ConfigDict(json_schema_extra=_STRIPS_OF_JPEG))
+class ShardManifest(_Record):
     """`manifest.json`: everything a reader needs to know about a preprocessed dataset."""
 
-    dataset: str
-    split_number: int | None
-    classes: list[str]  # label order: classes[label] is the name of label `label`
+    dataset: Text
+    split_number: Count | None
+    # label order: classes[label] is the name of label `label`
+    classes: Annotated[
+        list[Text], Field(min_length=1, description="a list of class names", json_schema_extra={"uniqueItems": True})
+    ]
     format: ShardFormat
-    frames_per_jpeg: int  # 0 for vp9
-    short_side: int
-    fps: float | None  # None: each video keeps its own (constant) frame rate
-    quality: int
-    splits: dict[str, SplitInfo]
-    optimize_huffman: bool = False  # jpeg: Huffman tables fitted to each strip (False in manifests written before)
-    failures: int = 0
-    tools: dict[str, str] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    frames_per_jpeg: FramesPerJpeg  # 0 for vp9
+    short_side: Side
+    fps: Fps | None  # None: each video keeps its own (constant) frame rate
+    quality: Quality
+    # a JSON Schema's patternProperties alone would let other names through: they are refused
+    splits: Annotated[
+        dict[SplitName, SplitInfo], Field(description="an object", json_schema_extra={"additionalProperties": False})
+    ]
+    # jpeg: Huffman tables fitted to each strip (False in manifests written before)
+    optimize_huffman: Annotated[bool, Strict(), Field(description="true or false")] = False
+    failures: Count = 0
+    tools: Annotated[dict[str, Annotated[str, Strict()]], Field(description="an object")] = dataclasses.field(
+        default_factory=dict
+    )
+    format_version: Literal[1] = FORMAT_VERSION
 
     @property
     def num_classes(self) -> int:
@@ -204,7 +299,12 @@ class ShardManifest:
                 f"{where} was written by shard format version {version}; this dali-skd reads version "
                 f"{FORMAT_VERSION}: re-run `python cli.py preprocess` into a new --out directory"
             )
-        return parse_checked(cls, raw, where, _check_manifest)
+        try:
+            manifest = _adapter(cls).validate_python(raw)
+        except ValidationError as e:
+            raise FormatError(_said(cls, e.errors()[0], where)) from None
+        _cross_checked(_check_manifest, manifest, where)
+        return manifest
 
     @classmethod
     def load(cls, directory: str | Path) -> ShardManifest:
@@ -225,37 +325,37 @@ class ShardManifest:
 
 
 # -- checking what a dataset says: its manifest and sample metadata are input from strangers -----------------------
-#
-# SCHEMA gives each field of the format's dataclasses a parser that checks (and converts) its JSON value; a field is
-# required unless its dataclass field has a default. Adding an optional field is its dataclass field plus one line
-# here. Fields this version does not know are ignored, with one warning per name.
 
-MAX_COUNT = 10**9  # samples of a split, frames of a video, labels: far beyond any dataset; more is a damaged file
-MAX_BYTES = 1 << 44  # of one shard
-MIN_SAMPLE_BYTES = 3 * 2 * 512  # three tar members, each a header block and at least one data block
 
-Parse = Callable[[Any, str], Any]  # a value checked (and converted), or _Invalid naming its field's path
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
 
 
 class _Invalid(Exception):
-    """A value that fails its check: its path in the document, what it is, what was expected."""
+    """A value that fails a check across fields: its path in the document, what it is, what was expected."""
 
     def __init__(self, path: str, value: Any, expected: str, found: str | None = None) -> None:
         super().__init__(path)
         self.path, self.expected = path, expected
-        self.found = found or ("is missing" if value is _MISSING else f"is {_shown(value)}")
-
-    def error(self, where: str) -> FormatError:
-        subject = f"{where}: {self.path}" if self.path else where
-        return FormatError(f"{subject} {self.found}; expected {self.expected}")
+        self.found = found or f"is {_shown(value)}"
 
 
-_MISSING = object()
+def _cross_checked(check: Any, record: Any, where: str) -> None:
+    try:
+        check(record)
+    except _Invalid as e:
+        raise FormatError(_message(where, e.path, e.found, e.expected)) from None
+
+
+def _message(where: str, path: str, found: str, expected: str) -> str:
+    subject = f"{where}: {path}" if path else where
+    return f"{subject} {found}; expected {expected}"
 
 
 def _shown(value: Any) -> str:
     """A JSON value in a message: scalars as JSON writes them (cut at 60 characters), containers by kind."""
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return f"a list of {len(value)}"
     if isinstance(value, dict):
         return "an object"
@@ -263,152 +363,51 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _count(low: int = 0, high: int = MAX_COUNT) -> Parse:
-    expected = f"a count ≥ {low}" if high == MAX_COUNT else f"a whole number from {low} to {high:,}"
-
-    def parse(value: Any, path: str) -> int:
-        if type(value) is not int or value < low:
-            raise _Invalid(path, value, expected)
-        if value > high:
-            raise _Invalid(path, value, f"at most {high:,} (no dataset holds more)" if high == MAX_COUNT else expected)
-        return value
-
-    return parse
-
-
-def _number(high: float) -> Parse:
-    def parse(value: Any, path: str) -> float:
-        if type(value) not in (int, float) or not 0 < value <= high:
-            raise _Invalid(path, value, f"a number > 0 and ≤ {high:g}")
-        return value
-
-    return parse
-
-
-def _seconds(value: Any, path: str) -> float:
-    if type(value) not in (int, float) or not 0 <= value <= MAX_COUNT:
-        raise _Invalid(path, value, f"a number of seconds ≥ 0 and ≤ {MAX_COUNT:g}")
-    return value
+def _said(cls: type, error: Any, where: str) -> str:
+    """One of pydantic's errors as a message: where in the document, what is there, and what the field holds, in the
+    words its type gives (`description` in the JSON Schema of `cls`)."""
+    loc = list(error["loc"])
+    named = bool(loc) and loc[-1] == "[key]"  # the name of one of an object's entries (a split's) is refused
+    if named:
+        loc = loc[:-2]
+    found = f"has {_shown(error['input'])}" if named else f"is {_shown(error['input'])}"
+    if error["type"] == "missing":
+        found, expected = "is missing", "a value"
+    elif error["type"] in ("dataclass_type", "dict_type"):
+        expected = "an object"
+    elif error["type"] == "expected":  # a check of ours, which says it
+        expected = error["msg"]
+    elif error["type"] == "less_than_equal" and error["ctx"]["le"] == MAX_COUNT:
+        expected = f"at most {MAX_COUNT:,} (no dataset holds more)"
+    else:
+        expected = _description(_adapter(cls).json_schema(), loc, named)
+    path = "".join(f"[{key}]" if isinstance(key, int) else f".{key}" for key in loc)
+    return _message(where, path.removeprefix("."), found, expected)
 
 
-def _text(value: Any, path: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise _Invalid(path, value, "a non-empty string")
-    return value
+def _description(schema: dict[str, Any], loc: list[Any], named: bool) -> str:
+    """The description of the value at `loc` in a JSON Schema (pydantic's: `$ref`s into `$defs`, `anyOf` for an
+    optional value), or (`named`) of the names of its entries."""
 
+    def resolved(node: dict[str, Any]) -> dict[str, Any]:
+        if "$ref" in node:
+            return resolved(schema["$defs"][node["$ref"].rsplit("/", 1)[-1]])
+        if "anyOf" in node and "description" not in node:
+            return resolved(next(branch for branch in node["anyOf"] if branch.get("type") != "null"))
+        return node
 
-def _boolean(value: Any, path: str) -> bool:
-    if type(value) is not bool:
-        raise _Invalid(path, value, "true or false")
-    return value
-
-
-def _string(value: Any, path: str) -> str:
-    if not isinstance(value, str):
-        raise _Invalid(path, value, "a string")
-    return value
-
-
-def _one_of(*choices: Any) -> Parse:
-    def parse(value: Any, path: str) -> Any:
-        if value not in choices or type(value) is bool:
-            raise _Invalid(path, value, " or ".join(json.dumps(c) for c in choices))
-        return value
-
-    return parse
-
-
-def _optional(inner: Parse) -> Parse:
-    return lambda value, path: None if value is None else inner(value, path)
-
-
-def _list_of(item: Parse, what: str, unique: bool = False) -> Parse:
-    def parse(value: Any, path: str) -> list[Any]:
-        if not isinstance(value, list):
-            raise _Invalid(path, value, what)
-        items = [item(v, f"{path}[{i}]") for i, v in enumerate(value)]
-        for i, v in enumerate(items):
-            if unique and v in items[:i]:
-                raise _Invalid(f"{path}[{i}]", v, f"a name not given before (it is {path}[{items.index(v)}] too)")
-        return items
-
-    return parse
-
-
-def _mapping(item: Parse, key_names: bool = False) -> Parse:
-    """An object of named entries; with `key_names`, names that sample keys can start with (splits)."""
-
-    def parse(value: Any, path: str) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise _Invalid(path, value, "an object")
-        for name in value:
-            if key_names and not _KEY_RE.match(name):
-                raise _Invalid(path, name, "names of letters, digits, '_' and '-' only", f"has {_shown(name)}")
-        return {name: item(v, f"{path}.{name}") for name, v in value.items()}
-
-    return parse
-
-
-def _shard_path(value: Any, path: str) -> str:
-    try:
-        return check_relative_path(value)
-    except FormatError:
-        raise _Invalid(path, value, "a relative path of letters, digits and -_./, without '..'") from None
-
-
-def _strip_offsets(value: Any, path: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(type(v) is int for v in value):
-        raise _Invalid(path, value, "a list of byte offsets")
-    if value and (value[0] != 0 or any(b < a for a, b in itertools.pairwise(value)) or value[-1] > MAX_BYTES):
-        raise _Invalid(path, value, "byte offsets from 0, never decreasing")
-    return tuple(value)
-
-
-def _crc32(value: Any, path: str) -> int:
-    if type(value) is not int or not 0 <= value < 1 << 32:
-        raise _Invalid(path, value, "a CRC-32, a whole number from 0 to 2^32 - 1")
-    return value
-
-
-def _checksums(value: Any, path: str) -> tuple[int, ...]:
-    return tuple(_list_of(_crc32, "a list of CRC-32s")(value, path))
-
-
-def _record(cls: type) -> Parse:
-    """A JSON object holding the fields of dataclass `cls`, each checked by SCHEMA[cls]."""
-    required = {
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    }
-
-    def parse(value: Any, path: str) -> Any:
-        if not isinstance(value, dict):
-            raise _Invalid(path, value, "an object")
-        table = SCHEMA[cls]
-        for name in sorted(required - value.keys()):
-            raise _Invalid(f"{path}.{name}" if path else name, _MISSING, "a value")
-        for name in sorted(value.keys() - table.keys()):
-            if (cls, name) not in _unknown_warned:
-                _unknown_warned.add((cls, name))
-                log.warning("%s field %r is unknown to this dali-skd (a newer one's?): ignored", cls.__name__, name)
-        known = {name: v for name, v in value.items() if name in table}
-        return cls(**{name: table[name](v, f"{path}.{name}" if path else name) for name, v in known.items()})
-
-    return parse
-
-
-_unknown_warned: set[tuple[type, str]] = set()
-
-
-def parse_checked(cls: type, raw: Any, where: str, cross_check: Callable[[Any], None]) -> Any:
-    """`raw` (parsed JSON) as a `cls`, every field checked; a FormatError naming `where`, the field and its value."""
-    try:
-        value = _record(cls)(raw, "")
-        cross_check(value)
-    except _Invalid as e:
-        raise e.error(where) from None
-    return value
+    node = schema
+    for key in loc:
+        node = resolved(node)
+        if isinstance(key, int):
+            node = node["items"]
+        elif "properties" in node:
+            node = node["properties"][key]
+        else:  # an entry of an object of named entries
+            node = node.get("additionalProperties") or next(iter(node["patternProperties"].values()))
+    if named:
+        node = resolved(node)["propertyNames"]
+    return node.get("description") or resolved(node)["description"]
 
 
 def _check_sample(meta: SampleMeta) -> None:
@@ -424,8 +423,10 @@ def _check_sample(meta: SampleMeta) -> None:
 
 
 def _check_manifest(manifest: ShardManifest) -> None:
-    if not manifest.classes:
-        raise _Invalid("classes", manifest.classes, "a list of class names")
+    for i, name in enumerate(manifest.classes):
+        if name in manifest.classes[:i]:
+            j = manifest.classes.index(name)
+            raise _Invalid(f"classes[{i}]", name, f"a name not given before (it is classes[{j}] too)")
     if manifest.format == "jpeg" and manifest.frames_per_jpeg < 1:
         raise _Invalid("frames_per_jpeg", manifest.frames_per_jpeg, "a count ≥ 1 for format jpeg")
     named: dict[str, str] = {}
@@ -447,48 +448,21 @@ def _check_manifest(manifest: ShardManifest) -> None:
             named[shard.path] = f"{at}.shards[{i}]"
 
 
-SCHEMA: dict[type, dict[str, Parse]] = {
-    SampleMeta: {
-        "label": _count(),
-        "label_name": _text,
-        "source": _text,
-        "frames": _count(1),
-        "fps": _number(10_000),
-        "width": _count(1, 65535),
-        "height": _count(1, 65535),
-        "format": _one_of(*SHARD_FORMATS),
-        "frames_per_jpeg": _count(0, 1024),
-        "strip_offsets": _strip_offsets,
-        "strip_crc32": _checksums,
-        "media_crc32": _optional(_crc32),
-    },
-    ShardInfo: {
-        "path": _shard_path,
-        "samples": _count(),
-        "bytes": _count(0, MAX_BYTES),
-        "crc32": _optional(_crc32),
-    },
-    SplitInfo: {
-        "samples": _count(),
-        "frames": _count(0, MAX_BYTES),
-        "short_videos": _count(),
-        "shards": _list_of(_record(ShardInfo), "a list of shards"),
-        "seconds": _optional(_seconds),
-        "source_bytes": _optional(_count(0, MAX_BYTES)),
-    },
-    ShardManifest: {
-        "dataset": _text,
-        "split_number": _optional(_count()),
-        "classes": _list_of(_text, "a list of class names", unique=True),
-        "format": _one_of(*SHARD_FORMATS),
-        "frames_per_jpeg": _count(0, 1024),
-        "short_side": _count(1, 65535),
-        "fps": _optional(_number(10_000)),
-        "quality": _count(0, 100),
-        "splits": _mapping(_record(SplitInfo), key_names=True),
-        "optimize_huffman": _boolean,
-        "failures": _count(),
-        "tools": _mapping(_string),
-        "format_version": _one_of(FORMAT_VERSION),
-    },
-}
+def manifest_schema() -> dict[str, Any]:
+    """The JSON Schema of manifest.json (docs/manifest.schema.json), made from the declarations above."""
+    schema = _adapter(ShardManifest).json_schema()
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "dali-skd manifest.json",
+        "description": (
+            f"A preprocessed dataset's manifest, shard format version {FORMAT_VERSION} (docs/format.md). Made by "
+            "`dali_skd.format.manifest_schema`. What no JSON Schema can say, dali-skd checks when it reads one: a "
+            "split's samples are those its shards hold, a shard holds no more samples than its bytes can (3072 bytes "
+            "each), and no shard is listed twice."
+        ),
+        **{key: value for key, value in schema.items() if key not in ("title", "description")},
+    }
+
+
+if __name__ == "__main__":  # python -m dali_skd.format > docs/manifest.schema.json
+    print(json.dumps(manifest_schema(), indent=2, ensure_ascii=False))

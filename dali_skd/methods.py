@@ -11,7 +11,7 @@
 A method holds `model` (encoder + `fc`: what evaluation uses, the "model." entries of a checkpoint's "method")
 and its own heads. `step.build_train_step` trains the parameters that take gradients; a checkpoint keeps
 `method.trained_state()`. The kd teacher is a frozen submodule (no gradients, always in eval mode) that comes from
-`--teacher`: it is in neither. `METHODS` is the one registry of the methods' names.
+`--teacher`: it is in neither. `METHODS` is the one registry of the methods, by the names `config.MethodName` lists.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from dali_skd.config import ObjectiveConfig
+from dali_skd.config import MethodName, ObjectiveConfig
 from dali_skd.errors import ConfigError, InputError
 from dali_skd.models import ResNet3d
 from dali_skd.objective import Loss, cross_entropy_loss, hinton_kd_loss, self_kd_loss, skd_srl_loss
@@ -173,7 +173,7 @@ class KnowledgeDistillation(Method):
         return MethodOutput.of(loss, logits)
 
 
-METHODS: dict[str, type[Method]] = {
+METHODS: dict[MethodName, type[Method]] = {  # in `config.MethodName`'s order
     "baseline": CrossEntropy,
     "baseline-aug": AugmentedCrossEntropy,
     "self-kd": SelfKD,

@@ -1,5 +1,5 @@
-"""Fine-tuning from pretrained weights: `--init` reads them into a fresh model, `--optim.lr-backbone` sets the
-encoder's share of the learning rate (`--freeze` lives on the model: `ResNet3d.freeze`).
+"""Fine-tuning from pretrained weights: `--init` reads them into a fresh model (`--optim.lr-backbone`, the encoder's
+share of the learning rate, lives with the step: `step.param_groups`; `--freeze` on the model: `ResNet3d.freeze`).
 
 `--init` reads, with `torch.load(weights_only=True)` only (or, for a folder, safetensors):
 - this project's checkpoints (`checkpoint.py`) and the folders `cli.py export` writes (`exported.py`);
@@ -21,15 +21,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from dali_skd.checkpoint import checked_state, classifier_state, load_failure, nonfinite_tensors, refused_global
-from dali_skd.errors import ConfigError, InputError, MissingInput
+from dali_skd.errors import InputError, MissingInput
 from dali_skd.exported import read_model_folder
-from dali_skd.methods import Method
 from dali_skd.models import MODELS, Bottleneck, ResNet3d
 
 COUNTER = "num_batches_tracked"
@@ -185,18 +183,3 @@ def init_from_pretrained(model: ResNet3d, path: str | Path) -> InitReport:
         )
     model.load_state_dict({**ours, **{k: weights[k] for k in report.loaded}})
     return report
-
-
-def param_groups(method: Method, lr: float, lr_backbone: float) -> list[dict[str, Any]]:
-    """The optimizer's parameter groups: `fc` and the method's heads at `lr` (the first group, whose lr the
-    metrics show), the encoder at `lr_backbone` x `lr`; the plateau schedule scales both. Frozen parameters are
-    left out."""
-    if lr_backbone < 0:
-        raise ConfigError(f"--optim.lr-backbone must be >= 0 (a factor on --optim.lr), got {lr_backbone}")
-    trained = [p for p in method.parameters() if p.requires_grad]
-    encoder = {id(p) for p in method.model.encoder_parameters()}
-    groups = [
-        {"params": [p for p in trained if id(p) not in encoder], "lr": lr},
-        {"params": [p for p in trained if id(p) in encoder], "lr": lr * lr_backbone},
-    ]
-    return [g for g in groups if g["params"]]

@@ -18,7 +18,7 @@ import logging
 import os
 import re
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 import torch
@@ -43,6 +43,19 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda":
         raise RunFailed("--device cuda was asked for, but PyTorch sees no CUDA GPU: use --device cpu (or auto)")
     return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and in what form a loader hands its clips over: the device, this process's `rank` of `world` (each
+    reads its own part of the shards), the views' precision, and whether they are channels_last_3d (N x C x T x H x W
+    views of N x T x H x W x C memory). `DistContext.runtime` gives a torchrun process's."""
+
+    device: torch.device = field(default_factory=lambda: resolve_device("auto"))
+    rank: int = 0
+    world: int = 1
+    precision: Precision = "fp32"
+    channels_last: bool = False
 
 
 def resolve_precision(amp: str, device: torch.device) -> Precision:

@@ -1,21 +1,20 @@
 """One training step, the trainer's and the benchmark's (`bench --train.arch` times this very step): the method's
-loss under autocast, backward through the grad scaler, the SGD step. `build_train_step` sets up what it needs
-from a `TrainConfig`: the method around a model, SGD with `pretrained.param_groups`, the scaler."""
+loss under autocast, backward through the grad scaler, the SGD step. `build_train_step` sets up what it needs from
+its parts (a method around its model, the optimizer settings, the precision): SGD over `param_groups`, the scaler."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dali_skd.config import TrainConfig
-from dali_skd.methods import Method, MethodOutput, build_method
-from dali_skd.models import ResNet3d
-from dali_skd.pretrained import param_groups
-from dali_skd.runtime import Precision, autocast, resolve_precision
+from dali_skd.config import OptimConfig
+from dali_skd.methods import Method, MethodOutput
+from dali_skd.runtime import Precision, autocast
 
 
 @dataclass
@@ -42,19 +41,17 @@ class TrainStep:
 
 
 def build_train_step(
-    cfg: TrainConfig,
-    model: ResNet3d,
-    num_classes: int,
+    method: Method,
+    optim: OptimConfig,
+    precision: Precision,
     device: torch.device,
-    teacher: nn.Module | None = None,
+    channels_last: bool = False,
     distributed: bool = False,
 ) -> TrainStep:
-    """`cfg.method` around `model` on `device` (channels_last_3d on CUDA with `cfg.channels_last`), inside
+    """`method` (`methods.build_method`) on `device` (channels_last_3d on CUDA with `channels_last`), inside
     DistributedDataParallel when `distributed` (a kd teacher, frozen, is left out of its gradient reduction); SGD
-    with `cfg.optim`'s lr, `lr_backbone`, momentum and weight decay; a grad scaler, on for fp16."""
-    precision = resolve_precision(cfg.amp, device)
-    channels_last = cfg.channels_last and device.type == "cuda"
-    method = build_method(cfg.method, model, num_classes, cfg.objective, teacher)
+    with `optim`'s lr, `lr_backbone`, momentum and weight decay; a grad scaler, on for fp16."""
+    channels_last = channels_last and device.type == "cuda"
     method.to(device)
     if channels_last:
         method.to(memory_format=torch.channels_last_3d)
@@ -65,7 +62,6 @@ def build_train_step(
         if distributed
         else method
     )
-    optim = cfg.optim
     optimizer = torch.optim.SGD(
         param_groups(method, optim.lr, optim.lr_backbone),
         lr=optim.lr,
@@ -74,3 +70,16 @@ def build_train_step(
     )
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     return TrainStep(method, net, optimizer, scaler, precision, channels_last, device)
+
+
+def param_groups(method: Method, lr: float, lr_backbone: float) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: `fc` and the method's heads at `lr` (the first group, whose lr the
+    metrics show), the encoder at `lr_backbone` x `lr`; the plateau schedule scales both. Frozen parameters are
+    left out."""
+    trained = [p for p in method.parameters() if p.requires_grad]
+    encoder = {id(p) for p in method.model.encoder_parameters()}
+    groups = [
+        {"params": [p for p in trained if id(p) not in encoder], "lr": lr},
+        {"params": [p for p in trained if id(p) in encoder], "lr": lr * lr_backbone},
+    ]
+    return [g for g in groups if g["params"]]

@@ -1,5 +1,6 @@
 """The trainer: SGD over the DALI loader with mixed precision, per-epoch validation driving the lr plateau
-schedule, checkpoints that resume exactly, and one process per GPU under torchrun.
+schedule, checkpoints that resume exactly, and one process per GPU under torchrun. `Trainer` runs the loop over its
+parts; `Trainer.from_config` assembles them (the step: `step.py`; the checkpoint policy: `checkpoint.CheckpointSaver`).
 
 RUN_DIR after a run: config.json, metrics.jsonl (a line per epoch), tb/ (TensorBoard), last.pt, best.pt,
 curves.png, and .lock (held by the run that writes there: `files.lock_directory`); with `--track.to wandb|mlflow`,
@@ -10,15 +11,14 @@ A run survives what a cluster does to it:
   epoch and the epoch's running sums (`EpochSums`), and `Stopped` is raised: `--resume` goes on from that step with
   the batches, RNG and schedule of an uninterrupted run, to the same weights. Under torchrun the ranks agree to
   stop at the next check (`--log-every` steps: a collective every step would cost every step).
-- A run resumes only with the settings it was trained with (but those of `RESUMABLE_CHANGES`) and on the stream of
-  draws it was trained on (`source.data_stream`): never silently on another.
+- A run resumes only with the settings it was trained with (but `checkpoint.RESUMABLE_CHANGES`) and on the stream
+  of draws it was trained on (`source.data_stream`): never silently on another.
 - A loss that is not finite, a checkpoint whose weights would not be, or `max_skipped_steps` fp16 steps in a row
   skipped by the grad scaler stop the run (`Diverged`); a validation with non-finite outputs is never the best.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import logging
@@ -31,60 +31,27 @@ from typing import Any
 
 import torch
 
-from dali_skd.checkpoint import (
-    TrainedRun,
-    check_finite,
-    load_checkpoint,
-    nonfinite_tensors,
-    run_config,
-    save_checkpoint,
-)
-from dali_skd.config import (
-    LoaderConfig,
-    TrackConfig,
-    TrainConfig,
-    changed_settings,
-    format_changes,
-    save_json,
-    to_dict,
-)
-from dali_skd.data.augment import draw_layout
+from dali_skd.checkpoint import CheckpointSaver, TrainedRun, nonfinite_tensors, resume_state
+from dali_skd.config import TrainConfig, save_json
 from dali_skd.data.holdout import protocol, training_holdout
 from dali_skd.data.loader import EvalLoader, TrainLoader
 from dali_skd.data.shards import load_manifest
-from dali_skd.data.source import data_stream
 from dali_skd.distributed import DistContext, init_distributed, shutdown
-from dali_skd.errors import ConfigError, MissingInput, OutputExists, RunFailed
+from dali_skd.errors import RunFailed
 from dali_skd.evaluation import EvalResult, evaluate, topk_hits
 from dali_skd.files import DirectoryBusy, append_line, lock_directory, write_atomic
 from dali_skd.memory import check_training_memory, training_memory
-from dali_skd.methods import method_class
+from dali_skd.methods import build_method
 from dali_skd.models import build_model
 from dali_skd.plot import parse_metrics, plot_curves
 from dali_skd.pretrained import init_from_pretrained
 from dali_skd.progress import Progress, duration
+from dali_skd.runtime import resolve_precision
 from dali_skd.signals import Stopped, stop_on_signals, stop_requested, work_saved
-from dali_skd.step import build_train_step
+from dali_skd.step import TrainStep, build_train_step
 from dali_skd.tracking import Tracker, check_tracking, track_training
 
 log = logging.getLogger(__name__)
-
-# settings that may change when a run is resumed, as they leave the result as it was: where the shards and the run
-# are (moved to another disk), the device, how the loader runs (all of `loader`), logging (`track` too) and the number
-# of epochs; any other change is refused
-RESUMABLE_CHANGES = {
-    "out",
-    "epochs",
-    "resume",
-    "log_every",
-    "max_skipped_steps",
-    "data",
-    "train_shards",
-    "eval_shards",
-    "device",
-    *(f"loader.{f.name}" for f in dataclasses.fields(LoaderConfig)),
-    *(f"track.{f.name}" for f in dataclasses.fields(TrackConfig)),
-}
 
 
 @dataclass
@@ -129,13 +96,12 @@ class Diverged(RunFailed):
 
 
 def train(cfg: TrainConfig) -> TrainSummary:
-    method_class(cfg.method)  # an unknown method, or a tracker not installed, is said before anything starts
-    check_tracking(cfg.track)
+    check_tracking(cfg.track)  # a tracker not installed is said before anything starts
     with stop_on_signals():  # until the process group is gone too
         ctx = init_distributed(cfg.device)
         try:
             with main_rank_lock(ctx, Path(cfg.out)):
-                return Trainer(cfg, ctx).run()
+                return Trainer.from_config(cfg, ctx).run()
         finally:
             shutdown(ctx)
 
@@ -211,15 +177,33 @@ class EpochSums:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, ctx: DistContext) -> None:
-        self.cfg, self.ctx, self.out = cfg, ctx, Path(cfg.out)
-        manifest = load_manifest(cfg.data, cfg.loader.read_timeout)
-        self.classes = manifest.classes
-        self.preprocessing = manifest.preprocessing()  # saved with the model, for `cli.py predict`
-        resume = self._resume_state() if cfg.resume else None
-        if resume is None and (self.out / "last.pt").exists():
-            raise OutputExists(f"{self.out} already holds a run: add --resume to continue it, or pass a new --out")
+    """A training run from its parts: the step (method, optimizer, scaler, precision), the lr schedule, the two
+    loaders and the checkpoint saver, which holds where a resumed run starts. `from_config` assembles them."""
 
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        ctx: DistContext,
+        step: TrainStep,
+        scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
+        train_loader: TrainLoader,
+        val_loader: EvalLoader,
+        checkpoints: CheckpointSaver,
+    ) -> None:
+        self.cfg, self.ctx, self.out = cfg, ctx, Path(cfg.out)
+        self.train_step, self.scheduler, self.checkpoints = step, scheduler, checkpoints
+        self.method, self.optimizer = step.method, step.optimizer
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.writer = None  # TensorBoard, rank 0 only
+        self.tracker = Tracker()  # W&B or MLflow (`--track.to`): rank 0's, opened as the run starts
+        self.optimizer_steps = self.skipped_in_a_row = 0  # a step the grad scaler skips does not step the optimizer
+        self.optimizer.register_step_post_hook(self._count_optimizer_step)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, ctx: DistContext) -> Trainer:
+        """The run `cfg` says, on this process of `ctx`: resumed from its last.pt when `cfg.resume` asks for it."""
+        manifest = load_manifest(cfg.data, cfg.loader.read_timeout)
+        resume = resume_state(cfg, ctx)
         torch.manual_seed(cfg.seed)
         teacher = None
         if cfg.teacher:
@@ -232,157 +216,86 @@ class Trainer:
                 if note := report.input_norm_note(cfg.clip.norm):
                     log.warning(note)
         model.freeze(cfg.freeze)
-        step = build_train_step(cfg, model, manifest.num_classes, ctx.device, teacher, ctx.distributed)
-        self.train_step = step
-        self.method, self.optimizer, self.scaler = step.method, step.optimizer, step.scaler
-        self.precision, self.channels_last = step.precision, step.channels_last
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="max", factor=cfg.optim.lr_factor, patience=cfg.optim.lr_patience
+        method = build_method(cfg.method, model, manifest.num_classes, cfg.objective, teacher)
+        precision = resolve_precision(cfg.amp, ctx.device)
+        step = build_train_step(method, cfg.optim, precision, ctx.device, cfg.channels_last, ctx.distributed)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            step.optimizer, mode="max", factor=cfg.optim.lr_factor, patience=cfg.optim.lr_patience
         )
-        self.start_epoch, self.best_top1, self.best_epoch = 0, -1.0, 0
-        self.start_step, self.start_sums = 0, None  # where in its epoch a mid-epoch checkpoint stopped
-        self.writer = None  # TensorBoard, rank 0 only
-        self.tracker = Tracker()  # W&B or MLflow (`--track.to`): rank 0's, opened as the run starts
-        if resume is not None:
-            self._restore(resume)
-        self.optimizer_steps = self.skipped_in_a_row = 0  # a step the grad scaler skips does not step the optimizer
-        self.optimizer.register_step_post_hook(self._count_optimizer_step)
-
-        common = {
-            "clip": cfg.clip, "loader": cfg.loader, "batch_size": cfg.batch_size, "dtype": self.precision,
-            "device": ctx.device, "rank": ctx.rank, "world": ctx.world, "channels_last": self.channels_last,
-        }  # fmt: skip
+        runtime = ctx.runtime(precision, step.channels_last)
+        read = {"clip": cfg.clip, "loader": cfg.loader, "batch_size": cfg.batch_size, "runtime": runtime}
         holdout = None  # validation apart from test: a part of the training split, never trained on
         if cfg.val_fraction:
             holdout = training_holdout(cfg.data, manifest, cfg.val_fraction, cfg.train_shards, cfg.loader.read_timeout)
-        self.train_loader = TrainLoader(
+        train_loader = TrainLoader(
             cfg.data,
             "train",
             subset=holdout.training if holdout else None,
             sampling=cfg.sampling,
             shards=cfg.train_shards,
-            num_views=self.method.num_views,
-            augment=cfg.augment if self.method.augment else None,
+            num_views=method.num_views,
+            augment=cfg.augment if method.augment else None,
             seed=cfg.seed,
-            **common,
+            **read,
         )
-        self.train_loader.check_epochs()
+        train_loader.check_epochs()
         if holdout is not None:
-            self.val_loader = EvalLoader(
+            val_loader = EvalLoader(
                 cfg.data, "train", shards=cfg.train_shards, clips_per_video=cfg.val_clips, subset=holdout.validation,
-                **common,
+                **read,
             )  # fmt: skip
         else:
-            self.val_loader = EvalLoader(cfg.data, shards=cfg.eval_shards, clips_per_video=cfg.val_clips, **common)
-        for loader in (self.train_loader, self.val_loader):  # skipped from the start, as the interrupted run did
-            loader.mark_undecodable(resume.get("bad_samples", []) if resume else [], str(self.out / "last.pt"))
+            val_loader = EvalLoader(cfg.data, shards=cfg.eval_shards, clips_per_video=cfg.val_clips, **read)
         if ctx.device.type == "cpu":  # the model and the clips in the host's memory, which the kernel would defend
-            held = sum(t.numel() * t.element_size() for t in self.method.state_dict().values())
-            memory = training_memory(cfg, manifest.num_classes, held, self.train_loader, self.val_loader)
-            check_training_memory(cfg, memory)
-        if self.start_step:
-            self._check_mid_epoch(resume)
-
-    def _resume_state(self) -> dict[str, Any] | None:
-        path = self.out / "last.pt"
-        if not path.exists():
-            if self.cfg.resume != "auto":
-                raise MissingInput(
-                    f"--resume: {path} does not exist, so there is no run to continue: check --out, drop --resume "
-                    "to start one there, or pass --resume auto (continue if there is one, else start)"
-                )
-            if self.ctx.is_main:
-                log.info("--resume auto: no %s yet, starting a new run", path)
-            return None
-        state = load_checkpoint(path)
-        check_finite(state["method"], path)
-        if state.get("data_stream") != data_stream():
-            draws = state.get("draws")
-            if not (isinstance(draws, list) and draws and all(isinstance(d, str) for d in draws)):
-                draws = ["(not recorded)"]
-            raise ConfigError(
-                f"{path} was trained on data stream {state.get('data_stream')!r:.40} (draws per view: "
-                f"{', '.join(draws):.300}), and this code draws "
-                f"stream {data_stream()!r} ({', '.join(draw_layout())}): resuming would go on with other clips and "
-                "augmentations than the run's; pass a new --out (or resume with the code that wrote it)"
-            )
-        saved = run_config(state, path)
-        changes = changed_settings(to_dict(saved), to_dict(self.cfg))
-        refused = {name: values for name, values in changes.items() if name not in RESUMABLE_CHANGES}
-        if refused:
-            raise ConfigError(
-                f"{path} was trained with other settings ({format_changes(refused)}): resume with the run's "
-                "settings (only where the data and the run are, how the loader runs, --log-every and --epochs may "
-                "change), or pass a new --out"
-            )
-        if state["epoch"] > self.cfg.epochs:
-            raise ConfigError(
-                f"{path} has trained {state['epoch']} epochs, more than --epochs {self.cfg.epochs}: resume with "
-                f"--epochs {state['epoch']} or more, or pass a new --out"
-            )
-        return state
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        self.method.load_trained_state(state["method"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.start_epoch, self.best_top1, self.best_epoch = state["epoch"], state["best_top1"], state["best_epoch"]
-        self.start_step, self.start_sums = state.get("step", 0), state.get("sums")
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.ctx.device.type == "cuda" and state["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-
-    def _check_mid_epoch(self, state: dict[str, Any]) -> None:
-        """A mid-epoch checkpoint continues only where the epoch's batches are those it was cut from."""
-        path, steps = self.out / "last.pt", self.train_loader.steps_per_epoch
-        where = f"{path} stopped at step {self.start_step} of epoch {self.start_epoch + 1}"
-        if state["world"] != self.ctx.world:
-            raise ConfigError(
-                f"{where} with {state['world']} process(es), and this run has {self.ctx.world}: resume it with "
-                f"{state['world']} (each process reads its own part of the epoch)"
-            )
-        if state["steps_per_epoch"] != steps:
-            raise ConfigError(
-                f"{where} of {state['steps_per_epoch']} steps, and the data now gives {steps} steps an epoch: "
-                "resume it on the dataset it was trained on"
-            )
+            held = sum(t.numel() * t.element_size() for t in method.state_dict().values())
+            check_training_memory(cfg, training_memory(cfg, manifest.num_classes, held, train_loader, val_loader))
+        # saved with the model: its classes, and how its videos were made (`cli.py predict` makes new ones so)
+        checkpoints = CheckpointSaver(cfg, ctx, step, scheduler, manifest.classes, manifest.preprocessing())
+        if resume is not None:
+            checkpoints.restore(resume, train_loader.steps_per_epoch)
+            for loader in (train_loader, val_loader):  # skipped from the start, as the interrupted run did
+                loader.mark_undecodable(resume.get("bad_samples", []), str(checkpoints.last))
+        return cls(cfg, ctx, step, scheduler, train_loader, val_loader, checkpoints)
 
     def run(self) -> TrainSummary:
-        cfg, ctx = self.cfg, self.ctx
+        cfg, ctx, saver = self.cfg, self.ctx, self.checkpoints
         if ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_json(cfg, self.out / "config.json")
-            _truncate_metrics(self.out / "metrics.jsonl", self.start_epoch)
+            _truncate_metrics(self.out / "metrics.jsonl", saver.start_epoch)
             from torch.utils.tensorboard import SummaryWriter  # slow to import; only rank 0 needs it
 
-            self.writer = SummaryWriter(str(self.out / "tb"), purge_step=self.start_epoch + 1)
+            self.writer = SummaryWriter(str(self.out / "tb"), purge_step=saver.start_epoch + 1)
             self.tracker = track_training(cfg, self.out)
             log.info(
-                f"training {cfg.method} / {cfg.arch} on {cfg.data} ({len(self.classes)} classes) "
-                f"with {ctx.world} process(es) on {ctx.device}, precision {self.precision}, "
+                f"training {cfg.method} / {cfg.arch} on {cfg.data} ({len(saver.classes)} classes) "
+                f"with {ctx.world} process(es) on {ctx.device}, precision {self.train_step.precision}, "
                 f"{self.train_loader.steps_per_epoch} steps per epoch; {protocol(cfg.val_fraction)}"
-                + (f"; resuming epoch {self.start_epoch + 1} at step {self.start_step + 1}" if self.start_step else "")
+                + (
+                    f"; resuming epoch {saver.start_epoch + 1} at step {saver.start_step + 1}"
+                    if saver.start_step
+                    else ""
+                )
             )
         started = time.perf_counter()
         record: dict[str, Any] = {}
         try:
-            for epoch in range(self.start_epoch, cfg.epochs):
-                first = self.start_step if epoch == self.start_epoch else 0
-                record = self._train_epoch(epoch, first, self.start_sums if first else None)
+            for epoch in range(saver.start_epoch, cfg.epochs):
+                first = saver.start_step if epoch == saver.start_epoch else 0
+                record = self._train_epoch(epoch, first, saver.start_sums if first else None)
                 ctx.average_buffers(self.method)
                 validated = time.perf_counter()
-                val = evaluate(self.method.model, self.val_loader, ctx, self.precision, self.channels_last)
+                step = self.train_step
+                val = evaluate(self.method.model, self.val_loader, ctx, step.precision, step.channels_last)
                 record["val_seconds"] = time.perf_counter() - validated
                 self.scheduler.step(val.video_top1)
-                if val.video_top1 > self.best_top1 and not val.nonfinite_clips:  # a NaN model "predicts" class 0
-                    self.best_top1, self.best_epoch = val.video_top1, epoch + 1
-                record.update(_val_fields(val), best_top1=self.best_top1)
+                saver.validated(epoch, val.video_top1, finite=not val.nonfinite_clips)
+                record.update(_val_fields(val), best_top1=saver.best_top1)
                 self._check_weights(f"after epoch {epoch + 1}")
                 bad_samples = self._bad_samples()
                 if ctx.is_main:
-                    self._save(epoch, record, is_best=self.best_epoch == epoch + 1, bad_samples=bad_samples)
-                    log.info(_epoch_line(record, cfg.epochs, self.best_epoch))
+                    self._save(epoch, record, bad_samples)
+                    log.info(_epoch_line(record, cfg.epochs, saver.best_epoch))
                 if epoch + 1 < cfg.epochs and (signal := agreed_stop(ctx)):
                     raise self._stopped(signal, f"after epoch {epoch + 1} of {cfg.epochs}")
         except BaseException as e:
@@ -395,10 +308,10 @@ class Trainer:
             self.val_loader.close()
         unusable = ctx.sum_named({"train": self.train_loader.stats.unusable, "val": self.val_loader.stats.unusable})
         summary = TrainSummary(
-            self.out, cfg.epochs, self.best_top1, self.best_epoch, record, time.perf_counter() - started,
+            self.out, cfg.epochs, saver.best_top1, saver.best_epoch, record, time.perf_counter() - started,
             int(unusable["train"]), int(unusable["val"]), protocol(cfg.val_fraction),
         )  # fmt: skip
-        self.tracker.finish({"best_val_top1": self.best_top1, "best_epoch": self.best_epoch}, self.out / "curves.png")
+        self.tracker.finish({"best_val_top1": saver.best_top1, "best_epoch": saver.best_epoch}, self.out / "curves.png")
         return summary
 
     def _train_epoch(self, epoch: int, first: int = 0, saved: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -455,7 +368,8 @@ class Trainer:
             self._check(recent, epoch, steps)
         if stop:
             self._check_weights(f"at epoch {epoch + 1}, step {step + 1}")
-            self._save_state(epoch, self._bad_samples(), step=step + 1, sums=sums.saved(ctx))
+            # the loader was reset when the loop left; every rank takes part in the sums and the bad samples
+            self.checkpoints.save_stopped(epoch, step + 1, sums.saved(ctx), steps, self._bad_samples())
             ctx.barrier()  # no rank ends before rank 0 has saved: torchrun would signal it as the first one ended
             raise self._stopped(stop, f"at epoch {epoch + 1}, step {step + 1} of {steps}")
         total = sums.saved(ctx)
@@ -532,13 +446,13 @@ class Trainer:
             )
 
     def _last_good(self) -> str:
-        last = self.out / "last.pt"
+        last = self.checkpoints.last
         return f"{last}, from before, is the last checkpoint" if last.exists() else "no checkpoint was written"
 
     def _stopped(self, signal: str, where: str) -> Stopped:
         work_saved()
         return Stopped(
-            f"stopped by {signal} {where}; {self.out / 'last.pt'} holds it",
+            f"stopped by {signal} {where}; {self.checkpoints.last} holds it",
             "continue with the same command and --resume (or --resume auto)",
         )
 
@@ -547,54 +461,16 @@ class Trainer:
         mine = [*self.train_loader.undecodable, *self.val_loader.undecodable]
         return sorted({sample for part in self.ctx.gather(mine) for sample in part})
 
-    def _save(self, epoch: int, record: dict[str, Any], is_best: bool, bad_samples: list[str]) -> None:
+    def _save(self, epoch: int, record: dict[str, Any], bad_samples: list[str]) -> None:
+        """Epoch `epoch`'s metrics line, TensorBoard scalars, checkpoints, curves and tracked figures (rank 0)."""
         append_line(self.out / "metrics.jsonl", json.dumps(record))
         for key, value in record.items():
             if key != "epoch" and isinstance(value, int | float):
                 self.writer.add_scalar(f"epoch/{key}", value, epoch + 1)
         self.writer.flush()
-        self._save_state(epoch + 1, bad_samples, record=record, best=is_best)
+        self.checkpoints.save_epoch(epoch, record, bad_samples)
         plot_curves(self.out)
         self.tracker.epoch(record)  # after last.pt: an epoch it holds is logged now, or on the resume
-
-    def _save_state(
-        self,
-        epochs: int,
-        bad_samples: list[str],
-        record: dict[str, Any] | None = None,
-        step: int = 0,
-        sums: dict[str, Any] | None = None,
-        best: bool = False,
-    ) -> None:
-        """Writes (rank 0) the state after `epochs` finished epochs and `step` steps of the next (with their `sums`):
-        best.pt if `best`, then last.pt, where a resume starts, so that a disk full between the two leaves a pair a
-        resume makes whole (it redoes the epoch)."""
-        state = {
-            "method": self.method.trained_state(),  # the classifier is its "model." entries; a kd teacher is not in it
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epoch": epochs,
-            "best_top1": self.best_top1,
-            "best_epoch": self.best_epoch,
-            "config": to_dict(self.cfg),
-            "classes": self.classes,
-            "preprocessing": self.preprocessing,
-            "metrics": record or {},
-            "bad_samples": bad_samples,  # undecodable videos: a resumed run skips them from the start
-            "data_stream": data_stream(),  # the order of the random draws its batches came from
-            "draws": list(draw_layout()),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if self.ctx.device.type == "cuda" else [],
-            },
-        }
-        if step:
-            state.update(step=step, sums=sums, steps_per_epoch=self.train_loader.steps_per_epoch, world=self.ctx.world)
-        if self.ctx.is_main:
-            if best:
-                save_checkpoint(self.out / "best.pt", state)
-            save_checkpoint(self.out / "last.pt", state)
 
 
 def _val_fields(val: EvalResult) -> dict[str, float]:

@@ -31,7 +31,6 @@ from dali_skd.files import lock_directory
 from dali_skd.format import (
     FAILED_NAME,
     MANIFEST_NAME,
-    SHARD_FORMATS,
     SHORT_VIDEO_FRAMES,
     SampleMeta,
     ShardManifest,
@@ -250,23 +249,12 @@ def _range(videos: int, part: Part | None, limit: int | None) -> tuple[int, int]
 
 
 def transcode_settings(cfg: PreprocessConfig) -> TranscodeSettings:
-    """Check the transcoding flags and resolve their defaults (quality, the ffmpeg binary)."""
-    if cfg.format not in SHARD_FORMATS:
-        raise PreprocessError(f"--format {cfg.format!r}: use one of {', '.join(SHARD_FORMATS)}")
+    """The transcoding settings, their defaults resolved (quality, the ffmpeg binary); the config's limits are checked
+    where it is read, and here the quality's, which depend on the format."""
     quality = cfg.quality if cfg.quality is not None else DEFAULT_QUALITY[cfg.format]
-    limits = {"jpeg": (1, 100), "vp9": (0, 63)}[cfg.format]
-    checks = [
-        (cfg.short_side >= 2 and cfg.short_side % 2 == 0, f"--short-side {cfg.short_side}: use an even size, e.g. 128"),
-        (limits[0] <= quality <= limits[1], f"--quality {quality}: {cfg.format} takes {limits[0]} to {limits[1]}"),
-        (cfg.fps is None or cfg.fps > 0, f"--fps {cfg.fps}: use a positive frame rate, or leave it out"),
-        (cfg.frames_per_jpeg >= 1, f"--frames-per-jpeg {cfg.frames_per_jpeg}: use 1 or more"),
-        (cfg.shard_size_mb > 0, f"--shard-size-mb {cfg.shard_size_mb}: use a positive size"),
-        (cfg.workers >= 1, f"--workers {cfg.workers}: use 1 or more"),
-        (0 <= cfg.val_fraction < 1, f"--val-fraction {cfg.val_fraction}: use a fraction from 0 up to (not) 1"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise PreprocessError(message)
+    low, high = {"jpeg": (1, 100), "vp9": (0, 63)}[cfg.format]
+    if not low <= quality <= high:
+        raise PreprocessError(f"--quality {quality}: {cfg.format} takes {low} to {high}")
     return TranscodeSettings(
         find_ffmpeg(cfg.ffmpeg), cfg.format, cfg.short_side, cfg.fps, quality, cfg.frames_per_jpeg, cfg.optimize_huffman
     )

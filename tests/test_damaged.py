@@ -26,6 +26,7 @@ from dali_skd.data.source import RECORDS, VIDEOS_PER_SPLIT
 from dali_skd.distributed import init_distributed
 from dali_skd.evaluation import evaluate
 from dali_skd.format import SampleMeta, ShardManifest
+from dali_skd.runtime import Runtime
 from dali_skd.training import Trainer, train
 
 TESTS = Path(__file__).resolve().parent
@@ -67,12 +68,15 @@ CPU = torch.device("cpu")
 def eval_loader(data: Path | str, split: str = "test", **kw) -> EvalLoader:
     """An EvalLoader of 8-frame clips cropped to 32 on the CPU; `kw`: the loader's settings, and the EvalLoader's."""
     loader = LoaderConfig(**{"threads": 2, **{k: kw.pop(k) for k in list(kw) if hasattr(LoaderConfig, k)}})
-    return EvalLoader(str(data), split, clip=CLIP, loader=loader, device=CPU, **kw)
+    return EvalLoader(str(data), split, clip=CLIP, loader=loader, runtime=kw.pop("runtime", Runtime(CPU)), **kw)
 
 
 def train_loader(data: Path | str, clip: ClipConfig = CLIP, threads: int = 2, **kw) -> TrainLoader:
     sampling = SamplingConfig(shuffle_buffer=2)
-    return TrainLoader(str(data), clip=clip, loader=LoaderConfig(threads=threads), sampling=sampling, device=CPU, **kw)
+    runtime = kw.pop("runtime", Runtime(CPU))
+    return TrainLoader(
+        str(data), clip=clip, loader=LoaderConfig(threads=threads), sampling=sampling, runtime=runtime, **kw
+    )
 
 
 def eval_clips(data: Path | str, batch_size: int = 5, **kw) -> tuple[EvalLoader, list[int], torch.Tensor]:
@@ -299,7 +303,7 @@ def test_training_skips_an_undecodable_sample_and_resumes_skipping_it(unchecked:
     state = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     assert sorted(s.rsplit(": ", 1)[1] for s in state["bad_samples"]) == ["test-0000003", "train-0000006"]
     train(config("resumed", 1))
-    trainer = Trainer(config("resumed", 2, resume=True), init_distributed("cpu"))
+    trainer = Trainer.from_config(config("resumed", 2, resume=True), init_distributed("cpu"))
     trainer.run()
     assert trainer.train_loader.pipeline_builds == trainer.val_loader.pipeline_builds == 1
     resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
@@ -452,7 +456,7 @@ def test_concurrency_full_runs_the_same_clips(clean: Path) -> None:
     batches = {}
     for concurrency in ("backend", "full"):
         loader = TrainLoader(
-            str(clean), clip=CLIP, loader=LoaderConfig(threads=2, concurrency=concurrency), device=CPU,
+            str(clean), clip=CLIP, loader=LoaderConfig(threads=2, concurrency=concurrency), runtime=Runtime(CPU),
             sampling=SamplingConfig(shuffle_buffer=2), batch_size=3, num_views=2, augment=AugmentConfig(),
         )  # fmt: skip
         assert loader._pipeline().concurrency == {"backend": OperatorConcurrency.BACKEND,
@@ -477,7 +481,8 @@ def test_full_concurrency_asks_dali_for_enough_executor_threads(monkeypatch, cap
 def test_channels_last_clips_equal_todays_value_for_value(clean: Path) -> None:
     """FHWC from DALI, permuted: the N x C x T x H x W tensors of the CFHW pipeline, in channels_last_3d memory."""
     for channels_last in (False, True):
-        loader = train_loader(clean, batch_size=3, num_views=2, augment=AugmentConfig(), channels_last=channels_last)
+        runtime = Runtime(CPU, channels_last=channels_last)
+        loader = train_loader(clean, batch_size=3, num_views=2, augment=AugmentConfig(), runtime=runtime)
         batches = list(loader.epoch(1))
         if not channels_last:
             reference = batches
@@ -490,7 +495,7 @@ def test_channels_last_clips_equal_todays_value_for_value(clean: Path) -> None:
                     memory_format=torch.channels_last_3d
                 )
                 assert v.to(memory_format=torch.channels_last_3d).data_ptr() == v.data_ptr()  # step.py: no copy
-    evaluation = eval_loader(clean, "test", batch_size=4, clips_per_video=2, channels_last=True)
+    evaluation = eval_loader(clean, "test", batch_size=4, clips_per_video=2, runtime=Runtime(CPU, channels_last=True))
     clips = torch.cat([b.clips for b in evaluation.epoch()])
     assert torch.equal(clips, eval_clips(clean, batch_size=4)[2])
 

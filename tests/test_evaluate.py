@@ -16,6 +16,7 @@ from dali_skd.config import ClipConfig, LoaderConfig
 from dali_skd.data.loader import EvalLoader
 from dali_skd.distributed import init_distributed
 from dali_skd.evaluation import EvalResult, evaluate, topk_correct
+from dali_skd.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["a", "b", "c"]
@@ -39,7 +40,8 @@ def flat_data(tmp_path_factory) -> Path:
 
 def eval_loader(data: str | Path, **kw) -> EvalLoader:
     clip, loader = ClipConfig(length=4, crop=32), LoaderConfig(threads=1)
-    return EvalLoader(str(data), "test", clip=clip, loader=loader, device=torch.device("cpu"), batch_size=4, **kw)
+    runtime = kw.pop("runtime", Runtime(torch.device("cpu")))
+    return EvalLoader(str(data), "test", clip=clip, loader=loader, runtime=runtime, batch_size=4, **kw)
 
 
 def softmax(logits: list[list[float]]) -> np.ndarray:
@@ -82,7 +84,7 @@ from dali_skd.data.source import video_id
 from dali_skd.distributed import init_distributed, shutdown
 from dali_skd.evaluation import evaluate, video_sources
 ctx = init_distributed("cpu")
-loader = eval_loader(sys.argv[1], clips_per_video=3, rank=ctx.rank, world=ctx.world)
+loader = eval_loader(sys.argv[1], clips_per_video=3, runtime=ctx.runtime())
 result = evaluate(LookupModel(TABLE), loader, ctx, "fp32", keep_scores=True)
 sources = video_sources(loader, ctx)
 own = sorted(video_id(r.key, loader.layout.splits) for r in loader.reader.records())

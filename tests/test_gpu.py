@@ -17,6 +17,7 @@ from dali_skd.commands.bench import LUMA, decode_parity
 from dali_skd.config import AugmentConfig, LoaderConfig, SamplingConfig
 from dali_skd.data.loader import EvalLoader, TrainLoader
 from dali_skd.data.source import VIDEOS_PER_SPLIT
+from dali_skd.runtime import Runtime
 
 
 def on_the_gpu(*values: object) -> pytest.param:
@@ -37,11 +38,11 @@ def data(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("gpu"), {"train": VIDEOS, "test": VIDEOS}, ["a", "b"], per_shard=3)
 
 
-def settings(device: str) -> dict:
+def settings(device: str, precision: str = "fp32", channels_last: bool = False) -> dict:
     return {
         "loader": LoaderConfig(threads=2),
         "sampling": SamplingConfig(shuffle_buffer=2),
-        "device": torch.device(device),
+        "runtime": Runtime(torch.device(device), precision=precision, channels_last=channels_last),
     }
 
 
@@ -87,8 +88,7 @@ def test_nvjpeg_decodes_the_strips_preprocess_writes_by_default() -> None:
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_batches_stay_on_the_device(data: Path, device: str) -> None:
     loader = TrainLoader(
-        str(data), **settings(device), batch_size=3, num_views=2, augment=AugmentConfig(), dtype="fp16",
-        channels_last=True,
+        str(data), **settings(device, "fp16", channels_last=True), batch_size=3, num_views=2, augment=AugmentConfig(),
     )  # fmt: skip
     for epoch in range(2):
         for batch in loader.epoch(epoch):
@@ -105,7 +105,7 @@ def test_channels_last_clips_equal_todays(data: Path, device: str) -> None:
     runs = [
         list(
             TrainLoader(
-                str(data), **settings(device), batch_size=3, num_views=2, augment=AugmentConfig(), channels_last=c
+                str(data), **settings(device, channels_last=c), batch_size=3, num_views=2, augment=AugmentConfig()
             ).epoch(0)
         )
         for c in (False, True)
@@ -139,8 +139,8 @@ def test_a_strip_the_cpu_cannot_decode_is_named_and_skipped_never_decoded_as_gar
     damaged = Path(shutil.copytree(clean, tmp_path / "damaged"))
     damage_strip(damaged, "test", "test-0000003", "huffman", strip=1)
     cfg = LoaderConfig(threads=2, hw_decoder_load=hw_decoder_load)
-    loaders = [EvalLoader(str(d), "test", loader=cfg, device=torch.device(device), batch_size=4, clips_per_video=2)
-               for d in (clean, damaged)]  # fmt: skip
+    loaders = [EvalLoader(str(d), "test", loader=cfg, runtime=Runtime(torch.device(device)), batch_size=4,
+                          clips_per_video=2) for d in (clean, damaged)]  # fmt: skip
     reference, delivered = (clips_by_video(loader) for loader in loaders)
     dropped = {vid % VIDEOS_PER_SPLIT for vid in loaders[1].undecodable_ids()}
     if 3 not in dropped:

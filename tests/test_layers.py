@@ -87,3 +87,28 @@ def test_each_core_module_imports_alone_without_the_layers_above() -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == f"imported {len(CORE)}"
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each module of the project (the core, the commands, `preprocess`, cli.py) and the project's modules it names
+    in an import statement, wherever the statement is (a function's too)."""
+    project = {**modules("dali_skd"), **modules("preprocess"), "cli": REPO / "cli.py"}
+    return {name: {n for n in imported(path) if n in project and n != name} for name, path in project.items()}
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    """A cycle of imports works only in one order, or through an import hidden in a function: none is left."""
+    graph, cycles = import_graph(), []
+    for start in graph:  # a path back to `start` from each module it imports, depth first
+        stack = [(start, [start])]
+        seen: set[str] = set()
+        while stack:
+            name, path = stack.pop()
+            for nxt in sorted(graph[name]):
+                if nxt == start:
+                    cycles.append(" -> ".join([*path, start]))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*path, nxt]))
+    assert cycles == []
+    assert "dali_skd.methods" in graph["dali_skd.step"]  # the graph sees imports

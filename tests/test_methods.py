@@ -3,14 +3,16 @@ out of the optimizer and the state dict."""
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 from torch import nn
 
-from dali_skd.config import ObjectiveConfig
+from dali_skd.config import MethodName, ObjectiveConfig
 from dali_skd.methods import METHODS, KnowledgeDistillation, Method, build_method
 from dali_skd.models import build_model
-from dali_skd.pretrained import param_groups
+from dali_skd.step import param_groups
 
 CLASSES = 5
 EXPECTED = {
@@ -36,6 +38,12 @@ def random_batch(views: int, n: int = 2) -> tuple[list[torch.Tensor], torch.Tens
 
 def test_registry_holds_table_ii() -> None:
     assert set(METHODS) == set(EXPECTED)
+
+
+def test_the_registry_and_the_configs_method_names_agree() -> None:
+    """`config.MethodName` lists the names (a config is checked, and --method offered, without importing torch);
+    `METHODS` gives each its class, in the same order."""
+    assert list(METHODS) == list(typing.get_args(MethodName))
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))

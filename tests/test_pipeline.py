@@ -21,7 +21,8 @@ import pytest
 import torch
 from clipdata import frame_index, gradient_frames, noise_frames, write_dataset
 
-from dali_skd.config import AugmentConfig, ClipConfig, LoaderConfig, SamplingConfig
+from dali_skd.cli_options import build_config
+from dali_skd.config import AugmentConfig, ClipConfig, ConfigError, LoaderConfig, SamplingConfig, ScoreSettings
 from dali_skd.data.checks import admission_problem
 from dali_skd.data.clips import clip_frames, plan_strips, spaced_starts, strip_slots
 from dali_skd.data.loader import EvalBatch, EvalLoader, TrainBatch, TrainLoader
@@ -29,7 +30,7 @@ from dali_skd.data.pipeline import clip_pipeline
 from dali_skd.data.shards import PartReader, SourceStats, expand_urls, rank_part, split_urls
 from dali_skd.data.source import InputLayout, augment_draws, eval_batches, video_id
 from dali_skd.format import FormatError, ShardManifest, sample_key
-from dali_skd.runtime import resolve_device
+from dali_skd.runtime import Runtime, resolve_device
 from preprocess.shards import ShardWriter
 
 CPU = torch.device("cpu")
@@ -54,14 +55,18 @@ def noise_data(tmp_path_factory) -> Path:
 
 def eval_loader(data: Path | str, split: str = "test", clip: dict | None = None, **kw) -> EvalLoader:
     """An EvalLoader on the CPU with 2 threads, its clips cut as `clip` says."""
-    return EvalLoader(str(data), split, clip=ClipConfig(**clip or {}), loader=LoaderConfig(threads=2), device=CPU, **kw)
+    runtime = kw.pop("runtime", Runtime(CPU))
+    return EvalLoader(
+        str(data), split, clip=ClipConfig(**clip or {}), loader=LoaderConfig(threads=2), runtime=runtime, **kw
+    )
 
 
 def train_loader(data: Path, split: str = "train", clip: dict | None = None, sampling: dict | None = None, **kw):
     """A TrainLoader on the CPU with 2 threads and a shuffle buffer of 4."""
     return TrainLoader(
         str(data), split, clip=ClipConfig(**clip or {}), loader=LoaderConfig(threads=2),
-        sampling=SamplingConfig(**{"shuffle_buffer": 4, **(sampling or {})}), device=CPU, **kw,
+        sampling=SamplingConfig(**{"shuffle_buffer": 4, **(sampling or {})}), runtime=kw.pop("runtime", Runtime(CPU)),
+        **kw,
     )  # fmt: skip
 
 
@@ -102,7 +107,7 @@ def test_spaced_starts() -> None:
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 def test_train_batches_shape_dtype_range(gradient_data: Path, dtype: str) -> None:
-    batches = train_batches_of(gradient_data, batch_size=3, num_views=2, dtype=dtype)
+    batches = train_batches_of(gradient_data, batch_size=3, num_views=2, runtime=Runtime(CPU, precision=dtype))
     assert len(batches) == 7 // 3
     for b in batches:
         assert len(b.views) == 2
@@ -228,7 +233,7 @@ def held_out_id(index: int) -> int:
 
 
 def eval_ids(data: Path, rank: int = 0, world: int = 1, clips: int = 3, batch_size: int = 4) -> list[EvalBatch]:
-    loader = eval_loader(data, "test", batch_size=batch_size, clips_per_video=clips, rank=rank, world=world)
+    loader = eval_loader(data, "test", batch_size=batch_size, clips_per_video=clips, runtime=Runtime(CPU, rank, world))
     return list(loader.epoch())
 
 
@@ -260,7 +265,8 @@ def test_rank_partitions_are_disjoint_and_complete(gradient_data: Path, world: i
 
 def test_train_steps_equal_on_every_rank(gradient_data: Path) -> None:
     counts = [
-        len(train_batches_of(gradient_data, batch_size=2, num_views=1, rank=r, world=3, augment=None)) for r in range(3)
+        len(train_batches_of(gradient_data, batch_size=2, num_views=1, runtime=Runtime(CPU, r, 3), augment=None))
+        for r in range(3)
     ]
     assert counts == [1, 1, 1]
 
@@ -494,8 +500,8 @@ def test_frame_stride_takes_every_sth_frame(tmp_path: Path) -> None:
     evaluation = eval_loader(data, "test", clip={"frame_stride": 2}, batch_size=8, clips_per_video=2)
     clips = torch.cat([b.clips for b in evaluation.epoch()]).numpy()
     assert [frame_index(c)[0] for c in clips[:2]] == spaced_starts(40, 16, 2, stride=2).tolist() == [0, 9]
-    with pytest.raises(ValueError, match=r"--clip\.frame-stride must be 1 or more"):
-        eval_loader(data, "test", clip={"frame_stride": 0}, batch_size=8)
+    with pytest.raises(ConfigError, match=r"--clip\.frame-stride is 0; it must be at least 1"):  # before any loader
+        build_config(ScoreSettings, {"clip__frame_stride": 0})
 
 
 def test_three_spatial_crops_cover_the_long_side(gradient_data: Path) -> None:
@@ -509,8 +515,8 @@ def test_three_spatial_crops_cover_the_long_side(gradient_data: Path) -> None:
     red = crops[:, 0].mean(axis=(1, 2, 3)).reshape(-1, 3)  # red rises from left to right
     assert (red[:, 0] < red[:, 1]).all() and (red[:, 1] < red[:, 2]).all()
     np.testing.assert_array_equal(crops[1::3], centre)  # the middle window is the centre crop
-    with pytest.raises(ValueError, match="--spatial-crops takes 1 or 3"):
-        eval_loader(gradient_data, "test", batch_size=6, spatial_crops=2)
+    with pytest.raises(ConfigError, match="--spatial-crops is 2; it must be 1 or 3"):
+        build_config(ScoreSettings, {"spatial_crops": 2})
 
 
 def test_kinetics_input_norms_are_hara_et_al_mean_and_std(gradient_data: Path) -> None:

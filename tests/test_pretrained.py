@@ -18,11 +18,13 @@ from test_train import tiny
 from torch import Tensor, nn
 
 from dali_skd.checkpoint import CHECKPOINT_VERSION, TrainedRun, classifier_state, load_checkpoint
-from dali_skd.config import ObjectiveConfig, OptimConfig, TrainConfig
+from dali_skd.cli_options import build_config
+from dali_skd.config import ConfigError, ObjectiveConfig, OptimConfig, TrainConfig
 from dali_skd.distributed import init_distributed
 from dali_skd.methods import build_method
 from dali_skd.models import FREEZE_POINTS, ResNet3d, Shortcut, build_model
-from dali_skd.pretrained import init_from_pretrained, param_groups
+from dali_skd.pretrained import init_from_pretrained
+from dali_skd.step import param_groups
 from dali_skd.training import Trainer, train
 
 
@@ -222,7 +224,7 @@ def test_a_checkpoint_of_another_version_is_refused_everywhere_naming_both_versi
     with pytest.raises(ValueError, match=re.escape(refused)):
         init_from_pretrained(build_model("r3d10-tiny", 2), old)
     with pytest.raises(ValueError, match=re.escape(refused)):
-        Trainer(tiny(data, tmp_path / "student", method="kd", teacher=str(old)), init_distributed("cpu"))
+        Trainer.from_config(tiny(data, tmp_path / "student", method="kd", teacher=str(old)), init_distributed("cpu"))
     message = invoke("eval", "--data", str(data), "--checkpoint", str(old), "--device", "cpu", expect_error=True).output
     assert refused in message and "Traceback" not in message
     last = tmp_path / "run" / "last.pt"
@@ -282,8 +284,8 @@ def test_param_groups_put_the_encoder_apart_and_the_plateau_scales_both() -> Non
     assert [g["lr"] for g in param_groups(method, 0.1, 1.0)] == [0.1, 0.1]  # the same two groups, whatever the factor
     method.model.freeze("encoder")
     assert len(param_groups(method, 0.1, 0.5)) == 1  # a linear probe: no encoder group
-    with pytest.raises(ValueError, match=r"--optim\.lr-backbone must be >= 0"):
-        param_groups(method, 0.1, -1.0)
+    with pytest.raises(ConfigError, match=r"--optim\.lr-backbone is -1\.0; it must be at least 0"):
+        build_config(TrainConfig, {"optim__lr_backbone": -1.0})
 
 
 def test_cli_flags_and_their_errors(data: Path, tmp_path: Path) -> None:

@@ -224,7 +224,7 @@ from dali_skd.config import TrainConfig, from_dict
 from dali_skd.distributed import init_distributed, shutdown
 from dali_skd.training import Trainer
 ctx = init_distributed("cpu")
-Trainer(from_dict(TrainConfig, json.loads(sys.argv[1])), ctx).run()
+Trainer.from_config(from_dict(TrainConfig, json.loads(sys.argv[1])), ctx).run()
 shutdown(ctx)
 """
 

@@ -47,7 +47,7 @@ def metrics(out: Path) -> list[dict]:
 @pytest.mark.slow
 def test_training_lowers_the_loss(data: Path, tmp_path: Path) -> None:
     cfg = tiny(data, tmp_path / "run", method="baseline", epochs=6)
-    trainer = Trainer(cfg, init_distributed("cpu"))
+    trainer = Trainer.from_config(cfg, init_distributed("cpu"))
     summary = trainer.run()
     assert trainer.train_loader.pipeline_builds == trainer.val_loader.pipeline_builds == 1  # one each for 6 epochs
     rows = metrics(tmp_path / "run")
@@ -147,7 +147,7 @@ from dali_skd.training import Trainer
 import json
 cfg = from_dict(TrainConfig, json.loads(sys.argv[1]))
 ctx = init_distributed("cpu")
-trainer = Trainer(cfg, ctx)
+trainer = Trainer.from_config(cfg, ctx)
 trainer.run()
 torch.save(trainer.method.state_dict(), f"{cfg.out}/rank{ctx.rank}.pt")
 shutdown(ctx)

@@ -12,17 +12,22 @@ from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 from clickit import invoke
 from clipdata import noise_frames, write_dataset
 from conftest import write_checkpoint
 
-from dali_skd.config import ClipConfig, LoaderConfig, SamplingConfig, TrainConfig
+from dali_skd.config import ClipConfig, LoaderConfig, PreprocessConfig, SamplingConfig, TrainConfig
 from dali_skd.data.loader import EvalLoader, TrainLoader
 from dali_skd.data.shards import Lost, join_location, sample_frames, shard_records
-from dali_skd.format import SCHEMA, FormatError, SampleMeta, ShardManifest
+from dali_skd.format import FormatError, SampleMeta, ShardInfo, ShardManifest, SplitInfo, manifest_schema
+from dali_skd.runtime import Runtime
 from preprocess import verify
+from preprocess.run import run_preprocess
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY = ("--arch", "r3d10-tiny", "--epochs", "1", "--batch-size", "4", "--clip.length", "8", "--clip.crop", "32")
 TINY += ("--sampling.shuffle-buffer", "2", "--loader.threads", "1", "--device", "cpu")
@@ -52,7 +57,7 @@ CLIP = ClipConfig(length=8, crop=32)
 def train_loader(data: Path, **kw) -> TrainLoader:
     return TrainLoader(
         str(data), clip=CLIP, loader=LoaderConfig(threads=1), sampling=SamplingConfig(shuffle_buffer=2),
-        device=torch.device("cpu"), **kw,
+        runtime=Runtime(torch.device("cpu")), **kw,
     )  # fmt: skip
 
 
@@ -133,12 +138,47 @@ def test_hostile_manifest_fields_are_one_line_errors(dataset: Path, tmp_path: Pa
 
 
 def test_schema_covers_every_field_and_unknown_ones_are_ignored(dataset: Path, tmp_path: Path, caplog) -> None:
-    for cls, table in SCHEMA.items():
-        assert set(table) == {f.name for f in fields(cls)}, cls
+    schema = manifest_schema()
+    for cls in (ShardManifest, SplitInfo, ShardInfo):
+        declared = schema if cls is ShardManifest else schema["$defs"][cls.__name__]
+        assert set(declared["properties"]) == {f.name for f in fields(cls)}, cls
     data = edited(dataset, tmp_path, lambda m: m.update(made_by="a newer dali-skd"))
     with caplog.at_level(logging.WARNING):
         manifest = ShardManifest.load(data)
     assert manifest.num_classes == 2 and "field 'made_by' is unknown to this dali-skd" in caplog.text
+
+
+# -- the manifest's JSON Schema, for other tools (docs/manifest.schema.json) --------------------------------------
+
+# the faults no JSON Schema can say (sums, bytes per sample, a path listed twice): the loader alone refuses them
+ONLY_THE_LOADER = {
+    "more samples than the shard's bytes hold",
+    "a split's count unlike its shards'",
+    "a shard listed twice",
+}
+
+
+def test_the_published_schema_is_the_one_the_code_declares() -> None:
+    published = json.loads((REPO / "docs" / "manifest.schema.json").read_text())
+    assert published == manifest_schema(), "run: python -m dali_skd.format > docs/manifest.schema.json"
+
+
+@pytest.mark.slow
+def test_the_schema_takes_the_built_in_set_and_refuses_the_hostile_manifests(tmp_path: Path) -> None:
+    out = tmp_path / "synthetic"
+    run_preprocess(PreprocessConfig(dataset="synthetic", out=str(out), classes=2, videos_per_class=2, workers=2))
+    schema = jsonschema.Draft202012Validator(json.loads((REPO / "docs" / "manifest.schema.json").read_text()))
+    built = json.loads((out / "manifest.json").read_text())
+    assert list(schema.iter_errors(built)) == []
+    for case, (edit, _) in HOSTILE_MANIFESTS.items():
+        manifest = json.loads(json.dumps(built))
+        returned = edit(manifest)
+        try:  # as a JSON tool reads it: NaN is not JSON
+            text = json.dumps(returned if isinstance(returned, list) else manifest, allow_nan=False)
+            refused = not schema.is_valid(json.loads(text))
+        except ValueError:
+            refused = True
+        assert refused == (case not in ONLY_THE_LOADER), case
 
 
 # -- no command from data, no read outside the dataset -----------------------------------------------------------

@@ -41,17 +41,16 @@ from dali_skd.config import (
     ClipConfig,
     Device,
     LoaderConfig,
+    ObjectiveConfig,
+    OptimConfig,
     PreprocessConfig,
     SamplingConfig,
-    TrainConfig,
     amp_field,
     channels_last_field,
     data_field,
     device_field,
-    setting,
     to_dict,
 )
-from dali_skd.data.augment import AUGMENTATIONS
 from dali_skd.data.checks import strip_problem
 from dali_skd.data.clips import clip_frames, spaced_starts
 from dali_skd.data.loader import EvalLoader, TrainLoader, dali_threads, process_threads
@@ -62,9 +61,10 @@ from dali_skd.data.source import RECORDS, BackgroundBatches, Batch
 from dali_skd.data.torch_baseline import dataloader_baseline, decode_clip
 from dali_skd.errors import ConfigError, InputError, MissingInput, raised_at
 from dali_skd.files import write_atomic
-from dali_skd.methods import MethodOutput
+from dali_skd.methods import MethodOutput, build_method
 from dali_skd.models import build_model
-from dali_skd.runtime import TORCH_DTYPES, resolve_device, resolve_precision
+from dali_skd.runtime import TORCH_DTYPES, Runtime, resolve_device, resolve_precision
+from dali_skd.settings import setting, settings
 from dali_skd.step import build_train_step
 from preprocess.datasets import list_folder
 from preprocess.run import find_ffmpeg, ordered_map
@@ -73,8 +73,8 @@ from preprocess.transcode import DEFAULT_QUALITY, TranscodeSettings, VideoError,
 LOADERS = ("host", "dali", "dataloader", *PEERS)
 
 
-@dataclass
-class BenchAugmentConfig(AugmentConfig):  # type: ignore[valid-type, misc]
+@settings
+class BenchAugmentConfig(AugmentConfig):
     """The augmentations, and which of them every loader applies."""
 
     policy: Literal["crop-flip", "paper"] = setting(
@@ -84,7 +84,7 @@ class BenchAugmentConfig(AugmentConfig):  # type: ignore[valid-type, misc]
     )
 
 
-@dataclass
+@settings
 class BenchTrainConfig:
     """The training steps `bench` times (the trainer's own, SKD-SRL with the paper's SGD settings)."""
 
@@ -93,7 +93,7 @@ class BenchTrainConfig:
     channels_last: bool = channels_last_field()
 
 
-@dataclass
+@settings
 class BenchConfig:
     """`cli.py bench`."""
 
@@ -211,7 +211,7 @@ def bench_augment(cfg: BenchConfig) -> AugmentConfig:
     and flip."""
     if cfg.augment.policy == "paper":
         return cfg.augment
-    return replace(cfg.augment, **{f"p_{name}": 0.0 for name in AUGMENTATIONS if name != "flip"})
+    return cfg.augment.crop_and_flip()
 
 
 def _train_loader(
@@ -219,7 +219,7 @@ def _train_loader(
 ) -> TrainLoader:
     return TrainLoader(
         cfg.data, clip=cfg.clip, loader=cfg.loader, sampling=cfg.sampling, batch_size=batch_size, num_views=2,
-        augment=bench_augment(cfg), dtype=precision, device=device, channels_last=channels_last,
+        augment=bench_augment(cfg), runtime=Runtime(device, precision=precision, channels_last=channels_last),
     )  # fmt: skip
 
 
@@ -328,7 +328,8 @@ def decode_parity(
     for device in devices:
         for load in hw_loads if device == "cuda" else (loader.hw_decoder_load,):
             reader = EvalLoader(
-                data, split, clip=clip, loader=replace(loader, hw_decoder_load=load), device=torch.device(device),
+                data, split, clip=clip, loader=replace(loader, hw_decoder_load=load),
+                runtime=Runtime(torch.device(device)),
                 batch_size=videos * clips_per_video, clips_per_video=clips_per_video,
             )  # fmt: skip
             batches = reader.epoch()
@@ -482,9 +483,8 @@ def bench_train(cfg: BenchConfig, device: torch.device, precision: str) -> dict[
     """The trainer's step (`step.TrainStep`) with the paper's SKD-SRL and SGD settings: on one synthetic batch
     already on the device, then fed by the DALI loader."""
     num_classes = load_manifest(cfg.data, cfg.loader.read_timeout).num_classes
-    train_cfg = TrainConfig(arch=cfg.train.arch, amp=cfg.amp, channels_last=cfg.train.channels_last)
-    model = build_model(train_cfg.arch, num_classes, shortcut=train_cfg.shortcut)
-    step = build_train_step(train_cfg, model, num_classes, device)
+    method = build_method("skd-srl", build_model(cfg.train.arch, num_classes), num_classes, ObjectiveConfig())
+    step = build_train_step(method, OptimConfig(), precision, device, channels_last=cfg.train.channels_last)
     b, crop = cfg.train.batch_size, cfg.clip.crop
     dtype = TORCH_DTYPES[precision]
     views = [torch.rand(b, 3, cfg.clip.length, crop, crop, device=device, dtype=dtype) * 2 - 1 for _ in range(2)]
@@ -531,8 +531,6 @@ def run_bench(cfg: BenchConfig, on_round: Callable[[dict[str, Any]], None] | Non
     unknown = set(names) - set(LOADERS)
     if unknown:
         raise ConfigError(f"unknown loader(s) {', '.join(sorted(unknown))}; known: {', '.join(LOADERS)}")
-    if cfg.rounds < 1:
-        raise ConfigError(f"--rounds {cfg.rounds}: use 1 or more")
     manifest = load_manifest(cfg.data, cfg.loader.read_timeout)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),

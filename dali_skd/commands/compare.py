@@ -8,29 +8,23 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import click
 
 from dali_skd.cli_options import click_type, flag, leaves
-from dali_skd.config import (
-    TrainSettings,
-    clips_per_video_field,
-    from_dict,
-    method_names,
-    setting,
-    to_dict,
-    val_fraction_field,
-)
+from dali_skd.config import TrainSettings, clips_per_video_field, from_dict, to_dict, val_fraction_field
 from dali_skd.errors import ConfigError
 from dali_skd.files import check_not_in_use
+from dali_skd.settings import setting, settings
 
 if TYPE_CHECKING:
     from dali_skd.comparison import CompareReport, Variant
 
+TeacherMethod = Literal["baseline", "baseline-aug", "self-kd", "skd-srl"]  # config.MethodName but kd
 
-@dataclass
+
+@settings
 class CompareConfig(TrainSettings):
     """`cli.py compare`: what to compare, and the settings every run shares."""
 
@@ -47,10 +41,8 @@ class CompareConfig(TrainSettings):
     teacher_arch: str | None = setting(
         None, "kd without --teacher: the teacher compare trains first (default r3d50; for -tiny students, their arch)"
     )
-    teacher_method: str | None = setting(
-        None,
-        "kd without --teacher: how the teacher is trained (default baseline-aug; skd-srl for -tiny students)",
-        choices=lambda: [m for m in method_names() if m != "kd"],
+    teacher_method: TeacherMethod | None = setting(
+        None, "kd without --teacher: how the teacher is trained (default baseline-aug; skd-srl for -tiny students)"
     )
     teacher_epochs: int | None = setting(
         None,
@@ -120,7 +112,7 @@ def variants_of(cfg: TrainSettings, vary: str) -> tuple[Variant, ...]:
 
 def _convert(text: str, kind: type, f: dataclasses.Field, where: str) -> object:
     """A value of a setting from its text, as its flag's click type reads it (a range: `LO HI`)."""
-    converter, extra = click_type(kind, f)
+    converter, extra = click_type(kind)
     param_type = click.types.convert_type(converter)
     try:
         if "nargs" in extra:

@@ -36,29 +36,32 @@ import torch
 from dali_skd.checkpoint import save_checkpoint
 from dali_skd.comparison import ComparisonPlan, run_comparison
 from dali_skd.config import (
+    ClipConfig,
     Device,
+    ObjectiveConfig,
     OptimConfig,
     PreprocessConfig,
     TrainConfig,
     TrainSettings,
     device_field,
-    setting,
 )
 from dali_skd.data.shards import load_manifest
 from dali_skd.distributed import init_distributed, shutdown
 from dali_skd.errors import InputError
 from dali_skd.evaluation import evaluate
 from dali_skd.files import append_line, check_writable, write_atomic
+from dali_skd.methods import build_method
 from dali_skd.models import build_model
 from dali_skd.plot import plot_curves
-from dali_skd.runtime import resolve_device
+from dali_skd.runtime import resolve_device, resolve_precision
+from dali_skd.settings import setting, settings
 from dali_skd.signals import Stopped, stop_on_signals, stop_requested
 from dali_skd.step import build_train_step
 from dali_skd.training import Trainer
 from preprocess.run import run_preprocess
 
 
-@dataclass
+@settings
 class DemoConfig:
     """`cli.py demo`."""
 
@@ -274,7 +277,7 @@ def time_trainer(cfg: TrainConfig, preset: DemoPreset) -> TrainerTiming:
     """The trainer of `cfg` (its loaders, its step) built and timed on the shards, then dropped: nothing is kept."""
     began = time.perf_counter()
     ctx = init_distributed(cfg.device)
-    trainer = Trainer(cfg, ctx)
+    trainer = Trainer.from_config(cfg, ctx)
     setup = time.perf_counter() - began
     sync = (lambda: torch.cuda.synchronize(ctx.device)) if ctx.device.type == "cuda" else (lambda: None)
     try:
@@ -291,7 +294,13 @@ def time_trainer(cfg: TrainConfig, preset: DemoPreset) -> TrainerTiming:
         step = statistics.median(times[WARMUP_STEPS:] or times)
         warmup = max(0.0, sum(times[:WARMUP_STEPS]) - step * min(WARMUP_STEPS, len(times)))
         validated = time.perf_counter()
-        evaluate(trainer.method.model, trainer.val_loader, ctx, trainer.precision, trainer.channels_last)
+        evaluate(
+            trainer.method.model,
+            trainer.val_loader,
+            ctx,
+            trainer.train_step.precision,
+            trainer.train_step.channels_last,
+        )
         val_build = trainer.val_loader.build_seconds
         validation = max(0.0, time.perf_counter() - validated - val_build)
         for _ in range(2):  # the second: matplotlib's first figure of the process is slower
@@ -329,9 +338,11 @@ def measure_step(preset: DemoPreset, device: torch.device, steps: int = 3) -> fl
     """Seconds per SKD-SRL training step (the trainer's own) of the preset's model and batch on random clips:
     the median of `steps`, after one warm-up."""
     torch.manual_seed(0)
-    cfg = TrainConfig(arch=preset.arch, batch_size=preset.batch_size, optim=OptimConfig(lr=preset.lr))
-    step = build_train_step(cfg, build_model(preset.arch, preset.classes), preset.classes, device)
-    shape = (preset.batch_size, 3, cfg.clip.length, cfg.clip.crop, cfg.clip.crop)
+    method = build_method("skd-srl", build_model(preset.arch, preset.classes), preset.classes, ObjectiveConfig())
+    precision = resolve_precision("auto", device)  # as the demo's runs train: the defaults
+    step = build_train_step(method, OptimConfig(lr=preset.lr), precision, device, channels_last=True)
+    clip = ClipConfig()
+    shape = (preset.batch_size, 3, clip.length, clip.crop, clip.crop)
     views = [torch.rand(shape, device=device) * 2 - 1 for _ in range(2)]
     labels = torch.randint(0, preset.classes, (preset.batch_size,), device=device)
     times = []

@@ -7,19 +7,19 @@ records one there, else to a new run."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from dali_skd.config import ScoreSettings, TrackConfig, data_field, setting, to_dict
+from dali_skd.config import ScoreSettings, TrackConfig, data_field, to_dict
 from dali_skd.distributed import init_distributed, shutdown
 from dali_skd.errors import RunFailed
 from dali_skd.evaluation import EvalResult, evaluate_checkpoint, top_classes, video_sources
 from dali_skd.files import check_writable
 from dali_skd.plot import plot_confusion
+from dali_skd.settings import setting, settings
 from dali_skd.tracking import check_tracking, open_tracker, tracked_run_dir
 
 
-@dataclass
+@settings
 class EvalConfig(ScoreSettings):
     """`cli.py eval`: a checkpoint on a split of a dataset."""
 

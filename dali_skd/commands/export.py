@@ -11,7 +11,7 @@ import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +19,6 @@ import torch
 
 from dali_skd import __version__
 from dali_skd.checkpoint import TrainedRun
-from dali_skd.config import setting
 from dali_skd.errors import OutputExists, RunFailed
 from dali_skd.exported import (
     CARD_FILE,
@@ -34,13 +33,14 @@ from dali_skd.exported import (
 from dali_skd.extras import require
 from dali_skd.files import write_atomic
 from dali_skd.methods import METHODS
+from dali_skd.settings import setting, settings
 
 ONNX_OPSET = 20  # ONNX's operator set the export targets (onnxruntime 1.20 and later run it)
 ONNX_TOLERANCE = 1e-3  # largest |logit difference| between onnxruntime and PyTorch (fp32, CPU) an export passes
 ONNX_CHECK_BATCHES = (1, 3)  # batch sizes compared: the batch dimension is free, not the 2 it was traced with
 
 
-@dataclass
+@settings
 class ExportConfig:
     """`cli.py export`: a checkpoint as a folder of safetensors weights, config.json and a model card."""
 

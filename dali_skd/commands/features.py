@@ -15,15 +15,16 @@ from pathlib import Path
 import numpy as np
 
 from dali_skd.checkpoint import TrainedRun
-from dali_skd.config import ScoreSettings, data_field, setting
+from dali_skd.config import ScoreSettings, data_field
 from dali_skd.data.shards import load_manifest
 from dali_skd.distributed import init_distributed, shutdown
 from dali_skd.evaluation import video_means, video_sources
 from dali_skd.files import check_writable
 from dali_skd.runtime import resolve_precision
+from dali_skd.settings import setting, settings
 
 
-@dataclass
+@settings
 class FeaturesConfig(ScoreSettings):
     """`cli.py features`: a checkpoint's encoder applied to every split of a dataset."""
 
@@ -60,8 +61,7 @@ def run_features(cfg: FeaturesConfig) -> list[SplitFeatures]:
                 continue
             loader = run.eval_loader(
                 cfg.data, split, clip=cfg.clip, loader=cfg.loader, batch_size=cfg.batch_size,
-                clips_per_video=cfg.clips_per_video, spatial_crops=cfg.spatial_crops, dtype=precision,
-                rank=ctx.rank, world=ctx.world,
+                clips_per_video=cfg.clips_per_video, spatial_crops=cfg.spatial_crops, runtime=ctx.runtime(precision),
             )  # fmt: skip
             features = video_means(model.forward_features, model.num_features, loader, ctx, precision, progress=True)
             sources = video_sources(loader, ctx)

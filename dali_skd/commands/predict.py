@@ -18,19 +18,20 @@ from pathlib import Path
 from typing import Any
 
 from dali_skd.checkpoint import TrainedRun
-from dali_skd.config import PreprocessConfig, ScoreSettings, setting
+from dali_skd.config import PreprocessConfig, ScoreSettings
 from dali_skd.distributed import DistContext
 from dali_skd.errors import RunFailed
 from dali_skd.evaluation import top_classes, video_means, video_sources
 from dali_skd.files import check_writable
 from dali_skd.runtime import resolve_device, resolve_precision
+from dali_skd.settings import setting, settings
 from preprocess.datasets import DatasetListing, Video
 from preprocess.run import run_preprocess
 
 SPLIT = "predict"  # the temporary dataset's one split
 
 
-@dataclass
+@settings
 class PredictConfig(ScoreSettings):
     """`cli.py predict`: a checkpoint applied to video files."""
 
@@ -114,7 +115,7 @@ def run_predict(videos: list[str], cfg: PredictConfig) -> PredictResult:
             precision = resolve_precision(cfg.amp, device)
             loader = run.eval_loader(
                 str(data), SPLIT, clip=cfg.clip, loader=cfg.loader, batch_size=cfg.batch_size,
-                clips_per_video=cfg.clips_per_video, spatial_crops=cfg.spatial_crops, dtype=precision,
+                clips_per_video=cfg.clips_per_video, spatial_crops=cfg.spatial_crops, runtime=ctx.runtime(precision),
             )  # fmt: skip
             model = run.classifier.eval()
             scores = video_means(lambda x: model(x).softmax(dim=1), len(run.classes), loader, ctx, precision)

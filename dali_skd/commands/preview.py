@@ -20,15 +20,7 @@ import matplotlib
 import numpy as np
 import torch
 
-from dali_skd.config import (
-    AugmentConfig,
-    ClipConfig,
-    Device,
-    LoaderConfig,
-    data_field,
-    device_field,
-    setting,
-)
+from dali_skd.config import AugmentConfig, ClipConfig, Device, LoaderConfig, data_field, device_field
 from dali_skd.data.augment import AUGMENTATIONS
 from dali_skd.data.clips import clip_frames, random_starts
 from dali_skd.data.loader import TrainLoader
@@ -37,13 +29,14 @@ from dali_skd.data.source import INPUT_NORMS, Batch, augment_draws, clip_columns
 from dali_skd.data.torch_baseline import ViewDraws, augment, decode_clip, input_norm
 from dali_skd.errors import ConfigError, InputError
 from dali_skd.files import check_writable
-from dali_skd.runtime import resolve_device
+from dali_skd.runtime import Runtime, resolve_device
+from dali_skd.settings import setting, settings
 
 matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt
 
 
-@dataclass
+@settings
 class PreviewConfig:
     """`cli.py preview`: what the training loader feeds the network, drawn, with the augmentations it drew."""
 
@@ -83,11 +76,9 @@ class _OneBatch(TrainLoader):
 
 def preview_samples(cfg: PreviewConfig) -> list[PreviewSample]:
     """Both views of the split's first `cfg.samples` usable samples, through the training loader's pipeline."""
-    if cfg.samples < 1 or cfg.frames < 1:
-        raise ConfigError(f"--samples {cfg.samples} --frames {cfg.frames}: draw at least one sample and one frame")
     loader = _OneBatch(
         cfg.data, cfg.split, clip=cfg.clip, loader=cfg.loader, batch_size=cfg.samples, num_views=2,
-        augment=cfg.augment, device=resolve_device(cfg.device),
+        augment=cfg.augment, runtime=Runtime(resolve_device(cfg.device)),
     )  # fmt: skip
     if cfg.compare_baseline and loader.layout.format != "jpeg":
         raise ConfigError(f"{cfg.data}: --compare-baseline needs jpeg shards (the baseline's), not vp9")

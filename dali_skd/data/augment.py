@@ -1,10 +1,12 @@
 """The paper's augmentations, declared once: this table drives the host side's random draws (`source.augment_draws`),
 the DALI graph (`pipeline.augment_clip`), the DataLoader baseline and the peers (`torch_baseline.augment`), the
-preview's labels and the `--augment.*` flags (`config.AugmentConfig`).
+preview's labels, and the defaults, limits and help of the `--augment.*` settings, which `AugmentConfig` (below)
+names with their types.
 
 Each is applied to a clip with its own probability, one draw per clip, in the table's order, after the crop
 window. Adding one is an entry here: its name, probability and parameter, its DALI operator (on an FHWC uint8 clip)
-and its torch operator (on a 3 x T x H x W float view of 0-255 values), each given the drawn parameter. It changes
+and its torch operator (on a 3 x T x H x W float view of 0-255 values), each given the drawn parameter; and its
+settings in `AugmentConfig` (a test checks that the two agree). It changes
 the stream of draws (`source.data_stream`), so runs trained before it are not resumed by the code after it.
 
 Light on purpose: the CLI reads this table before torch or DALI are imported, so a DALI operator is given DALI's
@@ -15,10 +17,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+
+from dali_skd.settings import Range, setting, settings
 
 # RGB <-> YIQ: a hue rotation is a rotation of the I/Q plane (what DALI's hue operator does)
 _RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
@@ -141,3 +145,53 @@ def draw_layout() -> tuple[str, ...]:
         *(f"{name} coin" for name in AUGMENTATIONS),
         *(f"{a.name} choice" for a in chosen()),
     )
+
+
+def chance(name: str) -> Any:
+    """The probability setting of augmentation `name` of the table: `--augment.p-NAME`."""
+    a = AUGMENTATIONS[name]
+    return setting(a.p, f"probability of {a.what}", at_least=0, at_most=1)
+
+
+def span(name: str) -> Any:
+    """The range setting of augmentation `name` of the table, whose parameter it draws from: `--augment.NAME LO HI`."""
+    a = AUGMENTATIONS[name]
+    assert a.range is not None, f"augmentation {name} draws no parameter from a range"
+    return setting(a.range, a.range_help, **a.limits)
+
+
+@settings
+class AugmentConfig:
+    """The paper's augmentations (`data/augment.py`), each applied with its probability, one draw per clip: its
+    probability and (if it draws its parameter from one) its range, in the table's order. The table gives each
+    setting its default, limits and help; a test checks that the two list the same augmentations."""
+
+    p_contrast: float = chance("contrast")
+    contrast: Range = span("contrast")
+    p_brightness: float = chance("brightness")
+    brightness: Range = span("brightness")
+    p_hue: float = chance("hue")
+    hue: Range = span("hue")
+    p_blur: float = chance("blur")
+    blur: Range = span("blur")
+    p_channel_split: float = chance("channel_split")
+    p_flip: float = chance("flip")
+
+    def chances(self) -> dict[str, float]:
+        """Each augmentation's probability, by its name, in the table's order."""
+        return {
+            "contrast": self.p_contrast,
+            "brightness": self.p_brightness,
+            "hue": self.p_hue,
+            "blur": self.p_blur,
+            "channel_split": self.p_channel_split,
+            "flip": self.p_flip,
+        }
+
+    def ranges(self) -> dict[str, Range]:
+        """The range of each augmentation that draws its parameter from one (`augment.ranged()`), by its name."""
+        return {"contrast": self.contrast, "brightness": self.brightness, "hue": self.hue, "blur": self.blur}
+
+    def crop_and_flip(self) -> AugmentConfig:
+        """These settings with every augmentation but the flip off (the random crop is not one: it is always made)."""
+        return replace(self, p_contrast=0, p_brightness=0, p_hue=0, p_blur=0, p_channel_split=0)

@@ -48,7 +48,6 @@ from dali_skd.data.shards import (
 )
 from dali_skd.data.source import (
     RECORDS,
-    SPATIAL_CROPS,
     BackgroundBatches,
     Batch,
     InputLayout,
@@ -59,7 +58,7 @@ from dali_skd.data.source import (
 )
 from dali_skd.errors import ConfigError, InputError, RunFailed
 from dali_skd.format import MANIFEST_NAME, FormatError, check_key
-from dali_skd.runtime import TORCH_DTYPES, local_cpu_share, resolve_device
+from dali_skd.runtime import TORCH_DTYPES, Runtime, local_cpu_share
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +176,10 @@ class _Feed:
 
 
 class ClipLoader:
-    """What training and evaluation loaders share: the split's shards of `data` (or `shards`) for one rank of
-    `world` (only the videos of `subset` when given), the host side, and one DALI pipeline, built the first time it
-    is needed, cutting clips as `clip` says and running as `loader` says (each by default as their defaults say)."""
+    """What training and evaluation loaders share: the split's shards of `data` (or `shards`) for the rank of
+    `runtime` (only the videos of `subset` when given), the host side, and one DALI pipeline, built the first time it
+    is needed, cutting clips as `clip` says and running as `loader` says (each by default as their defaults say), its
+    clips handed over as `runtime` says."""
 
     def __init__(
         self,
@@ -193,19 +193,13 @@ class ClipLoader:
         num_views: int,
         augment: AugmentConfig | None,
         with_video_id: bool,
-        dtype: str,
-        device: torch.device | None,
-        rank: int,
-        world: int,
-        channels_last: bool = False,
+        runtime: Runtime,
         subset: Subset | None = None,
     ) -> None:
         self.data, self.clip, self.loader = data, clip or ClipConfig(), loader or LoaderConfig()
         clip, loader = self.clip, self.loader
-        self.batch_size, self.augment, self.dtype = batch_size, augment, dtype
-        self.channels_last = channels_last  # clips come as N x C x T x H x W views of channels_last_3d memory
-        self.rank, self.world = rank, world
-        self.device = device if device is not None else resolve_device("auto")
+        self.batch_size, self.augment, self.runtime = batch_size, augment, runtime
+        self.device, self.rank, self.world = runtime.device, runtime.rank, runtime.world
         self.manifest = load_manifest(data, loader.read_timeout)
         self.split = split = split or held_out_split(list(self.manifest.splits))
         self.subset = subset  # only these videos of the split (`holdout`): a validation part of the training split
@@ -216,9 +210,7 @@ class ClipLoader:
                 f"{clip.crop}-pixel crop: re-run preprocess with a larger --short-side, or lower --clip.crop"
             )
         self.urls = split_urls(data, self.manifest, split, shards)
-        self.part = rank_part(self.urls, rank, world)
-        if clip.frame_stride < 1:
-            raise ConfigError(f"--clip.frame-stride must be 1 or more, not {clip.frame_stride}")
+        self.part = rank_part(self.urls, runtime.rank, runtime.world)
         self.layout = InputLayout(
             self.manifest.format,
             num_views,
@@ -273,7 +265,7 @@ class ClipLoader:
                 layout=self.layout,
                 crop=self.clip.crop,
                 augment=self.augment,
-                dtype="fp32" if self.dtype == "fp32" else "fp16",  # DALI has no bf16: converted on the device
+                dtype="fp32" if self.runtime.precision == "fp32" else "fp16",  # DALI has no bf16: cast on the device
                 gpu=gpu,
                 in_flight=self.loader.prefetch + 2,
                 input_norm=self.clip.norm,
@@ -283,7 +275,7 @@ class ClipLoader:
                 concurrency=CONCURRENCY[self.loader.concurrency],
                 device_id=self.device.index if gpu else None,
                 prefetch_queue_depth=self.loader.prefetch,
-                clip_layout="FHWC" if self.channels_last else "CFHW",
+                clip_layout="FHWC" if self.runtime.channels_last else "CFHW",
             )
             with warnings.catch_warnings():
                 # the draws of an augmentation with probability 0 or 1 are not read: by design, not worth a warning
@@ -420,9 +412,9 @@ class ClipLoader:
         tensor = torch.from_dlpack(output.as_tensor())
         if not tensor.is_floating_point():
             return tensor if tensor.is_cuda else tensor.to(self.device, copy=True)
-        if tensor.dtype != TORCH_DTYPES[self.dtype]:
-            tensor = tensor.to(TORCH_DTYPES[self.dtype])
-        if self.channels_last:
+        if tensor.dtype != TORCH_DTYPES[self.runtime.precision]:
+            tensor = tensor.to(TORCH_DTYPES[self.runtime.precision])
+        if self.runtime.channels_last:
             tensor = tensor.permute(0, 4, 1, 2, 3)
         return tensor.to(self.device, non_blocking=True)
 
@@ -464,18 +456,13 @@ class TrainLoader(ClipLoader):
         batch_size: int,
         num_views: int = 1,
         augment: AugmentConfig | None = None,
-        dtype: str = "fp32",
-        device: torch.device | None = None,
-        rank: int = 0,
-        world: int = 1,
         seed: int = 0,
-        channels_last: bool = False,
+        runtime: Runtime | None = None,
         subset: Subset | None = None,
     ) -> None:
         super().__init__(
             data, split, clip=clip, loader=loader, shards=shards, batch_size=batch_size, num_views=num_views,
-            augment=augment, with_video_id=False, dtype=dtype, device=device, rank=rank, world=world,
-            channels_last=channels_last, subset=subset,
+            augment=augment, with_video_id=False, runtime=runtime or Runtime(), subset=subset,
         )  # fmt: skip
         self.sampling, self.seed = sampling or SamplingConfig(), seed
         self.epoch_samples = self._epoch_samples(split, shards)
@@ -606,19 +593,12 @@ class EvalLoader(ClipLoader):
         batch_size: int,
         clips_per_video: int = 10,
         spatial_crops: int = 1,
-        dtype: str = "fp32",
-        device: torch.device | None = None,
-        rank: int = 0,
-        world: int = 1,
-        channels_last: bool = False,
+        runtime: Runtime | None = None,
         subset: Subset | None = None,
     ) -> None:
-        if spatial_crops not in SPATIAL_CROPS:
-            raise ConfigError(f"--spatial-crops takes {' or '.join(map(str, SPATIAL_CROPS))}, not {spatial_crops}")
         super().__init__(
             data, split, clip=clip, loader=loader, shards=shards, batch_size=batch_size, num_views=1, augment=None,
-            with_video_id=True, dtype=dtype, device=device, rank=rank, world=world, channels_last=channels_last,
-            subset=subset,
+            with_video_id=True, runtime=runtime or Runtime(), subset=subset,
         )  # fmt: skip
         self.clips_per_video = clips_per_video
         self.spatial_crops = spatial_crops

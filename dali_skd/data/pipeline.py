@@ -118,8 +118,9 @@ def augment_clip(clip: DataNode, aug: AugmentConfig, draws: Draws) -> tuple[Data
     per clip; and the mirror `to_network_input` applies (the flip, done as it normalises). An augmentation of
     probability 0 is left out of the graph, one of probability 1 applied without a branch."""
     mirror: DataNode | int = 0
+    chances = aug.chances()
     for a in AUGMENTATIONS.values():
-        applies = _applies(getattr(aug, f"p_{a.name}"), draws, a.name)
+        applies = _applies(chances[a.name], draws, a.name)
         if a.dali is None:
             mirror = fn.cast(applies, dtype=types.INT32) if isinstance(applies, DataNode) else int(applies)
         elif applies:

@@ -248,8 +248,8 @@ def augment_draws(rng: np.random.Generator, n: int, num_views: int, augment: Aug
     crop, value, coin, choice = np.split(u, np.cumsum([len(CROP), len(values), len(table)]), axis=-1)
     if augment is None:
         return {"value": np.ascontiguousarray(crop)}
-    ranges = np.array([getattr(augment, a.name) for a in values], np.float32).reshape(-1, 2)
-    p = np.array([getattr(augment, f"p_{a.name}") for a in table], np.float32)
+    ranges = np.array([augment.ranges()[a.name] for a in values], np.float32).reshape(-1, 2)
+    p = np.array([augment.chances()[a.name] for a in table], np.float32)
     sizes = np.array([len(a.choices) for a in choices], np.float32)
     return {
         "value": np.concatenate([crop, ranges[:, 0] + value * (ranges[:, 1] - ranges[:, 0])], axis=-1),

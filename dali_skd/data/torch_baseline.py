@@ -55,11 +55,12 @@ class ViewDraws:
         """The baseline's draws, each augmentation with its probability."""
         top, left = int(rng.integers(0, height - crop + 1)), int(rng.integers(0, width - crop + 1))
         applied: dict[str, float | int | None] = {}
+        chances, ranges = (aug.chances(), aug.ranges()) if aug is not None else ({}, {})
         for a in AUGMENTATIONS.values() if aug is not None else ():
-            if rng.random() >= getattr(aug, f"p_{a.name}"):
+            if rng.random() >= chances[a.name]:
                 continue
             if a.range:
-                applied[a.name] = rng.uniform(*getattr(aug, a.name))
+                applied[a.name] = rng.uniform(*ranges[a.name])
             else:
                 applied[a.name] = int(rng.integers(len(a.choices))) if a.choices else None
         return cls(top, left, applied)
@@ -79,8 +80,9 @@ class ViewDraws:
             int(drawn["value"][f"crop_{a}"] * (size - crop) + 0.5) for a, size in (("y", height), ("x", width))
         )
         applied: dict[str, float | int | None] = {}
+        chances = aug.chances() if aug is not None else {}
         for a in AUGMENTATIONS.values() if aug is not None else ():
-            p = getattr(aug, f"p_{a.name}")
+            p = chances[a.name]
             if p >= 1 or (p > 0 and drawn["coin"][a.name]):
                 applied[a.name] = drawn["value"][a.name] if a.range else drawn["choice"][a.name] if a.choices else None
         return cls(top, left, applied)
