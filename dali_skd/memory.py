@@ -91,7 +91,9 @@ def training_memory(
 ) -> TrainingMemory:
     """The memory of a training run of `cfg` on the CPU whose model (and method, teacher) hold `parameters`
     bytes, read by these loaders (the validation's batch of clips counted as the training's of samples)."""
-    dtype_bytes = 4 if train.runtime.precision == "fp32" else 2  # with autocast, most activations are kept at 2 bytes too
+    dtype_bytes = (
+        4 if train.runtime.precision == "fp32" else 2
+    )  # with autocast, most activations are kept at 2 bytes too
     activations = saved_activations(cfg, num_classes) * dtype_bytes // 4
     loaders = loader_buffers(train, train.layout.num_views, dtype_bytes) + loader_buffers(val, 1, dtype_bytes)
     return TrainingMemory(MODEL * parameters, BACKWARD * activations, loaders)

@@ -35,15 +35,16 @@ def test_demo_runs_end_to_end_and_reports_against_chance(tmp_path: Path, capsys)
     plan = saved["plan"]
     assert plan["videos_per_class"] == 3 and plan["epochs"] in (1, 2) and set(plan["epoch_seconds"]) == set(METHODS)
     assert all(plan["run_seconds"][m] > 0 and plan["step_seconds_on_shards"][m] > 0 for m in METHODS)
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()  # the plan and the table printed; the training's lines logged (to stderr)
     assert "chance 50.0%" in out and f"a training step on random clips takes {plan['step_seconds']:.2f} s" in out
     assert "s of warm-up (pipelines built, first steps): skd-srl " in out
     assert f"training {plan['epochs']} epochs (1 to 2), " in out
     # one story: the plan, a line an epoch (of the epochs planned, none before), one table, what to run next
-    epochs = [line.split(":")[0] for line in out.splitlines() if line.startswith("epoch ")]
+    epochs = [line.split(":")[0] for line in err.splitlines() if line.startswith("epoch ")]
     assert epochs == [f"epoch {e}/{plan['epochs']}" for _ in METHODS for e in range(1, plan["epochs"] + 1)]
-    assert "--resume" not in out and "| skd-srl |" not in out and out.count("test top-1") == 1
-    assert out.index("demo: 2 classes") < out.index("training skd-srl") < out.index("test top-1") < out.index("next:")
+    assert "--resume" not in out + err and "| skd-srl |" not in out and out.count("test top-1") == 1
+    assert err.index("training skd-srl") < err.index("training baseline")
+    assert out.index("demo: 2 classes") < out.index("test top-1") < out.index("next:")
     assert "python cli.py eval --data " in out.split("next:")[1]
     # the comparison engine ran the plan: compare's table, with the demo's command
     table = json.loads((tmp_path / "demo" / "table.json").read_text())

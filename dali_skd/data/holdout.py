@@ -13,7 +13,7 @@ import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
 
-from dali_skd.data.shards import shard_records, split_urls
+from dali_skd.data.shards import VideoRecord, shard_records, split_urls
 from dali_skd.errors import ConfigError
 from dali_skd.format import ShardManifest
 
@@ -72,9 +72,9 @@ def training_holdout(
     keys_by_class: dict[int, list[str]] = defaultdict(list)
     media_ext = "jpgs" if manifest.format == "jpeg" else "webm"
     for url in split_urls(data, manifest, "train", shards):
-        # a sample that cannot be read is skipped here without a word: the training loader names it
-        for record in shard_records(url, media_ext, lambda where, why: None, read_timeout):
-            keys_by_class[record.meta.label].append(record.key)
+        for record in shard_records(url, media_ext, read_timeout):
+            if isinstance(record, VideoRecord):  # what cannot be read is skipped here: the training loader names it
+                keys_by_class[record.meta.label].append(record.key)
     held = held_out(keys_by_class, fraction)
     if not held:
         raise ConfigError(

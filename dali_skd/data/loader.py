@@ -487,7 +487,7 @@ class TrainLoader(ClipLoader):
         """The samples of the part of the rank that reads the fewest: an epoch is as many whole batches of them, so
         that every rank makes as many from one pass over its part (an epoch ends sooner where samples are lost)."""
         counts = [self.shard_samples.get(url) for url in self.urls]
-        if None in counts:  # shards the user named, read remotely: as evenly spread as they can be
+        if None in counts or self.subset is not None:  # named remote shards, or a subset: spread as evenly as can be
             return self.epoch_samples // self.world
         return min(_part_samples(self.urls, counts, rank, self.world) for rank in range(self.world))
 
