@@ -18,7 +18,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 LEVEL = 0.95  # of every confidence interval
 ALPHA = 0.05  # of the paired test: separated when p < ALPHA
@@ -47,6 +46,8 @@ class Estimate:
 
 def estimate(values: Sequence[float]) -> Estimate:
     """The mean of `values` and its 95% confidence interval (Student's t, n - 1 degrees of freedom)."""
+    from scipy import stats  # a second and more to import: when a verdict is made, not as a command starts
+
     x = np.asarray(values, np.float64)
     if len(x) == 0:
         raise ValueError("no values to estimate from")
@@ -62,6 +63,8 @@ def seeds_to_separate(difference: float, spread: float) -> int | None:
     """The fewest seeds (at least 2) at which a paired t-test at ALPHA finds a true mean difference `difference`
     with probability POWER, when the differences by seed have standard deviation `spread`; None if no number of
     seeds would (a difference of 0), MOST_SEEDS + 1 if more than MOST_SEEDS would be needed."""
+    from scipy import stats  # a second and more to import: when a verdict is made, not as a command starts
+
     if difference == 0:
         return None
     if spread == 0:
@@ -135,6 +138,8 @@ def _p(p: float | None) -> str:
 def paired(first: str, by_seed: Mapping[int, float], second: str, other: Mapping[int, float]) -> Paired:
     """`first` - `second` over the seeds both have (`by_seed`, `other`: a value per seed): the mean difference, its
     95% interval, a two-sided paired t-test, and the seeds that would separate the difference at its spread."""
+    from scipy import stats  # a second and more to import: when a verdict is made, not as a command starts
+
     seeds = sorted(by_seed.keys() & other.keys())
     if not seeds:
         raise ValueError(f"{first} and {second} share no seed to pair")
