@@ -95,16 +95,21 @@ class Paired:
     second: str
     seeds: list[int]
     difference: Estimate
-    p_value: float | None  # None: fewer than 2 seeds
-    separated: bool | None  # None: fewer than 2 seeds, nothing to say
+    p_value: float | None  # None: fewer than 2 seeds, or the same nonzero difference at every seed
+    separated: bool | None  # None: as p_value, nothing to say
     seeds_needed: int | None  # None: no number of seeds separates a difference of 0, or fewer than 2 seeds
 
     def sentence(self, unit: str = "points", scale: float = 100) -> str:
         """One plain sentence: the difference, its interval, the test, and whether the seeds separate it."""
         head = f"{self.first} - {self.second}: {self.difference.format(scale, signed=True, unit=' ' + unit)}"
         n = len(self.seeds)
-        if self.separated is None:
+        if self.separated is None and n < 2:
             return f"{head}; 1 seed: no interval and no test (a spread needs 2 seeds or more): run more seeds"
+        if self.separated is None:
+            return (
+                f"{head}; the same difference at all {n} seeds: no spread to test it against (the test figures are "
+                "counts of videos, and a few seeds can agree by chance), so no verdict: run more seeds"
+            )
         spread = self.difference.std or 0.0
         if self.separated:
             return f"{head}, paired t-test p = {_p(self.p_value)}: separated at {n} seeds"
@@ -151,7 +156,9 @@ def paired(first: str, by_seed: Mapping[int, float], second: str, other: Mapping
         return Paired(first, second, seeds, difference, None, None, None)
     spread = difference.std or 0.0
     needed = seeds_to_separate(difference.mean, spread)
-    if spread == 0:  # every seed the same difference: the t statistic is infinite, or undefined at 0
-        return Paired(first, second, seeds, difference, float(difference.mean == 0), difference.mean != 0, needed)
+    if spread == 0 and difference.mean == 0:  # the same figure at every seed: nothing between them
+        return Paired(first, second, seeds, difference, 1.0, False, needed)
+    if spread == 0:  # the same difference at every seed (a few seeds of a few test videos): no spread to test against
+        return Paired(first, second, seeds, difference, None, None, None)
     p = float(stats.ttest_1samp(d, 0.0).pvalue)
     return Paired(first, second, seeds, difference, p, p < ALPHA, needed)

@@ -89,3 +89,15 @@ def test_pairs_use_the_seeds_both_rows_have() -> None:
     assert verdict.seeds == [1, 2] and verdict.difference.mean == pytest.approx(0.1)
     with pytest.raises(ValueError, match="share no seed"):
         paired("a", {0: 0.5}, "b", {1: 0.5})
+
+
+def test_the_same_difference_at_every_seed_is_no_verdict() -> None:
+    """Two seeds of 48 test videos each 2 videos apart (Table I's normal12 baselines): the differences agree to the
+    video, their spread is 0, and a t-test has nothing to weigh the difference against: no verdict, said."""
+    verdict = paired("baseline [arch=r3d18-tiny]", {0: 39 / 48, 1: 40 / 48}, "baseline", {0: 37 / 48, 1: 38 / 48})
+    assert verdict.separated is None and verdict.p_value is None and verdict.seeds_needed is None
+    assert verdict.sentence() == (
+        "baseline [arch=r3d18-tiny] - baseline: +4.2 points (95% CI +4.2 to +4.2); the same difference at all 2 "
+        "seeds: no spread to test it against (the test figures are counts of videos, and a few seeds can agree by "
+        "chance), so no verdict: run more seeds"
+    )
