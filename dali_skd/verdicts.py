@@ -107,8 +107,8 @@ class Paired:
             return f"{head}; 1 seed: no interval and no test (a spread needs 2 seeds or more): run more seeds"
         if self.separated is None:
             return (
-                f"{head}; the same difference at all {n} seeds: no spread to test it against (the test figures are "
-                "counts of videos, and a few seeds can agree by chance), so no verdict: run more seeds"
+                f"{head}: no verdict at {n} seeds, which all give the same difference: no spread to test it against "
+                "(the test figures are counts of videos, and a few seeds can agree by chance): run more seeds"
             )
         spread = self.difference.std or 0.0
         if self.separated:

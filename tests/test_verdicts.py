@@ -97,7 +97,7 @@ def test_the_same_difference_at_every_seed_is_no_verdict() -> None:
     verdict = paired("baseline [arch=r3d18-tiny]", {0: 39 / 48, 1: 40 / 48}, "baseline", {0: 37 / 48, 1: 38 / 48})
     assert verdict.separated is None and verdict.p_value is None and verdict.seeds_needed is None
     assert verdict.sentence() == (
-        "baseline [arch=r3d18-tiny] - baseline: +4.2 points (95% CI +4.2 to +4.2); the same difference at all 2 "
-        "seeds: no spread to test it against (the test figures are counts of videos, and a few seeds can agree by "
-        "chance), so no verdict: run more seeds"
+        "baseline [arch=r3d18-tiny] - baseline: +4.2 points (95% CI +4.2 to +4.2): no verdict at 2 seeds, which all "
+        "give the same difference: no spread to test it against (the test figures are counts of videos, and a few "
+        "seeds can agree by chance): run more seeds"
     )
