@@ -112,3 +112,18 @@ def test_no_module_imports_itself_through_others() -> None:
                     stack.append((nxt, [*path, nxt]))
     assert cycles == []
     assert "dali_skd.methods" in graph["dali_skd.step"]  # the graph sees imports
+
+
+def test_settings_are_read_by_name_not_by_string() -> None:
+    """No config class is made at run time (`dataclasses.make_dataclass`), and no attribute is read by a name built
+    in a string (`getattr(aug, f"p_{name}")`): a type checker, and a reader following a setting, see every one."""
+    found = []
+    for path in [*modules("dali_skd").values(), *modules("preprocess").values(), REPO / "cli.py"]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            called = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            by_string = called in ("getattr", "setattr") and any(isinstance(a, ast.JoinedStr) for a in node.args)
+            if called == "make_dataclass" or by_string:
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)[:80]}")
+    assert found == []
