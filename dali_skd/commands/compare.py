@@ -81,7 +81,7 @@ def variants_of(cfg: TrainSettings, vary: str) -> tuple[Variant, ...]:
 
     name, _, values = vary.partition("=")
     path = tuple(part.strip().replace("-", "_") for part in name.split("."))
-    found = {p: (f, kind) for p, f, kind in leaves(TrainSettings) if p == path}
+    found = {p: kind for p, _, kind in leaves(TrainSettings) if p == path}
     if not values.strip() or not found:
         raise ConfigError(
             f"--vary {vary}: give SETTING=V1,V2,... with SETTING one of train's settings in dotted form, e.g. "
@@ -89,7 +89,7 @@ def variants_of(cfg: TrainSettings, vary: str) -> tuple[Variant, ...]:
         )
     if path[0] in _NOT_VARIED:
         raise ConfigError(f"--vary {vary}: {flag(path)} does not change what a run learns; vary a training setting")
-    f, kind = found[path]
+    kind = found[path]
     dotted = ".".join(p.replace("_", "-") for p in path)
     base = {k: v for k, v in to_dict(cfg).items() if k in {f.name for f in dataclasses.fields(TrainSettings)}}
     variants = []
@@ -98,7 +98,7 @@ def variants_of(cfg: TrainSettings, vary: str) -> tuple[Variant, ...]:
         node = settings
         for key in path[:-1]:
             node = node[key]
-        node[path[-1]] = _convert(text, kind, f, f"--vary {dotted}={text}")
+        node[path[-1]] = _convert(text, kind, f"--vary {dotted}={text}")
         try:
             varied = from_dict(TrainSettings, settings, "", flags=True)
         except ValueError as e:
@@ -110,7 +110,7 @@ def variants_of(cfg: TrainSettings, vary: str) -> tuple[Variant, ...]:
     return tuple(variants)
 
 
-def _convert(text: str, kind: type, f: dataclasses.Field, where: str) -> object:
+def _convert(text: str, kind: type, where: str) -> object:
     """A value of a setting from its text, as its flag's click type reads it (a range: `LO HI`)."""
     converter, extra = click_type(kind)
     param_type = click.types.convert_type(converter)
