@@ -29,7 +29,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import click
 
@@ -234,29 +234,52 @@ def plot_command() -> click.Command:
     return plot
 
 
-class Commands(click.Group):
-    """The top level: `preprocess`, and the commands of `dali_skd/commands/`, each built (its module imported) when
-    it runs or its help is shown, so that no command waits for the imports of the others (torch, DALI: seconds)."""
+class Lazy(NamedTuple):
+    """A command of `dali_skd/commands/`: the line `cli.py --help` lists it with, and how to build it."""
 
-    lazy: ClassVar[dict[str, Callable[[], click.Command]]] = {
-        "train": train_command,
-        "eval": eval_command,
-        "predict": predict_command,
-        "features": features_command,
-        "compare": compare_command,
-        "demo": demo_command,
-        "bench": bench_command,
-        "preview": preview_command,
-        "plot": plot_command,
-        "export": export_command,
+    summary: str
+    build: Callable[[], click.Command]
+
+
+class Commands(click.Group):
+    """The top level: `preprocess`, and the commands of `dali_skd/commands/`, each built (its module imported) only
+    when it runs or its own help is shown, so that no command, and not `cli.py --help`, waits for the imports of the
+    others (torch, DALI: seconds)."""
+
+    lazy: ClassVar[dict[str, Lazy]] = {
+        "train": Lazy("Train a model (one process per GPU under torchrun).", train_command),
+        "eval": Lazy("Accuracy, per class and confusion matrix, of a checkpoint on the held-out split.", eval_command),
+        "predict": Lazy("The most probable classes of video files, by a checkpoint.", predict_command),
+        "features": Lazy("The encoder's pooled features of every video, as .npy files.", features_command),
+        "compare": Lazy("The paper's Table II: methods x seeds, with verdicts on their differences.", compare_command),
+        "demo": Lazy("The built-in synthetic set end to end: shards, SKD-SRL training, evaluation.", demo_command),
+        "bench": Lazy("Throughput of the DALI loader against its peers, and of training steps.", bench_command),
+        "preview": Lazy("Draw both augmented views of a few samples into a PNG.", preview_command),
+        "plot": Lazy("Redraw a run's curves.png from its metrics.jsonl.", plot_command),
+        "export": Lazy("A checkpoint as a folder to share: safetensors, config, model card, ONNX.", export_command),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [*super().list_commands(ctx), *self.lazy]
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.lazy:
+            return super().get_command(ctx, name)
         # a command's imports may need an extra that is not installed (DALI): one line, as when it runs
-        return user_errors(self.lazy[name])() if name in self.lazy else super().get_command(ctx, name)
+        command = user_errors(self.lazy[name].build)()
+        command.short_help = self.lazy[name].summary
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """click's listing, with each lazy command's summary in place of building it."""
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(map(len, names))
+        rows = [
+            (name, self.lazy[name].summary if name in self.lazy else self.commands[name].get_short_help_str(limit))
+            for name in names
+        ]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
@@ -280,7 +303,7 @@ def main(log_level: str) -> None:
 @click.pass_context
 @user_errors
 def preprocess(ctx: click.Context, **options) -> None:
-    """Transcode a video dataset into sharded WebDataset tars (see docs/format.md)."""
+    """Transcode a video dataset into sharded WebDataset tars (see docs/format.md); merge, verify or bench them."""
     if ctx.invoked_subcommand is not None:
         return
     from preprocess.run import run_preprocess

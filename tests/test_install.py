@@ -4,6 +4,7 @@ machine with the versions mocked; an optional package that is not installed is o
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 import tomllib
@@ -13,6 +14,7 @@ import pytest
 import torch
 from clickit import invoke
 
+import cli
 from dali_skd import runtime
 from dali_skd.runtime import DALI_WHEELS, compare_dali_cuda, resolve_device
 
@@ -121,3 +123,27 @@ def test_without_dali_a_command_names_the_extra_in_one_line() -> None:
         "Error: the data pipeline (NVIDIA DALI) needs the extra 'cuda13' (nvidia.dali is not installed): pip install "
         "-e '.[cuda13]' in the clone of dali-skd (or pip install 'dali-skd[cuda13]')\n"
     )
+
+
+LISTING = """
+import sys
+import cli
+try:
+    cli.main(["--help"])
+except SystemExit:
+    pass
+print(sorted(name for name in ("torch", "nvidia.dali", "matplotlib") if name in sys.modules))
+"""
+
+
+def test_the_command_list_imports_neither_torch_nor_dali() -> None:
+    """`cli.py --help` lists every command by its summary without building it: a second, not the five a command's
+    imports (torch, DALI, matplotlib) take."""
+    done = subprocess.run([sys.executable, "-c", LISTING], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    *listing, imported = done.stdout.splitlines()
+    assert imported == "[]"
+    text = "\n".join(listing)
+    for name in ["preprocess", *cli.Commands.lazy]:
+        assert re.search(rf"^  {name} +\S", text, re.M), name
+    assert "Train a model (one process per GPU under torchrun)." in text
