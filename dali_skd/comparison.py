@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import statistics
@@ -416,7 +417,9 @@ def teacher_notes(report: CompareReport) -> list[str]:
             notes.append(f"{said} top-1; no baseline ran beside it to say whether it is the better model")
             continue
         said += f" top-1, the student's {base['row']} {100 * theirs:.1f}%"
-        if mine < theirs:
+        if math.isclose(mine, theirs, abs_tol=1e-9):  # a mean of counts of videos: equal but for rounding
+            said += ": level with it, not a better model by this measure"
+        elif mine < theirs:
             row["note"] = "teacher below the student's baseline"
             said += (
                 ": the teacher is BELOW the student's own baseline, so this row distils from a weaker model than the "

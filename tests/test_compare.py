@@ -180,6 +180,12 @@ def test_a_teacher_below_the_students_baseline_is_said_in_the_kd_row() -> None:
         "kd: its teacher (r3d18-tiny, skd-srl, 60 epochs) reached 70.0% validation top-1, the student's baseline 55.0%"
     ]
     assert "| kd |" in format_table(above)
+    level = report_with_teacher(0.55 - 1e-15)  # the baseline's mean, but for the last bits
+    assert level.notes == [
+        "kd: its teacher (r3d18-tiny, skd-srl, 60 epochs) reached 55.0% validation top-1, the student's baseline "
+        "55.0%: level with it, not a better model by this measure"
+    ]
+    assert "| kd |" in format_table(level)
 
 
 @pytest.mark.slow
