@@ -143,6 +143,7 @@ class RunResult:
     val_top1: float | None = None  # the best validation top-1, which picked best.pt (None: not known)
     cpu_seconds: float | None = None  # of this process, its threads and children, training and evaluation
     load: float | None = None  # the machine's 5-minute load average as the run ended
+    validation: str = ""  # which videos picked its best.pt (`holdout.protocol`); "" in runs before it was kept
 
     @property
     def row(self) -> str:
@@ -224,7 +225,7 @@ def run_comparison(plan: ComparisonPlan) -> CompareReport:
         report.rows = summarise(runs, plan.methods, [v.name for v in plan.variants])
         report.verdicts = [p.to_json() for p in compared_pairs(runs, plan)]
         report.notes = teacher_notes(report)
-        report.validation = protocol(base.val_fraction)
+        report.validation = validation_protocol(runs, base.val_fraction)
         report.inputs = describe_inputs(base)
         report.seconds, report.cpu_seconds = time.perf_counter() - started, cpu_seconds() - cpu_started
         report.load = os.getloadavg()
@@ -299,6 +300,7 @@ def _run(
         val_top1=summary.best_top1,
         cpu_seconds=cpu_seconds() - cpu_started,
         load=os.getloadavg()[1],
+        validation=summary.validation,
     )
     if ctx.is_main:
         write_atomic(result_path, json.dumps(asdict(run), indent=2) + "\n")
@@ -428,6 +430,17 @@ def teacher_notes(report: CompareReport) -> list[str]:
             )
         notes.append(said)
     return notes
+
+
+def validation_protocol(runs: list[RunResult], fraction: float) -> str:
+    """Which videos picked the runs' best.pt, as their trainers said it (whole groups of clips or single videos);
+    `protocol(fraction)` for runs finished before it was kept, and a warning where the runs differ in it."""
+    said = sorted({run.validation for run in runs if run.validation})
+    if not said:
+        return protocol(fraction)
+    if len(said) == 1:
+        return said[0]
+    return "the runs picked best.pt differently (a dataset changed, or runs from another version): " + "; ".join(said)
 
 
 def describe_inputs(settings: TrainSettings) -> str:

@@ -107,7 +107,8 @@ def val_fraction_field(default: float) -> Any:
     return setting(
         default,
         "validate (pick best.pt, drive the lr schedule) on this fraction of each class of the training split, set "
-        "apart by a hash of the video key and not trained on; 0: on the test split, the paper's protocol",
+        "apart by a hash of the video key (whole groups of clips where the file names give them: UCF101, HMDB51) and "
+        "not trained on; 0: on the test split, the paper's protocol",
         at_least=0,
         at_most=0.5,
     )

@@ -189,8 +189,10 @@ class Trainer:
         train_loader: TrainLoader,
         val_loader: EvalLoader,
         checkpoints: CheckpointSaver,
+        validation: str | None = None,
     ) -> None:
         self.cfg, self.ctx, self.out = cfg, ctx, Path(cfg.out)
+        self.validation = validation or protocol(cfg.val_fraction)  # which videos pick best.pt, in words
         self.train_step, self.scheduler, self.checkpoints = step, scheduler, checkpoints
         self.method, self.optimizer = step.method, step.optimizer
         self.train_loader, self.val_loader = train_loader, val_loader
@@ -255,7 +257,8 @@ class Trainer:
             checkpoints.restore(resume, train_loader.steps_per_epoch)
             for loader in (train_loader, val_loader):  # skipped from the start, as the interrupted run did
                 loader.mark_undecodable(resume.get("bad_samples", []), str(checkpoints.last))
-        return cls(cfg, ctx, step, scheduler, train_loader, val_loader, checkpoints)
+        validation = holdout.protocol() if holdout else None
+        return cls(cfg, ctx, step, scheduler, train_loader, val_loader, checkpoints, validation)
 
     def run(self) -> TrainSummary:
         cfg, ctx, saver = self.cfg, self.ctx, self.checkpoints
@@ -270,7 +273,7 @@ class Trainer:
             log.info(
                 f"training {cfg.method} / {cfg.arch} on {cfg.data} ({len(saver.classes)} classes) "
                 f"with {ctx.world} process(es) on {ctx.device}, precision {self.train_step.precision}, "
-                f"{self.train_loader.steps_per_epoch} steps per epoch; {protocol(cfg.val_fraction)}"
+                f"{self.train_loader.steps_per_epoch} steps per epoch; {self.validation}"
                 + (
                     f"; resuming epoch {saver.start_epoch + 1} at step {saver.start_step + 1}"
                     if saver.start_step
@@ -309,7 +312,7 @@ class Trainer:
         unusable = ctx.sum_named({"train": self.train_loader.stats.unusable, "val": self.val_loader.stats.unusable})
         summary = TrainSummary(
             self.out, cfg.epochs, saver.best_top1, saver.best_epoch, record, time.perf_counter() - started,
-            int(unusable["train"]), int(unusable["val"]), protocol(cfg.val_fraction),
+            int(unusable["train"]), int(unusable["val"]), self.validation,
         )  # fmt: skip
         self.tracker.finish({"best_val_top1": saver.best_top1, "best_epoch": saver.best_epoch}, self.out / "curves.png")
         return summary

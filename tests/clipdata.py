@@ -130,13 +130,15 @@ def write_dataset(
     frames_per_jpeg: int = 8,
     per_shard: int = 3,
     checksums: bool = True,
+    sources: dict[str, list[str]] | None = None,
 ) -> Path:
     """`splits`: name -> [(frames T x H x W x 3, label)]; writes shards of `per_shard` videos and the manifest, with
-    the checksums preprocess records (`checksums=False`: as shards written before them)."""
+    the checksums preprocess records (`checksums=False`: as shards written before them). `sources`: the videos'
+    paths in the dataset for some splits, in the order of `splits` (default `<split>/<index>.avi`)."""
     infos = {}
     for split, videos in splits.items():
         (root / split).mkdir(parents=True, exist_ok=True)
-        shards = []
+        shards, named = [], (sources or {}).get(split)
         for first in range(0, len(videos), per_shard):
             path = root / split / f"shard-{first // per_shard:06d}.tar"
             writer = ShardWriter(path)
@@ -145,9 +147,8 @@ def write_dataset(
                 media, offsets = pack_strips(encode_strips(frames, frames_per_jpeg))
                 t, h, w, _ = frames.shape
                 crcs = strip_checksums(media, offsets) if checksums else ()
-                meta = SampleMeta(
-                    label, classes[label], f"{split}/{index}.avi", t, 25.0, w, h, "jpeg", frames_per_jpeg, offsets, crcs
-                )
+                source = named[index] if named else f"{split}/{index}.avi"
+                meta = SampleMeta(label, classes[label], source, t, 25.0, w, h, "jpeg", frames_per_jpeg, offsets, crcs)
                 writer.add(sample_members(sample_key(split, index), meta, media))
             size, crc = writer.finish(), writer.crc32 if checksums else None
             shards.append(ShardInfo(str(path.relative_to(root)), writer.samples, size, crc))

@@ -28,8 +28,10 @@ from dali_skd.comparison import (
     summarise,
     teacher_choice,
     teacher_notes,
+    validation_protocol,
 )
 from dali_skd.config import PreprocessConfig, TrainSettings
+from dali_skd.data.holdout import protocol
 from dali_skd.methods import METHODS
 from dali_skd.signals import EXIT_STOPPED, STOP_SIGNALS, stop_requested
 from preprocess.run import run_preprocess
@@ -186,6 +188,20 @@ def test_a_teacher_below_the_students_baseline_is_said_in_the_kd_row() -> None:
         "55.0%: level with it, not a better model by this measure"
     ]
     assert "| kd |" in format_table(level)
+
+
+def test_the_table_says_how_the_runs_picked_best_pt() -> None:
+    def run(validation: str) -> RunResult:
+        return RunResult(
+            "baseline-seed0", "baseline", 0, 0.4, 0.8, 0.3, 20, 30, 60.0, "r3d10-tiny", validation=validation
+        )
+
+    grouped = protocol(0.1, by_group=True)
+    assert grouped.startswith("validation on 0.1 of each class's groups of clips (as the file names give them)")
+    assert validation_protocol([run(grouped), run("")], 0.1) == grouped  # "": a run finished before it was kept
+    assert validation_protocol([run("")], 0.1) == protocol(0.1)
+    mixed = validation_protocol([run(grouped), run(protocol(0.1))], 0.1)
+    assert mixed.startswith("the runs picked best.pt differently") and grouped in mixed and protocol(0.1) in mixed
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from clipdata import noise_frames, write_dataset
 from conftest import config_reads, run_two_ranks, unread
 
 from dali_skd.config import ClipConfig, LoaderConfig, OptimConfig, SamplingConfig, TrainConfig, to_dict
-from dali_skd.data.holdout import held_out, training_holdout
+from dali_skd.data.holdout import group_of, held_out, training_holdout
 from dali_skd.data.shards import VideoRecord, load_manifest, shard_records, split_urls
 from dali_skd.data.source import RECORDS
 from dali_skd.distributed import init_distributed
@@ -117,6 +117,35 @@ def test_a_validation_part_is_a_hash_chosen_fraction_of_each_class() -> None:
     assert held_out(keys, 0.3) > held  # a larger fraction holds more of the same order
     with pytest.raises(ValueError, match="--val-fraction is 1"):
         training_holdout("unused", None, 1, None, 60)
+
+
+def test_clips_cut_together_are_held_out_together() -> None:
+    assert group_of("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi") == "v_ApplyEyeMakeup_g08"  # UCF101
+    assert group_of("brush_hair/April_09_brush_hair_u_nm_np1_ba_goo_2.avi") == "April_09_brush_hair"  # HMDB51
+    for ungrouped in ("train/circle/circle_0004.mp4", "abseiling/0347ZoDXyP0_000095_000105.mp4", "a/v_x_g08_c01"):
+        assert group_of(ungrouped) is None  # the synthetic set, Kinetics, a name without an extension
+    keys = {0: [f"k{i}" for i in range(12)]}
+    groups = {f"k{i}": f"g{i // 4}" for i in range(8)}  # two groups of four, and four videos of no group
+    for fraction in (0.1, 0.3, 0.5):
+        held = held_out(keys, fraction, groups)
+        units = [{k for k in keys[0] if groups.get(k, k) == g} for g in {groups.get(k, k) for k in held}]
+        assert held == set().union(*units) and len(units) == min(5, max(1, round(fraction * 6)))  # 6 units, whole
+    assert held_out(keys, 0.99, groups) != set(keys[0])  # never a class's last group
+
+
+def test_a_grouped_dataset_holds_out_whole_groups(tmp_path: Path) -> None:
+    names = [f"{c}/v_{c}_g{g:02d}_c{k:02d}.avi" for c in ("A", "B") for g in range(1, 5) for k in range(1, 4)]
+    videos = [(noise_frames(4, seed=i, tint=i // 12), i // 12) for i in range(24)]
+    data = write_dataset(
+        tmp_path, {"train": videos, "test": videos[:2]}, ["A", "B"], per_shard=8, sources={"train": names}
+    )
+    holdout = training_holdout(str(data), load_manifest(str(data)), 0.25, None, 60)
+    sources = {r.key: r.meta.source for url in split_urls(str(data), load_manifest(str(data)), "train")
+               for r in shard_records(url, "jpgs")}  # fmt: skip
+    held_groups = {group_of(sources[k]) for k in holdout.keys}
+    assert len(holdout.keys) == 6 and len(held_groups) == 2  # one group of three clips of each class's four
+    assert {k for k, s in sources.items() if group_of(s) in held_groups} == holdout.keys
+    assert holdout.grouped == 24 and "0.25 of each class's groups of clips" in holdout.protocol()
 
 
 @pytest.mark.slow
