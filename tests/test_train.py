@@ -146,6 +146,12 @@ def test_a_grouped_dataset_holds_out_whole_groups(tmp_path: Path) -> None:
     assert len(holdout.keys) == 6 and len(held_groups) == 2  # one group of three clips of each class's four
     assert {k for k, s in sources.items() if group_of(s) in held_groups} == holdout.keys
     assert holdout.grouped == 24 and "0.25 of each class's groups of clips" in holdout.protocol()
+    one_group = [f"{c}/v_{c}_g01_c{k:02d}.avi" for c in ("A", "B") for k in range(1, 13)]  # nothing to hold apart
+    data = write_dataset(
+        tmp_path / "one", {"train": videos, "test": videos[:2]}, ["A", "B"], sources={"train": one_group}
+    )
+    with pytest.raises(ValueError, match=r"one: no class .*two groups of clips.* pass --val-fraction 0"):
+        training_holdout(str(data), load_manifest(str(data)), 0.25, None, 60)
 
 
 @pytest.mark.slow

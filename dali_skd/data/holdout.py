@@ -114,8 +114,9 @@ def training_holdout(
     held = held_out(keys_by_class, fraction, groups)
     if not held:
         raise ConfigError(
-            f"{data}: no class of the training split has two videos or more, so none can be set aside for "
-            "validation: pass --val-fraction 0 (validate on the test split)"
+            f"{data}: no class of the training split has two videos or more (two groups of clips, where the file "
+            "names give groups), so none can be set aside for validation: pass --val-fraction 0 (validate on the "
+            "test split)"
         )
     return Holdout(held, sum(map(len, keys_by_class.values())), fraction, len(groups))
 
