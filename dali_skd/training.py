@@ -78,11 +78,15 @@ class TrainSummary:
                 f"\ndamaged or unreadable, skipped: {' and '.join(counts)} (each named once above): "
                 "`python cli.py preprocess verify DATA` lists them all"
             )
+        pace = (
+            f"last epoch {self.last.get('samples_per_s', 0):.1f} samples/s, "
+            f"data wait {self.last.get('data_wait', 0):.0%}"
+            if self.last
+            else "no epoch trained here: the run had trained them all before it was resumed"
+        )
         return (
             f"best validation top-1 {self.best_top1:.2%} (video-level) at epoch {self.best_epoch} of {self.epochs} "
-            f"({self.validation}); "
-            f"last epoch {self.last.get('samples_per_s', 0):.1f} samples/s, "
-            f"data wait {self.last.get('data_wait', 0):.0%}\n"
+            f"({self.validation}); {pace}\n"
             f"run directory {self.out}: best.pt, last.pt, metrics.jsonl, curves.png, "
             f"tb/ (tensorboard --logdir {self.out / 'tb'})" + skipped
         )

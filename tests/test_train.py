@@ -18,7 +18,7 @@ from dali_skd.data.holdout import group_of, held_out, training_holdout
 from dali_skd.data.shards import VideoRecord, load_manifest, shard_records, split_urls
 from dali_skd.data.source import RECORDS
 from dali_skd.distributed import init_distributed
-from dali_skd.training import Trainer, train
+from dali_skd.training import Trainer, TrainSummary, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,6 +117,14 @@ def test_a_validation_part_is_a_hash_chosen_fraction_of_each_class() -> None:
     assert held_out(keys, 0.3) > held  # a larger fraction holds more of the same order
     with pytest.raises(ValueError, match="--val-fraction is 1"):
         training_holdout("unused", None, 1, None, 60)
+
+
+def test_a_summary_says_when_no_epoch_was_trained_by_its_process(tmp_path: Path) -> None:
+    trained = TrainSummary(tmp_path, 30, 0.5, 20, {"samples_per_s": 41.26, "data_wait": 0.03}, 60.0)
+    assert "best validation top-1 50.00% (video-level) at epoch 20 of 30" in trained.format()
+    assert "last epoch 41.3 samples/s, data wait 3%" in trained.format()
+    resumed_at_the_end = TrainSummary(tmp_path, 30, 0.5, 20, {}, 0.1)  # no "last epoch 0.0 samples/s"
+    assert "no epoch trained here: the run had trained them all before it was resumed" in resumed_at_the_end.format()
 
 
 def test_clips_cut_together_are_held_out_together() -> None:
