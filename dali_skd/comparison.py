@@ -60,6 +60,7 @@ from dali_skd.evaluation import EvalResult, evaluate_checkpoint
 from dali_skd.files import write_atomic
 from dali_skd.methods import METHODS
 from dali_skd.plot import read_metrics
+from dali_skd.runtime import machine_name
 from dali_skd.signals import Stopped, stop_on_signals
 from dali_skd.tracking import check_tracking, open_tracker
 from dali_skd.training import Trainer, agreed_stop, main_rank_lock
@@ -144,6 +145,7 @@ class RunResult:
     cpu_seconds: float | None = None  # of this process, its threads and children, training and evaluation
     load: float | None = None  # the machine's 5-minute load average as the run ended
     validation: str = ""  # which videos picked its best.pt (`holdout.protocol`); "" in runs before it was kept
+    machine: str = ""  # the kind of machine it trained on (`runtime.machine_name`); "" in runs before it was kept
 
     @property
     def row(self) -> str:
@@ -301,6 +303,7 @@ def _run(
         cpu_seconds=cpu_seconds() - cpu_started,
         load=os.getloadavg()[1],
         validation=summary.validation,
+        machine=machine_name(ctx.device, ctx.world),
     )
     if ctx.is_main:
         write_atomic(result_path, json.dumps(asdict(run), indent=2) + "\n")
@@ -457,6 +460,23 @@ def describe_inputs(settings: TrainSettings) -> str:
     return f"clips of {clip.length} frames{every}, {clip.crop}x{clip.crop} crops{stored}"
 
 
+def machines_line(runs: list[RunResult]) -> list[str]:
+    """Which kind of machine trained the runs: one line, and a warning where they came from several (the same seed
+    trains to other figures on another GPU or CPU, so a pair's difference is then the machine's too)."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        if run.machine:
+            counts[run.machine] = counts.get(run.machine, 0) + 1
+    if len(counts) <= 1:
+        return [f"Trained on {machine}" for machine in counts]
+    said = "; ".join(f"{machine} ({n} run{'s' * (n != 1)})" for machine, n in sorted(counts.items()))
+    return [
+        f"WARNING: the runs were trained on {len(counts)} kinds of machine: {said}. A seed trains to other figures "
+        "on another kind, so the paired verdicts mix the machines' differences with the methods': for verdicts, "
+        "train every run on one kind (a new --out, or move the runs of the other kind away)"
+    ]
+
+
 def _cell(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{100 * value:.{digits}f}"
 
@@ -467,6 +487,7 @@ def format_table(report: CompareReport) -> str:
         f"Video-level test accuracy, {report.arch}, {report.epochs} epochs, data {report.data}; mean and 95% "
         f"confidence interval over {seeds} seed{'s' * (seeds != 1)}",
         f"{report.validation[:1].upper()}{report.validation[1:]}; {report.inputs}",
+        *machines_line(report.runs),
         "",
         "| method | top-1 (%) | top-5 (%) | validation top-1 (%) | runs | minutes | CPU minutes |",
         "| --- | --- | --- | --- | --- | --- | --- |",

@@ -16,9 +16,11 @@ import functools
 import importlib.metadata
 import logging
 import os
+import platform
 import re
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, get_args
 
 import torch
@@ -31,6 +33,26 @@ log = logging.getLogger(__name__)
 Precision = Literal["fp32", "fp16", "bf16"]  # what a run computes in; `Amp` is what a user asks for
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def machine_name(device: torch.device, processes: int = 1) -> str:
+    """The kind of machine a run computed on, as far as it decides the figures: the GPU's name, or the CPU's with
+    the instruction set PyTorch's kernels use (runs of one seed on two such CPUs differ), and PyTorch's version."""
+    if device.type == "cuda":
+        where = f"{torch.cuda.get_device_name(device)} x {processes}"
+    else:
+        where = f"{cpu_name()}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
+    return f"{where}, torch {torch.__version__}"
 
 
 def resolve_device(device: str) -> torch.device:

@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from clickit import invoke
 from conftest import config_reads, unread
 
@@ -25,6 +26,7 @@ from dali_skd.comparison import (
     RunResult,
     Teacher,
     format_table,
+    machines_line,
     summarise,
     teacher_choice,
     teacher_notes,
@@ -33,6 +35,7 @@ from dali_skd.comparison import (
 from dali_skd.config import PreprocessConfig, TrainSettings
 from dali_skd.data.holdout import protocol
 from dali_skd.methods import METHODS
+from dali_skd.runtime import machine_name
 from dali_skd.signals import EXIT_STOPPED, STOP_SIGNALS, stop_requested
 from preprocess.run import run_preprocess
 
@@ -78,6 +81,8 @@ def test_compare_writes_the_table_and_a_killed_comparison_trains_only_what_is_mi
     for run in table["runs"]:
         assert json.loads((out / "runs" / run["name"] / "metrics.jsonl").read_text().splitlines()[0])["val_videos"] == 2
         assert 0 <= run["val_top1"] <= 1 and run["cpu_seconds"] > 0 and run["load"] >= 0
+        assert run["machine"] == machine_name(torch.device("cpu"))
+    assert f"\nTrained on {machine_name(torch.device('cpu'))}\n" in (out / "table.md").read_text()
     [verdict] = table["verdicts"]  # skd-srl against the reference, seed by seed
     assert (verdict["first"], verdict["second"], verdict["seeds"]) == ("skd-srl", "baseline", [0, 1])
     markdown = (out / "table.md").read_text()
@@ -202,6 +207,21 @@ def test_the_table_says_how_the_runs_picked_best_pt() -> None:
     assert validation_protocol([run("")], 0.1) == protocol(0.1)
     mixed = validation_protocol([run(grouped), run(protocol(0.1))], 0.1)
     assert mixed.startswith("the runs picked best.pt differently") and grouped in mixed and protocol(0.1) in mixed
+
+
+def test_the_table_says_which_machines_trained_the_runs() -> None:
+    def run(seed: int, machine: str) -> RunResult:
+        return RunResult(
+            f"baseline-seed{seed}", "baseline", seed, 0.4, 0.8, 0.3, 20, 30, 60.0, "r3d10", machine=machine
+        )
+
+    here = machine_name(torch.device("cpu"))
+    assert here.endswith(f" cores, {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}")
+    assert machines_line([run(0, ""), run(1, "")]) == []  # runs from before the machine was kept
+    assert machines_line([run(0, here), run(1, here), run(2, "")]) == [f"Trained on {here}"]
+    [warning] = machines_line([run(0, here), run(1, "NVIDIA H100 x 1, torch 2.13.0"), run(2, here)])
+    assert warning.startswith("WARNING: the runs were trained on 2 kinds of machine: ")
+    assert f"{here} (2 runs)" in warning and "NVIDIA H100 x 1, torch 2.13.0 (1 run)" in warning
 
 
 @pytest.mark.slow

@@ -23,7 +23,6 @@ import hashlib
 import itertools
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -63,7 +62,7 @@ from dali_skd.errors import ConfigError, InputError, MissingInput, raised_at
 from dali_skd.files import write_atomic
 from dali_skd.methods import MethodOutput, build_method
 from dali_skd.models import build_model
-from dali_skd.runtime import TORCH_DTYPES, Runtime, resolve_device, resolve_precision
+from dali_skd.runtime import TORCH_DTYPES, Runtime, cpu_name, resolve_device, resolve_precision
 from dali_skd.settings import setting, settings
 from dali_skd.step import build_train_step
 from preprocess.datasets import list_folder
@@ -135,16 +134,6 @@ def cpu_busy_seconds() -> float:
     """Busy CPU time of the whole machine so far, all cores: what is neither idle nor waiting on a disk."""
     t = psutil.cpu_times()
     return t.user + t.system + sum(getattr(t, name, 0.0) for name in ("nice", "irq", "softirq", "steal"))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def tree_cpu_seconds() -> float:
